@@ -1,0 +1,97 @@
+"""The accelerator interface: what the machine builder and the exit loop use.
+
+Two implementations sit behind it: `vmm.kvm` (hardware virtualisation through
+/dev/kvm) and `vmm.tcg` (a software CPU). Nothing outside those packages may
+depend on either; the machine, the exit loop and the devices see only these
+classes.
+
+Ownership follows creation: an `Accelerator` creates `VirtualMachine`s, a
+`VirtualMachine` creates `Vcpu`s, and each closes what it created.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from devices.base import IrqLine
+from vmm.bus import Bus
+from vmm.cpu_state import CpuState
+from vmm.exits import Exit
+from vmm.memory import GuestMemory
+
+
+@dataclass
+class MachineIo:
+    """The buses a VM's vCPUs dispatch to."""
+
+    pio: Bus
+    mmio: Bus
+
+
+@dataclass
+class PlatformOptions:
+    """What the machine builder asks of the accelerator's platform."""
+
+    cpus: int = 1
+    # In-kernel (or emulated) 8259 pair, I/O APIC, local APICs and 8254 PIT.
+    # Without them HLT stops the vCPU with an `Hlt` exit and no device can
+    # interrupt the guest: enough for the simplest flat guests.
+    irqchip: bool = False
+
+
+class Vcpu(ABC):
+    index: int
+
+    @abstractmethod
+    def set_state(self, state: CpuState) -> None:
+        """Load registers before the vCPU first runs."""
+
+    @abstractmethod
+    def run(self) -> Exit:
+        """Run guest code until something needs the VMM; return why it stopped.
+
+        Blocks the calling thread (without holding the GIL). After an `IoIn`
+        or `MmioRead` exit the caller must supply the data with
+        `complete_read` before calling `run` again.
+        """
+
+    @abstractmethod
+    def complete_read(self, data: bytes) -> None:
+        """Answer the port or MMIO read the vCPU stopped on."""
+
+    @abstractmethod
+    def kick(self) -> None:
+        """From any thread: make the current or next `run` return `Interrupted` promptly."""
+
+    @abstractmethod
+    def registers(self) -> dict[str, int]:
+        """General registers, rip, rflags, cr0/cr3/cr4 and efer, for diagnostics."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class VirtualMachine(ABC):
+    memory: GuestMemory
+
+    @abstractmethod
+    def create_vcpu(self, index: int) -> Vcpu: ...
+
+    @abstractmethod
+    def irq_line(self, gsi: int) -> IrqLine:
+        """An interrupt input of the platform's interrupt controllers (ISA IRQ n is GSI n)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class Accelerator(ABC):
+    name: str  # "kvm" or "tcg"
+
+    @abstractmethod
+    def create_vm(self, memory: GuestMemory, io: MachineIo, platform: PlatformOptions) -> VirtualMachine:
+        ...
+
+    @abstractmethod
+    def close(self) -> None: ...

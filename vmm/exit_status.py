@@ -1,0 +1,16 @@
+"""Process exit statuses of `pyvmm boot`, documented in the README.
+
+A guest that writes `v` to the debug-exit port makes pyvmm exit with `v`
+itself, so these values can also come from such a guest; CI guests that need
+to tell them apart should write values above 16.
+"""
+
+POWEROFF = 0  # the guest powered off (ACPI S5, debug-exit 0, HLT with nothing to wake it)
+ERROR = 1  # pyvmm could not start or run the guest: bad input or a host problem
+USAGE = 2  # the command line was wrong (click's own status)
+TRIPLE_FAULT = 3  # the guest triple-faulted (KVM_EXIT_SHUTDOWN)
+GUEST_PANIC = 4  # the guest kernel reported a panic (pvpanic)
+EMULATION_FAILURE = 5  # the accelerator could not run a guest instruction
+ENTRY_FAILURE = 6  # the accelerator refused to enter the guest (bad vCPU state)
+RESET = 7  # the guest asked for a reboot; pyvmm does not restart guests
+INTERRUPTED = 130  # Ctrl-C, SIGTERM or the Ctrl-A x escape

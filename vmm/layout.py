@@ -1,0 +1,34 @@
+"""Where things live in guest-physical memory and port space, in one place."""
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+# RAM below 4 GiB stops here; the rest of guest RAM continues at 4 GiB. The
+# gap holds MMIO: virtio-mmio windows, the I/O APIC and the local APIC.
+MMIO_HOLE_START = 0xC000_0000
+MMIO_HOLE_END = 0x1_0000_0000
+HIGH_RAM_START = MMIO_HOLE_END
+
+# Virtio-mmio device windows (one page each), from the start of the hole.
+VIRTIO_MMIO_BASE = MMIO_HOLE_START
+VIRTIO_MMIO_SIZE = 0x1000
+
+IOAPIC_BASE = 0xFEC0_0000
+LAPIC_BASE = 0xFEE0_0000
+
+# `boot --flat`: a raw image is loaded here and entered at CS:IP = 0x1000:0000.
+FLAT_LOAD_ADDRESS = 0x10000
+FLAT_ENTRY_CS = 0x1000
+
+# Addresses KVM needs for its own use on Intel hosts (three pages for the TSS,
+# one for the EPT identity map), placed just below the BIOS ROM area at the top
+# of the 32-bit space, where no RAM or device lives.
+KVM_TSS_ADDRESS = 0xFFFB_D000
+KVM_IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+
+# Port I/O.
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+DEBUG_EXIT_PORT = 0xF4
+POST_CODE_PORT = 0x80

@@ -1,0 +1,119 @@
+"""Guest RAM: anonymous host mappings at guest-physical addresses.
+
+Every access pyvmm makes to guest memory goes through `GuestMemory`, which
+checks that the whole range lies inside one RAM region. Guest-supplied
+addresses and lengths (descriptors, boot-time pointers) are therefore safe to
+pass in: a bad one raises `GuestMemoryError`, never touches host memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+from dataclasses import dataclass
+
+from vmm.errors import GuestMemoryError, PyvmmError
+from vmm.layout import HIGH_RAM_START, MMIO_HOLE_START
+
+
+@dataclass
+class MemoryRegion:
+    guest_address: int
+    size: int
+    mapping: mmap.mmap
+
+    @property
+    def end(self) -> int:
+        return self.guest_address + self.size
+
+
+def ram_layout(size: int) -> list[tuple[int, int]]:
+    """Split `size` bytes of RAM into (guest address, size) ranges around the MMIO hole."""
+    if size <= MMIO_HOLE_START:
+        return [(0, size)]
+    return [(0, MMIO_HOLE_START), (HIGH_RAM_START, size - MMIO_HOLE_START)]
+
+
+class GuestMemory:
+    def __init__(self, size: int) -> None:
+        if size < 1 << 20:
+            raise PyvmmError(f"guest memory must be at least 1M, got {size} bytes")
+        if size % 4096:
+            raise PyvmmError(f"guest memory must be a multiple of 4K, got {size} bytes")
+        self.size = size
+        self.regions: list[MemoryRegion] = []
+        for address, length in ram_layout(size):
+            try:
+                # MAP_NORESERVE: untouched guest RAM costs the host nothing.
+                mapping = mmap.mmap(
+                    -1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_NORESERVE
+                )
+            except OSError as err:
+                self.close()
+                raise PyvmmError(f"cannot allocate {length} bytes of guest memory: {err.strerror}") from None
+            self.regions.append(MemoryRegion(address, length, mapping))
+        self._starts = [r.guest_address for r in self.regions]
+
+    def close(self) -> None:
+        for region in self.regions:
+            try:
+                region.mapping.close()
+            except BufferError:
+                pass  # a view is still exported (e.g. to an accelerator); the GC frees it
+        self.regions = []
+        self._starts = []
+
+    def _locate(self, address: int, length: int) -> tuple[MemoryRegion, int]:
+        if address < 0 or length < 0:
+            raise GuestMemoryError(f"invalid guest range {address:#x}+{length:#x}")
+        index = bisect.bisect_right(self._starts, address) - 1
+        if index >= 0:
+            region = self.regions[index]
+            offset = address - region.guest_address
+            if offset + length <= region.size:
+                return region, offset
+        raise GuestMemoryError(f"guest range {address:#x}+{length:#x} is not RAM")
+
+    def contains(self, address: int, length: int = 1) -> bool:
+        try:
+            self._locate(address, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def read(self, address: int, length: int) -> bytes:
+        region, offset = self._locate(address, length)
+        return region.mapping[offset : offset + length]
+
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        region, offset = self._locate(address, len(data))
+        region.mapping[offset : offset + len(data)] = data
+
+    def view(self, address: int, length: int) -> memoryview:
+        """A zero-copy window onto guest RAM; release it before closing the memory."""
+        region, offset = self._locate(address, length)
+        return memoryview(region.mapping)[offset : offset + length]
+
+    def fill(self, address: int, length: int, value: int = 0) -> None:
+        self.write(address, bytes([value]) * length)
+
+    def read_u8(self, address: int) -> int:
+        return self.read(address, 1)[0]
+
+    def read_u16(self, address: int) -> int:
+        return int.from_bytes(self.read(address, 2), "little")
+
+    def read_u32(self, address: int) -> int:
+        return int.from_bytes(self.read(address, 4), "little")
+
+    def read_u64(self, address: int) -> int:
+        return int.from_bytes(self.read(address, 8), "little")
+
+    def write_u16(self, address: int, value: int) -> None:
+        self.write(address, value.to_bytes(2, "little"))
+
+    def write_u32(self, address: int, value: int) -> None:
+        self.write(address, value.to_bytes(4, "little"))
+
+    def write_u64(self, address: int, value: int) -> None:
+        self.write(address, value.to_bytes(8, "little"))
