@@ -1,0 +1,1 @@
+"""Disk images: raw and qcow2, used by virtio-blk and by `pyvmm img`."""
