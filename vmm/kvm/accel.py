@@ -1,0 +1,256 @@
+"""`KvmAccelerator`: the vmm.accel interface implemented on /dev/kvm.
+
+`KvmVcpu.run` is the top of every VM exit: it enters KVM_RUN, and turns
+what the kernel wrote into `kvm_run` into one of the exit values in
+vmm/exits.py, which the exit loop (vmm/vcpu_thread.py) dispatches.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from vmm.accel import Accelerator, MachineIo, PlatformOptions, Vcpu, VirtualMachine
+from vmm.cpu_state import GPR_NAMES, CpuState, Segment
+from vmm.errors import GuestMemoryError, PyvmmError
+from vmm.exits import (
+    EmulationFailure,
+    EntryFailure,
+    Exit,
+    Hlt,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+    UnknownExit,
+)
+from vmm.kvm import uapi as k
+from vmm.kvm.cpuid import cpuid_for_vcpu
+from vmm.kvm.fd import KvmSystem, VcpuFd, VmFd
+from vmm.layout import KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS
+from vmm.memory import GuestMemory
+
+# A kick is this signal sent to the vCPU's thread: its only job is to make a
+# blocked KVM_RUN return EINTR. The handler must exist (an ignored signal
+# would not interrupt the ioctl) and does nothing.
+KICK_SIGNAL = signal.SIGUSR1
+
+_SYSTEM_EVENTS = {
+    k.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown",
+    k.KVM_SYSTEM_EVENT_RESET: "reset",
+    k.KVM_SYSTEM_EVENT_CRASH: "crash",
+}
+
+
+def _install_kick_handler() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    elif signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        raise PyvmmError("the KVM accelerator must be created on the main thread (it installs a signal handler)")
+
+
+class KvmAccelerator(Accelerator):
+    name = "kvm"
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        self.system = KvmSystem(path)
+        _install_kick_handler()
+
+    def create_vm(self, memory: GuestMemory, io: MachineIo, platform: PlatformOptions) -> KvmVm:
+        return KvmVm(self.system, memory, platform)
+
+    def close(self) -> None:
+        self.system.close()
+
+
+class KvmIrqLine:
+    """An input pin of KVM's in-kernel 8259/IOAPIC pair."""
+
+    def __init__(self, vm: VmFd, gsi: int) -> None:
+        self._vm = vm
+        self.gsi = gsi
+
+    def set_level(self, high: bool) -> None:
+        self._vm.irq_line(self.gsi, high)
+
+    def pulse(self) -> None:
+        self._vm.irq_line(self.gsi, True)
+        self._vm.irq_line(self.gsi, False)
+
+
+class KvmVm(VirtualMachine):
+    def __init__(self, system: KvmSystem, memory: GuestMemory, platform: PlatformOptions) -> None:
+        self.memory = memory
+        self.platform = platform
+        self.fd = system.create_vm()
+        self._vcpus: list[KvmVcpu] = []
+        try:
+            max_vcpus = system.check_extension(k.KVM_CAP_MAX_VCPUS) or system.check_extension(k.KVM_CAP_NR_VCPUS)
+            if platform.cpus > max_vcpus:
+                raise PyvmmError(f"this KVM supports at most {max_vcpus} vCPUs, {platform.cpus} requested")
+            # Intel VMX needs these two guest-physical areas for real-mode
+            # emulation; they must not overlap RAM or devices (see layout.py).
+            self.fd.set_tss_address(KVM_TSS_ADDRESS)
+            self.fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            for slot, region in enumerate(memory.regions):
+                host_address = int(k.ffi.cast("uintptr_t", k.ffi.from_buffer(region.mapping)))
+                self.fd.set_user_memory_region(slot, region.guest_address, region.size, host_address)
+            if platform.irqchip:
+                self.fd.create_irqchip()
+                self.fd.create_pit2()
+            self._supported_cpuid = system.supported_cpuid()
+        except BaseException:
+            self.fd.close()
+            raise
+
+    def create_vcpu(self, index: int) -> KvmVcpu:
+        vcpu = KvmVcpu(index, self.fd.create_vcpu(index), self.memory)
+        self._vcpus.append(vcpu)
+        # A guest that enables long mode itself needs CPUID set first, or
+        # its wrmsr to EFER faults.
+        vcpu.fd.set_cpuid(cpuid_for_vcpu(self._supported_cpuid, index, self.platform.cpus))
+        return vcpu
+
+    def irq_line(self, gsi: int) -> KvmIrqLine:
+        if not self.platform.irqchip:
+            raise PyvmmError("this machine has no interrupt controller")
+        return KvmIrqLine(self.fd, gsi)
+
+    def close(self) -> None:
+        for vcpu in self._vcpus:
+            vcpu.close()
+        self._vcpus.clear()
+        self.fd.close()
+
+
+class KvmVcpu(Vcpu):
+    def __init__(self, index: int, fd: VcpuFd, memory: GuestMemory) -> None:
+        self.index = index
+        self.fd = fd
+        self.memory = memory
+        self._run = fd.kvm_run
+        self._page = fd.run_page
+        self._thread_ident: int | None = None
+        self._pending_read: tuple[int, int] | None = None  # (offset into kvm_run page, length)
+
+    # -- state ---------------------------------------------------------------
+
+    def set_state(self, state: CpuState) -> None:
+        sregs = self.fd.get_sregs()
+        for name, segment in state.segments.items():
+            _store_segment(getattr(sregs, name), segment)
+        sregs.gdt.base, sregs.gdt.limit = state.gdt
+        sregs.idt.base, sregs.idt.limit = state.idt
+        sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = state.cr0, state.cr3, state.cr4, state.efer
+        self.fd.set_sregs(sregs)
+        regs = k.ffi.new("struct kvm_regs *")
+        for name in (*GPR_NAMES, "rip", "rflags"):
+            setattr(regs, name, state.reg(name))
+        self.fd.set_regs(regs)
+
+    def registers(self) -> dict[str, int]:
+        regs = self.fd.get_regs()
+        sregs = self.fd.get_sregs()
+        values = {name: getattr(regs, name) for name in (*GPR_NAMES, "rip", "rflags")}
+        values.update(cr0=sregs.cr0, cr2=sregs.cr2, cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer,
+                      cs=sregs.cs.selector, cs_base=sregs.cs.base)
+        return values
+
+    def instruction_bytes(self, length: int = 15) -> tuple[int | None, bytes]:
+        """RIP and the bytes at it, read through the guest's own translation; b"" if unreadable."""
+        try:
+            regs = self.registers()
+        except PyvmmError:
+            return None, b""
+        linear = regs["cs_base"] + regs["rip"]
+        try:
+            physical = self.fd.translate(linear)
+        except PyvmmError:
+            physical = None
+        if physical is None:
+            return regs["rip"], b""
+        # Stop at the page end: the next page may map elsewhere.
+        length = min(length, 4096 - (physical & 0xFFF))
+        try:
+            return regs["rip"], self.memory.read(physical, length)
+        except GuestMemoryError:
+            return regs["rip"], b""
+
+    # -- running -------------------------------------------------------------
+
+    def run(self) -> Exit:
+        if self._thread_ident is None:
+            self._thread_ident = threading.get_ident()
+        if not self.fd.run():
+            self._run.immediate_exit = 0
+            return Interrupted()
+        run = self._run
+        reason = run.exit_reason
+        if reason == k.KVM_EXIT_IO:
+            io = run.io
+            size, count, offset = io.size, io.count, io.data_offset
+            if io.direction == k.KVM_EXIT_IO_OUT:
+                return IoOut(io.port, size, count, bytes(self._page[offset : offset + size * count]))
+            self._pending_read = (offset, size * count)
+            return IoIn(io.port, size, count)
+        if reason == k.KVM_EXIT_MMIO:
+            mmio = run.mmio
+            if mmio.is_write:
+                return MmioWrite(mmio.phys_addr, bytes(k.ffi.buffer(mmio.data, mmio.len)))
+            self._pending_read = (-1, mmio.len)
+            return MmioRead(mmio.phys_addr, mmio.len)
+        if reason == k.KVM_EXIT_HLT:
+            return Hlt()
+        if reason == k.KVM_EXIT_INTR:
+            return Interrupted()
+        if reason == k.KVM_EXIT_SHUTDOWN:
+            return Shutdown()
+        if reason == k.KVM_EXIT_SYSTEM_EVENT:
+            return SystemEvent(_SYSTEM_EVENTS.get(run.system_event.type, f"type {run.system_event.type}"))
+        if reason == k.KVM_EXIT_FAIL_ENTRY:
+            return EntryFailure(run.fail_entry.hardware_entry_failure_reason, self.registers()["rip"])
+        if reason == k.KVM_EXIT_INTERNAL_ERROR:
+            internal = run.internal
+            data = tuple(internal.data[i] for i in range(min(internal.ndata, 16)))
+            rip, instruction = self.instruction_bytes()
+            return EmulationFailure(internal.suberror, rip, instruction, data=data)
+        return UnknownExit(reason)
+
+    def complete_read(self, data: bytes) -> None:
+        offset, length = self._pending_read
+        if offset < 0:
+            k.ffi.memmove(self._run.mmio.data, data[:length], length)
+        else:
+            self._page[offset : offset + length] = data
+        self._pending_read = None
+
+    def kick(self) -> None:
+        self._run.immediate_exit = 1
+        if self._thread_ident is not None:
+            try:
+                signal.pthread_kill(self._thread_ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass  # the thread has already finished
+
+    def close(self) -> None:
+        self._run = None
+        self._page = None
+        self.fd.close()
+
+
+def _store_segment(target, segment: Segment) -> None:
+    target.base = segment.base
+    target.limit = segment.limit
+    target.selector = segment.selector
+    target.type = segment.type
+    target.present = int(segment.present)
+    target.dpl = segment.dpl
+    target.db = int(segment.db)
+    target.s = int(segment.s)
+    target.l = int(segment.l)
+    target.g = int(segment.g)
+    target.avl = int(segment.avl)
+    target.unusable = int(segment.unusable)
