@@ -32,3 +32,11 @@ COM1_PORT = 0x3F8
 COM1_IRQ = 4
 DEBUG_EXIT_PORT = 0xF4
 POST_CODE_PORT = 0x80
+I8042_PORT = 0x60  # data at 0x60, status/command at 0x64: one range of 5 ports
+I8042_PORT_COUNT = 5
+RTC_PORT = 0x70  # CMOS index at 0x70, data at 0x71
+RTC_IRQ = 8
+PVPANIC_PORT = 0x505  # QEMU's ISA pvpanic; the DSDT describes it with _HID "QEMU0001"
+# Boot-timer port: the guest's initramfs writes here (via /dev/port) on
+# reaching userspace. 0x510 is QEMU's fw_cfg, so keep clear of it.
+BOOT_TIMER_PORT = 0x520
