@@ -32,8 +32,10 @@ COM1_PORT = 0x3F8
 COM1_IRQ = 4
 DEBUG_EXIT_PORT = 0xF4
 POST_CODE_PORT = 0x80
-I8042_PORT = 0x60  # data at 0x60, status/command at 0x64: one range of 5 ports
-I8042_PORT_COUNT = 5
+# i8042: data at 0x60, status/command at 0x64. Register the two ports separately
+# (I8042.data_port, I8042.command_port): 0x61 between them is the PIT/speaker port B.
+I8042_DATA_PORT = 0x60
+I8042_COMMAND_PORT = 0x64
 RTC_PORT = 0x70  # CMOS index at 0x70, data at 0x71
 RTC_IRQ = 8
 PVPANIC_PORT = 0x505  # QEMU's ISA pvpanic; the DSDT describes it with _HID "QEMU0001"
