@@ -1,16 +1,93 @@
-"""The `pyvmm` command line."""
+"""The `pyvmm` command line.
+
+Every failure the user can act on arrives here as a `PyvmmError` and leaves
+as one line on stderr with a non-zero status; nothing else is printed.
+"""
 
 from __future__ import annotations
 
+import logging
+import signal
+import sys
+from pathlib import Path
+
 import click
 
+from vmm import exit_status
+from vmm.accel_select import ACCELERATORS
+from vmm.config import MachineConfig, parse_size
+from vmm.errors import PyvmmError
 from vmm.image.cli import img
+
+
+def fail(message: str, status: int = exit_status.ERROR) -> None:
+    click.echo(f"pyvmm: {message}", err=True)
+    sys.exit(status)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pyvmm")
-def cli() -> None:
-    """pyvmm: boot a kernel in a KVM virtual machine (or on a software CPU)."""
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """pyvmm: boot a kernel in a KVM virtual machine."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="pyvmm: %(name)s: %(message)s")
+
+
+@cli.command()
+@click.option("--flat", "flat", type=click.Path(path_type=Path, dir_okay=False),
+              help="Raw binary loaded at 0x10000 and entered in real mode at 1000:0000.")
+@click.option("--memory", "-m", default="512M", show_default=True, help="Guest RAM (K, M, G suffixes).")
+@click.option("--cpus", default=1, show_default=True, type=int, help="Number of vCPUs.")
+@click.option("--accel", type=click.Choice(ACCELERATORS), default="auto", show_default=True,
+              help="CPU accelerator.")
+@click.option("--stats", is_flag=True, help="Print exit and device counters when the VM stops.")
+def boot(flat: Path | None, memory: str, cpus: int, accel: str, stats: bool) -> None:
+    """Boot a guest; exits with the guest's status (see the README)."""
+    from vmm.machine import run_machine
+
+    try:
+        config = MachineConfig(memory=parse_size(memory, what="--memory"), cpus=cpus, accel=accel,
+                               flat=flat, stats=stats)
+        if flat is not None and not flat.is_file():
+            raise PyvmmError(f"{flat}: no such file")
+        with _stop_on_signals():
+            status = run_machine(config)
+    except PyvmmError as err:
+        fail(str(err), err.exit_status)
+    sys.exit(status)
+
+
+class _stop_on_signals:
+    """Turn SIGINT/SIGTERM/SIGHUP into an orderly stop: the machine shuts down, then pyvmm exits 130."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __enter__(self):
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    @staticmethod
+    def _handle(signum, frame):
+        from vmm.machine import current_machine
+
+        machine = current_machine()
+        if machine is not None:
+            machine.stop.request_stop(exit_status.INTERRUPTED, f"stopped by {signal.Signals(signum).name}")
+
+
+@cli.command()
+def check() -> None:
+    """Report what this host offers pyvmm."""
+    from vmm.host_check import report
+
+    ok = report(click.echo)
+    sys.exit(0 if ok else exit_status.ERROR)
 
 
 cli.add_command(img)

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from vmm.errors import GuestMemoryError, PyvmmError
 from vmm.layout import HIGH_RAM_START, MMIO_HOLE_START
 
+# Untouched guest RAM then costs the host nothing and does not count against
+# overcommit. (The constant reached the mmap module only in Python 3.12.)
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
 
 @dataclass
 class MemoryRegion:
@@ -44,9 +48,8 @@ class GuestMemory:
         self.regions: list[MemoryRegion] = []
         for address, length in ram_layout(size):
             try:
-                # MAP_NORESERVE: untouched guest RAM costs the host nothing.
                 mapping = mmap.mmap(
-                    -1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_NORESERVE
+                    -1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
                 )
             except OSError as err:
                 self.close()

@@ -1,0 +1,37 @@
+"""`pyvmm check`: what this host offers, accelerator by accelerator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from vmm.accel_select import kvm_device_path
+from vmm.errors import PyvmmError
+
+# Capabilities worth showing, by name; the required ones are checked on open.
+_CAPABILITIES = {
+    "KVM_CAP_IRQCHIP": 0, "KVM_CAP_USER_MEMORY": 3, "KVM_CAP_SET_TSS_ADDR": 4, "KVM_CAP_EXT_CPUID": 7,
+    "KVM_CAP_PIT2": 33, "KVM_CAP_IRQFD": 32, "KVM_CAP_IOEVENTFD": 36,
+    "KVM_CAP_SET_IDENTITY_MAP_ADDR": 37, "KVM_CAP_IMMEDIATE_EXIT": 136, "KVM_CAP_MAX_VCPUS": 66,
+}
+
+
+def report(echo: Callable[[str], None]) -> bool:
+    """Print one line per fact; True when at least one accelerator can run guests."""
+    path = kvm_device_path()
+    try:
+        from vmm.kvm.fd import KvmSystem
+
+        system = KvmSystem(path)
+    except PyvmmError as err:
+        echo(f"kvm: unavailable: {err}")
+        return False
+    try:
+        echo(f"kvm: available ({path}, API version {system.api_version})")
+        for name, number in _CAPABILITIES.items():
+            echo(f"  {name:<30} {system.check_extension(number)}")
+        if Path("/sys/module/kvm_pvm").exists():
+            echo("  note: this KVM is kvm_pvm (software-based): small guests run, Linux cannot")
+    finally:
+        system.close()
+    return True

@@ -1,0 +1,40 @@
+"""Stopping a running machine: who asked, with what exit status, and waking everyone.
+
+Any thread (a vCPU hitting the debug-exit port, the console's Ctrl-A x, a
+signal handler, a guest power-off) calls `request_stop`; the first request
+wins and decides the exit status. Every vCPU is then kicked out of the guest
+and the main thread, waiting in `wait`, wakes up.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+
+class StopController:
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self.status: int | None = None
+        self.reason = ""
+        self.stopping = False
+        self._kickers: list[Callable[[], None]] = []
+
+    def add_kicker(self, kick: Callable[[], None]) -> None:
+        self._kickers.append(kick)
+
+    def request_stop(self, status: int, reason: str = "") -> None:
+        with self._lock:
+            if self.stopping:
+                return
+            self.status = status
+            self.reason = reason
+            # Set before kicking: a vCPU that wakes up must see it.
+            self.stopping = True
+        for kick in self._kickers:
+            kick()
+        self._event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)

@@ -1,0 +1,109 @@
+"""The exit loop: one host thread per vCPU, from `vcpu.run()` to the device model.
+
+    exit = vcpu.run()                    # blocks in the guest (KVM_RUN, or the software CPU)
+    IoOut / IoIn     -> machine.io.pio   # Bus.write / Bus.read -> device.write / device.read
+    MmioWrite / Read -> machine.io.mmio
+    everything else  -> stop the machine with the matching exit status
+
+Reads are answered with `vcpu.complete_read(data)` before the next `run()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+
+from vmm import exit_status
+from vmm.accel import MachineIo, Vcpu
+from vmm.exits import (
+    EmulationFailure,
+    EntryFailure,
+    Hlt,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+    UnknownExit,
+)
+from vmm.lifecycle import StopController
+
+log = logging.getLogger(__name__)
+
+
+def describe_emulation_failure(index: int, failure: EmulationFailure) -> str:
+    where = f" at RIP {failure.rip:#x}" if failure.rip is not None else ""
+    code = f", instruction bytes {failure.instruction.hex(' ')}" if failure.instruction else ""
+    detail = f" ({failure.detail})" if failure.detail else ""
+    return (f"vCPU {index}: the accelerator could not emulate a guest instruction{where}"
+            f" (internal error, suberror {failure.suberror}{code}){detail}")
+
+
+class VcpuThread(threading.Thread):
+    def __init__(self, vcpu: Vcpu, io: MachineIo, stop: StopController) -> None:
+        super().__init__(name=f"vcpu{vcpu.index}", daemon=True)
+        self.vcpu = vcpu
+        self.io = io
+        self.stop = stop
+        self.exit_counts: Counter[str] = Counter()
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except Exception as err:  # noqa: BLE001 - a vCPU thread must never die silently
+            log.debug("vCPU %d failed", self.vcpu.index, exc_info=True)
+            self.stop.request_stop(exit_status.ERROR, f"vCPU {self.vcpu.index}: {err}")
+
+    def _loop(self) -> None:
+        vcpu, pio, mmio, stop = self.vcpu, self.io.pio, self.io.mmio, self.stop
+        counts = self.exit_counts
+        while not stop.stopping:
+            exit = vcpu.run()
+            kind = type(exit)
+            counts[kind.__name__] += 1
+            if kind is IoOut:
+                port, size, data = exit.port, exit.size, exit.data
+                if exit.count == 1:
+                    pio.write(port, size, int.from_bytes(data, "little"))
+                else:  # rep outs: one device access per item, as the hardware does
+                    for start in range(0, size * exit.count, size):
+                        pio.write(port, size, int.from_bytes(data[start : start + size], "little"))
+            elif kind is IoIn:
+                port, size = exit.port, exit.size
+                vcpu.complete_read(b"".join(
+                    pio.read(port, size).to_bytes(size, "little") for _ in range(exit.count)))
+            elif kind is MmioWrite:
+                mmio.write(exit.address, len(exit.data), int.from_bytes(exit.data, "little"))
+            elif kind is MmioRead:
+                vcpu.complete_read(mmio.read(exit.address, exit.size).to_bytes(exit.size, "little"))
+            elif kind is Interrupted:
+                continue
+            else:
+                self._stop_for(exit)
+                return
+
+    def _stop_for(self, exit) -> None:
+        index = self.vcpu.index
+        match exit:
+            case Hlt():
+                self.stop.request_stop(exit_status.POWEROFF, "")
+            case Shutdown():
+                self.stop.request_stop(exit_status.TRIPLE_FAULT, f"vCPU {index}: the guest triple-faulted")
+            case SystemEvent(kind="shutdown"):
+                self.stop.request_stop(exit_status.POWEROFF, "")
+            case SystemEvent(kind="reset"):
+                self.stop.request_stop(exit_status.RESET, "the guest asked for a reset")
+            case SystemEvent(kind=kind):
+                self.stop.request_stop(exit_status.GUEST_PANIC, f"the guest reported a {kind}")
+            case EntryFailure(reason=reason, rip=rip):
+                self.stop.request_stop(
+                    exit_status.ENTRY_FAILURE,
+                    f"vCPU {index}: the accelerator refused to enter the guest "
+                    f"(hardware entry failure reason {reason:#x}, RIP {rip or 0:#x})")
+            case EmulationFailure():
+                self.stop.request_stop(exit_status.EMULATION_FAILURE, describe_emulation_failure(index, exit))
+            case UnknownExit(reason=reason):
+                self.stop.request_stop(exit_status.ERROR, f"vCPU {index}: unexpected exit reason {reason}")
