@@ -379,8 +379,7 @@ class Uart16550:
         they are discarded instead and the guest sees an overrun.
         """
         with self._lock:
-            room = self._host_buffer_size - len(self._wire)
-            taken = min(room, len(data))
+            taken = min(self._room(), len(data))
             self._wire.extend(data[:taken])
             if taken < len(data):
                 if drop_excess:
@@ -394,7 +393,15 @@ class Uart16550:
     def can_receive(self) -> bool:
         """Whether `receive()` would take at least one byte now."""
         with self._lock:
-            return len(self._wire) < self._host_buffer_size
+            return self._room() > 0
+
+    def _room(self) -> int:
+        # Free FIFO slots count too: the wire only queues once the FIFO is full
+        # (or the receiver is in loopback and takes nothing from the wire).
+        room = self._host_buffer_size - len(self._wire)
+        if not self._mcr & MCR_LOOP:
+            room += self._fifo_depth() - len(self._fifo)
+        return room
 
     def pending_input(self) -> int:
         """Bytes received from the host that the guest has not read yet."""
