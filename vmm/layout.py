@@ -42,3 +42,35 @@ PVPANIC_PORT = 0x505  # QEMU's ISA pvpanic; the DSDT describes it with _HID "QEM
 # Boot-timer port: the guest's initramfs writes here (via /dev/port) on
 # reaching userspace. 0x510 is QEMU's fw_cfg, so keep clear of it.
 BOOT_TIMER_PORT = 0x520
+
+# -- Linux boot (boot/): structures the loader writes below 1 MiB ----------------
+# The same low-memory places Firecracker uses, all below the EBDA and clear of
+# the real-mode IVT/BDA (0-0x4ff).
+BOOT_GDT_ADDRESS = 0x500
+ZERO_PAGE_ADDRESS = 0x7000  # struct boot_params, handed to the kernel in RSI
+BOOT_STACK_POINTER = 0x8FF0
+BOOT_PML4_ADDRESS = 0x9000
+BOOT_PDPT_ADDRESS = 0xA000
+BOOT_PD_ADDRESS = 0xB000  # four page directories (0xB000-0xEFFF) map the first 4 GiB
+CMDLINE_ADDRESS = 0x20000
+CMDLINE_MAX_SIZE = 0x10000  # room reserved for the command line, NUL included
+# From the EBDA up to 1 MiB (EBDA, VGA hole, option ROMs, BIOS) real firmware
+# reports reserved; so does pyvmm, and the ACPI tables live in that area.
+EBDA_START = 0x9FC00
+HIGH_MEMORY_START = 0x10_0000
+# Where a bzImage is loaded when its header has no pref_address (protocol < 2.10).
+BZIMAGE_DEFAULT_LOAD_ADDRESS = 0x10_0000
+# The RSDP sits at the bottom of the BIOS area so the kernel's legacy scan of
+# 0xE0000-0xFFFFF finds it; the other ACPI tables follow it, below 1 MiB.
+ACPI_RSDP_ADDRESS = 0xE_0000
+ACPI_TABLES_END = 0x10_0000
+# Hardware-reduced ACPI registers, in port I/O space (described by the FADT).
+# Power-off: the guest writes (ACPI_SLP_TYP_S5 << 2) | ACPI_SLEEP_CONTROL_SLP_EN
+# = 0x34 to the sleep control register. Reboot: ACPI_RESET_VALUE to the reset register.
+ACPI_SLEEP_CONTROL_PORT = 0x600
+ACPI_SLEEP_STATUS_PORT = 0x601
+ACPI_RESET_PORT = 0x602
+ACPI_RESET_VALUE = 0x42
+ACPI_SLP_TYP_S5 = 5  # the value _S5 in the DSDT tells the guest to write into SLP_TYP
+ACPI_SLEEP_CONTROL_SLP_TYP_SHIFT = 2  # SLP_TYP is bits 2-4 of the sleep control register
+ACPI_SLEEP_CONTROL_SLP_EN = 1 << 5
