@@ -400,7 +400,7 @@ def test_room_available_not_called_when_nothing_was_refused() -> None:
 
 def test_concurrent_receive_and_guest_reads_lose_nothing() -> None:
     h = Harness(host_buffer_size=64)
-    payload = bytes(i & 0xFF for i in range(20000))
+    payload = bytes(i & 0xFF for i in range(5000))
     room = threading.Event()
     h.uart._room_available = room.set  # noqa: SLF001 - wire the callback after creation
 
@@ -422,3 +422,56 @@ def test_concurrent_receive_and_guest_reads_lose_nothing() -> None:
     feeder.join()
     assert bytes(got) == payload
     assert h.uart.overruns == 0
+
+
+# The probes Linux's 8250 driver runs, in order (autoconfig and startup).
+
+
+def test_linux_autoconfig_identifies_a_16550a(h: Harness) -> None:
+    # IER must hold exactly the low four bits.
+    h.w(IER, 0)
+    assert h.r(IER) & 0x0F == 0
+    h.w(IER, 0x0F)
+    assert h.r(IER) & 0x0F == 0x0F
+    h.w(IER, 0)
+    # Loopback test: MCR = LOOP | OUT2 | RTS must read MSR = DCD | CTS.
+    save_mcr = h.r(MCR)
+    h.w(MCR, MCR_LOOP | 0x0A)
+    assert h.r(MSR) & 0xF0 == 0x90
+    h.w(MCR, save_mcr)
+    # FIFO detection: IIR bits 7:6 read 3 once FIFOs are enabled.
+    h.w(LCR, 0xBF)
+    h.w(FCR, 0)  # the EFR write of a 16650 lands on FCR here
+    h.w(LCR, 0)
+    h.w(FCR, FCR_ENABLE_FIFO)
+    assert h.r(IIR) >> 6 == 3
+    # No EFR: reads at offset 2 with LCR = 0x80 / 0xBF are IIR, not zero.
+    for lcr in (0x80, 0xBF):
+        h.w(LCR, lcr)
+        assert h.r(IIR) != 0
+    # Not a 16750: IIR bit 5 stays clear even with the 64-byte FIFO bit written.
+    h.w(LCR, 0)
+    h.w(FCR, FCR_ENABLE_FIFO | 0x20)
+    assert h.r(IIR) >> 5 == 6
+    # Not an XScale UART: IER bit 6 (UUE) does not stick.
+    h.w(IER, 0x40)
+    assert h.r(IER) & 0x40 == 0
+
+
+def test_linux_startup_sees_an_uart_and_a_working_thre_interrupt(h: Harness) -> None:
+    # serial8250_clear_fifos, then the reads that clear pending state.
+    h.w(FCR, FCR_ENABLE_FIFO)
+    h.w(FCR, FCR_ENABLE_FIFO | FCR_CLEAR_RX | 0x04)
+    h.w(FCR, 0)
+    for register in (LSR, RBR, IIR, MSR):
+        h.r(register)
+    assert h.r(LSR) != 0xFF
+    h.w(LCR, 0x03)
+    h.w(MCR, MCR_DTR | MCR_RTS | MCR_OUT2)
+    # The TXEN test: enable THRI, read LSR and IIR, expect an interrupt.
+    h.w(IER, IER_THRI)
+    lsr = h.r(LSR)
+    iir = h.r(IIR)
+    h.w(IER, 0)
+    assert lsr & LSR_TEMT
+    assert not iir & IIR_NO_INT
