@@ -15,6 +15,7 @@ from collections import Counter
 
 from devices.base import NullIrqLine, SilentDevice
 from devices.debug_exit import DebugExit
+from devices.testdev import TEST_DEVICE_SIZE, ScratchDevice
 from devices.uart import Uart16550
 from vmm import exit_status, layout
 from vmm.accel import MachineIo, PlatformOptions
@@ -81,6 +82,8 @@ class Machine:
         pio.register(layout.COM1_PORT, 8, self.uart, "com1")
         pio.register(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug-exit")
         pio.register(layout.POST_CODE_PORT, 1, SilentDevice(), "post-code")
+        if self.config.flat is not None:
+            self.io.mmio.register(layout.TEST_DEVICE_BASE, TEST_DEVICE_SIZE, ScratchDevice(), "scratch")
 
     def _debug_exit(self, status: int) -> None:
         self.stop.request_stop(status, "")

@@ -75,7 +75,10 @@ class KvmSystem:
         except OSError as err:
             raise KvmUnavailable(f"cannot open {path}: {err.strerror}") from None
         try:
-            self.api_version = _ioctl(self.fd, ioctls.KVM_GET_API_VERSION)
+            try:
+                self.api_version = _ioctl(self.fd, ioctls.KVM_GET_API_VERSION)
+            except KvmError as err:
+                raise KvmUnavailable(f"{path} is not a KVM device ({err})") from None
             if self.api_version != k.KVM_API_VERSION:
                 raise KvmUnavailable(
                     f"{path} speaks KVM API version {self.api_version}, pyvmm needs {k.KVM_API_VERSION}"

@@ -1,0 +1,55 @@
+# pyvmm developer entry points. Everything runs from a project-local .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYVMM  := $(VENV)/bin/pyvmm
+
+# Debian packages the tests and benchmarks use: binutils assembles the test
+# guests; qemu-utils is the disk-image reference; acpica-tools disassembles
+# our ACPI tables; the rest build and inspect the Linux test guests.
+DEB_PACKAGES := binutils gcc make qemu-utils qemu-system-x86 acpica-tools e2fsprogs \
+                busybox-static cpio iproute2 python3-venv
+
+.PHONY: install deps demo test test-fast lint bench test-assets clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# System packages, installed only when missing (needs root, as apt-get does).
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+# Set everything up and boot a tiny guest that prints on the serial console.
+demo: deps install
+	@mkdir -p build
+	as --32 -o build/hello.o tests/guest/asm/hello.S
+	ld -m elf_i386 -Ttext=0 --oformat binary -o build/hello.bin build/hello.o
+	$(PYVMM) boot --flat build/hello.bin; status=$$?; echo "guest exited with status $$status"; [ $$status -eq 42 ]
+
+test: deps install
+	$(PY) -m pytest -q
+
+# Unit tests only: no /dev/kvm, no kernel, seconds.
+test-fast: install
+	$(PY) -m pytest -q tests/unit
+
+lint: install
+	$(PY) -m ruff check .
+
+bench: deps install
+	@for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+test-assets: install
+	$(PY) -m tests.assets
+
+clean:
+	rm -rf build .pytest_cache

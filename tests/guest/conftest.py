@@ -1,0 +1,41 @@
+"""Fixtures for the guest tests: assembled images and the accelerator parameter.
+
+Every guest test runs once per accelerator. One whose accelerator is not
+available on this host is skipped with the reason (and fails in CI, where
+nothing may be skipped).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from tests.helpers import GUEST_ASM, assemble, kvm_usable
+
+ACCELERATORS = ["kvm"] + (["tcg"] if importlib.util.find_spec("vmm.tcg") else [])
+
+
+@pytest.fixture(scope="session")
+def guest_build_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("guests")
+
+
+@pytest.fixture
+def guest(guest_build_dir):
+    """guest("name") -> path of tests/guest/asm/name.S assembled to a flat binary."""
+
+    def build(name: str):
+        image = guest_build_dir / f"{name}.bin"
+        if not image.exists():
+            assemble(GUEST_ASM / f"{name}.S", guest_build_dir)
+        return image
+
+    return build
+
+
+@pytest.fixture(params=ACCELERATORS)
+def accel(request) -> str:
+    if request.param == "kvm" and (reason := kvm_usable()):
+        pytest.skip(reason)
+    return request.param

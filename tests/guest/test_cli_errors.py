@@ -1,0 +1,62 @@
+"""Bad input to `pyvmm boot` gets one clear line on stderr and a non-zero status."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import run_pyvmm
+
+
+def assert_one_line_error(result, *fragments: bytes) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(b"pyvmm: ") or lines[0].startswith(b"Error: "), lines[0]
+    assert b"Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_missing_image(tmp_path):
+    result = run_pyvmm("boot", "--flat", str(tmp_path / "nope.bin"))
+    assert_one_line_error(result, b"nope.bin: no such file")
+
+
+@pytest.mark.parametrize("size", ["0", "abc", "12Q", "-5M"])
+def test_bad_memory_sizes(guest, size):
+    result = run_pyvmm("boot", "--flat", str(guest("hello")), "--memory", size)
+    assert_one_line_error(result, b"memory")
+
+
+def test_memory_too_small_for_the_image(guest):
+    result = run_pyvmm("boot", "--flat", str(guest("hello")), "--memory", "64K")
+    assert_one_line_error(result, b"at least 1M")
+
+
+def test_zero_cpus(guest):
+    result = run_pyvmm("boot", "--flat", str(guest("hello")), "--cpus", "0")
+    assert_one_line_error(result, b"--cpus must be at least 1")
+
+
+def test_nothing_to_boot():
+    result = run_pyvmm("boot")
+    assert_one_line_error(result, b"nothing to boot")
+
+
+def test_missing_kvm_device_with_accel_kvm(guest, tmp_path):
+    result = run_pyvmm("boot", "--flat", str(guest("hello")), "--accel", "kvm",
+                       env={"PYVMM_KVM_DEVICE": str(tmp_path / "kvm")})
+    assert_one_line_error(result, b"does not exist")
+
+
+def test_kvm_device_that_is_not_kvm(guest, tmp_path):
+    fake = tmp_path / "kvm"
+    fake.write_bytes(b"")
+    result = run_pyvmm("boot", "--flat", str(guest("hello")), "--accel", "kvm",
+                       env={"PYVMM_KVM_DEVICE": str(fake)})
+    assert_one_line_error(result, b"is not a KVM device")
+
+
+def test_check_reports_missing_kvm(tmp_path):
+    result = run_pyvmm("check", env={"PYVMM_KVM_DEVICE": str(tmp_path / "kvm")})
+    assert b"kvm: unavailable" in result.stdout

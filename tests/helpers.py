@@ -1,0 +1,51 @@
+"""Shared test helpers: running the pyvmm CLI, assembling guests, host facts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST_ASM = REPO / "tests" / "guest" / "asm"
+
+
+def run_pyvmm(*args: str, input: bytes | None = None, timeout: float = 120,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `pyvmm ARGS` as a user would, in a child process; stdout/stderr captured as bytes."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "vmm", *args], input=input, capture_output=True, timeout=timeout,
+        env=full_env, cwd=REPO, stdin=None if input is not None else subprocess.DEVNULL,
+    )
+
+
+def kvm_usable() -> str | None:
+    """None when /dev/kvm can be opened, else the reason it cannot."""
+    path = os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm")
+    if not os.path.exists(path):
+        return f"{path} is missing (no KVM on this host)"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return f"no permission on {path} (run as root or join the kvm group)"
+    return None
+
+
+def host_is_kvm_pvm() -> bool:
+    """The development machines' software KVM, which cannot run int3/int n in ring 0 (PLATFORM.md)."""
+    return Path("/sys/module/kvm_pvm").exists()
+
+
+def assemble(source: Path, output_dir: Path) -> Path:
+    """Assemble a flat guest (GNU as, linked at 0) into a raw binary."""
+    if shutil.which("as") is None or shutil.which("ld") is None:
+        pytest.skip("GNU binutils (as, ld) is not installed: apt-get install binutils")
+    obj = output_dir / (source.stem + ".o")
+    image = output_dir / (source.stem + ".bin")
+    subprocess.run(["as", "--32", "-I", str(source.parent), "-o", str(obj), str(source)], check=True, capture_output=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-Ttext=0", "--oformat", "binary", "-o", str(image), str(obj)],
+                   check=True, capture_output=True)
+    return image

@@ -1,0 +1,64 @@
+"""GuestMemory: RAM layout around the MMIO hole and bounds-checked access."""
+
+import pytest
+
+from vmm.errors import GuestMemoryError, PyvmmError
+from vmm.layout import HIGH_RAM_START, MMIO_HOLE_START, GiB, MiB
+from vmm.memory import GuestMemory, ram_layout
+
+
+def test_small_memory_is_one_region_from_zero():
+    assert ram_layout(512 * MiB) == [(0, 512 * MiB)]
+
+
+def test_large_memory_skips_the_mmio_hole():
+    assert ram_layout(4 * GiB) == [(0, MMIO_HOLE_START), (HIGH_RAM_START, 4 * GiB - MMIO_HOLE_START)]
+
+
+def test_read_back_what_was_written():
+    memory = GuestMemory(2 * MiB)
+    memory.write(0x1000, b"pyvmm")
+    assert memory.read(0x1000, 5) == b"pyvmm"
+    memory.write_u64(0x2000, 0x1122334455667788)
+    assert memory.read_u32(0x2004) == 0x11223344
+    assert memory.read_u16(0x2000) == 0x7788
+
+
+@pytest.mark.parametrize(("address", "length"), [
+    (2 * MiB, 1),            # just past the end
+    (2 * MiB - 4, 8),        # straddles the end
+    (-1, 1),                 # negative address
+    (0, -1),                 # negative length
+    (1 << 63, 1),            # far away
+])
+def test_out_of_bounds_access_is_refused(address, length):
+    memory = GuestMemory(2 * MiB)
+    with pytest.raises(GuestMemoryError):
+        memory.read(address, length)
+    if length > 0:
+        with pytest.raises(GuestMemoryError):
+            memory.write(address, b"\0" * length)
+
+
+def test_access_into_the_hole_is_refused_but_high_ram_works():
+    memory = GuestMemory(MMIO_HOLE_START + 2 * MiB)
+    assert not memory.contains(MMIO_HOLE_START)
+    assert not memory.contains(MMIO_HOLE_START - 2, 4)  # straddles RAM and hole
+    memory.write(HIGH_RAM_START + 10, b"high")
+    assert memory.read(HIGH_RAM_START + 10, 4) == b"high"
+    with pytest.raises(GuestMemoryError):
+        memory.read(MMIO_HOLE_START, 1)
+
+
+def test_view_is_zero_copy():
+    memory = GuestMemory(2 * MiB)
+    view = memory.view(0x3000, 4)
+    view[:] = b"abcd"
+    assert memory.read(0x3000, 4) == b"abcd"
+    view.release()
+
+
+@pytest.mark.parametrize("size", [0, 4096, 1 * MiB + 1])
+def test_bad_sizes(size):
+    with pytest.raises(PyvmmError):
+        GuestMemory(size)

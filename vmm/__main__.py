@@ -1,0 +1,5 @@
+"""`python -m vmm` is the `pyvmm` command."""
+
+from vmm.cli import main
+
+main()
