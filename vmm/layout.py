@@ -38,6 +38,15 @@ I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64
 RTC_PORT = 0x70  # CMOS index at 0x70, data at 0x71
 RTC_IRQ = 8
+# Interrupt controllers and timer, emulated by devices/interrupts.py when the
+# accelerator has no in-kernel irqchip (the software CPU).
+PIC_MASTER_PORT = 0x20  # 2 ports
+PIC_SLAVE_PORT = 0xA0  # 2 ports
+PIC_ELCR_PORT = 0x4D0  # 2 ports: master, slave
+PIT_PORT = 0x40  # 4 ports: channels 0-2, control word
+SYSTEM_CONTROL_B_PORT = 0x61  # PIT channel 2 gate and output, speaker
+IOAPIC_SIZE = 0x1000
+LAPIC_SIZE = 0x1000
 PVPANIC_PORT = 0x505  # QEMU's ISA pvpanic; the DSDT describes it with _HID "QEMU0001"
 # Boot-timer port: the guest's initramfs writes here (via /dev/port) on
 # reaching userspace. 0x510 is QEMU's fw_cfg, so keep clear of it.
