@@ -1,0 +1,399 @@
+"""The PC interrupt platform for an accelerator without an in-kernel irqchip.
+
+KVM brings its own 8259 pair, I/O APIC, local APICs and 8254 PIT
+(`KVM_CREATE_IRQCHIP`, `KVM_CREATE_PIT2`). The software CPU (vmm/tcg) has
+none, so `InterruptRouter` builds them from devices/pic.py, pit.py,
+ioapic.py and lapic.py, wires them as on a PC and answers the one question a
+CPU asks of them: "is there an interrupt for me, and which vector?".
+
+Wiring, as on a PC (and as QEMU routes GSIs for KVM):
+  - ISA IRQ n (0-15, except the cascade IRQ2) drives 8259 input n AND I/O
+    APIC pin n, except IRQ0, which is I/O APIC pin 2 (the MADT's
+    interrupt source override). GSIs 16-23 reach the I/O APIC only.
+  - The 8259's INT output reaches a CPU through its LINT0 in ExtINT mode
+    (set on the BSP at reset, as firmware leaves it), or the BSP's INTR pin
+    directly when its APIC is hardware-disabled.
+  - 8254 channel 0 drives ISA IRQ0; port 0x61 gates channel 2.
+  - I/O APIC messages and IPIs travel over one `ApicBus`; a local APIC's EOI
+    of a level-triggered vector comes back to the I/O APIC (remote IRR).
+
+Interface for the vCPU scheduler (all methods thread-safe; `cpu` is the vCPU
+index, which is also its APIC ID; times are in the clock's nanoseconds):
+
+    router = InterruptRouter(cpus, clock=time.monotonic_ns,
+                             wake=..., on_init=..., on_sipi=...)
+    router.attach(io.pio, io.mmio, current_cpu=None)
+        Registers the PIC (0x20, 0xA0), ELCR (0x4D0), PIT (0x40), port 0x61
+        and the I/O APIC (0xFEC00000) on the buses. Pass `current_cpu` (a
+        callable returning the index of the vCPU whose access is being
+        dispatched) to also register the LAPIC page at 0xFEE00000; otherwise
+        route that page yourself with `lapic_read`/`lapic_write`.
+    router.irq_line(n) -> IrqLine       for devices (VirtualMachine.irq_line)
+    router.lapic_read(cpu, offset, size) -> int
+    router.lapic_write(cpu, offset, size, value)
+        Accesses to the 4 KiB LAPIC page by vCPU `cpu` (offset from 0xFEE00000).
+    router.has_interrupt(cpu) -> bool
+        An external interrupt is ready for `cpu`. Ask only when the guest can
+        take one (RFLAGS.IF=1 and no STI/MOV SS shadow); it does not consume.
+    router.acknowledge(cpu) -> int | None
+        The INTA cycle: returns the vector to deliver through the IDT/IVT and
+        marks it in service (LAPIC ISR or 8259 ISR). None if nothing is
+        pending any more. A vector from the 8259 may be its spurious IRQ7/15
+        vector, which the guest expects to handle.
+    router.has_nmi(cpu) -> bool;  router.take_nmi(cpu) -> bool
+        NMI (from an NMI IPI or LINT1). NMIs ignore IF; the vCPU blocks
+        further NMIs until the guest's IRET.
+    router.next_deadline() -> int | None
+        When the next timer interrupt is due (absolute clock time), or None.
+        A halted vCPU sleeps at most until then; a running one bounds its
+        slice by it.
+    router.update(now=None)
+        Delivers the timer interrupts that are due. `has_interrupt` and
+        `acknowledge` call it for you, so calling it is optional.
+    router.apic_base_msr(cpu) / set_apic_base_msr(cpu, value)   IA32_APIC_BASE
+    router.cr8(cpu) / set_cr8(cpu, value)                       CR8 <-> TPR
+    router.inject_nmi(cpu=None)        LINT1 on one or all CPUs (a host NMI)
+
+Callbacks (each may be None, and may be set later as attributes). They are
+called after the router's lock is released, on whichever thread caused the
+event (a device thread raising a line, or the vCPU thread writing the ICR):
+    wake()                 something became pending for some vCPU (an
+                           interrupt, an NMI, INIT or SIPI): end a sleep and
+                           re-check `has_interrupt`/`has_nmi` of halted vCPUs.
+                           Must be cheap and thread-safe (set an Event, say).
+    on_init(cpu)           `cpu` received INIT: reset it; its LAPIC is already
+                           reset. APs then wait for SIPI (BSP: see SDM).
+    on_sipi(cpu, vector)   `cpu`, waiting for SIPI, got one: start it in real
+                           mode at CS = vector << 8, IP = 0. Extra SIPIs to a
+                           running CPU are filtered out here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from devices.base import Device, IrqLine
+from devices.ioapic import PINS as IOAPIC_PINS
+from devices.ioapic import IoApic
+from devices.lapic import DEFAULT_BUS_HZ, ApicBus, ApicMessage, LocalApic
+from devices.pic import CASCADE_IRQ, PicPair
+from devices.pit import Pit
+from vmm import layout
+from vmm.bus import Bus
+
+log = logging.getLogger(__name__)
+
+MAX_CPUS = 254  # xAPIC IDs are 8 bits and 0xFF is the broadcast ID
+ISA_IRQS = 16
+
+
+def isa_irq_to_ioapic_pin(irq: int) -> int:
+    """The MADT interrupt source override: the timer's IRQ0 is I/O APIC pin 2."""
+    return 2 if irq == 0 else irq
+
+
+class _Critical:
+    """The router's lock, re-entrant, with the callbacks run after the outermost release.
+
+    Running callbacks outside the lock lets them call back into the router
+    (a scheduler's `on_init` may reset the vCPU and query the router) and
+    keeps a slow callback from holding up a device thread.
+    """
+
+    __slots__ = ("_router",)
+
+    def __init__(self, router: InterruptRouter) -> None:
+        self._router = router
+
+    def __enter__(self) -> None:
+        router = self._router
+        router._lock.acquire()
+        router._depth += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        router = self._router
+        router._depth -= 1
+        if router._depth:
+            router._lock.release()
+            return
+        events = router._events
+        if events:
+            router._events = []
+        wake = router._wake_needed
+        router._wake_needed = False
+        if router._deadline_dirty:
+            router._recompute_deadline()
+        router._lock.release()
+        for event in events:
+            event()
+        if wake and router.wake is not None:
+            router.wake()
+
+
+class _Host:
+    """What the local APICs see of the platform (devices.lapic.LapicHost)."""
+
+    def __init__(self, router: InterruptRouter) -> None:
+        self._router = router
+
+    def send(self, message: ApicMessage) -> None:
+        self._router.apic_bus.deliver(message)
+
+    def eoi_broadcast(self, vector: int) -> None:
+        self._router.ioapic.eoi(vector)
+
+    def interrupt_pending(self, cpu: int) -> None:
+        self._router._wake_needed = True
+
+    def init_received(self, cpu: int) -> None:
+        router = self._router
+        router._deadline_dirty = True  # INIT stopped the APIC timer
+        router._wake_needed = True
+        if router.on_init is not None:
+            callback = router.on_init
+            router._events.append(lambda: callback(cpu))
+
+    def sipi_received(self, cpu: int, vector: int) -> None:
+        router = self._router
+        router._wake_needed = True
+        if router.on_sipi is not None:
+            callback = router.on_sipi
+            router._events.append(lambda: callback(cpu, vector))
+
+
+class _Line:
+    """One device's connection to a GSI. Several lines on one GSI are wire-ORed."""
+
+    __slots__ = ("_router", "gsi", "level")
+
+    def __init__(self, router: InterruptRouter, gsi: int) -> None:
+        self._router = router
+        self.gsi = gsi
+        self.level = False
+
+    def set_level(self, high: bool) -> None:
+        router = self._router
+        with router._critical:
+            if high != self.level:
+                self.level = high
+                router._drive(self.gsi, 1 if high else -1)
+
+    def pulse(self) -> None:
+        with self._router._critical:
+            self.set_level(True)
+            self.set_level(False)
+
+
+class _Guarded:
+    """A model's register interface with the router's lock held around each access."""
+
+    __slots__ = ("_router", "_device", "_timers")
+
+    def __init__(self, router: InterruptRouter, device: Device, timers: bool = False) -> None:
+        self._router = router
+        self._device = device
+        self._timers = timers  # accesses may change when the next timer event is due
+
+    def read(self, offset: int, size: int) -> int:
+        router = self._router
+        with router._critical:
+            if self._timers:
+                router._deadline_dirty = True
+            return self._device.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        router = self._router
+        with router._critical:
+            if self._timers:
+                router._deadline_dirty = True
+            self._device.write(offset, size, value)
+
+
+class LapicWindow:
+    """The LAPIC page as one bus device: each access goes to the APIC of the vCPU making it."""
+
+    def __init__(self, router: InterruptRouter, current_cpu: Callable[[], int]) -> None:
+        self._router = router
+        self._current_cpu = current_cpu
+
+    def read(self, offset: int, size: int) -> int:
+        return self._router.lapic_read(self._current_cpu(), offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._router.lapic_write(self._current_cpu(), offset, size, value)
+
+
+class InterruptRouter:
+    def __init__(
+        self,
+        cpus: int = 1,
+        *,
+        clock: Callable[[], int] = time.monotonic_ns,
+        wake: Callable[[], None] | None = None,
+        on_init: Callable[[int], None] | None = None,
+        on_sipi: Callable[[int, int], None] | None = None,
+        lapic_bus_hz: int = DEFAULT_BUS_HZ,
+    ) -> None:
+        if not 1 <= cpus <= MAX_CPUS:
+            raise ValueError(f"{cpus} vCPUs: the interrupt platform supports 1 to {MAX_CPUS}")
+        self.clock = clock
+        self.wake = wake
+        self.on_init = on_init
+        self.on_sipi = on_sipi
+        self._lock = threading.RLock()
+        self._critical = _Critical(self)
+        self._depth = 0
+        self._events: list[Callable[[], None]] = []
+        self._wake_needed = False
+        self._deadline: int | None = None
+        self._deadline_dirty = True
+        self._gsi_sources = [0] * IOAPIC_PINS  # asserted lines per GSI
+
+        host = _Host(self)
+        self.lapics = [LocalApic(index, host, clock, lapic_bus_hz) for index in range(cpus)]
+        self.lapics[0].set_firmware_defaults()
+        self.apic_bus = ApicBus(self.lapics)
+        self.ioapic = IoApic(self.apic_bus.deliver)
+        self.pic = PicPair(notify=self._note_pending)
+        self.pit = Pit(self.irq_line(0), clock)
+
+    @property
+    def cpus(self) -> int:
+        return len(self.lapics)
+
+    # -- wiring ------------------------------------------------------------------
+
+    def irq_line(self, gsi: int) -> IrqLine:
+        """A line for a device: ISA IRQ `gsi` for 0-15 (IRQ0 lands on I/O APIC pin 2),
+        I/O APIC pin `gsi` for 16-23. Lines on the same GSI are wire-ORed."""
+        if gsi == CASCADE_IRQ or not 0 <= gsi < IOAPIC_PINS:
+            raise ValueError(f"no device can be wired to interrupt {gsi}")
+        return _Line(self, gsi)
+
+    def _drive(self, gsi: int, delta: int) -> None:
+        before = self._gsi_sources[gsi] > 0
+        self._gsi_sources[gsi] += delta
+        after = self._gsi_sources[gsi] > 0
+        if before == after:
+            return
+        if gsi < ISA_IRQS:
+            self.pic.set_irq(gsi, after)
+            self.ioapic.set_level(isa_irq_to_ioapic_pin(gsi), after)
+        else:
+            self.ioapic.set_level(gsi, after)
+
+    def _note_pending(self) -> None:
+        self._wake_needed = True
+
+    def attach(self, pio: Bus, mmio: Bus, current_cpu: Callable[[], int] | None = None) -> None:
+        """Register the controllers' ports and MMIO windows on the machine's buses."""
+        pio.register(layout.PIC_MASTER_PORT, 2, _Guarded(self, self.pic.master), "8259 master")
+        pio.register(layout.PIC_SLAVE_PORT, 2, _Guarded(self, self.pic.slave), "8259 slave")
+        pio.register(layout.PIC_ELCR_PORT, 2, _Guarded(self, self.pic.elcr), "8259 ELCR")
+        pio.register(layout.PIT_PORT, 4, _Guarded(self, self.pit, timers=True), "8254 PIT")
+        pio.register(
+            layout.SYSTEM_CONTROL_B_PORT, 1, _Guarded(self, self.pit.speaker, timers=True), "port 0x61"
+        )
+        mmio.register(layout.IOAPIC_BASE, layout.IOAPIC_SIZE, _Guarded(self, self.ioapic), "I/O APIC")
+        if current_cpu is not None:
+            mmio.register(layout.LAPIC_BASE, layout.LAPIC_SIZE, LapicWindow(self, current_cpu), "local APIC")
+
+    # -- the local APIC page -----------------------------------------------------
+
+    def lapic_read(self, cpu: int, offset: int, size: int) -> int:
+        with self._critical:
+            self._deadline_dirty = True
+            return self.lapics[cpu].read(offset, size)
+
+    def lapic_write(self, cpu: int, offset: int, size: int, value: int) -> None:
+        with self._critical:
+            self._deadline_dirty = True
+            self.lapics[cpu].write(offset, size, value)
+
+    # -- what a vCPU asks ----------------------------------------------------------
+
+    def has_interrupt(self, cpu: int) -> bool:
+        with self._critical:
+            self._poll_timers()
+            apic = self.lapics[cpu]
+            if apic.accepts_pic_interrupts() and self.pic.has_interrupt():
+                return True
+            return apic.highest_deliverable() is not None
+
+    def acknowledge(self, cpu: int) -> int | None:
+        with self._critical:
+            self._poll_timers()
+            apic = self.lapics[cpu]
+            # The 8259 first, as KVM does: ExtINT is not subject to the APIC's priorities.
+            if apic.accepts_pic_interrupts() and self.pic.has_interrupt():
+                return self.pic.acknowledge()
+            return apic.acknowledge()
+
+    def has_nmi(self, cpu: int) -> bool:
+        with self._critical:
+            return self.lapics[cpu].nmi_pending
+
+    def take_nmi(self, cpu: int) -> bool:
+        with self._critical:
+            return self.lapics[cpu].take_nmi()
+
+    def inject_nmi(self, cpu: int | None = None) -> None:
+        with self._critical:
+            for apic in self.lapics if cpu is None else [self.lapics[cpu]]:
+                apic.lint1()
+
+    def apic_base_msr(self, cpu: int) -> int:
+        with self._critical:
+            return self.lapics[cpu].apic_base_msr()
+
+    def set_apic_base_msr(self, cpu: int, value: int) -> None:
+        with self._critical:
+            self._deadline_dirty = True
+            self.lapics[cpu].set_apic_base_msr(value)
+
+    def cr8(self, cpu: int) -> int:
+        with self._critical:
+            return self.lapics[cpu].tpr >> 4
+
+    def set_cr8(self, cpu: int, value: int) -> None:
+        with self._critical:
+            apic = self.lapics[cpu]
+            apic.tpr = (value & 0xF) << 4
+            if apic.highest_deliverable() is not None:
+                self._wake_needed = True
+
+    # -- timers ------------------------------------------------------------------
+
+    def next_deadline(self) -> int | None:
+        with self._critical:
+            if self._deadline_dirty:
+                self._recompute_deadline()
+            return self._deadline
+
+    def update(self, now: int | None = None) -> None:
+        with self._critical:
+            self._fire_timers(self.clock() if now is None else now)
+
+    def _poll_timers(self) -> None:
+        if self._deadline_dirty:
+            self._recompute_deadline()
+        if self._deadline is not None:
+            now = self.clock()
+            if now >= self._deadline:
+                self._fire_timers(now)
+
+    def _fire_timers(self, now: int) -> None:
+        self.pit.update(now)
+        for apic in self.lapics:
+            apic.update(now)
+        self._recompute_deadline()
+
+    def _recompute_deadline(self) -> None:
+        deadlines = [apic.next_deadline() for apic in self.lapics]
+        deadlines.append(self.pit.next_deadline())
+        pending = [d for d in deadlines if d is not None]
+        self._deadline = min(pending) if pending else None
+        self._deadline_dirty = False
