@@ -1,0 +1,96 @@
+"""The legacy PC ports Linux pokes at, answered quietly.
+
+A PC has dozens of ISA ports that an OS touches while booting even when it
+has no use for the device behind them. pyvmm has no model for most of them;
+without this table each probe would land on the bus as "unclaimed" (all-ones
+reads, a log line, a counter), which is the right answer for some of them
+and just noise for others. Following kvmtool and Firecracker, the machine
+registers these ranges with `SilentDevice`s, with the value a read should
+return:
+
+- all ones where the answer must be "no device here", so a driver's probe
+  fails at its first check: COM2-COM4 (the 8250 driver's IER test), the
+  parallel ports, the VGA CRT controller, and PCI configuration mechanism #1
+  (0xcf8-0xcff: Linux reads back its 0x80000000 address and, seeing all ones,
+  decides there is no PCI type-1 access, nor type 2);
+- zero for chips that exist on every PC and that nobody reads back in
+  earnest: the two 8237 DMA controllers and their page registers, the 0xed
+  delay port (`io_delay=0xed`), the math coprocessor's 0xf0/0xf1.
+
+Port 0x92, "system control port A", gets a small model: bit 1 is the A20
+gate (always on), bit 0 written as 1 is the "fast reset" some boot code
+uses, so it reaches the machine's `reset()` callback.
+
+Deliberately absent: the 8259 PICs (0x20, 0xa0, ELCR 0x4d0), the 8254 PIT
+(0x40) and port B (0x61), which KVM's in-kernel irqchip handles, or
+devices/pic.py and pit.py do on the software CPU; 0x80 (POST code) and 0xf4
+(debug exit), which the machine registers itself; and every port another
+pyvmm device owns. The port numbers live here rather than in vmm/layout.py
+because each one is meaningful only next to its reason for being quiet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from devices.base import Device, SilentDevice
+
+ALL_ONES = 0xFFFF_FFFF_FFFF_FFFF  # SilentDevice cuts it to the access size
+
+
+@dataclass(frozen=True)
+class QuietRange:
+    base: int
+    size: int
+    name: str
+    read_value: int
+
+
+QUIET_PORTS: tuple[QuietRange, ...] = (
+    QuietRange(0x00, 0x20, "dma1", 0),  # 8237 #1: channels 0-3 (and their mirrors)
+    QuietRange(0x81, 0x0F, "dma-page", 0),  # page registers 0x81-0x8f (0x80 is the POST port)
+    QuietRange(0x90, 0x02, "dma-page-alias", 0),  # chipset alias of the page registers
+    QuietRange(0x93, 0x0D, "dma-page-alias-2", 0),  # 0x93-0x9f (0x92 is port A)
+    QuietRange(0xC0, 0x20, "dma2", 0),  # 8237 #2: channels 4-7
+    QuietRange(0xED, 0x01, "io-delay", 0),  # Linux's alternative delay port
+    QuietRange(0xF0, 0x02, "fpu", 0),  # coprocessor error/reset latch
+    QuietRange(0x278, 0x03, "lpt2", ALL_ONES),
+    QuietRange(0x2E8, 0x08, "com4", ALL_ONES),
+    QuietRange(0x2F8, 0x08, "com2", ALL_ONES),
+    QuietRange(0x378, 0x03, "lpt1", ALL_ONES),
+    QuietRange(0x3B4, 0x02, "mda-crtc", ALL_ONES),
+    QuietRange(0x3D4, 0x02, "vga-crtc", ALL_ONES),
+    QuietRange(0x3E8, 0x08, "com3", ALL_ONES),
+    QuietRange(0xCF8, 0x08, "pci-config", ALL_ONES),  # no PCI host bridge
+)
+
+SYSTEM_CONTROL_A_PORT = 0x92
+PORT_A_FAST_RESET = 0x01
+PORT_A_A20 = 0x02
+
+
+class SystemControlPortA:
+    """Port 0x92: the A20 gate (always enabled) and the fast-reset bit."""
+
+    def __init__(self, reset: Callable[[], None]) -> None:
+        self._reset = reset
+
+    def read(self, offset: int, size: int) -> int:
+        return PORT_A_A20
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if value & PORT_A_FAST_RESET:
+            self._reset()
+
+
+class PortBus(Protocol):
+    def register(self, base: int, size: int, device: Device, name: str) -> None: ...
+
+
+def register_legacy_ports(bus: PortBus, reset: Callable[[], None]) -> None:
+    """Register the quiet ranges and port A on the machine's PIO bus."""
+    for entry in QUIET_PORTS:
+        bus.register(entry.base, entry.size, SilentDevice(entry.read_value), entry.name)
+    bus.register(SYSTEM_CONTROL_A_PORT, 1, SystemControlPortA(reset), "port-a")

@@ -1,0 +1,82 @@
+"""Quiet legacy ports: no overlap with pyvmm's devices, and the answers probes need."""
+
+from __future__ import annotations
+
+import pytest
+
+from devices.base import SilentDevice
+from devices.legacy import QUIET_PORTS, SYSTEM_CONTROL_A_PORT, register_legacy_ports
+from vmm import layout
+from vmm.bus import Bus
+
+# Every port range another pyvmm device registers.
+OWNED = [
+    (layout.COM1_PORT, 8),
+    (layout.DEBUG_EXIT_PORT, 1),
+    (layout.POST_CODE_PORT, 1),
+    (layout.I8042_DATA_PORT, 1),
+    (layout.I8042_COMMAND_PORT, 1),
+    (layout.RTC_PORT, 2),
+    (layout.PIC_MASTER_PORT, 2),
+    (layout.PIC_SLAVE_PORT, 2),
+    (layout.PIC_ELCR_PORT, 2),
+    (layout.PIT_PORT, 4),
+    (layout.SYSTEM_CONTROL_B_PORT, 1),
+    (layout.PVPANIC_PORT, 1),
+    (layout.BOOT_TIMER_PORT, 1),
+    (layout.ACPI_SLEEP_CONTROL_PORT, 1),
+    (layout.ACPI_SLEEP_STATUS_PORT, 1),
+    (layout.ACPI_RESET_PORT, 1),
+]
+
+
+@pytest.fixture
+def bus_and_resets():
+    bus = Bus("pio")
+    for base, size in OWNED:
+        bus.register(base, size, SilentDevice(0x5A), f"owned-{base:#x}")
+    resets = []
+    register_legacy_ports(bus, lambda: resets.append(1))  # raises on any overlap
+    return bus, resets
+
+
+def test_quiet_ranges_do_not_overlap_each_other_or_owned_ports(bus_and_resets) -> None:
+    bus, _ = bus_and_resets
+    assert len(bus.ranges) == len(OWNED) + len(QUIET_PORTS) + 1
+
+
+def test_no_quiet_port_is_unclaimed_after_registration(bus_and_resets) -> None:
+    bus, _ = bus_and_resets
+    for entry in QUIET_PORTS:
+        for port in range(entry.base, entry.base + entry.size):
+            bus.read(port, 1)
+    assert bus.unclaimed == {}
+
+
+def test_absent_com_ports_fail_the_8250_ier_probe(bus_and_resets) -> None:
+    bus, _ = bus_and_resets
+    for base in (0x2F8, 0x3E8, 0x2E8):
+        bus.write(base + 1, 1, 0)
+        assert bus.read(base + 1, 1) & 0x0F != 0  # Linux wants 0 here from a real UART
+
+
+def test_pci_type1_probe_finds_no_host_bridge(bus_and_resets) -> None:
+    bus, _ = bus_and_resets
+    bus.write(0xCF8, 4, 0x8000_0000)
+    assert bus.read(0xCF8, 4) != 0x8000_0000
+    assert bus.read(0xCFC, 4) == 0xFFFF_FFFF
+
+
+def test_dma_controller_reads_zero(bus_and_resets) -> None:
+    bus, _ = bus_and_resets
+    assert bus.read(0x08, 1) == 0
+    assert bus.read(0xD0, 1) == 0
+
+
+def test_port_a_reports_a20_and_fast_reset_calls_reset(bus_and_resets) -> None:
+    bus, resets = bus_and_resets
+    assert bus.read(SYSTEM_CONTROL_A_PORT, 1) & 0x02
+    bus.write(SYSTEM_CONTROL_A_PORT, 1, 0x02)  # A20 only
+    assert resets == []
+    bus.write(SYSTEM_CONTROL_A_PORT, 1, 0x03)
+    assert resets == [1]
