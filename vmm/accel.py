@@ -12,10 +12,11 @@ Ownership follows creation: an `Accelerator` creates `VirtualMachine`s, a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from devices.base import IrqLine
 from vmm.bus import Bus
+from vmm.cpu_features import FeatureEdit
 from vmm.cpu_state import CpuState
 from vmm.exits import Exit
 from vmm.memory import GuestMemory
@@ -38,6 +39,8 @@ class PlatformOptions:
     # Without them HLT stops the vCPU with an `Hlt` exit and no device can
     # interrupt the guest: enough for the simplest flat guests.
     irqchip: bool = False
+    # The user's CPUID edits (--cpu-features).
+    cpu_features: list[FeatureEdit] = field(default_factory=list)
 
 
 class Vcpu(ABC):

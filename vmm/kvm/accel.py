@@ -27,6 +27,7 @@ from vmm.exits import (
     SystemEvent,
     UnknownExit,
 )
+from vmm.kvm import quirks
 from vmm.kvm import uapi as k
 from vmm.kvm.cpuid import cpuid_for_vcpu
 from vmm.kvm.fd import KvmSystem, VcpuFd, VmFd
@@ -111,7 +112,8 @@ class KvmVm(VirtualMachine):
         self._vcpus.append(vcpu)
         # A guest that enables long mode itself needs CPUID set first, or
         # its wrmsr to EFER faults.
-        vcpu.fd.set_cpuid(cpuid_for_vcpu(self._supported_cpuid, index, self.platform.cpus))
+        edits = [*quirks.cpuid_edits(), *self.platform.cpu_features]
+        vcpu.fd.set_cpuid(cpuid_for_vcpu(self._supported_cpuid, index, self.platform.cpus, edits))
         return vcpu
 
     def irq_line(self, gsi: int) -> KvmIrqLine:

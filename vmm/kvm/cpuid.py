@@ -1,24 +1,60 @@
 """The guest's CPUID table, built from what KVM reports it can virtualise.
 
-Never from a hard-coded list: KVM_GET_SUPPORTED_CPUID already masks what
-this host (and this KVM) cannot give a guest. Per vCPU we only fill in the
-identity fields (APIC IDs) and the topology.
+Never from a hard-coded list: KVM_GET_SUPPORTED_CPUID already masks what this
+host (and this KVM) cannot give a guest, and keeps KVM's paravirtual leaves
+(0x40000000: "KVMKVMKVM", 0x40000001: PV features). Per vCPU we fill in the
+identity and topology fields, then apply host quirks and the user's edits.
+
+Topology: every vCPU is one core of one socket, one thread per core, and
+its APIC ID is its index.
 """
 
 from __future__ import annotations
 
+from vmm.cpu_features import FeatureEdit, apply_feature_edits
+
 CpuidEntry = tuple[int, int, int, int, int, int, int]  # function, index, flags, eax, ebx, ecx, edx
 
 
-def cpuid_for_vcpu(supported: list[CpuidEntry], index: int, cpus: int) -> list[CpuidEntry]:
-    result = []
-    for function, sub, flags, eax, ebx, ecx, edx in supported:
+def _bits_for(count: int) -> int:
+    """How many APIC-ID bits `count` IDs need."""
+    return max(count - 1, 0).bit_length()
+
+
+def cpuid_for_vcpu(supported: list[CpuidEntry], index: int, cpus: int,
+                   edits: list[FeatureEdit] = ()) -> list[CpuidEntry]:
+    core_bits = _bits_for(cpus)
+    registers = {(f, i): [eax, ebx, ecx, edx] for f, i, _, eax, ebx, ecx, edx in supported}
+    flags = {(f, i): fl for f, i, fl, *_ in supported}
+
+    for (function, sub), regs in registers.items():
         if function == 0x1:
-            # EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
-            ebx = (ebx & 0x0000FFFF) | (min(cpus, 255) << 16) | ((index & 0xFF) << 24)
-            if cpus > 1:
-                edx |= 1 << 28  # HTT: the package has more than one logical processor
+            # EBX[31:24] initial APIC ID, EBX[23:16] addressable logical processors.
+            regs[1] = (regs[1] & 0x0000FFFF) | (min(1 << core_bits, 255) << 16) | ((index & 0xFF) << 24)
+            regs[3] |= 1 << 28  # HTT: the EBX[23:16] count is valid
+        elif function == 0x4:
+            # Intel deterministic cache parameters: EAX[31:26] cores per package - 1.
+            if regs[0] & 0x1F:
+                regs[0] = (regs[0] & 0x03FFFFFF) | (((1 << core_bits) - 1) << 26)
         elif function in (0xB, 0x1F):
-            edx = index  # x2APIC ID of this logical processor
-        result.append((function, sub, flags, eax, ebx, ecx, edx))
-    return result
+            # Extended topology: level 0 is SMT (1 thread/core), level 1 is the core level.
+            if sub == 0:
+                regs[:] = [0, 1, (1 << 8) | sub, index]
+            elif sub == 1:
+                regs[:] = [core_bits, cpus, (2 << 8) | sub, index]
+            else:
+                regs[:] = [0, 0, sub, index]
+        elif function == 0x80000008:
+            # AMD: ECX[15:12] APIC ID bits for cores, ECX[7:0] cores - 1.
+            regs[2] = (regs[2] & ~0xF0FF) | (core_bits << 12) | (cpus - 1)
+        elif function == 0x8000001E:
+            # AMD extended APIC ID, core ID, one thread per core.
+            regs[:] = [index, index & 0xFF, 0, 0]
+
+    # Leaf 0xB must have its core level even if KVM listed only subleaf 0.
+    if (0xB, 0) in registers and (0xB, 1) not in registers:
+        registers[(0xB, 1)] = [core_bits, cpus, (2 << 8) | 1, index]
+        flags[(0xB, 1)] = flags[(0xB, 0)]
+
+    apply_feature_edits(registers, list(edits))
+    return [(f, i, flags[(f, i)], *regs) for (f, i), regs in registers.items()]

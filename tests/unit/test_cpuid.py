@@ -1,0 +1,58 @@
+"""The guest CPUID: identity, topology, quirks and user edits on top of KVM's supported table."""
+
+import pytest
+
+from vmm.cpu_features import FeatureEdit, parse_feature_edits
+from vmm.errors import PyvmmError
+from vmm.kvm.cpuid import cpuid_for_vcpu
+
+SUPPORTED = [
+    (0x0, 0, 0, 0x1C, 0x68747541, 0x444D4163, 0x69746E65),
+    (0x1, 0, 0, 0xA10F11, 0x01020800, 0x81202000, 0x078BFBFF),
+    (0x7, 0, 1, 0, 0x1800002, 0x104, 0x20000000),
+    (0xB, 0, 1, 0, 0, 0, 1),
+    (0x80000008, 0, 0, 0x3030, 0x50020005, 0x7001, 0),
+    (0x40000000, 0, 0, 0x40000001, 0x4B4D564B, 0x564B4D56, 0x4D),
+]
+
+
+def leaf(entries, function, index=0):
+    for f, i, _flags, eax, ebx, ecx, edx in entries:
+        if (f, i) == (function, index):
+            return eax, ebx, ecx, edx
+    raise KeyError(hex(function))
+
+
+@pytest.mark.parametrize("index", [0, 1, 5])
+def test_apic_ids(index):
+    entries = cpuid_for_vcpu(SUPPORTED, index, 8)
+    assert leaf(entries, 1)[1] >> 24 == index
+    assert leaf(entries, 0xB, 0)[3] == index
+    assert leaf(entries, 0xB, 1)[3] == index
+
+
+def test_topology_counts_every_vcpu():
+    entries = cpuid_for_vcpu(SUPPORTED, 0, 6)
+    assert (leaf(entries, 1)[1] >> 16) & 0xFF == 8          # addressable IDs: next power of two
+    assert leaf(entries, 0xB, 1)[:2] == (3, 6)               # 3 APIC-ID bits, 6 logical processors
+    assert leaf(entries, 0x80000008)[2] & 0xFF == 5          # AMD: cores - 1
+    assert (leaf(entries, 0x80000008)[2] >> 12) & 0xF == 3
+
+
+def test_kvm_paravirtual_leaves_are_kept():
+    entries = cpuid_for_vcpu(SUPPORTED, 0, 1)
+    assert leaf(entries, 0x40000000)[1:] == (0x4B4D564B, 0x564B4D56, 0x4D)  # "KVMKVMKVM"
+
+
+def test_edits_remove_and_add_features():
+    entries = cpuid_for_vcpu(SUPPORTED, 0, 1, [FeatureEdit("cx16", False), FeatureEdit("xsave", True)])
+    ecx = leaf(entries, 1)[2]
+    assert not ecx & (1 << 13)
+    assert ecx & (1 << 26)
+
+
+def test_parse_feature_edits():
+    assert parse_feature_edits("-avx, +x2apic,pcid") == [
+        FeatureEdit("avx", False), FeatureEdit("x2apic", True), FeatureEdit("pcid", True)]
+    with pytest.raises(PyvmmError, match="unknown CPU feature 'warp'"):
+        parse_feature_edits("-warp")
