@@ -39,6 +39,27 @@ from vmm.memory import GuestMemory
 # would not interrupt the ioctl) and does nothing.
 KICK_SIGNAL = signal.SIGUSR1
 
+FPU_CONTROL_DEFAULT = 0x37F  # x87 after FNINIT: all exceptions masked, 64-bit precision
+MXCSR_DEFAULT = 0x1F80  # SSE: all exceptions masked, round to nearest
+
+# MSRs as firmware leaves them: fast string operations on, MTRRs enabled with
+# write-back as the default memory type, the syscall MSRs cleared.
+BOOT_MSRS = {
+    0x174: 0, 0x175: 0, 0x176: 0,          # IA32_SYSENTER_CS/ESP/EIP
+    0xC0000081: 0, 0xC0000082: 0,          # STAR, LSTAR
+    0xC0000083: 0, 0xC0000084: 0,          # CSTAR, SYSCALL_MASK
+    0xC0000102: 0,                         # KERNEL_GS_BASE
+    0x10: 0,                               # TSC
+    0x1A0: 1,                              # IA32_MISC_ENABLE: fast strings
+    0x2FF: (1 << 11) | 6,                  # MTRRdefType: enabled, write-back
+}
+
+APIC_LVT_LINT0 = 0x350
+APIC_LVT_LINT1 = 0x360
+APIC_LVT_MASKED = 1 << 16
+APIC_DELIVERY_EXTINT = 7
+APIC_DELIVERY_NMI = 4
+
 _SYSTEM_EVENTS = {
     k.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown",
     k.KVM_SYSTEM_EVENT_RESET: "reset",
@@ -114,6 +135,8 @@ class KvmVm(VirtualMachine):
         # its wrmsr to EFER faults.
         edits = [*quirks.cpuid_edits(), *self.platform.cpu_features]
         vcpu.fd.set_cpuid(cpuid_for_vcpu(self._supported_cpuid, index, self.platform.cpus, edits))
+        if self.platform.irqchip:
+            vcpu.set_firmware_state()
         return vcpu
 
     def irq_line(self, gsi: int) -> KvmIrqLine:
@@ -152,6 +175,22 @@ class KvmVcpu(Vcpu):
         for name in (*GPR_NAMES, "rip", "rflags"):
             setattr(regs, name, state.reg(name))
         self.fd.set_regs(regs)
+
+    def set_firmware_state(self) -> None:
+        """What a PC's firmware leaves behind for an OS: FPU defaults, MSRs, LAPIC LINT pins."""
+        fpu = k.ffi.new("struct kvm_fpu *")
+        fpu.fcw = FPU_CONTROL_DEFAULT
+        fpu.mxcsr = MXCSR_DEFAULT
+        self.fd.set_fpu(fpu)
+        self.fd.set_msrs(BOOT_MSRS)
+        # Through-the-8259 interrupts arrive on LINT0 (ExtINT), NMIs on LINT1,
+        # as the MP specification's virtual wire mode has it.
+        lapic = self.fd.get_lapic()
+        for register, mode in ((APIC_LVT_LINT0, APIC_DELIVERY_EXTINT), (APIC_LVT_LINT1, APIC_DELIVERY_NMI)):
+            value = int.from_bytes(k.ffi.buffer(lapic.regs)[register : register + 4], "little")
+            value = (value & ~0x700 & ~APIC_LVT_MASKED) | (mode << 8)
+            k.ffi.buffer(lapic.regs)[register : register + 4] = value.to_bytes(4, "little")
+        self.fd.set_lapic(lapic)
 
     def registers(self) -> dict[str, int]:
         regs = self.fd.get_regs()
