@@ -67,8 +67,6 @@ CMDLINE_MAX_SIZE = 0x10000  # room reserved for the command line, NUL included
 # reports reserved; so does pyvmm, and the ACPI tables live in that area.
 EBDA_START = 0x9FC00
 HIGH_MEMORY_START = 0x10_0000
-# Where a bzImage is loaded when its header has no pref_address (protocol < 2.10).
-BZIMAGE_DEFAULT_LOAD_ADDRESS = 0x10_0000
 # The RSDP sits at the bottom of the BIOS area so the kernel's legacy scan of
 # 0xE0000-0xFFFFF finds it; the other ACPI tables follow it, below 1 MiB.
 ACPI_RSDP_ADDRESS = 0xE_0000
