@@ -1,0 +1,301 @@
+"""The host console: raw mode on a pty, the Ctrl-A escape, pipe input with backpressure, output."""
+
+from __future__ import annotations
+
+import os
+import termios
+import threading
+
+import pytest
+
+from vmm.console import HELP_TEXT, READ_CHUNK, Console, EscapeParser, RawTerminal
+
+HANG_GUARD = 10  # seconds; only keeps a broken build from hanging, never asserted on
+
+
+class Collector:
+    """A receive() that takes everything and lets a test wait for bytes."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self._cond = threading.Condition()
+
+    def __call__(self, data: bytes) -> int:
+        with self._cond:
+            self.data += data
+            self._cond.notify_all()
+        return len(data)
+
+    def wait_for(self, size: int) -> bytes:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.data) >= size, HANG_GUARD)
+            return bytes(self.data)
+
+
+class SlowUart:
+    """A receiver with a small buffer that a "guest" thread drains a little at a time."""
+
+    def __init__(self, capacity: int, room_available) -> None:
+        self.capacity = capacity
+        self.buffer = bytearray()
+        self.received = bytearray()
+        self.room_available = room_available
+        self.refused = False
+        self._cond = threading.Condition()
+
+    def receive(self, data: bytes) -> int:
+        with self._cond:
+            taken = min(len(data), self.capacity - len(self.buffer))
+            self.buffer += data[:taken]
+            if taken < len(data):
+                self.refused = True
+            self._cond.notify_all()
+            return taken
+
+    def guest_reads(self, total: int) -> None:
+        while len(self.received) < total:
+            with self._cond:
+                assert self._cond.wait_for(lambda: self.buffer, HANG_GUARD)
+                chunk = bytes(self.buffer[:7])
+                del self.buffer[:7]
+                notify = self.refused
+                self.refused = False
+            self.received += chunk
+            if notify:
+                self.room_available()
+
+
+@pytest.fixture
+def pty_pair():
+    master, slave = os.openpty()
+    yield master, slave
+    os.close(master)
+    os.close(slave)
+
+
+def read_from(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        data += os.read(fd, size - len(data))
+    return data
+
+
+# The escape parser.
+
+
+def test_plain_bytes_pass_through() -> None:
+    assert EscapeParser().feed(b"ls -l\r") == (b"ls -l\r", [])
+
+
+def test_ctrl_a_x_quits() -> None:
+    assert EscapeParser().feed(b"ab\x01xcd") == (b"abcd", ["quit"])
+
+
+def test_ctrl_a_ctrl_a_sends_one_ctrl_a() -> None:
+    assert EscapeParser().feed(b"\x01\x01\x01\x01") == (b"\x01\x01", [])
+
+
+def test_ctrl_a_h_asks_for_help() -> None:
+    assert EscapeParser().feed(b"\x01h\x01?") == (b"", ["help", "help"])
+
+
+def test_escape_split_across_reads() -> None:
+    parser = EscapeParser()
+    assert parser.feed(b"a\x01") == (b"a", [])
+    assert parser.feed(b"x") == (b"", ["quit"])
+
+
+def test_unknown_escape_is_swallowed() -> None:
+    assert EscapeParser().feed(b"\x01zq") == (b"q", [])
+
+
+# Raw mode on a pty.
+
+
+def test_raw_mode_set_and_restored(pty_pair) -> None:
+    _, slave = pty_pair
+    before = termios.tcgetattr(slave)
+    terminal = RawTerminal(slave)
+    terminal.enter()
+    lflag = termios.tcgetattr(slave)[3]
+    assert not lflag & (termios.ICANON | termios.ECHO | termios.ISIG)
+    terminal.restore()
+    assert termios.tcgetattr(slave) == before
+    terminal.restore()  # idempotent
+    assert termios.tcgetattr(slave) == before
+
+
+def test_keep_signals_leaves_isig_on(pty_pair) -> None:
+    _, slave = pty_pair
+    terminal = RawTerminal(slave, keep_signals=True)
+    terminal.enter()
+    attrs = termios.tcgetattr(slave)
+    terminal.restore()
+    assert attrs[3] & termios.ISIG
+    assert not attrs[3] & termios.ICANON
+
+
+def test_console_on_a_terminal_escapes_and_restores(pty_pair) -> None:
+    master, slave = pty_pair
+    before = termios.tcgetattr(slave)
+    quit_called = threading.Event()
+    collector = Collector()
+    console = Console(quit_called.set, input_fd=slave, output_fd=slave)
+    assert console.interactive
+    console.start(collector)
+    assert console.raw_mode_active
+    assert not termios.tcgetattr(slave)[3] & termios.ICANON
+
+    os.write(master, b"ab\x01\x01c\x03")  # Ctrl-C goes to the guest in raw mode
+    assert collector.wait_for(5) == b"ab\x01c\x03"
+
+    os.write(master, b"\x01h")
+    assert read_from(master, len(HELP_TEXT)) == HELP_TEXT
+
+    os.write(master, b"\x01x")
+    assert quit_called.wait(HANG_GUARD)
+    console.stop()
+    assert termios.tcgetattr(slave) == before
+    assert not console.raw_mode_active
+    assert collector.data == b"ab\x01c\x03"
+
+
+def test_context_manager_restores_the_terminal_on_error(pty_pair) -> None:
+    _, slave = pty_pair
+    before = termios.tcgetattr(slave)
+    with pytest.raises(RuntimeError):
+        with Console(lambda: None, input_fd=slave, output_fd=slave) as console:
+            console.start(Collector())
+            raise RuntimeError("boom")
+    assert termios.tcgetattr(slave) == before
+
+
+def test_restore_from_a_signal_path_before_stop(pty_pair) -> None:
+    _, slave = pty_pair
+    before = termios.tcgetattr(slave)
+    console = Console(lambda: None, input_fd=slave, output_fd=slave)
+    console.start(Collector())
+    console.restore()  # what a SIGTERM handler calls
+    assert termios.tcgetattr(slave) == before
+    console.stop()
+    assert termios.tcgetattr(slave) == before
+
+
+def test_output_goes_to_the_terminal_untranslated(pty_pair) -> None:
+    master, slave = pty_pair
+    console = Console(lambda: None, input_fd=slave, output_fd=slave)
+    console.start(Collector())
+    # Raw mode leaves the guest's bytes alone: no "\n" -> "\r\n" translation.
+    console.write(b"guest says hi\r\n")
+    assert read_from(master, 15) == b"guest says hi\r\n"
+    console.stop()
+
+
+# Pipes.
+
+
+def test_pipe_input_is_fed_verbatim_without_escapes() -> None:
+    read_end, write_end = os.pipe()
+    collector = Collector()
+    console = Console(lambda: pytest.fail("a pipe has no escape"), input_fd=read_end, output_fd=1)
+    assert not console.interactive
+    console.start(collector)
+    os.write(write_end, b"echo hi\n\x01x\x01\x01")
+    os.close(write_end)
+    assert collector.wait_for(12) == b"echo hi\n\x01x\x01\x01"
+    console.stop()
+    os.close(read_end)
+
+
+def test_pipe_backpressure_loses_nothing_and_bounds_memory() -> None:
+    read_end, write_end = os.pipe()
+    payload = bytes((i * 7) & 0xFF for i in range(256 * 1024))
+    console = Console(lambda: None, input_fd=read_end, output_fd=1)
+    uart = SlowUart(capacity=64, room_available=console.room_available)
+    console.start(uart.receive)
+
+    def writer() -> None:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(write_end, view[:65536]) :]
+        os.close(write_end)
+
+    feeder = threading.Thread(target=writer)
+    feeder.start()
+    uart.guest_reads(len(payload))
+    feeder.join(HANG_GUARD)
+    assert bytes(uart.received) == payload
+    # The thread stopped reading while the guest was full, so the console
+    # never held more than one read's worth.
+    assert console.max_pending <= READ_CHUNK
+    console.stop()
+    os.close(read_end)
+
+
+def test_stop_wakes_an_idle_reader_and_joins_it() -> None:
+    read_end, write_end = os.pipe()
+    console = Console(lambda: None, input_fd=read_end, output_fd=1)
+    console.start(Collector())
+    console.stop()
+    assert console._thread is not None and not console._thread.is_alive()  # noqa: SLF001
+    os.close(read_end)
+    os.close(write_end)
+
+
+def test_reader_ends_by_itself_at_end_of_file(tmp_path) -> None:
+    path = tmp_path / "input"
+    path.write_bytes(b"from a file\n")  # a regular file: epoll would refuse it
+    collector = Collector()
+    with open(path, "rb") as file:
+        console = Console(lambda: None, input_fd=file.fileno(), output_fd=1)
+        console.start(collector)
+        assert collector.wait_for(12) == b"from a file\n"
+        console._thread.join(HANG_GUARD)  # noqa: SLF001
+        assert not console._thread.is_alive()  # noqa: SLF001
+        console.stop()
+
+
+def test_room_available_after_stop_is_harmless() -> None:
+    read_end, write_end = os.pipe()
+    console = Console(lambda: None, input_fd=read_end, output_fd=1)
+    console.start(Collector())
+    console.stop()
+    console.room_available()
+    os.close(read_end)
+    os.close(write_end)
+
+
+# Output.
+
+
+def test_write_finishes_partial_writes_on_a_nonblocking_pipe() -> None:
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    payload = os.urandom(1 << 20)  # far more than a pipe holds: EAGAIN on the way
+    received = bytearray()
+
+    def reader() -> None:
+        while len(received) < len(payload):
+            received.extend(os.read(read_end, 65536))
+
+    drain = threading.Thread(target=reader)
+    drain.start()
+    console = Console(lambda: None, input_fd=read_end, output_fd=write_end, raw=False)
+    console.write(payload)
+    drain.join(HANG_GUARD)
+    assert bytes(received) == payload
+    console.stop()
+    os.close(read_end)
+    os.close(write_end)
+
+
+def test_write_to_a_closed_reader_drops_output_quietly() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    null_in = os.open(os.devnull, os.O_RDONLY)
+    console = Console(lambda: None, input_fd=null_in, output_fd=write_end)
+    console.write(b"nobody listens")
+    console.write(b"still nobody")
+    console.stop()
+    os.close(write_end)
+    os.close(null_in)

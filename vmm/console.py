@@ -1,0 +1,318 @@
+"""The host side of the serial console: the user's terminal (or a pipe) <-> the UART.
+
+Output: `Console.write(data)` is the UART's output writer. It writes straight
+to the output fd with os.write, unbuffered, finishing partial writes and
+waiting out EAGAIN when someone left the fd non-blocking. If the reader of
+our output goes away (EPIPE), guest output is dropped rather than killing
+the vCPU thread that happened to transmit.
+
+Input: a reader thread moves bytes from the input fd into the UART through
+`receive(data) -> int` (how many bytes it took).
+
+- When stdin is a terminal it is put in raw mode, so every key reaches the
+  guest (Ctrl-C included, as with QEMU's serial console), and restored on
+  every way out: `restore()` is idempotent and is called by the context
+  manager, by `stop()`, and at exit; the caller's SIGTERM/SIGHUP handlers
+  call it too. Ctrl-A is the escape key, as in QEMU: Ctrl-A x quits (the
+  injected `quit()` callback), Ctrl-A h prints help, Ctrl-A Ctrl-A sends a
+  literal Ctrl-A. The terminal is read even while the guest is not taking
+  input, so the escape always works; what the guest cannot take is kept up
+  to a bound and then dropped (counted), like a UART overrun.
+- When stdin is a pipe or a file, its bytes go to the guest verbatim and
+  none are lost: while the UART is full the thread stops reading, so the
+  writer on the other end blocks. It resumes when the UART calls
+  `room_available()` (wire it as the UART's `room_available` callback).
+
+No busy waiting: the thread sleeps in poll() on the input fd and a wake-up
+pipe; `room_available()` and `stop()` write a byte to that pipe. poll, not
+epoll, because stdin may be a regular file, which epoll refuses.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import logging
+import os
+import selectors
+import termios
+import threading
+import tty
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+ESCAPE_KEY = 0x01  # Ctrl-A
+READ_CHUNK = 4096
+# In terminal mode, bytes the guest has not taken yet are kept up to this
+# bound; beyond it typed (or pasted) input is dropped.
+TERMINAL_PENDING_LIMIT = 64 * 1024
+
+HELP_TEXT = (
+    b"\r\nC-a h    print this help\r\nC-a x    exit pyvmm\r\nC-a C-a  send C-a to the guest\r\n"
+)
+
+
+class EscapeParser:
+    """Splits terminal input into bytes for the guest and escape commands.
+
+    The state (whether the last byte was the escape key) carries over between
+    reads, so Ctrl-A and its command may arrive in different reads.
+    """
+
+    QUIT = "quit"
+    HELP = "help"
+
+    def __init__(self, escape_key: int = ESCAPE_KEY) -> None:
+        self._escape_key = escape_key
+        self._escaped = False
+
+    def feed(self, data: bytes) -> tuple[bytes, list[str]]:
+        guest = bytearray()
+        commands: list[str] = []
+        escape = self._escape_key
+        for byte in data:
+            if self._escaped:
+                self._escaped = False
+                if byte == escape:
+                    guest.append(escape)
+                elif byte in (ord("x"), ord("X")):
+                    commands.append(self.QUIT)
+                elif byte in (ord("h"), ord("H"), ord("?")):
+                    commands.append(self.HELP)
+                # Any other key after the escape is swallowed, as QEMU does.
+            elif byte == escape:
+                self._escaped = True
+            else:
+                guest.append(byte)
+        return bytes(guest), commands
+
+
+class RawTerminal:
+    """Raw mode on a terminal fd, restorable from anywhere, any number of times."""
+
+    def __init__(self, fd: int, *, keep_signals: bool = False) -> None:
+        self.fd = fd
+        self._keep_signals = keep_signals
+        self._saved: list | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        return self._saved is not None
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._saved is not None:
+                return
+            saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd, termios.TCSANOW)
+            if self._keep_signals:
+                # Let Ctrl-C / Ctrl-\ / Ctrl-Z signal pyvmm instead of reaching the guest.
+                attrs = termios.tcgetattr(self.fd)
+                attrs[3] |= termios.ISIG
+                termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
+            self._saved = saved
+            atexit.register(self.restore)
+
+    def restore(self) -> None:
+        with self._lock:
+            saved, self._saved = self._saved, None
+        if saved is None:
+            return
+        atexit.unregister(self.restore)
+        try:
+            # TCSANOW, not TCSADRAIN: a terminal stopped with Ctrl-S must not
+            # keep us from giving the user their terminal back.
+            termios.tcsetattr(self.fd, termios.TCSANOW, saved)
+        except (termios.error, OSError):
+            pass  # the terminal is gone (hang-up): nothing left to restore
+
+
+class Console:
+    def __init__(
+        self,
+        quit: Callable[[], None],
+        *,
+        input_fd: int = 0,
+        output_fd: int = 1,
+        raw: bool | None = None,
+        keep_signals: bool = False,
+    ) -> None:
+        """`raw`: put the input terminal in raw mode and honour Ctrl-A escapes;
+        by default, exactly when the input fd is a terminal."""
+        self._quit = quit
+        self._input_fd = input_fd
+        self._output_fd = output_fd
+        is_tty = os.isatty(input_fd)
+        self.interactive = is_tty if raw is None else raw
+        self._terminal = (
+            RawTerminal(input_fd, keep_signals=keep_signals)
+            if is_tty and self.interactive
+            else None
+        )
+        self._escapes = EscapeParser()
+
+        self._receive: Callable[[bytes], int] | None = None
+        self._pending = bytearray()  # input read but not yet taken by the guest
+        self.max_pending = 0
+        self.dropped = 0  # terminal bytes dropped because the guest was not reading
+        self._output_broken = False
+
+        self._wake_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_closed = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self, receive: Callable[[bytes], int]) -> None:
+        """Enter raw mode (if interactive) and start feeding input to `receive`."""
+        self._receive = receive
+        if self._terminal is not None:
+            self._terminal.enter()
+        self._thread = threading.Thread(target=self._run, name="console-input", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the input thread, wait for it, and give the terminal back."""
+        self._stopping = True
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self.restore()
+        with self._wake_lock:
+            if not self._wake_closed:
+                self._wake_closed = True
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+
+    def restore(self) -> None:
+        """Put the terminal back as it was; safe from signal handlers, idempotent."""
+        if self._terminal is not None:
+            self._terminal.restore()
+
+    @property
+    def raw_mode_active(self) -> bool:
+        return self._terminal is not None and self._terminal.active
+
+    def __enter__(self) -> Console:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def room_available(self) -> None:
+        """The UART has room again (its `room_available` callback); any thread."""
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            if self._wake_closed:
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already
+
+    # -- output --------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Guest output to the host, all of it, unbuffered."""
+        if self._output_broken:
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self._output_fd, view)
+            except BlockingIOError:
+                _wait_writable(self._output_fd)
+                continue
+            except InterruptedError:
+                continue
+            except (BrokenPipeError, OSError) as err:
+                if isinstance(err, BrokenPipeError) or err.errno in (errno.EPIPE, errno.EIO):
+                    self._output_broken = True
+                    log.debug("console output closed (%s); dropping guest output", err)
+                    return
+                raise
+            view = view[written:]
+
+    # -- input thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        selector = selectors.PollSelector()
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        input_registered = False
+        eof = False
+        try:
+            while not self._stopping:
+                self._deliver()
+                # A pipe is read only when the guest has taken everything:
+                # that is the backpressure. A terminal is always read, for the escape.
+                want_input = not eof and (self.interactive or not self._pending)
+                if want_input and not input_registered:
+                    selector.register(self._input_fd, selectors.EVENT_READ)
+                    input_registered = True
+                elif not want_input and input_registered:
+                    selector.unregister(self._input_fd)
+                    input_registered = False
+                if eof and not self._pending:
+                    return  # all input delivered; nothing more will come
+                for key, _ in selector.select():
+                    if key.fd == self._wake_r:
+                        self._drain_wake_pipe()
+                    elif not self._read_input():
+                        eof = True
+        except Exception:
+            log.exception("console input thread failed")
+        finally:
+            selector.close()
+
+    def _deliver(self) -> None:
+        if self._pending and self._receive is not None:
+            taken = self._receive(bytes(self._pending))
+            del self._pending[:taken]
+
+    def _read_input(self) -> bool:
+        """Read one chunk; False at end of input."""
+        try:
+            data = os.read(self._input_fd, READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return True  # a spurious wake-up on a non-blocking fd
+        except OSError as err:
+            if err.errno == errno.EIO:  # the terminal hung up
+                return False
+            raise
+        if not data:
+            return False
+        if self.interactive:
+            data, commands = self._escapes.feed(data)
+            for command in commands:
+                if command == EscapeParser.HELP:
+                    self.write(HELP_TEXT)
+                elif command == EscapeParser.QUIT:
+                    self._stopping = True
+                    self._quit()
+                    return True
+            room = TERMINAL_PENDING_LIMIT - len(self._pending)
+            if len(data) > room:
+                self.dropped += len(data) - room
+                data = data[:room]
+        self._pending += data
+        self.max_pending = max(self.max_pending, len(self._pending))
+        return True
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+
+def _wait_writable(fd: int) -> None:
+    with selectors.PollSelector() as selector:
+        selector.register(fd, selectors.EVENT_WRITE)
+        selector.select()
