@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import termios
 import threading
+import time
 
 import pytest
 
@@ -299,3 +300,36 @@ def test_write_to_a_closed_reader_drops_output_quietly() -> None:
     console.stop()
     os.close(write_end)
     os.close(null_in)
+
+
+def test_pipe_through_the_real_uart_loses_nothing() -> None:
+    from devices.base import NullIrqLine
+    from devices.uart import LSR, LSR_DR, RBR, Uart16550
+
+    read_end, write_end = os.pipe()
+    payload = bytes((i * 13) & 0xFF for i in range(64 * 1024))
+    console = Console(lambda: None, input_fd=read_end, output_fd=1)
+    uart = Uart16550(
+        NullIrqLine(), console.write, host_buffer_size=256, room_available=console.room_available
+    )
+    console.start(uart.receive)
+
+    def writer() -> None:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(write_end, view) :]
+        os.close(write_end)
+
+    feeder = threading.Thread(target=writer)
+    feeder.start()
+    got = bytearray()
+    give_up = time.monotonic() + 60  # hang guard only
+    while len(got) < len(payload):  # the guest polls LSR.DR like a simple driver
+        assert time.monotonic() < give_up, "input stalled"
+        if uart.read(LSR, 1) & LSR_DR:
+            got.append(uart.read(RBR, 1))
+    feeder.join(HANG_GUARD)
+    console.stop()
+    os.close(read_end)
+    assert bytes(got) == payload
+    assert uart.overruns == 0
