@@ -249,13 +249,12 @@ class Uart16550:
             # Switching between FIFO and 8250 mode empties both FIFOs.
             self._fifo.clear()
             self._fifo_enabled = enable
-        if not enable:
-            return  # with FIFOs off, the other FCR bits have no effect
-        if value & FCR_CLEAR_RX:
-            self._fifo.clear()
-        # FCR_CLEAR_TX: the transmit FIFO is always empty here.
-        self._rx_trigger = RX_TRIGGER_LEVELS[value & FCR_TRIGGER_MASK]
-        self._refill_fifo()
+        if enable:  # with FIFOs off, the other FCR bits have no effect
+            if value & FCR_CLEAR_RX:
+                self._fifo.clear()
+            # FCR_CLEAR_TX: the transmit FIFO is always empty here.
+            self._rx_trigger = RX_TRIGGER_LEVELS[value & FCR_TRIGGER_MASK]
+        self._refill_fifo()  # bytes waiting on the wire move into the emptied FIFO
 
     def _write_mcr(self, value: int) -> None:
         was_loop = self._mcr & MCR_LOOP

@@ -241,6 +241,13 @@ def test_switching_fifo_mode_empties_the_fifo(h: Harness) -> None:
     assert h.read_all() == b"b"
 
 
+def test_disabling_the_fifo_keeps_host_bytes_flowing(h: Harness) -> None:
+    h.w(FCR, FCR_ENABLE_FIFO)
+    h.uart.receive(bytes(range(20)))  # 16 in the FIFO, 4 on the wire
+    h.w(FCR, 0)  # the FIFO contents are lost; the wire's bytes are next
+    assert h.read_all() == bytes(range(16, 20))
+
+
 def test_receive_interrupt_needs_ier(h: Harness) -> None:
     h.uart.receive(b"a")
     assert h.r(IIR) == IIR_NO_INT
