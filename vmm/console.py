@@ -171,6 +171,11 @@ class Console:
         """Enter raw mode (if interactive) and start feeding input to `receive`."""
         self._receive = receive
         if self._terminal is not None:
+            if _in_background(self._input_fd):
+                # Changing or reading the terminal from a background job would
+                # stop us with SIGTTOU/SIGTTIN: leave the terminal alone.
+                log.info("console: running in the background, terminal input disabled")
+                return
             self._terminal.enter()
         self._thread = threading.Thread(target=self._run, name="console-input", daemon=True)
         self._thread.start()
@@ -316,3 +321,11 @@ def _wait_writable(fd: int) -> None:
     with selectors.PollSelector() as selector:
         selector.register(fd, selectors.EVENT_WRITE)
         selector.select()
+
+
+def _in_background(fd: int) -> bool:
+    """Whether fd is our controlling terminal and another process group owns it."""
+    try:
+        return os.tcgetpgrp(fd) != os.getpgrp()
+    except OSError:
+        return False  # not our controlling terminal: no job control applies

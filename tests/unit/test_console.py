@@ -333,3 +333,26 @@ def test_pipe_through_the_real_uart_loses_nothing() -> None:
     os.close(read_end)
     assert bytes(got) == payload
     assert uart.overruns == 0
+
+
+def test_background_detection_on_a_controlling_terminal() -> None:
+    import pty
+
+    from vmm.console import _in_background
+
+    pid, master = pty.fork()  # the child is a session leader on a new pty
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            foreground = not _in_background(0)
+            grandchild = os.fork()
+            if grandchild == 0:
+                os.setpgid(0, 0)  # a new process group: a background job
+                os._exit(1 if _in_background(0) else 0)
+            _, status = os.waitpid(grandchild, 0)
+            background = os.waitstatus_to_exitcode(status) == 1
+            os._exit(10 + 2 * background + foreground)
+        except BaseException:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    os.close(master)
+    assert os.waitstatus_to_exitcode(status) == 13  # foreground seen as such, background too
