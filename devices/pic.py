@@ -52,6 +52,10 @@ class Pic8259:
         self.input_levels = 0  # what each IR pin is driven to, for edge detection
         self.vector_base = 0
         self._reset()
+        # There is no BIOS to initialise the chips, so power up the way firmware
+        # leaves them: everything masked. Otherwise a device interrupt before the
+        # OS programs the 8259 would arrive on vector base 0, an exception vector.
+        self.imr = 0xFF
 
     def _reset(self) -> None:
         """What ICW1 does: clear masks and requests, IR0 highest priority, read IRR."""
