@@ -35,6 +35,7 @@ index, which is also its APIC ID; times are in the clock's nanoseconds):
     router.has_interrupt(cpu) -> bool
         An external interrupt is ready for `cpu`. Ask only when the guest can
         take one (RFLAGS.IF=1 and no STI/MOV SS shadow); it does not consume.
+        A halted vCPU with IF=1 is runnable when this is true (or has_nmi).
     router.acknowledge(cpu) -> int | None
         The INTA cycle: returns the vector to deliver through the IDT/IVT and
         marks it in service (LAPIC ISR or 8259 ISR). None if nothing is
@@ -44,12 +45,14 @@ index, which is also its APIC ID; times are in the clock's nanoseconds):
         NMI (from an NMI IPI or LINT1). NMIs ignore IF; the vCPU blocks
         further NMIs until the guest's IRET.
     router.next_deadline() -> int | None
-        When the next timer interrupt is due (absolute clock time), or None.
-        A halted vCPU sleeps at most until then; a running one bounds its
-        slice by it.
+        When the next timer interrupt is due (absolute clock time), or None
+        when no timer is armed. A halted vCPU sleeps at most until then; a
+        running one bounds its slice by it. It may already be in the past:
+        then the timer is due and the next `has_interrupt` delivers it.
     router.update(now=None)
-        Delivers the timer interrupts that are due. `has_interrupt` and
-        `acknowledge` call it for you, so calling it is optional.
+        Delivers the timer interrupts that are due at `now` (default: the
+        clock). `has_interrupt` and `acknowledge` do this themselves, so
+        calling it is optional. Missed periods coalesce into one interrupt.
     router.apic_base_msr(cpu) / set_apic_base_msr(cpu, value)   IA32_APIC_BASE
     router.cr8(cpu) / set_cr8(cpu, value)                       CR8 <-> TPR
     router.inject_nmi(cpu=None)        LINT1 on one or all CPUs (a host NMI)
@@ -165,7 +168,11 @@ class _Host:
 
 
 class _Line:
-    """One device's connection to a GSI. Several lines on one GSI are wire-ORed."""
+    """One device's connection to a GSI. Several lines on one GSI are wire-ORed.
+
+    `pulse()` on a line its device already holds high does nothing: the pin
+    sees no edge, as on a wire.
+    """
 
     __slots__ = ("_router", "gsi", "level")
 
@@ -182,34 +189,43 @@ class _Line:
                 router._drive(self.gsi, 1 if high else -1)
 
     def pulse(self) -> None:
-        with self._router._critical:
-            self.set_level(True)
-            self.set_level(False)
+        router = self._router
+        with router._critical:
+            if not self.level:
+                router._drive(self.gsi, 1)
+                router._drive(self.gsi, -1)
 
 
 class _Guarded:
     """A model's register interface with the router's lock held around each access."""
 
-    __slots__ = ("_router", "_device", "_timers")
+    __slots__ = ("_router", "_device", "_deadline")
 
-    def __init__(self, router: InterruptRouter, device: Device, timers: bool = False) -> None:
+    def __init__(
+        self, router: InterruptRouter, device: Device, deadline: Callable[[], int | None] | None = None
+    ) -> None:
         self._router = router
         self._device = device
-        self._timers = timers  # accesses may change when the next timer event is due
+        self._deadline = deadline  # the model's timer, if accesses can move it
 
     def read(self, offset: int, size: int) -> int:
         router = self._router
         with router._critical:
-            if self._timers:
+            if self._deadline is None:
+                return self._device.read(offset, size)
+            before = self._deadline()
+            value = self._device.read(offset, size)
+            if self._deadline() != before:
                 router._deadline_dirty = True
-            return self._device.read(offset, size)
+            return value
 
     def write(self, offset: int, size: int, value: int) -> None:
         router = self._router
         with router._critical:
-            if self._timers:
-                router._deadline_dirty = True
+            before = self._deadline() if self._deadline is not None else None
             self._device.write(offset, size, value)
+            if self._deadline is not None and self._deadline() != before:
+                router._deadline_dirty = True
 
 
 class LapicWindow:
@@ -293,9 +309,9 @@ class InterruptRouter:
         pio.register(layout.PIC_MASTER_PORT, 2, _Guarded(self, self.pic.master), "8259 master")
         pio.register(layout.PIC_SLAVE_PORT, 2, _Guarded(self, self.pic.slave), "8259 slave")
         pio.register(layout.PIC_ELCR_PORT, 2, _Guarded(self, self.pic.elcr), "8259 ELCR")
-        pio.register(layout.PIT_PORT, 4, _Guarded(self, self.pit, timers=True), "8254 PIT")
+        pio.register(layout.PIT_PORT, 4, _Guarded(self, self.pit, self.pit.next_deadline), "8254 PIT")
         pio.register(
-            layout.SYSTEM_CONTROL_B_PORT, 1, _Guarded(self, self.pit.speaker, timers=True), "port 0x61"
+            layout.SYSTEM_CONTROL_B_PORT, 1, _Guarded(self, self.pit.speaker, self.pit.next_deadline), "port 0x61"
         )
         mmio.register(layout.IOAPIC_BASE, layout.IOAPIC_SIZE, _Guarded(self, self.ioapic), "I/O APIC")
         if current_cpu is not None:
@@ -305,13 +321,22 @@ class InterruptRouter:
 
     def lapic_read(self, cpu: int, offset: int, size: int) -> int:
         with self._critical:
-            self._deadline_dirty = True
-            return self.lapics[cpu].read(offset, size)
+            apic = self.lapics[cpu]
+            deadline = apic.next_deadline()
+            value = apic.read(offset, size)
+            if apic.next_deadline() != deadline:
+                self._deadline_dirty = True
+            return value
 
     def lapic_write(self, cpu: int, offset: int, size: int, value: int) -> None:
         with self._critical:
-            self._deadline_dirty = True
-            self.lapics[cpu].write(offset, size, value)
+            apic = self.lapics[cpu]
+            deadline = apic.next_deadline()
+            apic.write(offset, size, value)
+            # An ICR write can reset another CPU's timer (INIT): that path marks
+            # the deadline dirty itself, so only this APIC's timer is compared here.
+            if apic.next_deadline() != deadline:
+                self._deadline_dirty = True
 
     # -- what a vCPU asks ----------------------------------------------------------
 

@@ -115,6 +115,21 @@ _ICR_DELIVERY_STATUS = 1 << 12
 _ICR_LOW_WRITABLE = 0x000C_CFFF  # vector, mode, dest mode, level, trigger, shorthand
 
 
+# Registers that read back an attribute as it is (the ID shifted into bits 31-24).
+_PLAIN_REGISTERS = {
+    REG_ID: "apic_id",
+    REG_TPR: "tpr",
+    REG_LDR: "ldr",
+    REG_DFR: "dfr",
+    REG_SVR: "svr",
+    REG_ESR: "esr",
+    REG_ICR_LOW: "icr_low",
+    REG_ICR_HIGH: "icr_high",
+    REG_TIMER_INITIAL: "timer_initial",
+    REG_TIMER_DIVIDE: "timer_divide_config",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class ApicMessage:
     """An interrupt message on the APIC bus, from an ICR write or an I/O APIC pin."""
@@ -464,28 +479,17 @@ class LocalApic:
             return (bits >> (32 * (word >> 4))) & 0xFFFF_FFFF
         if reg in self.lvt:
             return self.lvt[reg]
-        simple = {
-            REG_ID: self.apic_id << 24,
-            REG_VERSION: VERSION,
-            REG_TPR: self.tpr,
-            REG_APR: 0,
-            REG_PPR: self.ppr,
-            REG_EOI: 0,
-            REG_RRD: 0,
-            REG_LDR: self.ldr,
-            REG_DFR: self.dfr,
-            REG_SVR: self.svr,
-            REG_ESR: self.esr,
-            REG_ICR_LOW: self.icr_low,
-            REG_ICR_HIGH: self.icr_high,
-            REG_TIMER_INITIAL: self.timer_initial,
-            REG_TIMER_DIVIDE: self.timer_divide_config,
-        }
-        if reg in simple:
-            return simple[reg]
         if reg == REG_TIMER_CURRENT:
             return self.current_count(now)
-        return None
+        if reg == REG_PPR:
+            return self.ppr
+        if reg in (REG_VERSION, REG_APR, REG_EOI, REG_RRD):
+            return VERSION if reg == REG_VERSION else 0
+        attribute = _PLAIN_REGISTERS.get(reg)
+        if attribute is None:
+            return None
+        value: int = getattr(self, attribute)
+        return value << 24 if reg == REG_ID else value
 
     def write(self, offset: int, size: int, value: int) -> None:
         if size != 4 or offset & 0xF:

@@ -109,11 +109,13 @@ class Pic8259:
 
     def _highest(self, bits: int) -> int | None:
         """The highest-priority IRQ among `bits`, or None."""
-        for rank in range(8):
-            irq = (rank + self.lowest_priority_irq + 1) & 7
-            if bits & (1 << irq):
-                return irq
-        return None
+        bits &= 0xFF
+        if not bits:
+            return None
+        # Rotate so that bit 0 is the highest-priority IRQ, then take the lowest set bit.
+        first = (self.lowest_priority_irq + 1) & 7
+        ranked = ((bits >> first) | (bits << (8 - first))) & 0xFF
+        return ((ranked & -ranked).bit_length() - 1 + first) & 7
 
     def pending_irq(self) -> int | None:
         """The IRQ this chip would signal on INT now, or None."""
