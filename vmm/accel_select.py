@@ -1,8 +1,10 @@
-"""Choosing the accelerator: `--accel auto|kvm`.
+"""Choosing the accelerator: `--accel auto|kvm|tcg`.
 
-`auto` takes KVM when /dev/kvm opens and offers what pyvmm needs. The
-device path can be overridden (`PYVMM_KVM_DEVICE`), which is also how tests
-pretend a host has no KVM.
+`auto` takes KVM when /dev/kvm opens and can run the guest; otherwise it
+takes the software CPU, with a one-line notice saying why (which the machine
+prints once the guest has loaded, so bad input still gets exactly one line). The device path
+can be overridden (`PYVMM_KVM_DEVICE`), which is also how tests pretend a
+host has no KVM.
 """
 
 from __future__ import annotations
@@ -10,18 +12,44 @@ from __future__ import annotations
 import os
 
 from vmm.accel import Accelerator
+from vmm.config import MachineConfig
 from vmm.errors import PyvmmError
 
-ACCELERATORS = ("auto", "kvm")
+ACCELERATORS = ("auto", "kvm", "tcg")
 
 
 def kvm_device_path(default: str = "/dev/kvm") -> str:
     return os.environ.get("PYVMM_KVM_DEVICE", default)
 
 
-def open_accelerator(requested: str, kvm_device: str = "/dev/kvm") -> Accelerator:
-    if requested not in ACCELERATORS:
-        raise PyvmmError(f"unknown accelerator {requested!r}: choose one of {', '.join(ACCELERATORS)}")
-    from vmm.kvm.accel import KvmAccelerator
+def open_tcg() -> Accelerator:
+    try:
+        from vmm.tcg import TcgAccelerator
+    except ImportError as err:
+        raise PyvmmError(f"the software CPU is unavailable: {err}") from None
+    return TcgAccelerator()
 
-    return KvmAccelerator(kvm_device_path(kvm_device))
+
+def open_accelerator(config: MachineConfig) -> tuple[Accelerator, str]:
+    """The accelerator to use, and a notice for the user when `auto` had to fall back."""
+    if config.accel not in ACCELERATORS:
+        raise PyvmmError(f"unknown accelerator {config.accel!r}: choose one of {', '.join(ACCELERATORS)}")
+    if config.accel == "tcg":
+        return open_tcg(), ""
+
+    from vmm.kvm import quirks
+    from vmm.kvm.accel import KvmAccelerator
+    from vmm.kvm.fd import KvmUnavailable
+
+    try:
+        kvm = KvmAccelerator(kvm_device_path(config.kvm_device))
+    except KvmUnavailable as err:
+        if config.accel == "kvm":
+            raise
+        return open_tcg(), f"using the software CPU: {err}"
+    if config.accel == "auto" and config.is_linux:
+        able, why = quirks.can_run_linux()
+        if not able:
+            kvm.close()
+            return open_tcg(), f"using the software CPU: {why}"
+    return kvm, ""

@@ -15,7 +15,8 @@ import click
 
 from vmm import exit_status
 from vmm.accel_select import ACCELERATORS
-from vmm.config import MachineConfig, parse_size
+from vmm.config import DEFAULT_CMDLINE, MachineConfig, parse_size
+from vmm.cpu_features import parse_feature_edits
 from vmm.errors import PyvmmError
 from vmm.image.cli import img
 
@@ -29,28 +30,37 @@ def fail(message: str, status: int = exit_status.ERROR) -> None:
 @click.version_option(package_name="pyvmm")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 def cli(verbose: int) -> None:
-    """pyvmm: boot a kernel in a KVM virtual machine."""
+    """pyvmm: boot a kernel in a KVM virtual machine (or on a software CPU)."""
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="pyvmm: %(name)s: %(message)s")
 
 
 @cli.command()
+@click.option("--kernel", "-k", type=click.Path(path_type=Path, dir_okay=False),
+              help="Linux kernel: a bzImage or an ELF vmlinux.")
+@click.option("--initrd", "-i", type=click.Path(path_type=Path, dir_okay=False), help="Initial ramdisk.")
+@click.option("--cmdline", "-c", help=f"Kernel command line [default: {DEFAULT_CMDLINE}].")
 @click.option("--flat", "flat", type=click.Path(path_type=Path, dir_okay=False),
               help="Raw binary loaded at 0x10000 and entered in real mode at 1000:0000.")
 @click.option("--memory", "-m", default="512M", show_default=True, help="Guest RAM (K, M, G suffixes).")
 @click.option("--cpus", default=1, show_default=True, type=int, help="Number of vCPUs.")
 @click.option("--accel", type=click.Choice(ACCELERATORS), default="auto", show_default=True,
-              help="CPU accelerator.")
-@click.option("--stats", is_flag=True, help="Print exit and device counters when the VM stops.")
-def boot(flat: Path | None, memory: str, cpus: int, accel: str, stats: bool) -> None:
+              help="CPU accelerator: KVM, the software CPU (tcg), or KVM when it can run the guest.")
+@click.option("--cpu-features", default="", metavar="[+-]FEATURE,...",
+              help="Add or remove CPUID features, e.g. -avx,+x2apic.")
+@click.option("--guest-decompress", is_flag=True,
+              help="Let a bzImage decompress itself in the guest instead of on the host.")
+@click.option("--stats", is_flag=True, help="Print exit, device and boot-time figures when the VM stops.")
+def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Path | None, memory: str,
+         cpus: int, accel: str, cpu_features: str, guest_decompress: bool, stats: bool) -> None:
     """Boot a guest; exits with the guest's status (see the README)."""
     from vmm.machine import run_machine
 
     try:
-        config = MachineConfig(memory=parse_size(memory, what="--memory"), cpus=cpus, accel=accel,
-                               flat=flat, stats=stats)
-        if flat is not None and not flat.is_file():
-            raise PyvmmError(f"{flat}: no such file")
+        config = MachineConfig(
+            memory=parse_size(memory, what="--memory"), cpus=cpus, accel=accel, flat=flat,
+            kernel=kernel, initrd=initrd, cmdline=cmdline, guest_decompress=guest_decompress,
+            cpu_features=parse_feature_edits(cpu_features), stats=stats)
         with _stop_on_signals():
             status = run_machine(config)
     except PyvmmError as err:

@@ -6,11 +6,17 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmm.cpu_features import FeatureEdit
 from vmm.errors import PyvmmError
 
 _SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 MAX_MEMORY = 1 << 40  # 1 TiB: more than any host pyvmm runs on; catches typos like 512G0
+MAX_CPUS = 64  # xAPIC IDs and the MADT would allow 255; 64 is what is tested
+
+# The serial console, and on a panic pyvmm hears of it through pvpanic and
+# the guest reboots at once rather than hanging.
+DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
 
 
 def parse_size(text: str, *, default_unit: str = "M", what: str = "size") -> int:
@@ -28,9 +34,18 @@ class MachineConfig:
     cpus: int = 1
     accel: str = "auto"
     flat: Path | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str | None = None
+    # Let a bzImage decompress itself in the guest instead of on the host.
+    guest_decompress: bool = False
+    cpu_features: list[FeatureEdit] = field(default_factory=list)
     stats: bool = False
     kvm_device: str = "/dev/kvm"
-    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_linux(self) -> bool:
+        return self.kernel is not None
 
     def validate(self) -> None:
         if self.memory < 1 << 20:
@@ -41,5 +56,16 @@ class MachineConfig:
             raise PyvmmError("--memory must be a multiple of 4K")
         if self.cpus < 1:
             raise PyvmmError(f"--cpus must be at least 1 (got {self.cpus})")
-        if self.flat is None:
-            raise PyvmmError("nothing to boot: give --flat IMAGE")
+        if self.cpus > MAX_CPUS:
+            raise PyvmmError(f"--cpus {self.cpus} is more than pyvmm supports ({MAX_CPUS})")
+        if self.flat is None and self.kernel is None:
+            raise PyvmmError("nothing to boot: give --kernel KERNEL or --flat IMAGE")
+        if self.flat is not None and self.kernel is not None:
+            raise PyvmmError("--flat and --kernel exclude each other")
+        if self.flat is not None and self.cpus > 1:
+            raise PyvmmError("--flat guests run on one vCPU (they have no interrupt controller to start others)")
+        if self.kernel is None and (self.initrd is not None or self.cmdline is not None):
+            raise PyvmmError("--initrd and --cmdline need --kernel")
+        for option, path in (("--flat", self.flat), ("--kernel", self.kernel), ("--initrd", self.initrd)):
+            if path is not None and not path.is_file():
+                raise PyvmmError(f"{option} {path}: no such file")

@@ -1,27 +1,36 @@
 """Building and running one virtual machine, in the order a real machine comes up:
 
-    memory -> accelerator and VM -> buses and devices -> boot loader -> vCPUs -> run -> shutdown
+    memory -> accelerator and VM (with its interrupt controllers) -> devices
+    -> ACPI tables and boot loader -> vCPUs -> run -> shutdown
 
-`Machine.run()` returns the process exit status (vmm/exit_status.py).
+`run_machine()` returns the process exit status (vmm/exit_status.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections import Counter
 
+from boot.acpi import build_acpi_tables
+from boot.linux import load_linux
+from devices.acpi_pm import AcpiPowerManagement
 from devices.base import NullIrqLine, SilentDevice
+from devices.boot_timer import BootTimer, process_start_time
 from devices.debug_exit import DebugExit
+from devices.i8042 import I8042
+from devices.legacy import register_legacy_ports
+from devices.pvpanic import PvPanic
+from devices.rtc import CmosRtc
 from devices.testdev import TEST_DEVICE_SIZE, ScratchDevice
 from devices.uart import Uart16550
 from vmm import exit_status, layout
 from vmm.accel import MachineIo, PlatformOptions
 from vmm.accel_select import open_accelerator
 from vmm.bus import Bus
-from vmm.config import MachineConfig
+from vmm.config import DEFAULT_CMDLINE, MachineConfig
+from vmm.console import Console
 from vmm.cpu_state import CpuState
 from vmm.errors import PyvmmError
 from vmm.lifecycle import StopController
@@ -34,76 +43,113 @@ log = logging.getLogger(__name__)
 VCPU_JOIN_TIMEOUT = 5.0
 
 
-def write_stdout(data: bytes) -> None:
-    """Guest serial output: straight to fd 1, unbuffered, all of it."""
-    view = memoryview(data)
-    while view:
-        written = os.write(1, view)
-        view = view[written:]
-
-
 class Machine:
-    def __init__(self, config: MachineConfig, output=write_stdout) -> None:
+    def __init__(self, config: MachineConfig, console: Console) -> None:
         config.validate()
         self.config = config
-        self.output = output
-        self.started = time.monotonic()
+        self.console = console
+        self.started = process_start_time()
         self.stop = StopController()
         self.io = MachineIo(pio=Bus("pio"), mmio=Bus("mmio"))
         self.threads: list[VcpuThread] = []
-        self.memory = None
+        self.memory: GuestMemory | None = None
         self.accel = None
         self.vm = None
         self.vcpus = []
+        self.userspace_reached: float | None = None
+        self.accel_name = "none"
 
     # -- building ------------------------------------------------------------
 
     def build(self) -> None:
         config = self.config
         self.memory = GuestMemory(config.memory)
-        self.accel = open_accelerator(config.accel, config.kvm_device)
-        self.vm = self.accel.create_vm(
-            self.memory, self.io, PlatformOptions(cpus=config.cpus, irqchip=False)
-        )
-        self._add_devices()
-        boot_state = self._load_guest()
+        self.accel, accel_notice = open_accelerator(config)
+        self.accel_name = self.accel.name
+        # Linux gets a PC's interrupt controllers and timer; a flat guest
+        # gets none, so its HLT ends the run.
+        platform = PlatformOptions(cpus=config.cpus, irqchip=config.is_linux,
+                                   cpu_features=config.cpu_features)
+        self.vm = self.accel.create_vm(self.memory, self.io, platform)
+        self._add_devices(platform.irqchip)
+        boot_state = self._load_linux() if config.is_linux else self._load_flat()
+        if accel_notice:
+            print(f"pyvmm: {accel_notice}", file=sys.stderr, flush=True)
         for index in range(config.cpus):
             vcpu = self.vm.create_vcpu(index)
             self.vcpus.append(vcpu)
             self.stop.add_kicker(vcpu.kick)
+        # The other vCPUs wait for INIT/SIPI from the boot CPU, as on a PC.
         self.vcpus[0].set_state(boot_state)
 
-    def _irq(self, gsi: int):
-        return NullIrqLine()  # flat machines have no interrupt controller
+    def _add_devices(self, irqchip: bool) -> None:
+        pio, stop = self.io.pio, self.stop
 
-    def _add_devices(self) -> None:
-        pio = self.io.pio
-        self.uart = Uart16550(self._irq(layout.COM1_IRQ), self.output)
+        def irq(gsi: int):
+            return self.vm.irq_line(gsi) if irqchip else NullIrqLine()
+
+        def reset() -> None:
+            stop.request_stop(exit_status.RESET, "the guest asked for a reset")
+
+        self.uart = Uart16550(irq(layout.COM1_IRQ), self.console.write,
+                              room_available=self.console.room_available)
         pio.register(layout.COM1_PORT, 8, self.uart, "com1")
+        i8042 = I8042(reset, kbd_irq=irq(1), aux_irq=irq(12))
+        pio.register(layout.I8042_DATA_PORT, 1, i8042.data_port, "i8042-data")
+        pio.register(layout.I8042_COMMAND_PORT, 1, i8042.command_port, "i8042-cmd")
+        low_ram = sum(r.size for r in self.memory.regions if r.guest_address < layout.MMIO_HOLE_START)
+        pio.register(layout.RTC_PORT, 2, CmosRtc(low_memory=low_ram, high_memory=self.memory.size - low_ram),
+                     "rtc")
+        pio.register(layout.PVPANIC_PORT, 1, PvPanic(
+            lambda: stop.request_stop(exit_status.GUEST_PANIC, "the guest kernel panicked")), "pvpanic")
+        pio.register(layout.BOOT_TIMER_PORT, 1, BootTimer(self.started, on_mark=self._userspace_reached),
+                     "boot-timer")
+        pio.register(layout.ACPI_SLEEP_CONTROL_PORT, 3, AcpiPowerManagement(
+            power_off=lambda: stop.request_stop(exit_status.POWEROFF, ""), reset=reset), "acpi-pm")
         pio.register(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug-exit")
         pio.register(layout.POST_CODE_PORT, 1, SilentDevice(), "post-code")
+        register_legacy_ports(pio, reset)
         if self.config.flat is not None:
             self.io.mmio.register(layout.TEST_DEVICE_BASE, TEST_DEVICE_SIZE, ScratchDevice(), "scratch")
 
     def _debug_exit(self, status: int) -> None:
         self.stop.request_stop(status, "")
 
-    def _load_guest(self) -> CpuState:
+    def _userspace_reached(self, seconds: float) -> None:
+        self.userspace_reached = seconds
+
+    def _load_flat(self) -> CpuState:
         image = self.config.flat
         try:
             data = image.read_bytes()
         except OSError as err:
             raise PyvmmError(f"cannot read {image}: {err.strerror}") from None
-        room = self.memory.size - layout.FLAT_LOAD_ADDRESS
-        if len(data) > min(room, layout.MMIO_HOLE_START - layout.FLAT_LOAD_ADDRESS):
+        room = min(self.memory.size, layout.MMIO_HOLE_START) - layout.FLAT_LOAD_ADDRESS
+        if len(data) > room:
             raise PyvmmError(f"{image} ({len(data)} bytes) does not fit in guest memory above "
                              f"{layout.FLAT_LOAD_ADDRESS:#x}")
         self.memory.write(layout.FLAT_LOAD_ADDRESS, data)
         return CpuState.real_mode(layout.FLAT_ENTRY_CS, 0)
 
+    def kernel_cmdline(self) -> str:
+        cmdline = self.config.cmdline if self.config.cmdline is not None else DEFAULT_CMDLINE
+        if self.accel.name == "kvm":
+            from vmm.kvm import quirks
+
+            additions = [p for p in quirks.linux_cmdline_additions() if p not in cmdline.split()]
+            cmdline = " ".join([cmdline, *additions]).strip()
+        return cmdline
+
+    def _load_linux(self) -> CpuState:
+        config = self.config
+        rsdp = build_acpi_tables(self.memory, config.cpus)
+        return load_linux(self.memory, config.kernel, config.initrd, self.kernel_cmdline(), rsdp,
+                          direct=not config.guest_decompress)
+
     # -- running -------------------------------------------------------------
 
     def run(self) -> int:
+        self.console.start(self.uart.receive)
         for vcpu in self.vcpus:
             thread = VcpuThread(vcpu, self.io, self.stop)
             self.threads.append(thread)
@@ -119,19 +165,25 @@ class Machine:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("%s did not stop within %.0f s", thread.name, VCPU_JOIN_TIMEOUT)
+        self.console.stop()
+        if any(thread.is_alive() for thread in self.threads):
+            return  # a stuck thread may still use the VM and memory; the process exit frees them
         if self.vm is not None:
             self.vm.close()
             self.vm = None
         if self.accel is not None:
             self.accel.close()
             self.accel = None
-        if self.memory is not None and not any(t.is_alive() for t in self.threads):
+        if self.memory is not None:
             self.memory.close()
+            self.memory = None
 
     # -- reporting -----------------------------------------------------------
 
-    def stats_report(self) -> str:
-        lines = [f"pyvmm stats: {time.monotonic() - self.started:.3f} s wall time"]
+    def stats_report(self, wall_time: float) -> str:
+        lines = [f"pyvmm stats: {wall_time:.3f} s wall time, accelerator {self.accel_name}"]
+        if self.userspace_reached is not None:
+            lines.append(f"  boot timer: userspace reached {self.userspace_reached:.3f} s after pyvmm started")
         exits = Counter()
         for thread in self.threads:
             exits.update(thread.exit_counts)
@@ -158,16 +210,20 @@ def current_machine() -> Machine | None:
 def run_machine(config: MachineConfig) -> int:
     """Build, run and tear down one machine; returns the exit status."""
     global _current
-    machine = _current = Machine(config)
+    started = time.monotonic()
+    console = Console(quit=lambda: _current and _current.stop.request_stop(
+        exit_status.INTERRUPTED, "stopped by Ctrl-A x"))
+    machine = _current = Machine(config, console)
     try:
         machine.build()
         status = machine.run()
         reason = machine.stop.reason
     finally:
         machine.shutdown()
+        console.restore()
         _current = None
     if reason:
         print(f"pyvmm: {reason}", file=sys.stderr)
     if config.stats:
-        print(machine.stats_report(), file=sys.stderr)
+        print(machine.stats_report(time.monotonic() - started), file=sys.stderr)
     return status

@@ -1,0 +1,296 @@
+/* A tiny 64-bit "kernel" that reports what pyvmm's Linux loader handed it.
+ *
+ * It is booted like Linux (a bzImage, entered in 64-bit mode with RSI =
+ * boot_params) and prints, on COM1, what it finds: the command line, the
+ * e820 map, the initrd, the ACPI tables reached from boot_params.acpi_rsdp_addr
+ * and by the legacy scan, the MADT's CPUs. It then starts every other CPU
+ * with INIT/SIPI through the local APIC, takes the UART's interrupt through
+ * the I/O APIC, and powers off through the FADT's sleep control register.
+ * tests/guest/test_linux_loader.py asserts on the lines it prints.
+ *
+ * Each mechanism is one Linux relies on; the test runs in seconds where a
+ * real kernel cannot run at all (the kvm_pvm hosts, PLATFORM.md). */
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+
+#define COM1 0x3f8
+#define LAPIC 0xFEE00000UL
+#define TRAMPOLINE 0x10000UL
+#define UART_VECTOR 0x24
+#define MAX_CPUS 64
+
+static inline void outb(u16 port, u8 value) { __asm__ volatile("outb %0, %1" : : "a"(value), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u32 mmio_read32(u64 address) { return *(volatile u32 *)address; }
+static inline void mmio_write32(u64 address, u32 value) { *(volatile u32 *)address = value; }
+static inline void pause(void) { __asm__ volatile("pause"); }
+
+/* ---- output ------------------------------------------------------------ */
+
+static volatile int print_lock;
+
+static void lock(void) { while (__atomic_exchange_n(&print_lock, 1, __ATOMIC_ACQUIRE)) pause(); }
+static void unlock(void) { __atomic_store_n(&print_lock, 0, __ATOMIC_RELEASE); }
+
+static void put_char(char c) { outb(COM1, (u8)c); }
+static void put_str(const char *s) { while (*s) put_char(*s++); }
+
+static void put_hex(u64 value, int digits) {
+    for (int shift = (digits - 1) * 4; shift >= 0; shift -= 4) put_char("0123456789abcdef"[(value >> shift) & 0xf]);
+}
+
+static void put_dec(u64 value) {
+    char buffer[24];
+    int n = 0;
+    do { buffer[n++] = (char)('0' + value % 10); value /= 10; } while (value);
+    while (n) put_char(buffer[--n]);
+}
+
+/* A printf with %s, %d (unsigned), %x (minimal hex), %X (16 digits), %c. */
+static void say(const char *format, ...) {
+    __builtin_va_list args;
+    __builtin_va_start(args, format);
+    lock();
+    for (const char *p = format; *p; p++) {
+        if (*p != '%') { put_char(*p); continue; }
+        switch (*++p) {
+        case 's': put_str(__builtin_va_arg(args, const char *)); break;
+        case 'd': put_dec(__builtin_va_arg(args, u64)); break;
+        case 'c': put_char((char)__builtin_va_arg(args, int)); break;
+        case 'X': put_hex(__builtin_va_arg(args, u64), 16); break;
+        case 'x': {
+            u64 v = __builtin_va_arg(args, u64);
+            int digits = 1;
+            while (digits < 16 && (v >> (digits * 4))) digits++;
+            put_hex(v, digits);
+            break;
+        }
+        default: put_char(*p);
+        }
+    }
+    unlock();
+    __builtin_va_end(args);
+}
+
+static void power_off_via_debug_exit(u8 status) { outb(0xf4, status); for (;;) __asm__ volatile("cli; hlt"); }
+
+/* ---- boot_params ------------------------------------------------------- */
+
+#define BP_U8(bp, off) (*(volatile u8 *)((bp) + (off)))
+#define BP_U16(bp, off) (*(volatile u16 *)((bp) + (off)))
+#define BP_U32(bp, off) (*(volatile u32 *)((bp) + (off)))
+#define BP_U64(bp, off) (*(volatile u64 *)((bp) + (off)))
+
+static int memeq(const void *a, const void *b, u64 n) {
+    const u8 *x = a, *y = b;
+    for (u64 i = 0; i < n; i++) if (x[i] != y[i]) return 0;
+    return 1;
+}
+
+static int checksum_ok(const u8 *table, u64 length) {
+    u8 sum = 0;
+    for (u64 i = 0; i < length; i++) sum += table[i];
+    return sum == 0;
+}
+
+static void report_boot_params(u64 bp) {
+    say("testkernel: boot_params at %x, header %s\n", bp,
+        BP_U32(bp, 0x202) == 0x53726448 ? "HdrS" : "missing");
+    u64 cmdline = BP_U32(bp, 0x228) | ((u64)BP_U32(bp, 0x0c8) << 32);
+    say("cmdline: %s\n", (const char *)cmdline);
+    u8 entries = BP_U8(bp, 0x1e8);
+    u64 ram = 0;
+    for (int i = 0; i < entries; i++) {
+        u64 entry = bp + 0x2d0 + 20 * i;
+        u64 address = BP_U64(entry, 0), size = BP_U64(entry, 8);
+        u32 type = BP_U32(entry, 16);
+        say("e820: %X-%X type %d\n", address, address + size - 1, (u64)type);
+        if (type == 1) ram += size;
+    }
+    say("e820: %d MiB of RAM\n", ram >> 20);
+    u64 initrd = BP_U32(bp, 0x218) | ((u64)BP_U32(bp, 0x0c0) << 32);
+    u64 initrd_size = BP_U32(bp, 0x21c) | ((u64)BP_U32(bp, 0x0c4) << 32);
+    if (initrd_size) {
+        char text[33];
+        u64 n = initrd_size < 32 ? initrd_size : 32;
+        for (u64 i = 0; i < n; i++) {
+            char c = ((const char *)initrd)[i];
+            text[i] = (c >= 32 && c < 127) ? c : '.';
+        }
+        text[n] = 0;
+        say("initrd: %d bytes at %x (page aligned: %s): %s\n", initrd_size, initrd,
+            (initrd & 0xfff) ? "no" : "yes", text);
+    } else {
+        say("initrd: none\n");
+    }
+}
+
+/* ---- ACPI -------------------------------------------------------------- */
+
+static u32 cpu_apic_ids[MAX_CPUS];
+static int cpu_count;
+static u64 ioapic_base;
+static u64 sleep_control_port;
+
+static void parse_madt(const u8 *madt) {
+    u32 length = *(const u32 *)(madt + 4);
+    for (u32 offset = 44; offset + 2 <= length; offset += madt[offset + 1]) {
+        const u8 *entry = madt + offset;
+        if (entry[1] == 0) break;
+        if (entry[0] == 0 && (*(const u32 *)(entry + 4) & 1) && cpu_count < MAX_CPUS)
+            cpu_apic_ids[cpu_count++] = entry[3];
+        if (entry[0] == 1) ioapic_base = *(const u32 *)(entry + 4);
+        if (entry[0] == 2)
+            say("madt: interrupt override irq %d -> gsi %d\n", (u64)entry[3], (u64)*(const u32 *)(entry + 4));
+    }
+    say("madt: %d local apics, ioapic at %x\n", (u64)cpu_count, ioapic_base);
+}
+
+static void parse_fadt(const u8 *fadt) {
+    u32 flags = *(const u32 *)(fadt + 112);
+    say("fadt: revision %d, hardware-reduced %s\n", (u64)fadt[8], (flags & (1 << 20)) ? "yes" : "no");
+    const u8 *sleep_control = fadt + 244;  /* a Generic Address Structure */
+    if (sleep_control[0] == 1) sleep_control_port = *(const u64 *)(sleep_control + 4);
+    say("fadt: sleep control register at port %x\n", sleep_control_port);
+}
+
+static void report_acpi(u64 bp) {
+    u64 rsdp = BP_U64(bp, 0x070);
+    u64 scanned = 0;
+    for (u64 a = 0xE0000; a < 0x100000; a += 16)
+        if (memeq((const void *)a, "RSD PTR ", 8)) { scanned = a; break; }
+    say("rsdp: boot_params %x, legacy scan %x\n", rsdp, scanned);
+    if (!rsdp || !memeq((const void *)rsdp, "RSD PTR ", 8)) { say("rsdp: missing\n"); return; }
+    const u8 *r = (const u8 *)rsdp;
+    say("rsdp: revision %d, checksums %s\n", (u64)r[15],
+        checksum_ok(r, 20) && checksum_ok(r, *(const u32 *)(r + 20)) ? "ok" : "BAD");
+    const u8 *xsdt = (const u8 *)*(const u64 *)(r + 24);
+    u32 length = *(const u32 *)(xsdt + 4);
+    say("xsdt: %s, checksum %s\n", memeq(xsdt, "XSDT", 4) ? "found" : "BAD", checksum_ok(xsdt, length) ? "ok" : "BAD");
+    for (u32 offset = 36; offset + 8 <= length; offset += 8) {
+        const u8 *table = (const u8 *)*(const u64 *)(xsdt + offset);
+        u32 table_length = *(const u32 *)(table + 4);
+        say("acpi: %c%c%c%c checksum %s\n", table[0], table[1], table[2], table[3],
+            checksum_ok(table, table_length) ? "ok" : "BAD");
+        if (memeq(table, "APIC", 4)) parse_madt(table);
+        if (memeq(table, "FACP", 4)) {
+            parse_fadt(table);
+            const u8 *dsdt = (const u8 *)*(const u64 *)(table + 140);
+            say("acpi: %c%c%c%c checksum %s\n", dsdt[0], dsdt[1], dsdt[2], dsdt[3],
+                checksum_ok(dsdt, *(const u32 *)(dsdt + 4)) ? "ok" : "BAD");
+        }
+    }
+}
+
+/* ---- SMP --------------------------------------------------------------- */
+
+extern char ap_trampoline[], ap_trampoline_end[], ap_cr3[], ap_stack[];
+static u8 ap_stacks[MAX_CPUS][4096] __attribute__((aligned(16)));
+static volatile int aps_started;
+
+void ap_main(void) {
+    u32 id = mmio_read32(LAPIC + 0x20) >> 24;
+    say("smp: cpu with apic id %d is up\n", (u64)id);
+    __atomic_add_fetch(&aps_started, 1, __ATOMIC_SEQ_CST);
+    for (;;) __asm__ volatile("cli; hlt");
+}
+
+static void send_ipi(u32 apic_id, u32 command) {
+    mmio_write32(LAPIC + 0x310, apic_id << 24);
+    mmio_write32(LAPIC + 0x300, command);
+    for (int i = 0; i < 100000 && (mmio_read32(LAPIC + 0x300) & (1 << 12)); i++) pause();
+}
+
+static int wait_for(volatile int *counter, int value) {
+    for (long i = 0; i < 20000000; i++) {
+        if (*counter >= value) return 1;
+        pause();
+    }
+    return 0;
+}
+
+static void start_other_cpus(void) {
+    u32 self = mmio_read32(LAPIC + 0x20) >> 24;
+    u64 cr3;
+    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+    u64 size = (u64)(ap_trampoline_end - ap_trampoline);
+    for (u64 i = 0; i < size; i++) ((volatile u8 *)TRAMPOLINE)[i] = ap_trampoline[i];
+    *(volatile u64 *)(TRAMPOLINE + (ap_cr3 - ap_trampoline)) = cr3;
+    int started = 0;
+    for (int i = 0; i < cpu_count; i++) {
+        if (cpu_apic_ids[i] == self) continue;
+        *(volatile u64 *)(TRAMPOLINE + (ap_stack - ap_trampoline)) = (u64)&ap_stacks[i][4096];
+        send_ipi(cpu_apic_ids[i], 0x4500);                          /* INIT */
+        send_ipi(cpu_apic_ids[i], 0x4600 | (TRAMPOLINE >> 12));     /* SIPI */
+        if (!wait_for(&aps_started, started + 1)) {
+            send_ipi(cpu_apic_ids[i], 0x4600 | (TRAMPOLINE >> 12)); /* the second SIPI of the MP spec */
+            if (!wait_for(&aps_started, started + 1)) {
+                say("smp: apic id %d did not start\n", (u64)cpu_apic_ids[i]);
+                continue;
+            }
+        }
+        started++;
+    }
+    say("smp: %d cpus online\n", (u64)(started + 1));
+}
+
+/* ---- the UART interrupt through the I/O APIC --------------------------- */
+
+struct idt_gate { u16 offset_low, selector; u8 ist, type; u16 offset_mid; u32 offset_high, reserved; };
+static struct idt_gate idt[256] __attribute__((aligned(16)));
+static volatile int uart_interrupts;
+extern char uart_irq_entry[];
+
+void uart_irq(void) {
+    (void)inb(COM1 + 2);            /* reading IIR acknowledges the THR-empty interrupt */
+    outb(COM1 + 1, 0);              /* IER: no more interrupts */
+    uart_interrupts++;
+    mmio_write32(LAPIC + 0xB0, 0);  /* EOI */
+}
+
+static void ioapic_write(u32 reg, u32 value) {
+    mmio_write32(ioapic_base, reg);
+    mmio_write32(ioapic_base + 0x10, value);
+}
+
+static void take_uart_interrupt(void) {
+    outb(0x21, 0xff);               /* mask both 8259s: this interrupt must come through the I/O APIC */
+    outb(0xa1, 0xff);
+    u16 cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    u64 handler = (u64)uart_irq_entry;
+    idt[UART_VECTOR] = (struct idt_gate){(u16)handler, cs, 0, 0x8E, (u16)(handler >> 16), (u32)(handler >> 32), 0};
+    struct { u16 limit; u64 base; } __attribute__((packed)) idtr = {sizeof(idt) - 1, (u64)idt};
+    __asm__ volatile("lidt %0" : : "m"(idtr));
+    mmio_write32(LAPIC + 0xF0, 0x1FF);  /* software-enable the LAPIC, spurious vector 0xff */
+    mmio_write32(LAPIC + 0x80, 0);      /* TPR: accept everything */
+    u32 self = mmio_read32(LAPIC + 0x20) >> 24;
+    ioapic_write(0x10 + 2 * 4 + 1, self << 24);   /* pin 4 (COM1): to this CPU */
+    ioapic_write(0x10 + 2 * 4, UART_VECTOR);      /* fixed, edge, active high, unmasked */
+    outb(COM1 + 4, 0x08);           /* MCR: OUT2 gates the UART's interrupt onto the bus, as on a PC */
+    __asm__ volatile("sti");
+    outb(COM1 + 1, 0x02);           /* IER: THR empty -> the UART interrupts at once */
+    for (long i = 0; i < 20000000 && !uart_interrupts; i++) pause();
+    __asm__ volatile("cli");
+    say("uart irq: %s\n", uart_interrupts ? "taken through the ioapic" : "MISSING");
+}
+
+/* ---- main -------------------------------------------------------------- */
+
+void kmain(u64 boot_params) {
+    report_boot_params(boot_params);
+    report_acpi(boot_params);
+    start_other_cpus();
+    take_uart_interrupt();
+    if (!sleep_control_port) {
+        say("poweroff: no sleep control register\n");
+        power_off_via_debug_exit(1);
+    }
+    say("poweroff: writing S5\n");
+    outb((u16)sleep_control_port, (5 << 2) | (1 << 5));  /* SLP_TYP = 5 (our DSDT's _S5), SLP_EN */
+    say("poweroff: still running\n");
+    power_off_via_debug_exit(1);
+}
