@@ -105,6 +105,18 @@ def test_ports_are_registered(clock, rec):
     assert pio.find(0x43) is not None and pio.find(0x61) is not None
 
 
+def test_attach_coexists_with_the_pc_port_set():
+    """The machine builder registers the legacy ports and the i8042 beside the platform."""
+    from devices.legacy import register_legacy_ports
+
+    pio, mmio = Bus("pio"), Bus("mmio")
+    InterruptRouter(1).attach(pio, mmio)
+    register_legacy_ports(pio, reset=lambda: None)
+    pio.register(layout.I8042_DATA_PORT, 1, object(), "i8042-data")
+    pio.register(layout.I8042_COMMAND_PORT, 1, object(), "i8042-cmd")
+    assert pio.find(0x61).name == "port 0x61"
+
+
 def test_isa_irq_reaches_the_bsp_through_the_pic(clock, rec):
     router, pio, _, _ = make(2, clock, rec)
     init_pic(pio, imr_master=0xFF & ~(1 << 4))
