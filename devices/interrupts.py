@@ -64,6 +64,10 @@ event (a device thread raising a line, or the vCPU thread writing the ICR):
                            interrupt, an NMI, INIT or SIPI): end a sleep and
                            re-check `has_interrupt`/`has_nmi` of halted vCPUs.
                            Must be cheap and thread-safe (set an Event, say).
+                           Called once per burst of events.
+    wake_cpu(cpu)          the same, naming each vCPU concerned (for a
+                           scheduler with one sleeping thread per vCPU); called
+                           after wake(), once per vCPU per burst.
     on_init(cpu)           `cpu` received INIT: reset it; its LAPIC is already
                            reset. APs then wait for SIPI (BSP: see SDM).
     on_sipi(cpu, vector)   `cpu`, waiting for SIPI, got one: start it in real
@@ -125,15 +129,20 @@ class _Critical:
         events = router._events
         if events:
             router._events = []
-        wake = router._wake_needed
-        router._wake_needed = False
+        woken = router._woken
+        if woken:
+            router._woken = set()
         if router._deadline_dirty:
             router._recompute_deadline()
         router._lock.release()
         for event in events:
             event()
-        if wake and router.wake is not None:
-            router.wake()
+        if woken:
+            if router.wake is not None:
+                router.wake()
+            if router.wake_cpu is not None:
+                for cpu in sorted(woken):
+                    router.wake_cpu(cpu)
 
 
 class _Host:
@@ -149,19 +158,19 @@ class _Host:
         self._router.ioapic.eoi(vector)
 
     def interrupt_pending(self, cpu: int) -> None:
-        self._router._wake_needed = True
+        self._router._woken.add(cpu)
 
     def init_received(self, cpu: int) -> None:
         router = self._router
         router._deadline_dirty = True  # INIT stopped the APIC timer
-        router._wake_needed = True
+        router._woken.add(cpu)
         if router.on_init is not None:
             callback = router.on_init
             router._events.append(lambda: callback(cpu))
 
     def sipi_received(self, cpu: int, vector: int) -> None:
         router = self._router
-        router._wake_needed = True
+        router._woken.add(cpu)
         if router.on_sipi is not None:
             callback = router.on_sipi
             router._events.append(lambda: callback(cpu, vector))
@@ -249,6 +258,7 @@ class InterruptRouter:
         *,
         clock: Callable[[], int] = time.monotonic_ns,
         wake: Callable[[], None] | None = None,
+        wake_cpu: Callable[[int], None] | None = None,
         on_init: Callable[[int], None] | None = None,
         on_sipi: Callable[[int, int], None] | None = None,
         lapic_bus_hz: int = DEFAULT_BUS_HZ,
@@ -257,13 +267,14 @@ class InterruptRouter:
             raise ValueError(f"{cpus} vCPUs: the interrupt platform supports 1 to {MAX_CPUS}")
         self.clock = clock
         self.wake = wake
+        self.wake_cpu = wake_cpu
         self.on_init = on_init
         self.on_sipi = on_sipi
         self._lock = threading.RLock()
         self._critical = _Critical(self)
         self._depth = 0
         self._events: list[Callable[[], None]] = []
-        self._wake_needed = False
+        self._woken: set[int] = set()  # vCPUs that something became pending for
         self._deadline: int | None = None
         self._deadline_dirty = True
         self._gsi_sources = [0] * IOAPIC_PINS  # asserted lines per GSI
@@ -302,7 +313,8 @@ class InterruptRouter:
             self.ioapic.set_level(gsi, after)
 
     def _note_pending(self) -> None:
-        self._wake_needed = True
+        """The 8259's INT output rose: wake the CPUs it reaches."""
+        self._woken.update(apic.index for apic in self.lapics if apic.accepts_pic_interrupts())
 
     def attach(self, pio: Bus, mmio: Bus, current_cpu: Callable[[], int] | None = None) -> None:
         """Register the controllers' ports and MMIO windows on the machine's buses."""
@@ -388,7 +400,7 @@ class InterruptRouter:
             apic = self.lapics[cpu]
             apic.tpr = (value & 0xF) << 4
             if apic.highest_deliverable() is not None:
-                self._wake_needed = True
+                self._woken.add(cpu)
 
     # -- timers ------------------------------------------------------------------
 

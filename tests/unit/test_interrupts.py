@@ -26,11 +26,15 @@ class FakeClock:
 class Recorder:
     def __init__(self) -> None:
         self.wakes = 0
+        self.woken: list[int] = []
         self.inits: list[int] = []
         self.sipis: list[tuple[int, int]] = []
 
     def wake(self) -> None:
         self.wakes += 1
+
+    def wake_cpu(self, cpu: int) -> None:
+        self.woken.append(cpu)
 
     def on_init(self, cpu: int) -> None:
         self.inits.append(cpu)
@@ -50,7 +54,9 @@ def rec() -> Recorder:
 
 
 def make(cpus: int, clock, rec) -> tuple[InterruptRouter, Bus, Bus, list[int]]:
-    router = InterruptRouter(cpus, clock=clock, wake=rec.wake, on_init=rec.on_init, on_sipi=rec.on_sipi)
+    router = InterruptRouter(
+        cpus, clock=clock, wake=rec.wake, wake_cpu=rec.wake_cpu, on_init=rec.on_init, on_sipi=rec.on_sipi
+    )
     pio, mmio = Bus("pio"), Bus("mmio")
     current = [0]
     router.attach(pio, mmio, current_cpu=lambda: current[0])
@@ -241,8 +247,26 @@ def test_fixed_ipi_wakes_the_target(clock, rec):
     router.lapic_write(0, L.REG_ICR_HIGH, 4, 1 << 24)
     router.lapic_write(0, L.REG_ICR_LOW, 4, 0x4000 | 0xFB)
     assert rec.wakes == wakes + 1
+    assert rec.woken == [1]
     assert router.has_interrupt(1) and not router.has_interrupt(0)
     assert router.acknowledge(1) == 0xFB
+
+
+def test_wake_cpu_names_every_target_once_per_burst(clock, rec):
+    router, _, _, _ = make(4, clock, rec)
+    for cpu in range(4):
+        enable_apic(router, cpu)
+    rec.woken.clear()
+    router.lapic_write(2, L.REG_ICR_LOW, 4, (L.ALL_EXCLUDING_SELF << 18) | 0xF7)
+    assert rec.woken == [0, 1, 3]
+
+
+def test_pic_interrupt_wakes_the_cpus_it_reaches(clock, rec):
+    router, pio, _, _ = make(2, clock, rec)
+    init_pic(pio, imr_master=0xEF)
+    rec.woken.clear()
+    router.irq_line(4).pulse()
+    assert rec.woken == [0]  # only the BSP has LINT0 in ExtINT mode
 
 
 def test_init_and_sipi_reach_the_scheduler(clock, rec):
@@ -255,6 +279,7 @@ def test_init_and_sipi_reach_the_scheduler(clock, rec):
         router.lapic_write(0, L.REG_ICR_LOW, 4, 0x4600 | 0x9A)  # second SIPI
     assert rec.inits == [1, 2]
     assert rec.sipis == [(1, 0x9A), (2, 0x9A)]
+    assert set(rec.woken) == {1, 2}
 
 
 def test_nmi_ipi_and_injected_nmi(clock, rec):
