@@ -1,0 +1,183 @@
+"""ACPI tables: checksums, structure, how the kernel finds them, and iasl's verdict."""
+
+import re
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from boot.acpi import build_acpi_tables, layout_acpi_tables
+from boot.acpi.tables import checksum
+from vmm.errors import PyvmmError
+from vmm.layout import (
+    ACPI_RESET_PORT,
+    ACPI_RESET_VALUE,
+    ACPI_RSDP_ADDRESS,
+    ACPI_SLEEP_CONTROL_PORT,
+    ACPI_SLEEP_STATUS_PORT,
+    ACPI_TABLES_END,
+)
+from vmm.memory import GuestMemory
+
+MiB = 1 << 20
+VIRTIO = [(0xC000_0000 + i * 0x1000, 0x1000, 5 + i) for i in range(3)]
+
+
+@pytest.fixture
+def memory():
+    mem = GuestMemory(16 * MiB)
+    yield mem
+    mem.close()
+
+
+def find_rsdp_like_the_kernel(memory):
+    """Linux's legacy scan: 16-byte boundaries of 0xE0000-0xFFFFF, signature and checksum."""
+    for address in range(0xE0000, 0x100000, 16):
+        candidate = memory.read(address, 36)
+        if candidate[:8] == b"RSD PTR " and sum(candidate[:20]) % 256 == 0:
+            return address
+    return None
+
+
+def read_table(memory, address):
+    length = memory.read_u32(address + 4)
+    return memory.read(address, length)
+
+
+def walk(memory, rsdp_address):
+    """Follow RSDP -> XSDT -> tables (and FADT -> DSDT) as the kernel does: {signature: table}."""
+    rsdp = memory.read(rsdp_address, 36)
+    xsdt = read_table(memory, struct.unpack_from("<Q", rsdp, 24)[0])
+    tables = {b"XSDT": xsdt}
+    for (address,) in struct.iter_unpack("<Q", xsdt[36:]):
+        table = read_table(memory, address)
+        tables[table[:4]] = table
+    tables[b"DSDT"] = read_table(memory, struct.unpack_from("<Q", tables[b"FACP"], 140)[0])
+    return tables
+
+
+def test_rsdp_is_found_by_address_and_by_the_legacy_scan(memory):
+    address = build_acpi_tables(memory, cpus=2, virtio_devices=VIRTIO)
+    assert address == ACPI_RSDP_ADDRESS == 0xE0000
+    assert find_rsdp_like_the_kernel(memory) == address
+    rsdp = memory.read(address, 36)
+    assert rsdp[15] == 2  # revision: ACPI 2.0+, has an XSDT
+    assert struct.unpack_from("<I", rsdp, 20)[0] == 36
+    assert sum(rsdp[:20]) % 256 == 0 and sum(rsdp) % 256 == 0  # both checksums
+
+
+def test_every_table_checksums_and_fits_below_1_mib(memory):
+    tables = walk(memory, build_acpi_tables(memory, cpus=4, virtio_devices=VIRTIO))
+    assert set(tables) == {b"XSDT", b"FACP", b"APIC", b"DSDT"}
+    for table in tables.values():
+        assert sum(table) % 256 == 0
+        assert struct.unpack_from("<I", table, 4)[0] == len(table)
+    for address, table in layout_acpi_tables(4, VIRTIO).items():
+        assert ACPI_RSDP_ADDRESS <= address and address + len(table) <= ACPI_TABLES_END
+
+
+def test_checksum_helper():
+    assert checksum(b"\x01\x02") == 0xFD
+    assert (sum(b"\x01\x02") + checksum(b"\x01\x02")) % 256 == 0
+
+
+def test_fadt_is_hardware_reduced_with_sleep_and_reset_registers(memory):
+    fadt = walk(memory, build_acpi_tables(memory, cpus=1))[b"FACP"]
+    assert len(fadt) == 276 and fadt[8] == 6  # ACPI 6.0 FADT
+    flags = struct.unpack_from("<I", fadt, 112)[0]
+    assert flags & (1 << 20)  # HW_REDUCED_ACPI
+    assert flags & (1 << 10)  # RESET_REG_SUP
+    assert struct.unpack_from("<I", fadt, 40)[0] == 0  # 32-bit DSDT unused: X_DSDT instead
+    assert struct.unpack_from("<H", fadt, 46)[0] == 0  # no SCI in hardware-reduced mode
+
+    def gas(offset):
+        return struct.unpack_from("<BBBBQ", fadt, offset)
+
+    assert gas(116) == (1, 8, 0, 1, ACPI_RESET_PORT)  # SystemIO, 8 bits, byte access
+    assert fadt[128] == ACPI_RESET_VALUE
+    assert gas(244) == (1, 8, 0, 1, ACPI_SLEEP_CONTROL_PORT)
+    assert gas(256) == (1, 8, 0, 1, ACPI_SLEEP_STATUS_PORT)
+    assert struct.unpack_from("<H", fadt, 109)[0] & 0b10  # i8042 present
+
+
+def madt_entries(madt):
+    entries, offset = [], 44
+    while offset < len(madt):
+        kind, length = madt[offset], madt[offset + 1]
+        entries.append((kind, madt[offset : offset + length]))
+        offset += length
+    assert offset == len(madt)
+    return entries
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 32, 255])
+def test_madt_has_one_local_apic_per_cpu(memory, cpus):
+    madt = walk(memory, build_acpi_tables(memory, cpus=cpus))[b"APIC"]
+    assert struct.unpack_from("<II", madt, 36) == (0xFEE0_0000, 1)
+    entries = madt_entries(madt)
+    lapics = [struct.unpack("<BBBBI", body) for kind, body in entries if kind == 0]
+    assert [(uid, apic_id, flags) for _, _, uid, apic_id, flags in lapics] == [
+        (i, i, 1) for i in range(cpus)]
+    (ioapic,) = [struct.unpack("<BBBBII", body) for kind, body in entries if kind == 1]
+    assert ioapic[4:] == (0xFEC0_0000, 0)
+    (override,) = [struct.unpack("<BBBBIH", body) for kind, body in entries if kind == 2]
+    assert override[2:] == (0, 0, 2, 0)  # ISA IRQ 0 -> GSI 2
+    (nmi,) = [struct.unpack("<BBBHB", body) for kind, body in entries if kind == 4]
+    assert (nmi[2], nmi[4]) == (0xFF, 1)  # all processors, LINT1
+
+
+@pytest.mark.parametrize("cpus", [0, 256])
+def test_madt_cpu_count_limits(memory, cpus):
+    with pytest.raises(PyvmmError):
+        build_acpi_tables(memory, cpus=cpus)
+
+
+def test_dsdt_describes_devices_and_s5(memory):
+    dsdt = walk(memory, build_acpi_tables(memory, cpus=1, virtio_devices=VIRTIO))[b"DSDT"]
+    assert dsdt.count(b"\x0dLNRO0005\x00") == 3
+    assert b"\x0dQEMU0001\x00" in dsdt  # pvpanic
+    assert b"\x08\\_S5_\x12\x07\x04\x0a\x05\x00\x00\x00" in dsdt  # Package {5, 0, 0, 0}
+    for base, size, irq in VIRTIO:
+        memory32 = b"\x86\x09\x00\x01" + struct.pack("<II", base, size)
+        interrupt = b"\x89\x06\x00\x01\x01" + struct.pack("<I", irq)
+        assert memory32 + interrupt in dsdt
+
+
+def test_too_many_tables_for_the_reserved_area(memory):
+    with pytest.raises(PyvmmError, match="ACPI tables need"):
+        build_acpi_tables(memory, cpus=1, virtio_devices=[(0xC000_0000, 0x1000, 5)] * 4000)
+
+
+# -- iasl: the reference disassembler/compiler must accept every table -------------------
+
+iasl = shutil.which("iasl")
+needs_iasl = pytest.mark.skipif(iasl is None, reason="needs iasl (Debian package acpica-tools)")
+
+
+def run_iasl(*args, cwd):
+    result = subprocess.run([iasl, *args], cwd=cwd, capture_output=True, text=True, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert not re.search(r"\b(error|warning)\b", output, re.IGNORECASE) or re.search(
+        r"\b0 Errors, 0 Warnings\b", output), output
+    return output
+
+
+@needs_iasl
+@pytest.mark.parametrize("cpus", [1, 8])
+def test_iasl_disassembles_every_table_and_recompiles_it_identically(tmp_path, cpus):
+    tables = layout_acpi_tables(cpus, VIRTIO)
+    for table in tables.values():
+        signature = table[:4].decode()
+        if signature == "RSD ":
+            continue  # iasl 2020's -d rejects a bare RSDP file; its checksums are tested above
+        (tmp_path / f"{signature}.dat").write_bytes(table)
+        run_iasl("-d", f"{signature}.dat", cwd=tmp_path)
+        dsl = (tmp_path / f"{signature}.dsl").read_text()
+        assert "****" not in dsl.replace("/****", "").replace("****/", ""), dsl  # iasl's complaints
+        # Compiling the disassembly back (-oa: no optimisations) gives our bytes again.
+        output = run_iasl("-oa", "-p", f"again_{signature}", f"{signature}.dsl", cwd=tmp_path)
+        assert "0 Errors" in output or "Compilation successful" in output, output
+        again = (tmp_path / f"again_{signature}.aml").read_bytes()
+        assert again[36:] == table[36:], signature  # the header's compiler id may differ

@@ -1,0 +1,123 @@
+"""Host-side decompression of bzImage payloads, in every format the kernel build produces."""
+
+import os
+import struct
+
+import pytest
+
+from boot.bzimage import parse_bzimage
+from boot.decompress import (
+    CorruptPayload,
+    UnsupportedPayload,
+    can_decompress,
+    decompress_payload,
+    detect_format,
+)
+from boot.vmlinux import parse_vmlinux
+from tests.assets import compress_like_kernel, linux_assets  # noqa: F401 - linux_assets is a fixture
+from vmm.errors import PyvmmError
+
+# Compressible but not trivial, like a kernel image.
+DATA = b"\x7fELF" + (bytes(range(256)) * 64 + os.urandom(4096)) * 15
+FORMATS = ["gzip", "bzip2", "lzma", "xz", "lz4", "zstd", "uncompressed"]
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def compressed(request):
+    return request.param, compress_like_kernel(DATA, request.param)
+
+
+def test_round_trip(compressed):
+    name, payload = compressed
+    assert detect_format(payload).name == name
+    assert can_decompress(payload)
+    assert decompress_payload(payload, limit=len(DATA)) == DATA
+
+
+def test_small_payload_round_trip():
+    for name in FORMATS:
+        assert decompress_payload(compress_like_kernel(b"\x7fELF tiny", name), 1 << 20) == b"\x7fELF tiny"
+
+
+def test_refuses_more_than_the_limit(compressed):
+    _, payload = compressed
+    with pytest.raises(CorruptPayload, match="more than"):
+        decompress_payload(payload, limit=len(DATA) - 1)
+
+
+def test_truncated_payload_is_a_clean_error(compressed):
+    name, payload = compressed
+    if name == "uncompressed":
+        pytest.skip("no structure to truncate")
+    with pytest.raises(PyvmmError) as caught:
+        decompress_payload(payload[: len(payload) // 2], limit=1 << 31)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("offset", [0.1, 0.5, 0.9])
+def test_corrupted_payload_never_crashes(compressed, offset):
+    name, payload = compressed
+    data = bytearray(payload)
+    middle = int(len(data) * offset)
+    data[middle : middle + 64] = bytes(64)
+    try:
+        out = decompress_payload(bytes(data), limit=1 << 31)
+    except PyvmmError as err:
+        assert "\n" not in str(err)
+    else:
+        # Formats without a checksum (lz4, lzma, none) may decode garbage, but
+        # never more or less than announced.
+        assert name in ("lz4", "lzma", "uncompressed")
+        assert len(out) == len(DATA)
+
+
+def test_size_trailer_smaller_than_the_data_is_caught(compressed):
+    name, payload = compressed
+    if name == "uncompressed":
+        pytest.skip("the trailer is all there is to check")
+    lying = payload[:-4] + struct.pack("<I", len(DATA) // 2)
+    with pytest.raises(CorruptPayload):
+        decompress_payload(lying, limit=1 << 31)
+
+
+def test_lzo_is_recognised_but_not_decodable():
+    payload = b"\x89LZO\x00\r\n\x1a\n" + bytes(100)
+    assert detect_format(payload).name == "lzo"
+    assert not can_decompress(payload)
+    with pytest.raises(UnsupportedPayload, match="lzo"):
+        decompress_payload(payload, 1 << 20)
+
+
+def test_unknown_format():
+    assert detect_format(b"garbage!" * 4) is None
+    assert not can_decompress(b"garbage!" * 4)
+    with pytest.raises(UnsupportedPayload, match="unknown kernel compression"):
+        decompress_payload(b"garbage!" * 4, 1 << 20)
+
+
+def test_too_short_payload():
+    with pytest.raises(CorruptPayload, match="too short"):
+        decompress_payload(b"\x1f\x8b\x08", 1 << 20)
+
+
+def test_lz4_several_blocks():
+    data = (bytes(range(256)) + os.urandom(64)) * 30_000  # over 8 MiB: two blocks
+    payload = compress_like_kernel(data, "lz4")
+    assert decompress_payload(payload, len(data)) == data
+
+
+def test_lz4_concatenated_streams():
+    payload = compress_like_kernel(b"A" * 1000, "lz4")[:-4]
+    second = compress_like_kernel(b"B" * 1000, "lz4")[:-4]
+    joined = payload + second + struct.pack("<I", 2000)
+    assert decompress_payload(joined, 1 << 20) == b"A" * 1000 + b"B" * 1000
+
+
+def test_real_debian_kernel_decompresses_to_vmlinux(linux_assets):  # noqa: F811
+    image = parse_bzimage(linux_assets.kernel.read_bytes())
+    assert detect_format(image.payload).name == "lz4"
+    vmlinux = parse_vmlinux(decompress_payload(image.payload, limit=1 << 30))
+    assert vmlinux.entry == image.load_address == 0x100_0000  # phys_startup_64
+    assert vmlinux.start == 0x100_0000
+    # The decompressor's init_size leaves room for everything the vmlinux loads.
+    assert vmlinux.end <= image.load_address + image.init_size
