@@ -1,0 +1,103 @@
+"""Helpers for the software-CPU unit tests: assemble a tiny guest, run it on a TcgVcpu.
+
+Guests are GNU assembler source held in the tests themselves, assembled at
+test time with `as`/`ld` (Debian package binutils) into a flat image loaded
+at `LOAD_ADDRESS`. Port 0xe9 collects bytes written by the guest; port 0xf4
+stops the vCPU (as the machine's debug-exit port does) and records the value.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("unicorn", reason="the software CPU needs unicorn==2.1.4 (pip install unicorn==2.1.4)")
+
+from vmm.accel import MachineIo, PlatformOptions  # noqa: E402
+from vmm.bus import Bus  # noqa: E402
+from vmm.cpu_state import CpuState  # noqa: E402
+from vmm.memory import GuestMemory  # noqa: E402
+from vmm.tcg import TcgAccelerator  # noqa: E402
+
+LOAD_ADDRESS = 0x10000
+OUTPUT_PORT = 0xE9
+EXIT_PORT = 0xF4
+
+
+def assemble(source: str, workdir: Path, link_address: int = 0, name: str = "guest") -> bytes:
+    """Assemble `source` (which picks .code16/.code64 itself) to a flat image linked at `link_address`."""
+    if shutil.which("as") is None or shutil.which("ld") is None:
+        pytest.skip("GNU binutils (as, ld) is not installed: apt-get install binutils")
+    asm = workdir / f"{name}.S"
+    obj = workdir / f"{name}.o"
+    image = workdir / f"{name}.bin"
+    asm.write_text(source)
+    subprocess.run(["as", "--64", "-o", str(obj), str(asm)], check=True, capture_output=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", f"-Ttext={link_address:#x}", "--oformat", "binary",
+                    "-o", str(image), str(obj)], check=True, capture_output=True)
+    return image.read_bytes()
+
+
+class OutputPort:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.data += value.to_bytes(size, "little")
+
+
+class ExitPort:
+    """Records the status and kicks the vCPU, the way the debug-exit device stops the machine."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.vcpu = None
+
+    def read(self, offset: int, size: int) -> int:
+        return 0xFF
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if self.status is None:
+            self.status = value
+        if self.vcpu is not None:
+            self.vcpu.kick()
+
+
+class TcgMachine:
+    """A software-CPU VM with RAM, two test ports and one vCPU, for guests in tests."""
+
+    def __init__(self, memory_size: int = 32 << 20, cpus: int = 1, irqchip: bool = False) -> None:
+        self.memory = GuestMemory(memory_size)
+        self.io = MachineIo(pio=Bus("pio"), mmio=Bus("mmio"))
+        self.output = OutputPort()
+        self.exit = ExitPort()
+        self.io.pio.register(OUTPUT_PORT, 1, self.output, "output")
+        self.io.pio.register(EXIT_PORT, 1, self.exit, "exit")
+        self.accel = TcgAccelerator()
+        self.vm = self.accel.create_vm(self.memory, self.io, PlatformOptions(cpus=cpus, irqchip=irqchip))
+        self.vcpus = [self.vm.create_vcpu(i) for i in range(cpus)]
+        self.exit.vcpu = self.vcpus[0]
+
+    def load(self, image: bytes, state: CpuState | None = None) -> None:
+        self.memory.write(LOAD_ADDRESS, image)
+        self.vcpus[0].set_state(state or CpuState.real_mode(LOAD_ADDRESS >> 4, 0))
+
+    def run(self, limit: int = 100):
+        """Run vCPU 0 until something other than a kick's `Interrupted` comes back, or the guest exits."""
+        vcpu = self.vcpus[0]
+        for _ in range(limit):
+            result = vcpu.run()
+            if type(result).__name__ != "Interrupted" or self.exit.status is not None:
+                return result
+        raise AssertionError("the guest kept being interrupted")
+
+    def close(self) -> None:
+        self.vm.close()
+        self.accel.close()
+        self.memory.close()

@@ -1,0 +1,114 @@
+"""One Unicorn x86-64 engine and the fast paths the software CPU needs from it.
+
+The Python binding's `reg_read` costs about 4 us (it builds ctypes objects
+per call); calling the C library directly with preallocated buffers costs
+about 1 us, and a batch of registers about the same as one. Interrupt
+delivery reads and writes a dozen registers, so it goes through
+`read_regs`/`write_regs` here. Everything that patches QEMU's hidden CPU
+state goes through `context` (vmm/tcg/qemu_env.py).
+
+The engine is always opened in 64-bit mode: the guest's own CR0/EFER and
+segment caches decide whether it runs real, protected or long mode code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from vmm.tcg.qemu_env import ContextBuffer, check_layout
+from vmm.tcg.stop_hook import StopHook
+from vmm.tcg.unicorn_lib import Uc, UcError, uc_const, uclib, x86
+
+UC_CTL_TLB_FLUSH_WRITE = (uc_const.UC_CTL_IO_WRITE << 30) | uc_const.UC_CTL_TLB_FLUSH
+
+
+class EngineError(RuntimeError):
+    """A Unicorn call failed in a way that is a bug in pyvmm, not the guest's doing."""
+
+
+class Engine:
+    def __init__(self) -> None:
+        self.uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
+        self.handle = self.uc._uch
+        # With "exits" enabled and none registered, emu_start's `until` address is
+        # ignored: the guest runs until a hook, HLT or an error stops it.
+        self.uc.ctl_exits_enabled(True)
+        self._one = ctypes.c_uint64()
+        self._one_ref = ctypes.byref(self._one)
+        self.context = ContextBuffer(uclib, self.handle)
+        check_layout(self.write_reg, self.write_msr, self.context, x86)
+        self.stop_hook = StopHook(self.uc)
+        self._batches: dict[tuple[int, ...], tuple] = {}
+
+    # -- registers -------------------------------------------------------------
+
+    def reg(self, regid: int) -> int:
+        self._one.value = 0  # segment selectors fill only the low 16 bits
+        status = uclib.uc_reg_read(self.handle, regid, self._one_ref)
+        if status:
+            raise EngineError(f"uc_reg_read({regid}) failed with error {status}")
+        return self._one.value
+
+    def write_reg(self, regid: int, value: int) -> None:
+        self._one.value = value & 0xFFFFFFFFFFFFFFFF
+        status = uclib.uc_reg_write(self.handle, regid, self._one_ref)
+        if status:
+            raise EngineError(f"uc_reg_write({regid}) failed with error {status}")
+
+    def _batch(self, regids: tuple[int, ...]):
+        batch = self._batches.get(regids)
+        if batch is None:
+            values = (ctypes.c_uint64 * len(regids))()
+            ids = (ctypes.c_int * len(regids))(*regids)
+            pointers = (ctypes.c_void_p * len(regids))(
+                *(ctypes.addressof(values) + 8 * i for i in range(len(regids))))
+            batch = self._batches[regids] = (ids, values, pointers)
+        return batch
+
+    def read_regs(self, regids: tuple[int, ...]) -> list[int]:
+        ids, values, pointers = self._batch(regids)
+        ctypes.memset(values, 0, ctypes.sizeof(values))
+        status = uclib.uc_reg_read_batch(self.handle, ids, pointers, len(regids))
+        if status:
+            raise EngineError(f"uc_reg_read_batch failed with error {status}")
+        return list(values)
+
+    def write_regs(self, regids: tuple[int, ...], new_values) -> None:
+        ids, values, pointers = self._batch(regids)
+        for i, value in enumerate(new_values):
+            values[i] = value & 0xFFFFFFFFFFFFFFFF
+        status = uclib.uc_reg_write_batch(self.handle, ids, pointers, len(regids))
+        if status:
+            raise EngineError(f"uc_reg_write_batch failed with error {status}")
+
+    def read_msr(self, index: int) -> int:
+        return self.uc.msr_read(index)
+
+    def write_msr(self, index: int, value: int) -> None:
+        self.uc.msr_write(index, value & 0xFFFFFFFFFFFFFFFF)
+
+    def flush_tlb(self) -> None:
+        """Needed after CR3 or paging state changed behind QEMU's back (context restore)."""
+        status = uclib.uc_ctl(self.handle, UC_CTL_TLB_FLUSH_WRITE)
+        if status:
+            raise EngineError(f"TLB flush failed with error {status}")
+
+    # -- memory ----------------------------------------------------------------
+
+    def map_ram(self, guest_address: int, size: int, host_address: int) -> None:
+        self.uc.mem_map_ptr(guest_address, size, uc_const.UC_PROT_ALL, host_address)
+
+    def map_mmio(self, guest_address: int, size: int, read, write) -> None:
+        self.uc.mmio_map(guest_address, size, read, None, write, None)
+
+    # -- running ---------------------------------------------------------------
+
+    def start(self, rip: int) -> None:
+        """Run from `rip` until HLT, a stop request or an error (raised as UcError)."""
+        self.uc.emu_start(rip, 0)
+
+    def close(self) -> None:
+        self.context.free()
+
+
+__all__ = ["Engine", "EngineError", "UcError", "x86"]

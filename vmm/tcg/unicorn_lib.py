@@ -1,0 +1,48 @@
+"""The Unicorn library, imported once, with the exact version pyvmm was written against.
+
+The software CPU relies on details of Unicorn 2.1.4 that no API promises:
+the layout of QEMU's CPU state inside a saved context (vmm/tcg/qemu_env.py),
+that SYSCALL only calls the hook and then advances RIP, that exceptions stop
+at the `UC_HOOK_INTR` callback without touching the guest's IDT, that HLT
+returns from `emu_start`. Another version may differ in any of these, so
+importing this module with another version installed fails with one clear
+line instead of a guest that misbehaves later.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from vmm.errors import PyvmmError
+
+REQUIRED_VERSION = "2.1.4"
+INSTALL_HINT = f"pip install unicorn=={REQUIRED_VERSION}"
+
+try:
+    import unicorn
+    from unicorn import unicorn_const as uc_const
+    from unicorn import x86_const as x86
+    from unicorn.unicorn_py3.arch.types import uc_hook_h
+    from unicorn.unicorn_py3.unicorn import uclib
+except ImportError as err:  # the package is missing, or a layout we do not know
+    raise PyvmmError(
+        f"the software CPU needs the Python package unicorn {REQUIRED_VERSION} ({INSTALL_HINT}): {err}"
+    ) from None
+
+
+def _library_version() -> str:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    combined = uclib.uc_version(ctypes.byref(major), ctypes.byref(minor))
+    return f"{major.value}.{minor.value}.{(combined >> 8) & 0xFF}"
+
+
+if unicorn.__version__ != REQUIRED_VERSION or _library_version() != REQUIRED_VERSION:
+    raise PyvmmError(
+        f"the software CPU needs unicorn {REQUIRED_VERSION} exactly, found "
+        f"{unicorn.__version__} (library {_library_version()}): {INSTALL_HINT}"
+    )
+
+Uc = unicorn.Uc
+UcError = unicorn.UcError
+
+__all__ = ["Uc", "UcError", "uc_const", "uc_hook_h", "uclib", "x86", "REQUIRED_VERSION"]

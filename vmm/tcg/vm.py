@@ -1,0 +1,129 @@
+"""A software-CPU virtual machine: guest RAM and MMIO mapped into one Unicorn engine.
+
+Guest RAM is mapped with `mem_map_ptr` onto GuestMemory's own host mappings,
+so devices and loaders see the guest's writes and the guest sees theirs. The
+32-bit MMIO hole (and any gap between the end of low RAM and the hole) is an
+MMIO region whose accesses go to the machine's MMIO bus, so devices
+registered on the bus after the VM was created are reachable too; what no
+device claims reads as all ones, as on KVM.
+
+All hooks are installed once, on the shared engine, and forwarded to the vCPU
+that is running (`self.running`), on that vCPU's own thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+from devices.base import IrqLine, NullIrqLine
+from vmm.accel import MachineIo, PlatformOptions, VirtualMachine
+from vmm.layout import MMIO_HOLE_END, MMIO_HOLE_START
+from vmm.memory import GuestMemory
+from vmm.tcg.delivery import InterruptDelivery
+from vmm.tcg.engine import Engine
+from vmm.tcg.qemu_env import ContextBuffer
+from vmm.tcg.scheduler import CpuScheduler
+from vmm.tcg.unicorn_lib import uc_const, uclib, x86
+from vmm.tcg.vcpu import TcgVcpu
+
+log = logging.getLogger(__name__)
+
+PAGE = 0x1000
+
+
+class TcgVirtualMachine(VirtualMachine):
+    # All vCPUs take turns on one engine (vmm/tcg/scheduler.py): the machine
+    # builder may still give each its own thread, as on KVM.
+    runs_vcpus_one_at_a_time = True
+
+    def __init__(self, memory: GuestMemory, io: MachineIo, platform: PlatformOptions) -> None:
+        self.memory = memory
+        self.io = io
+        self.platform = platform
+        self.uclib = uclib
+        self.engine = Engine()
+        self.scheduler = CpuScheduler(self.engine)
+        self.delivery = InterruptDelivery(self.engine, memory)
+        self.vcpus: dict[int, TcgVcpu] = {}
+        self.running: TcgVcpu | None = None
+        # The reset state every new vCPU starts from.
+        self._pristine = ContextBuffer(uclib, self.engine.handle)
+        self._pristine.save()
+        self._map_memory()
+        self._install_hooks()
+
+    # -- the VirtualMachine interface -------------------------------------------------
+
+    def create_vcpu(self, index: int) -> TcgVcpu:
+        if index in self.vcpus:
+            raise ValueError(f"vCPU {index} exists already")
+        vcpu = TcgVcpu(self, index)
+        self.vcpus[index] = vcpu
+        return vcpu
+
+    def irq_line(self, gsi: int) -> IrqLine:
+        return NullIrqLine()
+
+    def close(self) -> None:
+        for vcpu in self.vcpus.values():
+            vcpu.close()
+        self.vcpus.clear()
+        if self._pristine is not None:
+            self._pristine.free()
+            self._pristine = None
+        self.engine.close()
+
+    def pristine_context_into(self, context: ContextBuffer) -> None:
+        ctypes.memmove(context.pointer, self._pristine.pointer, self.uclib.uc_context_size(self.engine.handle))
+
+    # -- memory ------------------------------------------------------------------
+
+    def _map_memory(self) -> None:
+        for region in self.memory.regions:
+            host = ctypes.addressof(ctypes.c_char.from_buffer(region.mapping))
+            self.engine.map_ram(region.guest_address, region.size, host)
+        low_ram_end = self.memory.regions[0].end
+        mmio_start = min(max(low_ram_end, 0), MMIO_HOLE_START)
+        mmio_start = (mmio_start + PAGE - 1) & ~(PAGE - 1)
+        self._map_mmio_window(mmio_start, MMIO_HOLE_END)
+
+    def _map_mmio_window(self, start: int, end: int) -> None:
+        def read(uc, offset, size, user_data):
+            return self.running.io.mmio_read(start + offset, size)
+
+        def write(uc, offset, size, value, user_data):
+            self.running.io.mmio_write(start + offset, size, value)
+
+        self.engine.map_mmio(start, end - start, read, write)
+
+    # -- hooks -------------------------------------------------------------------
+
+    def _install_hooks(self) -> None:
+        uc = self.engine.uc
+        uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_out, None, 1, 0, x86.UC_X86_INS_OUT)
+        uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_in, None, 1, 0, x86.UC_X86_INS_IN)
+        uc.hook_add(uc_const.UC_HOOK_INTR, self._hook_interrupt)
+        uc.hook_add(uc_const.UC_HOOK_INSN_INVALID, self._hook_invalid_instruction)
+
+    # An access that makes the machine stop (the debug-exit port, a power-off)
+    # ends the vCPU's run on KVM at once. Here the rest of the translated block
+    # still executes before the stop hook runs, so the port accesses it makes
+    # are dropped, as if they had not happened.
+
+    def _hook_out(self, uc, port: int, size: int, value: int, user_data) -> None:
+        vcpu = self.running
+        if not vcpu.kick_pending:
+            vcpu.io.port_write(port, size, value & ((1 << (8 * size)) - 1))
+
+    def _hook_in(self, uc, port: int, size: int, user_data) -> int:
+        vcpu = self.running
+        if vcpu.kick_pending:
+            return (1 << (8 * size)) - 1
+        return vcpu.io.port_read(port, size)
+
+    def _hook_interrupt(self, uc, vector: int, user_data) -> None:
+        self.running.on_exception(vector)
+
+    def _hook_invalid_instruction(self, uc, user_data) -> bool:
+        return self.running.on_invalid_instruction()
