@@ -17,7 +17,7 @@ from vmm.errors import PyvmmError
 from vmm.image.base import BlockDevice, CorruptImageError, ImageError
 from vmm.image.qcow2 import Qcow2Image
 from vmm.image.qcow2_create import Qcow2Options, build_qcow2
-from vmm.image.qcow2_format import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAGIC
+from vmm.image.qcow2_format import MAGIC
 from vmm.image.raw import RawImage
 
 FORMATS = ("qcow2", "raw")
@@ -100,11 +100,10 @@ def _attach_backing_chain(top: BlockDevice) -> None:
 def _repair_dirty(image: Qcow2Image) -> None:
     from vmm.image.qcow2_check import check_qcow2
 
-    result = check_qcow2(image, repair="all")
+    result = check_qcow2(image, repair="all")  # clears the dirty bit when it succeeds
     if result.corruptions:
         raise CorruptImageError(f"{image.filename}: image was not closed cleanly and its "
                                 "refcounts could not be repaired; run `pyvmm img check`")
-    image.set_incompatible_bits(clear_bits=INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
 
 
 @contextlib.contextmanager

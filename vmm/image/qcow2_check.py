@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from vmm.image.base import ImageError
 from vmm.image.qcow2 import COMPRESSED, NORMAL, ZERO, Qcow2Image, cluster_kind
 from vmm.image.qcow2_format import (
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
     L1E_RESERVED,
     L2E_RESERVED,
     OFFSET_MASK,
@@ -192,6 +194,9 @@ def check_qcow2(image: Qcow2Image, repair: str | None = None,
         again.leaks_fixed, again.corruptions_fixed = result.leaks_fixed, result.corruptions_fixed
         again.messages = result.messages + again.messages
         result = again
+    if repair == "all" and not result.corruptions:
+        # A full repair leaves refcounts exact: the image is neither dirty nor corrupt now.
+        image.set_incompatible_bits(clear_bits=INCOMPAT_DIRTY | INCOMPAT_CORRUPT)
     return result
 
 
