@@ -257,7 +257,9 @@ class KvmVcpu(Vcpu):
             internal = run.internal
             data = tuple(internal.data[i] for i in range(min(internal.ndata, 16)))
             rip, instruction = self.instruction_bytes()
-            return EmulationFailure(internal.suberror, rip, instruction, data=data)
+            return EmulationFailure(internal.suberror, rip, instruction, data=data, detail=(
+                "this host's KVM cannot run this guest; boot it with --accel tcg (the software CPU) "
+                "or on a host with hardware virtualisation"))
         return UnknownExit(reason)
 
     def complete_read(self, data: bytes) -> None:
