@@ -35,7 +35,7 @@ demo: deps install
 	ld -m elf_i386 -Ttext=0 --oformat binary -o build/hello.bin build/hello.o
 	$(PYVMM) boot --flat build/hello.bin; status=$$?; echo "guest exited with status $$status"; [ $$status -eq 42 ]
 
-test: deps install
+test: deps install test-assets
 	$(PY) -m pytest -q
 
 # Unit tests only: no /dev/kvm, no kernel, seconds.
