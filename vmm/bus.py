@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import bisect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from devices.base import Device
 
 log = logging.getLogger(__name__)
+
+
+CACHE_LIMIT = 4096
 
 
 class BusConflictError(ValueError):
@@ -29,10 +32,10 @@ class BusRange:
     device: Device
     name: str
     accesses: int = 0
+    end: int = field(init=False)
 
-    @property
-    def end(self) -> int:
-        return self.base + self.size
+    def __post_init__(self) -> None:
+        self.end = self.base + self.size
 
 
 class Bus:
@@ -41,6 +44,9 @@ class Bus:
         self.ranges: list[BusRange] = []
         self._bases: list[int] = []
         self.unclaimed: dict[int, int] = {}  # address -> number of accesses
+        # The exit path looks the same few addresses up again and again: remember
+        # the answers. Bounded, because a guest chooses the addresses.
+        self._cache: dict[int, BusRange | None] = {}
 
     def register(self, base: int, size: int, device: Device, name: str) -> None:
         if size <= 0:
@@ -55,14 +61,23 @@ class Bus:
                 )
         self.ranges.insert(index, new)
         self._bases.insert(index, base)
+        self._cache.clear()
 
     def find(self, address: int) -> BusRange | None:
+        try:
+            return self._cache[address]
+        except KeyError:
+            pass
+        found = None
         index = bisect.bisect_right(self._bases, address) - 1
         if index >= 0:
             candidate = self.ranges[index]
             if address < candidate.end:
-                return candidate
-        return None
+                found = candidate
+        if len(self._cache) >= CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[address] = found
+        return found
 
     def read(self, address: int, size: int) -> int:
         target = self.find(address)

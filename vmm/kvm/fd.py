@@ -192,8 +192,7 @@ class VcpuFd:
 
     def run(self) -> bool:
         """Enter the guest. Returns False when interrupted by a signal (EINTR) or EAGAIN."""
-        result = libc.ioctl(self.fd, _KVM_RUN, _NO_ARG)
-        if result < 0:
+        if _ioctl_run(self.fd, _KVM_RUN, _NO_ARG) < 0:
             err = ffi.errno
             if err in (errno.EINTR, errno.EAGAIN):
                 return False
@@ -271,3 +270,4 @@ class VcpuFd:
 
 
 _KVM_RUN = ffi.cast("unsigned long", ioctls.KVM_RUN)
+_ioctl_run = libc.ioctl
