@@ -158,6 +158,8 @@ def create_image(path: str, fmt: str, size: int | None, *, backing_file: str | N
         raise PyvmmError("an image size is needed (or a backing file to take it from)")
     if size < 0:
         raise PyvmmError("image size must not be negative")
+    if fmt == "qcow2":
+        size = -(-size // 512) * 512  # qcow2 sizes are whole sectors, as qemu-img rounds them
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     except OSError as err:

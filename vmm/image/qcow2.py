@@ -726,7 +726,7 @@ class Qcow2Image(BlockDevice):
         with self._lock:
             self._before_modify()
             self._check_range(offset, len(data))
-            if offset & self._cmask or (len(data) != cs and offset + len(data) != self.size):
+            if offset & self._cmask or (len(data) != cs and offset + cs < self.size):
                 raise ImageError(f"{self.filename}: compressed writes must cover whole clusters")
             vcluster = offset >> self.cluster_bits
             if cluster_kind(self._l2_entry(vcluster)) not in (UNALLOCATED, ZERO):
@@ -784,8 +784,7 @@ class Qcow2Image(BlockDevice):
             self._before_modify()
             if new_size < self.size:
                 raise ImageError(f"{self.filename}: shrinking qcow2 images is not supported")
-            if new_size % 512:
-                raise ImageError("qcow2 image size must be a multiple of 512 bytes")
+            new_size = -(-new_size // 512) * 512  # whole sectors, as qemu-img rounds them
             self._commit()
             cs = self.cluster_size
             needed = l1_entries_needed(new_size, self.cluster_bits)

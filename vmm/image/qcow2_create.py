@@ -91,8 +91,6 @@ def build_qcow2(fd: int, size: int, opts: Qcow2Options, backing_file: str | None
     """Write a new empty image into the (empty) file `fd`."""
     cb = opts.cluster_size.bit_length() - 1
     cs = opts.cluster_size
-    if size % 512:
-        raise PyvmmError(f"qcow2 image size must be a multiple of 512 bytes, not {size}")
     l1_size = l1_entries_needed(size, cb)
     if l1_size * 8 > MAX_L1_BYTES:
         raise PyvmmError(f"image size {size} is too large for cluster size {cs}")
