@@ -101,3 +101,49 @@ class TcgMachine:
         self.vm.close()
         self.accel.close()
         self.memory.close()
+
+
+# -- a 64-bit machine set up by the host, as a boot loader leaves it -------------------
+
+PML4, PDPT, PD = 0x1000, 0x2000, 0x3000
+GDT_BASE, TSS_BASE = 0x500, 0x600
+KERNEL_STACK, RSP0, IST1 = 0x7F000, 0x9F000, 0x8F000
+SUPERVISOR_ONLY_2M = 0x200000  # the one 2 MiB page ring 3 may not touch
+KERNEL_CS, KERNEL_DS, USER_DS, USER_CS, TSS_SELECTOR = 0x08, 0x10, 0x18, 0x20, 0x28
+GDT = [
+    0,
+    0x00AF9A000000FFFF,  # 0x08 kernel code, 64-bit
+    0x00CF92000000FFFF,  # 0x10 kernel data
+    0x00CFF2000000FFFF,  # 0x18 user data (SYSRET's SS = STAR[63:48] + 8)
+    0x00AFFA000000FFFF,  # 0x20 user code, 64-bit (SYSRET's CS = STAR[63:48] + 16)
+]
+
+
+def long_mode_state(memory: GuestMemory, entry: int) -> CpuState:
+    """Identity-map the first GiB (2 MiB pages, user-accessible but for one), GDT and TSS."""
+    from vmm.cpu_state import CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, Segment
+
+    memory.write_u64(PML4, PDPT | 0x7)
+    memory.write_u64(PDPT, PD | 0x7)
+    for i in range(512):
+        user = 0 if i * (2 << 20) == SUPERVISOR_ONLY_2M else 0x4
+        memory.write_u64(PD + 8 * i, (i << 21) | 0x83 | user)  # P, W, PS
+    tss_low = (0x67 | (TSS_BASE & 0xFFFFFF) << 16 | 0x89 << 40 | (TSS_BASE >> 24) << 56)
+    for i, descriptor in enumerate(GDT + [tss_low, 0]):
+        memory.write_u64(GDT_BASE + 8 * i, descriptor)
+    memory.write_u64(TSS_BASE + 4, RSP0)
+    memory.write_u64(TSS_BASE + 36, IST1)
+    segments = {name: Segment.flat_data(KERNEL_DS) for name in ("ds", "es", "fs", "gs", "ss")}
+    segments["cs"] = Segment.flat64_code(KERNEL_CS)
+    segments["tr"] = Segment.tss(TSS_SELECTOR, TSS_BASE, 0x67)
+    segments["ldt"] = Segment.ldt()
+    return CpuState(
+        regs={"rip": entry, "rsp": KERNEL_STACK, "rflags": 2},
+        segments=segments,
+        gdt=(GDT_BASE, 8 * (len(GDT) + 2) - 1),
+        idt=(0, 0),
+        cr0=CR0_PE | CR0_ET | CR0_NE | CR0_PG,
+        cr3=PML4,
+        cr4=CR4_PAE,
+        efer=EFER_LME | EFER_LMA,
+    )

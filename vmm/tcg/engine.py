@@ -14,12 +14,18 @@ segment caches decide whether it runs real, protected or long mode code.
 from __future__ import annotations
 
 import ctypes
+import time
 
 from vmm.tcg.qemu_env import ContextBuffer, check_layout
 from vmm.tcg.stop_hook import StopHook
 from vmm.tcg.unicorn_lib import Uc, UcError, uc_const, uclib, x86
 
 UC_CTL_TLB_FLUSH_WRITE = (uc_const.UC_CTL_IO_WRITE << 30) | uc_const.UC_CTL_TLB_FLUSH
+PAGE_SIZE = 0x1000
+CPUID_HLT = bytes.fromhex("0f a2 f4")  # cpuid; hlt
+RDTSC_HLT = bytes.fromhex("0f 31 f4")  # rdtsc; hlt
+CPUID_OUTPUTS = (x86.UC_X86_REG_EAX, x86.UC_X86_REG_EBX, x86.UC_X86_REG_ECX, x86.UC_X86_REG_EDX)
+TSC_MEASURE_SECONDS = 0.02
 
 
 class EngineError(RuntimeError):
@@ -35,10 +41,13 @@ class Engine:
         self.uc.ctl_exits_enabled(True)
         self._one = ctypes.c_uint64()
         self._one_ref = ctypes.byref(self._one)
-        self.context = ContextBuffer(uclib, self.handle)
-        check_layout(self.write_reg, self.write_msr, self.context, x86)
-        self.stop_hook = StopHook(self.uc)
         self._batches: dict[tuple[int, ...], tuple] = {}
+        self.context = ContextBuffer(uclib, self.handle)
+        self.context.save()
+        check_layout(self.write_reg, self.write_msr, self.context, x86)
+        self.native_cpuid, self.tsc_hz = self._probe()
+        self.context.restore()  # forget the probes' register values
+        self.stop_hook = StopHook(self.uc)
 
     # -- registers -------------------------------------------------------------
 
@@ -100,6 +109,44 @@ class Engine:
 
     def map_mmio(self, guest_address: int, size: int, read, write) -> None:
         self.uc.mmio_map(guest_address, size, read, None, write, None)
+
+    # -- probing the emulated CPU, before any hook or guest memory exists ---------
+
+    _tsc_hz_cache: int | None = None
+
+    def _probe(self) -> tuple[dict, int]:
+        from vmm.tcg.cpuid import PROBED_LEAVES
+
+        page = 0
+        self.uc.mem_map(page, PAGE_SIZE)
+        try:
+            self.uc.mem_write(page, CPUID_HLT + RDTSC_HLT)
+            native = {}
+            for leaf, subleaf in PROBED_LEAVES:
+                self.write_regs((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX), (leaf, subleaf))
+                self.start(page)
+                native[(leaf, subleaf)] = tuple(self.read_regs(CPUID_OUTPUTS))
+            if Engine._tsc_hz_cache is None:
+                Engine._tsc_hz_cache = self._measure_tsc_hz(page + len(CPUID_HLT))
+            return native, Engine._tsc_hz_cache
+        finally:
+            self.uc.mem_unmap(page, PAGE_SIZE)
+
+    def _read_tsc(self, code: int) -> tuple[int, int]:
+        """(host monotonic ns, guest TSC) taken as close together as Python allows."""
+        before = time.perf_counter_ns()
+        self.start(code)
+        after = time.perf_counter_ns()
+        low, high = self.read_regs((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RDX))
+        return (before + after) // 2, (high << 32) | (low & 0xFFFFFFFF)
+
+    def _measure_tsc_hz(self, code: int) -> int:
+        """RDTSC runs natively (the host's TSC): measure its rate once per process."""
+        self._read_tsc(code)  # translate the block first
+        t0, tsc0 = self._read_tsc(code)
+        time.sleep(TSC_MEASURE_SECONDS)
+        t1, tsc1 = self._read_tsc(code)
+        return int(round((tsc1 - tsc0) * 1e9 / (t1 - t0), -3))  # to 1 kHz, what CPUID can say
 
     # -- running ---------------------------------------------------------------
 

@@ -28,7 +28,8 @@ from vmm.tcg.delivery import Event, TripleFault, UnsupportedDelivery
 from vmm.tcg.engine import UcError, x86
 from vmm.tcg.io_dispatch import IoDispatcher
 from vmm.tcg.paging import PageFault, PagingMode, read_linear
-from vmm.tcg.qemu_env import OFF_EFER, R_CS, ContextBuffer
+from vmm.tcg.qemu_env import OFF_EFER, OFF_EIP, R_CS, ContextBuffer
+from vmm.tcg.syscall import SyscallNotEnabled, emulate_syscall, instruction_length
 
 if TYPE_CHECKING:
     from vmm.tcg.vm import TcgVirtualMachine
@@ -164,6 +165,20 @@ class TcgVcpu(Vcpu):
     def on_invalid_instruction(self) -> bool:
         self.deliver(Event(6), self.engine.reg(x86.UC_X86_REG_RIP))
         return True
+
+    def on_syscall(self) -> None:
+        try:
+            emulate_syscall(self.engine, self._fetch_code)
+        except SyscallNotEnabled:
+            rip = self.engine.reg(x86.UC_X86_REG_RIP)  # the SYSCALL instruction itself
+            self.deliver(Event(6), rip)
+            # Unicorn adds the instruction's length to RIP when the hook returns.
+            env = self.engine.context.save()
+            env.set_u64(OFF_EIP, env.u64(OFF_EIP) - instruction_length(self._fetch_code(rip, 15)))
+            self.engine.context.restore()
+
+    def _fetch_code(self, rip: int, length: int) -> bytes:
+        return self._instruction_bytes(rip)[:length] or b"\x0f\x05"
 
     def deliver(self, event: Event, return_rip: int) -> None:
         try:

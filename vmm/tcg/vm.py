@@ -20,6 +20,7 @@ from devices.base import IrqLine, NullIrqLine
 from vmm.accel import MachineIo, PlatformOptions, VirtualMachine
 from vmm.layout import MMIO_HOLE_END, MMIO_HOLE_START
 from vmm.memory import GuestMemory
+from vmm.tcg.cpuid import CpuidOptions, CpuidProfile
 from vmm.tcg.delivery import InterruptDelivery
 from vmm.tcg.engine import Engine
 from vmm.tcg.qemu_env import ContextBuffer
@@ -45,6 +46,8 @@ class TcgVirtualMachine(VirtualMachine):
         self.engine = Engine()
         self.scheduler = CpuScheduler(self.engine)
         self.delivery = InterruptDelivery(self.engine, memory)
+        self.cpuid = CpuidProfile(self.engine.native_cpuid, CpuidOptions(
+            cpus=platform.cpus, local_apic=platform.irqchip, tsc_hz=self.engine.tsc_hz))
         self.vcpus: dict[int, TcgVcpu] = {}
         self.running: TcgVcpu | None = None
         # The reset state every new vCPU starts from.
@@ -105,6 +108,8 @@ class TcgVirtualMachine(VirtualMachine):
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_in, None, 1, 0, x86.UC_X86_INS_IN)
         uc.hook_add(uc_const.UC_HOOK_INTR, self._hook_interrupt)
         uc.hook_add(uc_const.UC_HOOK_INSN_INVALID, self._hook_invalid_instruction)
+        uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
+        uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
 
     # An access that makes the machine stop (the debug-exit port, a power-off)
     # ends the vCPU's run on KVM at once. Here the rest of the translated block
@@ -127,3 +132,17 @@ class TcgVirtualMachine(VirtualMachine):
 
     def _hook_invalid_instruction(self, uc, user_data) -> bool:
         return self.running.on_invalid_instruction()
+
+    def _hook_cpuid(self, uc, user_data) -> int:
+        engine = self.engine
+        leaf, subleaf = engine.read_regs(CPUID_INPUTS)
+        engine.write_regs(CPUID_OUTPUTS, self.cpuid.lookup(self.running.index, leaf & 0xFFFFFFFF,
+                                                           subleaf & 0xFFFFFFFF))
+        return 1  # skip Unicorn's own CPUID
+
+    def _hook_syscall(self, uc, user_data) -> None:
+        self.running.on_syscall()
+
+
+CPUID_INPUTS = (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX)
+CPUID_OUTPUTS = (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RBX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX)

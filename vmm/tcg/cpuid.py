@@ -1,0 +1,195 @@
+"""The CPUID the software-CPU guest sees: what Unicorn emulates, minus what pyvmm cannot back.
+
+Unicorn 2.1.4's default x86-64 CPU presents itself as an Intel Haswell
+("GenuineIntel", family 6 model 60) and decodes instructions according to
+those features. The profile starts from what its own CPUID returns (probed
+once per engine) and changes only what the rest of the emulation decides:
+
+- hidden: XSAVE/OSXSAVE and AVX (no XSAVE state handling here), x2APIC and
+  the TSC deadline timer (the local APIC model is xAPIC with a one-shot and
+  periodic timer), PCID, MONITOR/MWAIT, VMX/SMX, machine-check architecture
+  (no MCE banks behind it), thermal and debug-store features;
+- the local APIC bit follows the platform: shown only when the emulated
+  interrupt controllers exist;
+- topology for N vCPUs: one package of N cores, one thread each, APIC ID =
+  vCPU index (leaf 1 EBX, leaf 4 EAX[31:26], leaf 0xB);
+- the hypervisor bit, and a hypervisor leaf with pyvmm's own signature
+  (Linux knows no such hypervisor and treats the machine as native);
+- the TSC: RDTSC runs natively and reads the host's invariant TSC, so the
+  guest's TSC is monotonic and identical on every vCPU. Leaf 0x15 gives its
+  exact frequency (and the local APIC timer's, as the crystal clock), so
+  Linux neither calibrates against the PIT nor the APIC timer; leaf
+  0x80000007 marks it invariant.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+# Leaf 1 ECX / EDX bits.
+ECX_MONITOR = 1 << 3
+ECX_DS_CPL = 1 << 4
+ECX_VMX = 1 << 5
+ECX_SMX = 1 << 6
+ECX_EST = 1 << 7
+ECX_TM2 = 1 << 8
+ECX_PDCM = 1 << 15
+ECX_PCID = 1 << 17
+ECX_X2APIC = 1 << 21
+ECX_TSC_DEADLINE = 1 << 24
+ECX_XSAVE = 1 << 26
+ECX_OSXSAVE = 1 << 27
+ECX_AVX = 1 << 28
+ECX_F16C = 1 << 29
+ECX_HYPERVISOR = 1 << 31
+ECX_DTES64 = 1 << 2
+EDX_MCE = 1 << 7
+EDX_APIC = 1 << 9
+EDX_MCA = 1 << 14
+EDX_DS = 1 << 21
+EDX_ACPI = 1 << 22
+EDX_HTT = 1 << 28
+EDX_TM = 1 << 29
+EDX_PBE = 1 << 31
+
+LEAF1_ECX_HIDDEN = (ECX_MONITOR | ECX_DS_CPL | ECX_VMX | ECX_SMX | ECX_EST | ECX_TM2 | ECX_PDCM
+                    | ECX_PCID | ECX_X2APIC | ECX_TSC_DEADLINE | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX
+                    | ECX_F16C | ECX_DTES64)
+LEAF1_EDX_HIDDEN = EDX_MCE | EDX_MCA | EDX_DS | EDX_ACPI | EDX_TM | EDX_PBE | EDX_APIC | EDX_HTT
+
+# Leaf 7 EBX: keep what TCG emulates and Linux may use.
+LEAF7_EBX_KEPT = (1 << 0) | (1 << 3) | (1 << 7) | (1 << 8) | (1 << 9)  # FSGSBASE BMI1 SMEP BMI2 ERMS
+LEAF6_EAX_ARAT = 1 << 2  # the APIC timer keeps running while the vCPU halts
+INVARIANT_TSC = 1 << 8  # leaf 0x80000007 EDX
+
+HYPERVISOR_SIGNATURE = b"pyvmmTCGpyvm"
+BRAND = b"pyvmm software CPU (Unicorn TCG)"
+
+# The leaves the native CPU model is asked for once, to start from.
+PROBED_LEAVES = ((0, 0), (1, 0), (4, 0), (4, 1), (4, 2), (4, 3), (6, 0), (7, 0),
+                 (0x80000000, 0), (0x80000001, 0), (0x80000008, 0))
+
+Registers = tuple[int, int, int, int]
+
+
+@dataclass
+class CpuidOptions:
+    cpus: int = 1
+    local_apic: bool = False
+    tsc_hz: int | None = None  # the guest's TSC frequency, if measured
+    apic_timer_hz: int | None = None  # the local APIC timer's input clock
+
+
+class CpuidProfile:
+    def __init__(self, native: dict[tuple[int, int], Registers], options: CpuidOptions) -> None:
+        self.native = native
+        self.options = options
+        self.max_basic = 0x15 if self._tsc_leaf() else 0xB
+
+    def lookup(self, vcpu: int, leaf: int, subleaf: int) -> Registers:
+        leaf &= 0xFFFFFFFF
+        handler = _LEAVES.get(leaf)
+        if handler is None:
+            return (0, 0, 0, 0)
+        return tuple(v & 0xFFFFFFFF for v in handler(self, vcpu, subleaf & 0xFFFFFFFF))
+
+    def _native(self, leaf: int, subleaf: int = 0) -> Registers:
+        return self.native.get((leaf, subleaf), (0, 0, 0, 0))
+
+    def _tsc_leaf(self) -> Registers | None:
+        tsc, crystal = self.options.tsc_hz, self.options.apic_timer_hz
+        if not tsc or not crystal or crystal > 0xFFFFFFFF:
+            return None
+        # TSC = crystal * EBX / EAX; with EAX = crystal / 1 kHz the ratio is exact to 1 kHz.
+        denominator = crystal // 1000
+        numerator = tsc // 1000
+        if not denominator or numerator > 0xFFFFFFFF:
+            return None
+        return (denominator, numerator, crystal, 0)
+
+    # -- leaves -------------------------------------------------------------------
+
+    def _leaf_0(self, vcpu: int, subleaf: int) -> Registers:
+        _, b, c, d = self._native(0)
+        return (self.max_basic, b, c, d)
+
+    def _leaf_1(self, vcpu: int, subleaf: int) -> Registers:
+        a, b, c, d = self._native(1)
+        cpus = self.options.cpus
+        b = (vcpu << 24) | ((cpus if cpus > 1 else 1) << 16) | (b & 0xFF00)
+        c = (c & ~LEAF1_ECX_HIDDEN) | ECX_HYPERVISOR
+        d &= ~LEAF1_EDX_HIDDEN
+        if self.options.local_apic:
+            d |= EDX_APIC
+        if cpus > 1:
+            d |= EDX_HTT
+        return (a, b, c, d)
+
+    def _leaf_4(self, vcpu: int, subleaf: int) -> Registers:
+        a, b, c, d = self._native(4, subleaf) if subleaf < 4 else (0, 0, 0, 0)
+        if a & 0x1F == 0:
+            return (0, 0, 0, 0)
+        # Bits 25..14 (threads sharing the cache, minus one) stay 0: one thread per core.
+        return ((a & 0x3FFF) | (self.options.cpus - 1) << 26, b, c, d)
+
+    def _leaf_6(self, vcpu: int, subleaf: int) -> Registers:
+        return (LEAF6_EAX_ARAT, 0, 0, 0)
+
+    def _leaf_7(self, vcpu: int, subleaf: int) -> Registers:
+        if subleaf != 0:
+            return (0, 0, 0, 0)
+        _, b, _, _ = self._native(7)
+        return (0, b & LEAF7_EBX_KEPT, 0, 0)
+
+    def _leaf_b(self, vcpu: int, subleaf: int) -> Registers:
+        cpus = self.options.cpus
+        if subleaf == 0:  # SMT level: one thread per core
+            return (0, 1, 0x100 | subleaf, vcpu)
+        if subleaf == 1:  # core level: all vCPUs in one package
+            return ((cpus - 1).bit_length(), cpus, 0x200 | subleaf, vcpu)
+        return (0, 0, subleaf, vcpu)
+
+    def _leaf_15(self, vcpu: int, subleaf: int) -> Registers:
+        return self._tsc_leaf() or (0, 0, 0, 0)
+
+    def _hypervisor(self, vcpu: int, subleaf: int) -> Registers:
+        b, c, d = struct.unpack("<III", HYPERVISOR_SIGNATURE)
+        return (0x40000000, b, c, d)
+
+    def _extended_max(self, vcpu: int, subleaf: int) -> Registers:
+        _, b, c, d = self._native(0x80000000)
+        return (0x80000008, b, c, d)
+
+    def _extended_1(self, vcpu: int, subleaf: int) -> Registers:
+        return self._native(0x80000001)
+
+    def _brand(self, part: int) -> Registers:
+        text = BRAND.ljust(48, b"\0")[16 * part: 16 * part + 16]
+        return struct.unpack("<IIII", text)
+
+    def _power(self, vcpu: int, subleaf: int) -> Registers:
+        return (0, 0, 0, INVARIANT_TSC)
+
+    def _address_sizes(self, vcpu: int, subleaf: int) -> Registers:
+        a, _, _, _ = self._native(0x80000008)
+        return (a or 0x3028, 0, 0, 0)
+
+
+_LEAVES = {
+    0: CpuidProfile._leaf_0,
+    1: CpuidProfile._leaf_1,
+    4: CpuidProfile._leaf_4,
+    6: CpuidProfile._leaf_6,
+    7: CpuidProfile._leaf_7,
+    0xB: CpuidProfile._leaf_b,
+    0x15: CpuidProfile._leaf_15,
+    0x40000000: CpuidProfile._hypervisor,
+    0x80000000: CpuidProfile._extended_max,
+    0x80000001: CpuidProfile._extended_1,
+    0x80000002: lambda self, vcpu, subleaf: self._brand(0),
+    0x80000003: lambda self, vcpu, subleaf: self._brand(1),
+    0x80000004: lambda self, vcpu, subleaf: self._brand(2),
+    0x80000007: CpuidProfile._power,
+    0x80000008: CpuidProfile._address_sizes,
+}

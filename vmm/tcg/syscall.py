@@ -1,0 +1,89 @@
+"""SYSCALL as the SDM defines it; Unicorn only calls the hook and then advances RIP.
+
+Called from the SYSCALL instruction hook, on the live engine state. Unicorn
+has synchronised RIP to the SYSCALL instruction and will add the
+instruction's length to RIP after the hook returns, so the new RIP is
+written that much short of the target. SYSRET needs nothing: QEMU's own
+implementation runs.
+
+64-bit mode:  RCX <- next RIP, R11 <- RFLAGS, RFLAGS &= ~SFMASK (and RF),
+              CS <- STAR[47:32] & ~3 (flat 64-bit code, DPL 0),
+              SS <- STAR[47:32] + 8 (flat data, DPL 0), RIP <- LSTAR
+              (CSTAR from compatibility mode).
+Legacy mode:  ECX <- next EIP, RFLAGS &= ~(IF | VM | RF), flat 32-bit CS/SS,
+              EIP <- STAR[31:0].
+With EFER.SCE clear the instruction raises #UD.
+"""
+
+from __future__ import annotations
+
+from vmm.tcg.engine import Engine, x86
+from vmm.tcg.qemu_env import (
+    OFF_CSTAR,
+    OFF_EFER,
+    OFF_EIP,
+    OFF_FMASK,
+    OFF_LSTAR,
+    OFF_REGS,
+    OFF_STAR,
+    R_CS,
+    R_SS,
+    descriptor_flags,
+)
+
+EFER_SCE = 1 << 0
+EFER_LMA = 1 << 10
+DESC_L = 1 << 21
+RFLAGS_IF = 1 << 9
+RFLAGS_RF = 1 << 16
+RFLAGS_VM = 1 << 17
+RCX, R11 = 1, 11  # slots in QEMU's register file
+
+FLAT_CODE64 = descriptor_flags(0xB, s=True, dpl=0, present=True, avl=False, l=True, db=False, g=True)
+FLAT_CODE32 = descriptor_flags(0xB, s=True, dpl=0, present=True, avl=False, l=False, db=True, g=True)
+FLAT_DATA = descriptor_flags(0x3, s=True, dpl=0, present=True, avl=False, l=False, db=True, g=True)
+
+PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3}) | set(range(0x40, 0x50))
+
+
+def instruction_length(code: bytes) -> int:
+    """Length of a SYSCALL (0F 05) with whatever prefixes precede it."""
+    length = 0
+    while length < len(code) and code[length] in PREFIXES:
+        length += 1
+    return length + 2
+
+
+class SyscallNotEnabled(Exception):
+    """EFER.SCE is clear: the guest gets #UD."""
+
+
+def emulate_syscall(engine: Engine, fetch_code) -> None:
+    """Perform SYSCALL on the live state. `fetch_code(rip, n)` reads instruction bytes."""
+    rflags = engine.reg(x86.UC_X86_REG_RFLAGS)
+    env = engine.context.save()
+    efer = env.u64(OFF_EFER)
+    if not efer & EFER_SCE:
+        raise SyscallNotEnabled()
+    rip = env.u64(OFF_EIP)
+    length = instruction_length(fetch_code(rip, 15))
+    next_rip = rip + length
+    star = env.u64(OFF_STAR)
+    selector = (star >> 32) & 0xFFFC
+    if efer & EFER_LMA:
+        compat = not env.segment(R_CS)[3] & DESC_L
+        target = env.u64(OFF_CSTAR if compat else OFF_LSTAR)
+        env.set_u64(OFF_REGS + 8 * RCX, next_rip)
+        env.set_u64(OFF_REGS + 8 * R11, rflags)
+        new_rflags = rflags & ~(env.u64(OFF_FMASK) | RFLAGS_RF)
+        env.load_segment(R_CS, selector, 0, 0xFFFFFFFF, FLAT_CODE64)
+    else:
+        target = star & 0xFFFFFFFF
+        env.set_u64(OFF_REGS + 8 * RCX, next_rip & 0xFFFFFFFF)
+        new_rflags = rflags & ~(RFLAGS_IF | RFLAGS_VM | RFLAGS_RF)
+        env.load_segment(R_CS, selector, 0, 0xFFFFFFFF, FLAT_CODE32)
+    env.load_segment(R_SS, selector + 8, 0, 0xFFFFFFFF, FLAT_DATA)
+    env.set_u64(OFF_EIP, target - length)  # Unicorn adds the length when the hook returns
+    env.clear_exception_in_flight()
+    engine.context.restore()
+    engine.write_reg(x86.UC_X86_REG_RFLAGS, new_rflags)
