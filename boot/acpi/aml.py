@@ -63,7 +63,9 @@ def name_string(path: str) -> bytes:
         prefix += path[0].encode("ascii")
         path = path[1:]
     if not path:
-        return prefix + b"\x00"  # NullName, e.g. the bare root "\"
+        if not prefix:
+            raise AmlError("empty AML name")
+        return prefix + b"\x00"  # NullName after a prefix, e.g. the bare root "\"
     segments = [name_seg(s) for s in path.split(".")]
     if len(segments) == 1:
         return prefix + segments[0]
