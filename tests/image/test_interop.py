@@ -82,9 +82,10 @@ def test_pyvmm_overlay_on_a_qemu_base(tmp_path, qemu):
         apply(flat, ops)
     qemu("qemu-img", "check", top)
     qemu("qemu-img", "compare", top, raw)
-    ours = json.loads(pyvmm_img("info", "--output=json", "--backing-chain", top).stdout)
-    theirs = json.loads(qemu("qemu-img", "info", "--output=json", "--backing-chain", top).stdout)
-    assert ours == theirs
+    ours = pyvmm_img("info", "--output=json", "--backing-chain", top).stdout
+    theirs = qemu("qemu-img", "info", "--output=json", "--backing-chain", top).stdout
+    assert ours == theirs  # the very same text, key order included
+    assert pyvmm_img("info", top).stdout == qemu("qemu-img", "info", top).stdout
 
 
 def read_all(path, fmt=None):

@@ -13,7 +13,10 @@ from vmm.image.sizes import format_size
 
 def image_info(image: BlockDevice) -> dict:
     """The `qemu-img info --output=json` dictionary for one image (not its backing chain)."""
+    # Keys in the order qemu-img prints them, so the two outputs can be diffed.
     info: dict = {}
+    if isinstance(image, Qcow2Image) and image.header.backing_file and image.header.backing_format:
+        info["backing-filename-format"] = image.header.backing_format
     if isinstance(image, Qcow2Image) and image.snapshots:
         info["snapshots"] = [_snapshot_json(s) for s in image.snapshots]
     info["virtual-size"] = image.size
@@ -36,8 +39,6 @@ def image_info(image: BlockDevice) -> dict:
         if hdr.backing_file:
             info["full-backing-filename"] = _full_backing_name(image.filename, hdr.backing_file)
             info["backing-filename"] = hdr.backing_file
-            if hdr.backing_format:
-                info["backing-filename-format"] = hdr.backing_format
     info["dirty-flag"] = isinstance(image, Qcow2Image) and image.header.dirty
     return info
 
