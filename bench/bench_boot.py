@@ -1,0 +1,108 @@
+"""Boot time: from process start to the initramfs's "userspace reached" line.
+
+Boots the Debian cloud kernel with the test busybox initramfs
+(`make test-assets`) with pyvmm (host-side decompression, the default, and
+the kernel's own decompressor with --guest-decompress) and with QEMU's
+microvm on the same accelerator, kernel, initrd and command line, in the
+same run, and prints each time with the ratio to QEMU. pyvmm's own figure
+from its boot-timer port (--stats) is printed beside it.
+
+The accelerator is what `--accel auto` picks here: KVM where KVM can run
+Linux, the software CPU (QEMU: -accel tcg) elsewhere, e.g. on kvm_pvm hosts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.assets import MARKER, find_linux_assets  # noqa: E402
+from vmm.kvm import quirks  # noqa: E402
+
+CMDLINE = "console=ttyS0 panic=-1"
+TIMEOUT = 300
+REPEATS = int(os.environ.get("PYVMM_BENCH_REPEATS", "3"))
+
+
+def time_to_marker(command: list[str]) -> tuple[float, str]:
+    """Seconds from spawning `command` until MARKER appears on its stdout; then stop it."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    output = b""
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    try:
+        while MARKER.encode() not in output:
+            if time.perf_counter() - start > TIMEOUT or not selector.select(timeout=1.0) and process.poll() is not None:
+                raise RuntimeError(f"no {MARKER!r} from {command[0]}: {output[-2000:].decode(errors='replace')}")
+            chunk = os.read(process.stdout.fileno(), 65536)
+            if not chunk and process.poll() is not None:
+                raise RuntimeError(f"{command[0]} exited: {output[-2000:].decode(errors='replace')}")
+            output += chunk
+        elapsed = time.perf_counter() - start
+        # Power off cleanly so pyvmm prints its --stats (the boot-timer figure).
+        process.stdin.write(b"poweroff -f\n")
+        process.stdin.flush()
+        try:
+            rest, _ = process.communicate(timeout=60)
+            output += rest
+        except subprocess.TimeoutExpired:
+            pass
+        return elapsed, output.decode(errors="replace")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def median_time(command: list[str]) -> tuple[float, str]:
+    runs = [time_to_marker(command) for _ in range(REPEATS)]
+    return statistics.median(t for t, _ in runs), runs[-1][1]
+
+
+def main() -> None:
+    assets = find_linux_assets()
+    if assets is None:
+        sys.exit("bench_boot: no test kernel; run `make test-assets` first")
+    kvm_runs_linux = os.path.exists("/dev/kvm") and quirks.can_run_linux()[0]
+    accel = "kvm" if kvm_runs_linux else "tcg"
+    common = ["--kernel", str(assets.kernel), "--initrd", str(assets.initrd), "--cmdline", CMDLINE,
+              "--memory", "512M"]
+    pyvmm = [sys.executable, "-m", "vmm", "boot", "--accel", accel, "--stats", *common]
+    results = {}
+    direct, output = median_time(pyvmm)
+    timer = re.search(r"userspace reached ([0-9.]+) s", output)
+    results["pyvmm (host decompression)"] = direct
+    results["pyvmm (--guest-decompress)"] = median_time([*pyvmm, "--guest-decompress"])[0]
+    qemu = shutil.which("qemu-system-x86_64")
+    peer = None
+    if qemu:
+        # QEMU's default CPU model under TCG: with -cpu max this kernel fails
+        # to calibrate its TSC against the PIT and hangs.
+        cpu = ["-cpu", "host"] if accel == "kvm" else []
+        peer = median_time([qemu, "-M", "microvm,acpi=on,pit=on,rtc=on", "-accel", accel, *cpu, "-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
+                            "-serial", "stdio", "-kernel", str(assets.kernel), "-initrd", str(assets.initrd),
+                            "-append", CMDLINE])[0]
+    print(f"boot to userspace ({accel}, {assets.kernel.name}, median of {REPEATS}):")
+    for name, seconds in results.items():
+        ratio = f", ratio {seconds / peer:.2f}x QEMU" if peer else ""
+        print(f"  {name}: {seconds:.2f} s{ratio}")
+    if timer:
+        print(f"  pyvmm boot-timer port (host decompression): {float(timer.group(1)):.2f} s")
+    print(f"  QEMU microvm: {peer:.2f} s" if peer else "  QEMU microvm: not installed (apt-get install qemu-system-x86)")
+
+
+if __name__ == "__main__":
+    main()
