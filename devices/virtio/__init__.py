@@ -1,0 +1,12 @@
+"""Virtio devices on the MMIO transport (virtio 1.x, "modern" virtio-mmio version 2).
+
+    mmio.py        the transport: registers, feature negotiation, status, interrupts
+    queue.py       split virtqueues: descriptor chains, checked against guest RAM
+    device.py      what a device type implements (VirtioDevice)
+    blk.py net.py console.py rng.py      the device types
+    net_backends.py                      TAP and unix-socket packet backends
+    io_loop.py     the I/O thread: one selectors loop for every device's fds
+    eventfd_irq.py an interrupt line through a KVM irqfd (with resampling)
+
+The machine builder uses vmm/virtio_setup.py, which puts these together.
+"""

@@ -1,0 +1,275 @@
+"""Split virtqueues (virtio 1.x, 2.7): taking descriptor chains and returning used buffers.
+
+Three areas in guest RAM, placed by the driver:
+
+    descriptor table  size x {addr u64, len u32, flags u16, next u16}
+    driver area       {flags u16, idx u16, ring[size] u16, used_event u16}   ("avail")
+    device area       {flags u16, idx u16, ring[size] {id u32, len u32}, avail_event u16}   ("used")
+
+Everything in them is written by the guest and trusted for nothing. A chain
+is walked in full before the device sees it, and refused (`VirtqueueError`)
+when a descriptor points outside guest RAM, when it has more descriptors
+than the queue has entries (which is also how a loop shows up), when a
+device-readable descriptor follows a device-writable one, when an indirect
+table is malformed or holds another indirect descriptor, or when the driver
+moved its index further than the queue is long. The transport turns that
+error into NEEDS_RESET for the device; the VMM carries on.
+
+With VIRTIO_RING_F_EVENT_IDX the two sides tell each other where they want
+to be woken: the device publishes `avail_event` (notify me when you make
+this entry available) and interrupts only when its used index passes the
+driver's `used_event`.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from vmm.errors import GuestMemoryError
+from vmm.memory import GuestMemory
+
+DESCRIPTOR_SIZE = 16
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+
+_DESCRIPTOR = struct.Struct("<QIHH")
+_USED_ELEMENT = struct.Struct("<II")
+
+# A split queue's size is a power of two no larger than this (2.7, "Queue Size").
+MAX_QUEUE_SIZE = 32768
+
+
+class VirtqueueError(Exception):
+    """The driver broke the queue's rules; the device needs a reset."""
+
+
+_barrier_lock = threading.Lock()
+
+
+def full_barrier() -> None:
+    """Order this thread's earlier stores to guest RAM before its later loads.
+
+    The event-index protocol needs it (publish avail_event, then re-read the
+    driver's index; publish the used index, then read used_event), and x86
+    may otherwise let the load pass the store. Python has no fence, but a
+    lock round trip executes a locked read-modify-write instruction, which
+    x86 orders against all earlier stores and later loads.
+    """
+    with _barrier_lock:
+        pass
+
+
+@dataclass
+class DescriptorChain:
+    """One request: its head index and its buffers, as (guest address, length) pairs."""
+
+    head: int
+    readable: list[tuple[int, int]] = field(default_factory=list)
+    writable: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def readable_length(self) -> int:
+        return sum(length for _, length in self.readable)
+
+    @property
+    def writable_length(self) -> int:
+        return sum(length for _, length in self.writable)
+
+    def read(self, memory: GuestMemory, offset: int = 0, length: int | None = None) -> bytes:
+        """`length` bytes (default: all) of the device-readable buffers, as one stream, from `offset`."""
+        if length is None:
+            length = self.readable_length - offset
+        parts = []
+        for address, size in self.readable:
+            if length <= 0:
+                break
+            if offset >= size:
+                offset -= size
+                continue
+            count = min(size - offset, length)
+            parts.append(memory.read(address + offset, count))
+            length -= count
+            offset = 0
+        return b"".join(parts)
+
+    def write(self, memory: GuestMemory, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
+        """Scatter `data` into the device-writable buffers from stream position `offset`; returns bytes written."""
+        view = memoryview(data).cast("B")
+        written = 0
+        for address, size in self.writable:
+            if written == len(view):
+                break
+            if offset >= size:
+                offset -= size
+                continue
+            count = min(size - offset, len(view) - written)
+            memory.write(address + offset, view[written : written + count])
+            written += count
+            offset = 0
+        return written
+
+
+class Virtqueue:
+    def __init__(self, memory: GuestMemory, index: int, max_size: int) -> None:
+        if not (0 < max_size <= MAX_QUEUE_SIZE and max_size & (max_size - 1) == 0):
+            raise ValueError(f"queue size {max_size} is not a power of two up to {MAX_QUEUE_SIZE}")
+        self.memory = memory
+        self.index = index
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        # What the driver programs through the transport.
+        self.size = self.max_size
+        self.ready = False
+        self.desc_address = 0
+        self.driver_address = 0
+        self.device_address = 0
+        # Negotiated ring features.
+        self.event_idx = False
+        self.indirect = False
+        # The device's own positions (free-running 16-bit indices).
+        self.last_avail = 0
+        self.used_idx = 0
+        self._used_idx_at_last_check = 0
+
+    # -- set-up --------------------------------------------------------------
+
+    def activate(self, *, event_idx: bool, indirect: bool) -> None:
+        """Check the areas the driver programmed; called when it sets QueueReady."""
+        size = self.size
+        if not (0 < size <= self.max_size and size & (size - 1) == 0):
+            raise VirtqueueError(f"queue {self.index}: size {size} is not a power of two up to {self.max_size}")
+        areas = (
+            ("descriptor table", self.desc_address, 16, DESCRIPTOR_SIZE * size),
+            ("driver area", self.driver_address, 2, 6 + 2 * size),
+            ("device area", self.device_address, 4, 6 + 8 * size),
+        )
+        for name, address, alignment, length in areas:
+            if address % alignment:
+                raise VirtqueueError(f"queue {self.index}: {name} at {address:#x} is not {alignment}-byte aligned")
+            if not self.memory.contains(address, length):
+                raise VirtqueueError(f"queue {self.index}: {name} at {address:#x}+{length:#x} is not in guest RAM")
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.ready = True
+
+    # -- the driver's side: available chains -----------------------------------
+
+    def _avail_idx(self) -> int:
+        return self.memory.read_u16(self.driver_address + 2)
+
+    def has_available(self) -> bool:
+        return self._pending() > 0
+
+    def _pending(self) -> int:
+        pending = (self._avail_idx() - self.last_avail) & 0xFFFF
+        if pending > self.size:
+            raise VirtqueueError(f"queue {self.index}: the driver's index moved {pending} entries "
+                                 f"ahead on a queue of {self.size}")
+        return pending
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None when the driver has made none available."""
+        try:
+            if self._pending() == 0:
+                if not self.event_idx:
+                    return None
+                # Ask to be notified when the driver makes the next entry
+                # available, then look again: it may have done so before
+                # it could see the request.
+                self._set_avail_event(self.last_avail)
+                full_barrier()
+                if self._pending() == 0:
+                    return None
+            slot = self.last_avail % self.size
+            head = self.memory.read_u16(self.driver_address + 4 + 2 * slot)
+            self.last_avail = (self.last_avail + 1) & 0xFFFF
+            return self._walk(head)
+        except GuestMemoryError as err:  # the areas were checked, but keep the promise anyway
+            raise VirtqueueError(f"queue {self.index}: {err}") from None
+
+    def _set_avail_event(self, value: int) -> None:
+        self.memory.write_u16(self.device_address + 4 + 8 * self.size, value)
+
+    def _walk(self, head: int) -> DescriptorChain:
+        name = f"queue {self.index}, chain {head}"
+        if head >= self.size:
+            raise VirtqueueError(f"{name}: head index is beyond the queue size {self.size}")
+        chain = DescriptorChain(head)
+        memory = self.memory
+        table: bytes | None = None  # the indirect table, once the chain has moved into one
+        limit = self.size  # descriptors a chain may have; more means a loop
+        index, seen = head, 0
+        while True:
+            seen += 1
+            if seen > limit:
+                raise VirtqueueError(f"{name}: more than {limit} descriptors (a loop?)")
+            if table is None:
+                address, length, flags, following = _DESCRIPTOR.unpack(
+                    memory.read(self.desc_address + DESCRIPTOR_SIZE * index, DESCRIPTOR_SIZE))
+            else:
+                address, length, flags, following = _DESCRIPTOR.unpack_from(table, DESCRIPTOR_SIZE * index)
+            if flags & DESC_F_INDIRECT:
+                table = self._indirect_table(name, table is not None, seen, flags, address, length)
+                limit = len(table) // DESCRIPTOR_SIZE
+                index, seen = 0, 0
+                continue
+            if not memory.contains(address, length):
+                raise VirtqueueError(f"{name}: buffer {address:#x}+{length:#x} is not in guest RAM")
+            if flags & DESC_F_WRITE:
+                chain.writable.append((address, length))
+            elif chain.writable:
+                raise VirtqueueError(f"{name}: a device-readable buffer follows a device-writable one")
+            else:
+                chain.readable.append((address, length))
+            if not flags & DESC_F_NEXT:
+                return chain
+            index = following
+            if index >= limit:
+                raise VirtqueueError(f"{name}: next index {index} is beyond the table of {limit}")
+
+    def _indirect_table(self, name: str, nested: bool, position: int, flags: int,
+                        address: int, length: int) -> bytes:
+        if not self.indirect:
+            raise VirtqueueError(f"{name}: indirect descriptor, but VIRTIO_F_INDIRECT_DESC was not negotiated")
+        if nested:
+            raise VirtqueueError(f"{name}: an indirect table refers to another indirect table")
+        if position != 1 or flags & DESC_F_NEXT:
+            # Only a chain's sole descriptor may refer to an indirect table (Linux's layout).
+            raise VirtqueueError(f"{name}: an indirect descriptor must be the only descriptor of its chain")
+        if length == 0 or length % DESCRIPTOR_SIZE:
+            raise VirtqueueError(f"{name}: indirect table length {length} is not a multiple of {DESCRIPTOR_SIZE}")
+        if length // DESCRIPTOR_SIZE > self.size:
+            raise VirtqueueError(f"{name}: indirect table of {length // DESCRIPTOR_SIZE} descriptors is longer "
+                                 f"than the queue ({self.size})")
+        if not self.memory.contains(address, length):
+            raise VirtqueueError(f"{name}: indirect table {address:#x}+{length:#x} is not in guest RAM")
+        return self.memory.read(address, length)
+
+    # -- the device's side: used buffers ----------------------------------------
+
+    def push(self, chain: DescriptorChain | int, written: int) -> None:
+        """Give a chain back to the driver, saying how many bytes the device wrote into it."""
+        head = chain.head if isinstance(chain, DescriptorChain) else chain
+        slot = self.used_idx % self.size
+        # The element first, then the index that publishes it (x86 keeps stores in order).
+        self.memory.write(self.device_address + 4 + 8 * slot, _USED_ELEMENT.pack(head, written))
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self.memory.write_u16(self.device_address + 2, self.used_idx)
+
+    def should_interrupt(self) -> bool:
+        """Whether the driver wants an interrupt for the buffers used since the last call."""
+        old, new = self._used_idx_at_last_check, self.used_idx
+        self._used_idx_at_last_check = new
+        if old == new:
+            return False
+        if self.event_idx:
+            full_barrier()  # our used index must be visible before we read used_event
+            used_event = self.memory.read_u16(self.driver_address + 4 + 2 * self.size)
+            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not self.memory.read_u16(self.driver_address) & AVAIL_F_NO_INTERRUPT
