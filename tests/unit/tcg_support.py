@@ -106,6 +106,7 @@ class TcgMachine:
 # -- a 64-bit machine set up by the host, as a boot loader leaves it -------------------
 
 PML4, PDPT, PD = 0x1000, 0x2000, 0x3000
+PD_TOP = 0xB000  # the 4th GiB, where the local and I/O APICs are
 GDT_BASE, TSS_BASE = 0x500, 0x600
 KERNEL_STACK, RSP0, IST1 = 0x7F000, 0x9F000, 0x8F000
 SUPERVISOR_ONLY_2M = 0x200000  # the one 2 MiB page ring 3 may not touch
@@ -120,7 +121,7 @@ GDT = [
 
 
 def long_mode_state(memory: GuestMemory, entry: int) -> CpuState:
-    """Identity-map the first GiB (2 MiB pages, user-accessible but for one), GDT and TSS."""
+    """Identity-map the first and the 4th GiB (2 MiB pages, user-accessible but for one), GDT, TSS."""
     from vmm.cpu_state import CR0_ET, CR0_NE, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, Segment
 
     memory.write_u64(PML4, PDPT | 0x7)
@@ -128,6 +129,8 @@ def long_mode_state(memory: GuestMemory, entry: int) -> CpuState:
     for i in range(512):
         user = 0 if i * (2 << 20) == SUPERVISOR_ONLY_2M else 0x4
         memory.write_u64(PD + 8 * i, (i << 21) | 0x83 | user)  # P, W, PS
+        memory.write_u64(PD_TOP + 8 * i, (3 << 30) + (i << 21) | 0x83 | 0x10)  # uncached
+    memory.write_u64(PDPT + 8 * 3, PD_TOP | 0x3)
     tss_low = (0x67 | (TSS_BASE & 0xFFFFFF) << 16 | 0x89 << 40 | (TSS_BASE >> 24) << 56)
     for i, descriptor in enumerate(GDT + [tss_low, 0]):
         memory.write_u64(GDT_BASE + 8 * i, descriptor)

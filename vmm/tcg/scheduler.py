@@ -40,7 +40,7 @@ class CpuScheduler:
         self._owner: object | None = None
         self._queue: deque = deque()
         self._live_context: ContextBuffer | None = None
-        self.owner_since = 0.0
+        self.owner_since = 0  # time.monotonic_ns() when the owner got the CPU
         self.on_contention = None  # called (lock held) when a thread starts waiting for the CPU
 
     def condition(self) -> threading.Condition:
@@ -83,7 +83,7 @@ class CpuScheduler:
 
     def _take(self, who) -> None:
         self._owner = who
-        self.owner_since = time.monotonic()
+        self.owner_since = time.monotonic_ns()
 
     @property
     def owner(self):

@@ -16,6 +16,7 @@ vCPU takes pending interrupts and lets other vCPUs have the CPU
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -28,7 +29,7 @@ from vmm.tcg.delivery import Event, TripleFault, UnsupportedDelivery
 from vmm.tcg.engine import UcError, x86
 from vmm.tcg.io_dispatch import IoDispatcher
 from vmm.tcg.paging import PageFault, PagingMode, read_linear
-from vmm.tcg.qemu_env import OFF_EFER, OFF_EIP, R_CS, ContextBuffer
+from vmm.tcg.qemu_env import HF_INHIBIT_IRQ, OFF_EFER, OFF_EIP, R_CS, ContextBuffer
 from vmm.tcg.syscall import SyscallNotEnabled, emulate_syscall, instruction_length
 
 if TYPE_CHECKING:
@@ -37,6 +38,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KVM_INTERNAL_ERROR_EMULATION = 1  # the suberror KVM uses for "could not emulate"
+RFLAGS_IF = 1 << 9
+NMI_VECTOR = 2
+# With an interrupt pending while the guest has IF clear there is no
+# "interrupt window" exit: look again this soon.
+INTERRUPT_WINDOW_POLL_NS = 500_000
+MIN_SLICE_NS = 50_000
+# How long a vCPU may keep the CPU while another waits for it (QEMU's round-robin
+# TCG uses 100 ms; shorter keeps IPIs between vCPUs answered quickly).
+SLICE_NS = 5_000_000
 
 
 class TcgVcpu(Vcpu):
@@ -53,6 +63,14 @@ class TcgVcpu(Vcpu):
         self.kick_pending = False
         self.halted = False
         self._pending_exit: Exit | None = None
+        self.router = vm.router
+        # With emulated interrupt controllers only the BSP starts running; the
+        # others wait for INIT/SIPI from it, as KVM's APs do.
+        self.started = index == 0 or self.router is None
+        self._sipi_vector: int | None = None
+        self._woken = False  # something became pending for this vCPU (under the scheduler lock)
+        self._interrupts_enabled = False  # RFLAGS.IF when it halted
+        self._masked_interrupt = False  # one was pending but IF was clear at the last slice start
 
     # -- the Vcpu interface ---------------------------------------------------------
 
@@ -60,6 +78,7 @@ class TcgVcpu(Vcpu):
         with self._owning_cpu():
             load_cpu_state(self.engine, state)
         self.halted = False
+        self.started = True
 
     def run(self) -> Exit:
         while True:
@@ -67,9 +86,12 @@ class TcgVcpu(Vcpu):
                 if self.kick_pending:
                     self.kick_pending = False
                     return Interrupted()
-            if self.halted:
+            if self.router is None and self.halted:
                 self.halted = False  # KVM semantics: running again continues after the HLT
                 return Hlt()
+            if not self.started or self.halted:
+                self._wait_for_work()
+                continue
             if not self.scheduler.acquire(self, self.turn, lambda: self.kick_pending):
                 continue
             try:
@@ -91,6 +113,25 @@ class TcgVcpu(Vcpu):
         if running:
             self.engine.stop_hook.request()
 
+    def wake(self) -> None:
+        """Something became pending for this vCPU (any thread): end its sleep or its slice."""
+        with self.scheduler.lock:
+            self._woken = True
+            self.turn.notify()
+            running = self.scheduler.owner is self
+        if running:
+            self.engine.stop_hook.request()
+
+    def receive_init(self) -> None:
+        self.started = False
+        self.halted = False
+        self._sipi_vector = None
+        self.wake()
+
+    def receive_sipi(self, vector: int) -> None:
+        self._sipi_vector = vector
+        self.wake()
+
     def registers(self) -> dict[str, int]:
         with self._owning_cpu():
             return read_registers(self.engine)
@@ -111,6 +152,36 @@ class TcgVcpu(Vcpu):
         finally:
             self.scheduler.release(self)
 
+    def _wait_for_work(self) -> None:
+        """Sleep (halted, or waiting for SIPI) until there is something to do, or a kick."""
+        with self.scheduler.lock:
+            self._woken = False
+        if self._sipi_vector is not None:
+            vector, self._sipi_vector = self._sipi_vector, None
+            self.set_state(CpuState.real_mode(vector << 8, 0))
+            return
+        if self.started and self._interrupt_for_halted_cpu():
+            self.halted = False
+            return
+        deadline = self.router.next_deadline() if self.router is not None else None
+        with self.scheduler.lock:
+            if self.kick_pending or self._woken:
+                return
+            if deadline is None:
+                self.turn.wait()
+            else:
+                delay = deadline - time.monotonic_ns()
+                if delay > 0:
+                    self.turn.wait(delay / 1e9)
+
+    def _interrupt_for_halted_cpu(self) -> bool:
+        router = self.router
+        if router is None:
+            return False
+        if router.has_nmi(self.index):
+            return True
+        return self._interrupts_enabled and router.has_interrupt(self.index)
+
     def _run_slice(self) -> Exit | None:
         engine = self.engine
         engine.stop_hook.clear()
@@ -118,17 +189,55 @@ class TcgVcpu(Vcpu):
             return None
         self.vm.running = self
         try:
-            engine.start(engine.reg(x86.UC_X86_REG_RIP))
+            if self.router is not None:
+                self._take_interrupt()
+            # Armed after clearing the stop request, so that no alarm is lost.
+            self._arm_ticker()
+            if self._pending_exit is None:
+                engine.start(engine.reg(x86.UC_X86_REG_RIP))
         except UcError as err:
             return self._emulation_failure(f"Unicorn stopped: {err}")
         finally:
             self.vm.running = None
+            self.vm.ticker.disarm()
         if self._pending_exit is not None:
             exit, self._pending_exit = self._pending_exit, None
             return exit
         if not engine.stop_hook.requested:
             self.halted = True  # emu_start returns by itself only at HLT
+            self._interrupts_enabled = bool(engine.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF)
         return None
+
+    def _take_interrupt(self) -> None:
+        """Deliver an NMI or one external interrupt, if the guest can take it now."""
+        router, index, engine = self.router, self.index, self.engine
+        rip = engine.reg(x86.UC_X86_REG_RIP)
+        if router.has_nmi(index) and router.take_nmi(index):
+            self.deliver(Event(NMI_VECTOR, external=True), rip)
+            rip = engine.reg(x86.UC_X86_REG_RIP)
+        self._masked_interrupt = False
+        if not router.has_interrupt(index):
+            return
+        if not engine.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF or engine.context.save().hflags & HF_INHIBIT_IRQ:
+            self._masked_interrupt = True
+            return
+        vector = router.acknowledge(index)
+        if vector is not None:
+            self.deliver(Event(vector, external=True), rip)
+
+    def _arm_ticker(self) -> None:
+        """When this slice must end at the latest: a timer, a masked interrupt, a waiting vCPU."""
+        now = time.monotonic_ns()
+        candidates = []
+        if self.router is not None:
+            candidates.append(self.router.next_deadline())
+            if self._masked_interrupt:
+                candidates.append(now + INTERRUPT_WINDOW_POLL_NS)
+        if self.scheduler.contended:
+            candidates.append(self.scheduler.owner_since + SLICE_NS)
+        deadlines = [d for d in candidates if d is not None]
+        if deadlines:
+            self.vm.ticker.arm(max(min(deadlines), now + MIN_SLICE_NS))
 
     def stop_with(self, exit: Exit) -> None:
         """From a hook: end the slice and make run() return `exit`."""

@@ -17,6 +17,8 @@ import ctypes
 import logging
 
 from devices.base import IrqLine, NullIrqLine
+from devices.interrupts import InterruptRouter
+from devices.lapic import DEFAULT_BUS_HZ
 from vmm.accel import MachineIo, PlatformOptions, VirtualMachine
 from vmm.layout import MMIO_HOLE_END, MMIO_HOLE_START
 from vmm.memory import GuestMemory
@@ -25,8 +27,9 @@ from vmm.tcg.delivery import InterruptDelivery
 from vmm.tcg.engine import Engine
 from vmm.tcg.qemu_env import ContextBuffer
 from vmm.tcg.scheduler import CpuScheduler
+from vmm.tcg.ticker import Ticker
 from vmm.tcg.unicorn_lib import uc_const, uclib, x86
-from vmm.tcg.vcpu import TcgVcpu
+from vmm.tcg.vcpu import SLICE_NS, TcgVcpu
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +50,18 @@ class TcgVirtualMachine(VirtualMachine):
         self.scheduler = CpuScheduler(self.engine)
         self.delivery = InterruptDelivery(self.engine, memory)
         self.cpuid = CpuidProfile(self.engine.native_cpuid, CpuidOptions(
-            cpus=platform.cpus, local_apic=platform.irqchip, tsc_hz=self.engine.tsc_hz))
+            cpus=platform.cpus, local_apic=platform.irqchip, tsc_hz=self.engine.tsc_hz,
+            apic_timer_hz=DEFAULT_BUS_HZ if platform.irqchip else None))
         self.vcpus: dict[int, TcgVcpu] = {}
         self.running: TcgVcpu | None = None
+        self.ticker = Ticker(self.engine.stop_hook.request)
+        self.scheduler.on_contention = self._on_contention
+        # The emulated PIC/PIT/I/O APIC/local APICs that KVM would keep in the kernel.
+        self.router: InterruptRouter | None = None
+        if platform.irqchip:
+            self.router = InterruptRouter(platform.cpus, wake_cpu=self._wake_cpu,
+                                          on_init=self._on_init, on_sipi=self._on_sipi)
+            self.router.attach(io.pio, io.mmio, current_cpu=lambda: self.running.index)
         # The reset state every new vCPU starts from.
         self._pristine = ContextBuffer(uclib, self.engine.handle)
         self._pristine.save()
@@ -66,9 +78,12 @@ class TcgVirtualMachine(VirtualMachine):
         return vcpu
 
     def irq_line(self, gsi: int) -> IrqLine:
-        return NullIrqLine()
+        if self.router is None:
+            return NullIrqLine()
+        return self.router.irq_line(gsi)
 
     def close(self) -> None:
+        self.ticker.close()
         for vcpu in self.vcpus.values():
             vcpu.close()
         self.vcpus.clear()
@@ -76,6 +91,38 @@ class TcgVirtualMachine(VirtualMachine):
             self._pristine.free()
             self._pristine = None
         self.engine.close()
+
+    # -- events from the interrupt controllers (any thread) ------------------------
+
+    def _wake_cpu(self, cpu: int) -> None:
+        vcpu = self.vcpus.get(cpu)
+        if vcpu is not None:
+            vcpu.wake()
+        running = self.scheduler.owner
+        if running is not None and running.index != cpu:
+            # Let the woken vCPU have the CPU soon: it may be the target of an IPI
+            # whose sender now spins waiting for the answer.
+            self.ticker.arm(self.scheduler.owner_since + SLICE_NS // 4)
+
+    def _on_init(self, cpu: int) -> None:
+        vcpu = self.vcpus.get(cpu)
+        if vcpu is not None:
+            vcpu.receive_init()
+
+    def _on_sipi(self, cpu: int, vector: int) -> None:
+        vcpu = self.vcpus.get(cpu)
+        if vcpu is not None:
+            vcpu.receive_sipi(vector)
+
+    def _on_contention(self) -> None:
+        """Another vCPU waits for the CPU (scheduler lock held): end the owner's slice in time."""
+        self.ticker.arm(self.scheduler.owner_since + SLICE_NS)
+
+    def after_device_write(self) -> None:
+        """A guest write may have programmed a timer earlier than the running slice's end."""
+        deadline = self.router.next_deadline()
+        if deadline is not None:
+            self.ticker.arm(deadline)
 
     def pristine_context_into(self, context: ContextBuffer) -> None:
         ctypes.memmove(context.pointer, self._pristine.pointer, self.uclib.uc_context_size(self.engine.handle))
@@ -97,6 +144,8 @@ class TcgVirtualMachine(VirtualMachine):
 
         def write(uc, offset, size, value, user_data):
             self.running.io.mmio_write(start + offset, size, value)
+            if self.router is not None:
+                self.after_device_write()
 
         self.engine.map_mmio(start, end - start, read, write)
 
@@ -120,6 +169,8 @@ class TcgVirtualMachine(VirtualMachine):
         vcpu = self.running
         if not vcpu.kick_pending:
             vcpu.io.port_write(port, size, value & ((1 << (8 * size)) - 1))
+            if self.router is not None:
+                self.after_device_write()
 
     def _hook_in(self, uc, port: int, size: int, user_data) -> int:
         vcpu = self.running

