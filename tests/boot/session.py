@@ -1,0 +1,74 @@
+"""Driving a booted guest's serial console from a test, like a person at a terminal.
+
+`GuestSession` starts `pyvmm boot`, with stdin and stdout as pipes, and offers
+`expect(text)` and `run(command)`; everything the guest printed is kept in
+`output` for assertion messages.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import subprocess
+import sys
+import time
+
+from tests.helpers import REPO
+
+PROMPT = b"pyvmm# "
+
+
+class GuestSession:
+    def __init__(self, *args: str, timeout: float = 300) -> None:
+        self.timeout = timeout
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vmm", "boot", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, cwd=REPO, start_new_session=True)
+        self.output = b""
+        self._consumed = 0
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.process.stdout, selectors.EVENT_READ)
+
+    def expect(self, text: bytes | str, timeout: float | None = None) -> bytes:
+        """Wait until `text` appears after what earlier expects consumed; return what came before it."""
+        needle = text.encode() if isinstance(text, str) else text
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            found = self.output.find(needle, self._consumed)
+            if found >= 0:
+                before = self.output[self._consumed : found]
+                self._consumed = found + len(needle)
+                return before
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out waiting for {needle!r}; guest said:\n"
+                                     f"{self.output[-3000:].decode(errors='replace')}")
+            if self._selector.select(timeout=min(remaining, 1.0)):
+                chunk = os.read(self.process.stdout.fileno(), 65536)
+                if not chunk:
+                    raise AssertionError(f"pyvmm exited ({self.process.wait()}) while waiting for {needle!r}; "
+                                         f"stderr: {self.process.stderr.read().decode(errors='replace')}\n"
+                                         f"guest said:\n{self.output[-3000:].decode(errors='replace')}")
+                self.output += chunk
+
+    def send(self, line: str) -> None:
+        self.process.stdin.write(line.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def run(self, command: str) -> str:
+        """Run a shell command at the prompt; return what it printed (without the echo)."""
+        self.send(command)
+        self.expect(command.encode() + b"\r\n")  # the terminal echoes the line
+        return self.expect(PROMPT).decode(errors="replace").replace("\r\n", "\n")
+
+    def wait(self, timeout: float = 120) -> tuple[int, str]:
+        """Wait for pyvmm to exit; its status and stderr."""
+        status = self.process.wait(timeout=timeout)
+        return status, self.process.stderr.read().decode(errors="replace")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            stream.close()
