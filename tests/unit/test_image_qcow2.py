@@ -144,6 +144,20 @@ def test_discard_frees_clusters_for_reuse(tmp_path):
     assert_clean(path)
 
 
+def test_clusters_freed_by_an_earlier_session_are_reused(tmp_path):
+    path = make(tmp_path / "a.qcow2")
+    with open_image(path, readonly=False) as image:
+        image.write(0, b"\x01" * (8 * 65536))
+    size_before = os.path.getsize(path)
+    with open_image(path, readonly=False) as image:
+        image.discard(0, 8 * 65536)
+    with open_image(path, readonly=False) as image:
+        image.write(65536, b"\x02" * (8 * 65536))
+        assert image.read(0, 9 * 65536) == bytes(65536) + b"\x02" * (8 * 65536)
+    assert os.path.getsize(path) <= size_before + 65536
+    assert_clean(path)
+
+
 def test_compressed_writes_pack_clusters_and_read_back(tmp_path):
     path = make(tmp_path / "a.qcow2", 4 * MiB, "cluster_size=4096")
     rnd = random.Random(5)

@@ -175,6 +175,7 @@ class Qcow2Image(BlockDevice):
         self._pending_frees: list[int] = []  # cluster indices to decrement after the next commit
         self._reusable: list[int] = []  # clusters freed on disk in this session
         self._next_free = -(-self._file_size // cs)
+        self._scan_pos, self._scan_end = 1, self._next_free  # free clusters inside the file
         self._data_dirty = False
         self._modified = False
         self._compressed_pos: int | None = None  # where the next compressed cluster may start
@@ -327,15 +328,45 @@ class Qcow2Image(BlockDevice):
         return start
 
     def _alloc_cluster(self) -> int:
-        """A cluster with refcount 1, as a byte offset."""
+        """A cluster with refcount 1, as a byte offset.
+
+        Preference: clusters freed in this session, then free clusters inside
+        the file as it was opened (freed by earlier sessions; their freeing is
+        on disk, so nothing on disk maps them), then the end of the file.
+        """
         while self._reusable:
             index = self._reusable.pop()
             if self.refcount(index) == 0:
                 break
         else:
-            index = self._claim_fresh(1)
+            index = self._find_free_in_file()
+            if index is None:
+                index = self._claim_fresh(1)
         self._set_refcount(index, 1)
         return index << self.cluster_bits
+
+    def _find_free_in_file(self) -> int | None:
+        """The next cluster with refcount 0 below the file's size at open time (scanned once)."""
+        while self._scan_pos < self._scan_end:
+            pos = self._scan_pos
+            table_index = pos >> self._rb_bits
+            block_start = table_index << self._rb_bits
+            block_end = min(block_start + (1 << self._rb_bits), self._scan_end)
+            offset = self._refblock_offset(pos)
+            if not offset:  # no refcount block here: ours to take only via the end of file
+                self._scan_pos = block_end
+                continue
+            found = self._get_refblock(offset).find_zero(pos - block_start, block_end - block_start)
+            if found is None:
+                self._scan_pos = block_end
+                continue
+            index = block_start + found
+            self._scan_pos = index + 1
+            if (index in self._fixed_clusters or index in self._l2_clusters
+                    or index in self._refblock_clusters):
+                continue  # refcount 0 on metadata: a damaged image; never hand it out
+            return index
+        return None
 
     def _release(self, entry: int) -> None:
         """Queue the decrement of the host clusters an L2 entry used (applied after the next commit)."""

@@ -66,6 +66,15 @@ class RefcountBlock:
         shift = slot * self.bits
         self._packed[byte] = (self._packed[byte] & ~(self.max << shift) & 0xFF) | (value << shift)
 
+    def find_zero(self, start: int, end: int) -> int | None:
+        """The first index in [start, end) whose refcount is 0."""
+        if self._values is not None:
+            try:
+                return self._values.index(0, start, end)
+            except ValueError:
+                return None
+        return next((i for i in range(start, end) if not self.get(i)), None)
+
     def nonzero_indices(self) -> list[int]:
         if self._values is not None:
             return [i for i, v in enumerate(self._values) if v]
