@@ -88,7 +88,8 @@ def test_initrd_that_does_not_fit(test_kernel, tmp_path):
     assert b"does not fit" in result.stderr
 
 
-@pytest.mark.parametrize("content", [b"", b"MZ not a kernel at all" * 100, bytes(600)])
+@pytest.mark.parametrize("content", [b"", b"MZ not a kernel at all" * 100, bytes(600)],
+                         ids=["empty", "dos-executable", "zeros"])
 def test_files_that_are_not_kernels(tmp_path, content):
     path = tmp_path / "kernel"
     path.write_bytes(content)
