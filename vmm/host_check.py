@@ -18,6 +18,19 @@ _CAPABILITIES = {
 
 def report(echo: Callable[[str], None]) -> bool:
     """Print one line per fact; True when at least one accelerator can run guests."""
+    kvm_ok = _report_kvm(echo)
+    tcg_ok = _report_tcg(echo)
+    if kvm_ok:
+        from vmm.kvm import quirks
+
+        able, why = quirks.can_run_linux()
+        echo(f"--accel auto: kvm{'' if able else f' for flat guests; tcg for Linux ({why})'}")
+    elif tcg_ok:
+        echo("--accel auto: tcg")
+    return kvm_ok or tcg_ok
+
+
+def _report_kvm(echo: Callable[[str], None]) -> bool:
     path = kvm_device_path()
     try:
         from vmm.kvm.fd import KvmSystem
@@ -34,4 +47,14 @@ def report(echo: Callable[[str], None]) -> bool:
             echo("  note: this KVM is kvm_pvm (software-based): small guests run, Linux cannot")
     finally:
         system.close()
+    return True
+
+
+def _report_tcg(echo: Callable[[str], None]) -> bool:
+    try:
+        from vmm.tcg.unicorn_lib import REQUIRED_VERSION
+    except PyvmmError as err:
+        echo(f"tcg: unavailable: {err}")
+        return False
+    echo(f"tcg: available (Unicorn {REQUIRED_VERSION}, QEMU's TCG)")
     return True
