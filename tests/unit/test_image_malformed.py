@@ -240,7 +240,7 @@ def test_backing_chain_loops_are_refused(tmp_path):
     before = digest(a)
     with pytest.raises(CorruptImageError, match="loops"):
         open_image(a)
-    proc = run_cli("info", a)
+    proc = run_cli("info", "--backing-chain", a)
     assert_one_line_error(proc)
     assert "loops" in proc.stderr
     assert digest(a) == before

@@ -101,7 +101,8 @@ def create(fmt, backing, backing_fmt, options, quiet, filename, size) -> None:
 @_fails_with()
 def info(fmt, output, backing_chain, filename) -> None:
     """Show the format, sizes, backing file and snapshots of FILENAME."""
-    with open_image(filename, fmt) as image:
+    # Like qemu-img, plain `info` does not need (or open) the backing chain.
+    with open_image(filename, fmt, backing=backing_chain) as image:
         layers = image.chain() if backing_chain else [image]
         infos = [image_info(layer) for layer in layers]
     if output == "json":

@@ -18,6 +18,7 @@ skipped, never raised.
 from __future__ import annotations
 
 import os
+import struct
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from vmm.image.base import ImageError
 from vmm.image.qcow2 import COMPRESSED, NORMAL, ZERO, Qcow2Image, cluster_kind
 from vmm.image.qcow2_format import (
+    AUTOCLEAR_BITMAPS,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     L1E_RESERVED,
@@ -224,6 +226,8 @@ def _check_once(image: Qcow2Image, repair: str | None, progress: Progress | None
     if hdr.nb_snapshots:
         counter.count(hdr.snapshots_offset, image._snapshot_table_len)
     counter.count(image._reftable_offset, image._reftable_clusters * cs)
+    if hdr.bitmaps and hdr.autoclear_features & AUTOCLEAR_BITMAPS:
+        _count_bitmaps(image, counter)
 
     blocks: dict[int, RefcountBlock] = {}
     for table_index, entry in enumerate(image._reftable):
@@ -244,6 +248,29 @@ def _check_once(image: Qcow2Image, repair: str | None, progress: Progress | None
     _compare_refcounts(image, counter, blocks, repair)
     _check_copied(image, counter, blocks, repair)
     return result
+
+
+def _count_bitmaps(image: Qcow2Image, counter: _Counter) -> None:
+    """Persistent dirty bitmaps (valid only while their autoclear bit is set) own clusters too."""
+    nb, dir_size, dir_offset = image.header.bitmaps
+    if dir_size > 64 << 20:
+        counter.error(f"ERROR bitmap directory size {dir_size} is too large")
+        return
+    counter.count(dir_offset, dir_size)
+    directory = os.pread(image._fd, dir_size, dir_offset)
+    pos = 0
+    for _ in range(nb):
+        if pos + 24 > len(directory):
+            counter.error("ERROR bitmap directory is truncated")
+            return
+        table_offset, table_size, _, _, _, name_size, extra = struct.unpack_from(
+            ">QIIBBHI", directory, pos)
+        pos = (pos + 24 + extra + name_size + 7) & ~7
+        counter.count(table_offset, table_size * 8)
+        table = os.pread(image._fd, table_size * 8, table_offset)
+        for entry in table_from_bytes(table[: len(table) // 8 * 8]):
+            if entry & OFFSET_MASK:
+                counter.count(entry & OFFSET_MASK, image.cluster_size)
 
 
 def _stored_refcount(image: Qcow2Image, blocks: dict[int, RefcountBlock], cluster: int) -> int:

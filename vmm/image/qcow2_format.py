@@ -53,6 +53,7 @@ KNOWN_INCOMPAT = (
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
 )
 COMPAT_LAZY_REFCOUNTS = 1 << 0
+AUTOCLEAR_BITMAPS = 1 << 0
 
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
@@ -99,6 +100,8 @@ class Header:
     compression_type: int = COMPRESSION_ZLIB
     backing_file: str | None = None
     backing_format: str | None = None
+    # Bitmaps extension: (number of bitmaps, directory size, directory offset).
+    bitmaps: tuple[int, int, int] | None = None
     feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
 
     @property
@@ -228,6 +231,9 @@ def _parse_extensions(name: str, hdr: Header, data: bytes) -> None:
                 kind, bit = body[i], body[i + 1]
                 hdr.feature_names[(kind, bit)] = body[i + 2 : i + 48].split(b"\0")[0].decode(
                     "ascii", errors="replace")
+        elif ext_type == EXT_BITMAPS and ext_len >= 24:
+            nb, _, dir_size, dir_offset = struct.unpack_from(">IIQQ", body)
+            hdr.bitmaps = (nb, dir_size, dir_offset)
         elif ext_type == EXT_CRYPTO:
             raise UnsupportedImageError(f"{name}: encrypted qcow2 images are not supported")
         elif ext_type == EXT_DATA_FILE:
