@@ -53,9 +53,13 @@ KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 MARKER = "pyvmm-init: reached"
 MANIFEST = "manifest.json"
+# Bumped whenever the initramfs changes, so a cache built by older code is rebuilt.
+INITRAMFS_VERSION = 2
 # Module names as the kernel spells them (virtio-rng has a dash), in no particular order.
 VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "virtio_net", "failover",
                   "net_failover", "virtio_console", "virtio-rng")
+# pvpanic is a module in Debian's kernel; /init loads it so a guest panic reaches pyvmm.
+PVPANIC_MODULES = ("pvpanic", "pvpanic-mmio")
 
 
 def assets_dir() -> Path:
@@ -77,6 +81,8 @@ def find_linux_assets(directory: Path | None = None) -> LinuxAssets | None:
         manifest = json.loads((directory / MANIFEST).read_text())
         assets = LinuxAssets(directory / manifest["kernel"], directory / manifest["initrd"],
                              manifest["kernel_version"], tuple(manifest["modules"]))
+        if manifest.get("initramfs_version") != INITRAMFS_VERSION:
+            return None
     except (OSError, ValueError, KeyError):
         return None
     if not (assets.kernel.is_file() and assets.initrd.is_file()):
@@ -150,7 +156,7 @@ def fetch_linux_assets(directory: Path | None = None) -> LinuxAssets:
         initrd = directory / f"initramfs-{kernel_version}.cpio.gz"
         shutil.copyfile(kernels[0], kernel)
         initrd.write_bytes(initramfs)
-    manifest = {"kernel": kernel.name, "initrd": initrd.name, "kernel_version": kernel_version,
+    manifest = {"initramfs_version": INITRAMFS_VERSION, "kernel": kernel.name, "initrd": initrd.name, "kernel_version": kernel_version,
                 "modules": module_paths, "kernel_package": kernel_deb.name,
                 "busybox_package": busybox_deb.name}
     temporary = directory / (MANIFEST + ".tmp")
@@ -170,6 +176,9 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+for module in /lib/modules/pvpanic.ko /lib/modules/pvpanic-mmio.ko; do
+    [ -f $module ] && insmod $module
+done
 echo "{MARKER}"
 # One byte to pyvmm's boot-timer port ({BOOT_TIMER_PORT:#x}): /dev/port offset = port number.
 printf '\\001' | dd of=/dev/port bs=1 seek={BOOT_TIMER_PORT} count=1 conv=notrunc 2>/dev/null
@@ -279,6 +288,12 @@ def build_initramfs(busybox: Path, module_root: Path | None = None) -> tuple[byt
         path = f"lib/modules/{name}.ko"
         cpio.file(path, modules[name])
         paths.append("/" + path)
+    if module_root is not None:
+        for name in PVPANIC_MODULES:
+            found = sorted(module_root.rglob(f"{name}.ko"))
+            if not found:
+                sys.exit(f"tests.assets: module {name}.ko not found under {module_root}")
+            cpio.file(f"lib/modules/{name}.ko", found[0].read_bytes())
     cpio.file("lib/modules/virtio.order", "".join(p + "\n" for p in paths).encode())
     return gzip.compress(cpio.finish(), compresslevel=6, mtime=0), paths
 
