@@ -1,22 +1,14 @@
 /* Real mode: print, then halt with interrupts off. With no interrupt
  * controller nothing can wake the vCPU, so pyvmm stops the VM with status 0. */
+    .include "realmode.inc"
     .code16
     .globl _start
 _start:
-    mov %cs, %ax
-    mov %ax, %ds
-    mov $message, %si
-    mov $0x3f8, %dx
-1:  lodsb
-    test %al, %al
-    jz 2f
-    out %al, %dx
-    jmp 1b
-2:  cli
+    SETUP_DATA_SEGMENT
+    PRINT16 message
+    cli
     hlt
-    /* Not reached: a wake-up would land here and exit with a telltale status. */
-    mov $0x77, %al
-    out %al, $0xf4
+    EXIT16 0x77         /* not reached: a wake-up would exit with this telltale status */
 
 message:
     .asciz "halting\n"

@@ -1,6 +1,7 @@
 /* Real mode: reads from a port no device claims return all ones, for `in`
  * of each size and for `rep insb`; writes there vanish. Prints "unclaimed ok"
  * and exits 0, or exits 1 at the first wrong value. */
+    .include "realmode.inc"
     .code16
     .globl _start
     .set PORT, 0x2a0
@@ -26,18 +27,10 @@ _start:
     rep insb
     cmpl $0xffffffff, buffer
     jne fail
-    mov $message, %si
-    mov $0x3f8, %dx
-1:  lodsb
-    test %al, %al
-    jz 2f
-    out %al, %dx
-    jmp 1b
-2:  xor %al, %al
-    out %al, $0xf4
+    PRINT16 message
+    EXIT16 0
 fail:
-    mov $1, %al
-    out %al, $0xf4
+    EXIT16 1
 
 message:
     .asciz "unclaimed ok\n"
