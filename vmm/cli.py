@@ -104,4 +104,4 @@ cli.add_command(img)
 
 
 def main() -> None:
-    cli()
+    cli(prog_name="pyvmm")
