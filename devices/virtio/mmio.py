@@ -285,20 +285,26 @@ class VirtioMmioTransport:
                 return
             self._guarded(self.device.queue_notify, index)
 
-    def run_locked(self, work: Callable[..., object], *args: object) -> None:
-        """Run device work that the device started itself (host input), if the device is active."""
-        with self.lock:
-            if self.active:
-                self._guarded(work, *args)
+    def run_locked(self, work: Callable[..., object], *args: object, default: object = None) -> object:
+        """Run device work that the device started itself (host input), if the device is active.
 
-    def _guarded(self, work: Callable[..., object], *args: object) -> None:
+        Returns what `work` returned, or `default` when the device is not
+        active or the work broke a queue.
+        """
+        with self.lock:
+            if not self.active:
+                return default
+            return self._guarded(work, *args, default=default)
+
+    def _guarded(self, work: Callable[..., object], *args: object, default: object = None) -> object:
         try:
-            work(*args)
+            return work(*args)
         except VirtqueueError as err:
             self.device_error(str(err))
         except Exception as err:  # noqa: BLE001 - a device bug must cost the guest its device, not the VMM
             log.debug("virtio %s failed", self.name, exc_info=True)
             self.device_error(f"internal error: {err!r}")
+        return default
 
     def used_buffers(self, queue: Virtqueue) -> None:
         """The device put buffers on `queue`'s used ring: interrupt if the driver wants it."""
