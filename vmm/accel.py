@@ -85,6 +85,21 @@ class VirtualMachine(ABC):
     def irq_line(self, gsi: int) -> IrqLine:
         """An interrupt input of the platform's interrupt controllers (ISA IRQ n is GSI n)."""
 
+    # Optional fast paths for devices served by an I/O thread (virtio). An
+    # accelerator without them returns None and the device falls back to
+    # MMIO exits on the vCPU thread and to `irq_line`.
+
+    def notifier(self, address: int, size: int, datamatch: int) -> int | None:
+        """An eventfd signalled, instead of an MMIO exit, when the guest writes the `size`-byte
+        value `datamatch` to MMIO `address`; owned by the VM. None if unsupported."""
+        return None
+
+    def irq_eventfds(self, gsi: int) -> tuple[int, int] | None:
+        """(trigger, resample) eventfds for level-triggered `gsi`, owned by the VM: writing
+        `trigger` asserts the line until the guest's EOI, then the line drops and `resample`
+        is signalled so the device can assert it again if it still needs service. None if unsupported."""
+        return None
+
     @abstractmethod
     def close(self) -> None: ...
 

@@ -7,6 +7,7 @@ vmm/exits.py, which the exit loop (vmm/vcpu_thread.py) dispatches.
 
 from __future__ import annotations
 
+import os
 import signal
 import struct
 import threading
@@ -114,6 +115,7 @@ class KvmVm(VirtualMachine):
         self.platform = platform
         self.fd = system.create_vm()
         self._vcpus: list[KvmVcpu] = []
+        self._eventfds: list[int] = []  # handed out by notifier() / irq_eventfds()
         try:
             max_vcpus = system.check_extension(k.KVM_CAP_MAX_VCPUS) or system.check_extension(k.KVM_CAP_NR_VCPUS)
             if platform.cpus > max_vcpus:
@@ -149,11 +151,42 @@ class KvmVm(VirtualMachine):
             raise PyvmmError("this machine has no interrupt controller")
         return KvmIrqLine(self.fd, gsi)
 
+    def notifier(self, address: int, size: int, datamatch: int) -> int | None:
+        if not self.fd.system.check_extension(k.KVM_CAP_IOEVENTFD):
+            return None
+        eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            self.fd.ioeventfd(eventfd, address, size, datamatch=datamatch)
+        except PyvmmError:
+            os.close(eventfd)
+            return None
+        self._eventfds.append(eventfd)
+        return eventfd
+
+    def irq_eventfds(self, gsi: int) -> tuple[int, int] | None:
+        system = self.fd.system
+        if not (self.platform.irqchip and system.check_extension(k.KVM_CAP_IRQFD)
+                and system.check_extension(k.KVM_CAP_IRQFD_RESAMPLE)):
+            return None
+        trigger = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        resample = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            self.fd.irqfd(trigger, gsi, resamplefd=resample)
+        except PyvmmError:
+            os.close(trigger)
+            os.close(resample)
+            return None
+        self._eventfds += [trigger, resample]
+        return trigger, resample
+
     def close(self) -> None:
         for vcpu in self._vcpus:
             vcpu.close()
         self._vcpus.clear()
         self.fd.close()
+        for eventfd in self._eventfds:  # KVM dropped its references with the VM fd
+            os.close(eventfd)
+        self._eventfds.clear()
 
 
 class KvmVcpu(Vcpu):
