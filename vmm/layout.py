@@ -13,6 +13,10 @@ HIGH_RAM_START = MMIO_HOLE_END
 # Virtio-mmio device windows (one page each), from the start of the hole.
 VIRTIO_MMIO_BASE = MMIO_HOLE_START
 VIRTIO_MMIO_SIZE = 0x1000
+# Their interrupts: one GSI each, the I/O APIC pins 16-23 that no ISA device
+# uses (as QEMU's microvm does with ACPI), level-triggered, active high.
+VIRTIO_MMIO_IRQ_BASE = 16
+VIRTIO_MMIO_MAX_DEVICES = 8
 
 IOAPIC_BASE = 0xFEC0_0000
 LAPIC_BASE = 0xFEE0_0000
