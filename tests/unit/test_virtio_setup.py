@@ -1,0 +1,242 @@
+"""Option parsing and machine wiring of the virtio devices, with fake VMs for both dispatch paths."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+import pytest
+
+from devices.base import NullIrqLine
+from devices.virtio import blk
+from devices.virtio import mmio as r
+from devices.virtio.eventfd_irq import ResamplingIrqLine
+from tests.unit.virtio_driver import Buffer, FakeDriver
+from vmm import layout
+from vmm.accel import MachineIo
+from vmm.bus import Bus
+from vmm.errors import PyvmmError
+from vmm.memory import GuestMemory
+from vmm.virtio_setup import (
+    DiskSpec,
+    NetSpec,
+    VirtioSpecs,
+    add_virtio_devices,
+    parse_console,
+    parse_disk,
+    parse_net,
+)
+
+# -- parsing -----------------------------------------------------------------------------
+
+
+def test_parse_disk():
+    assert parse_disk("a.img") == DiskSpec("a.img")
+    assert parse_disk("/x/b.qcow2,format=qcow2,readonly=on,serial=SN-1") == \
+        DiskSpec("/x/b.qcow2", "qcow2", True, "SN-1")
+    assert parse_disk("c,readonly=off").readonly is False
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "path comes first"),
+    ("a,format=vmdk", "raw or qcow2"),
+    ("a,readonly=maybe", "on or off"),
+    ("a,serial=" + "x" * 21, "at most 20"),
+    ("a,cache=none", "unknown option 'cache'"),
+    ("a,readonly", "KEY=VALUE"),
+    ("a,serial=1,serial=2", "given twice"),
+])
+def test_parse_disk_errors(text, message):
+    with pytest.raises(PyvmmError, match=message):
+        parse_disk(text)
+
+
+def test_parse_net():
+    assert parse_net("tap=tap0") == NetSpec(tap="tap0")
+    assert parse_net("tap=tap1,mac=52:54:00:AB:cd:01").mac == bytes.fromhex("525400abcd01")
+    assert parse_net("socket=listen:/tmp/n.sock") == NetSpec(socket_mode="listen", socket_path="/tmp/n.sock")
+    assert parse_net("socket=connect:rel/path").socket_mode == "connect"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tap=", "name is missing"),
+    ("user", "KEY=VALUE"),
+    ("tap=a,socket=listen:/x", "exactly one"),
+    ("socket=dial:/x", "socket=listen:PATH"),
+    ("socket=listen:", "socket=listen:PATH"),
+    ("tap=a,mac=01:00:5e:00:00:01", "multicast"),
+    ("tap=a,mac=zz", "six hex bytes"),
+    ("tap=a,vhost=on", "unknown option"),
+])
+def test_parse_net_errors(text, message):
+    with pytest.raises(PyvmmError, match=message):
+        parse_net(text)
+
+
+def test_parse_console():
+    assert parse_console("virtio") is True
+    assert parse_console("serial") is False
+    with pytest.raises(PyvmmError):
+        parse_console("vga")
+
+
+# -- wiring --------------------------------------------------------------------------------
+
+
+class SoftwareVm:
+    """A VM with interrupt lines but no eventfd paths (like the software CPU)."""
+
+    def __init__(self) -> None:
+        self.lines: dict[int, NullIrqLine] = {}
+
+    def irq_line(self, gsi):
+        return self.lines.setdefault(gsi, NullIrqLine())
+
+    def notifier(self, address, size, datamatch):
+        return None
+
+    def irq_eventfds(self, gsi):
+        return None
+
+
+class EventfdVm(SoftwareVm):
+    """A VM that hands out eventfds the way KVM does; the test plays KVM's part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notifiers: dict[tuple[int, int], int] = {}
+        self.irqfds: dict[int, tuple[int, int]] = {}
+
+    def notifier(self, address, size, datamatch):
+        fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.notifiers[(address, datamatch)] = fd
+        return fd
+
+    def irq_eventfds(self, gsi):
+        fds = (os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK))
+        self.irqfds[gsi] = fds
+        return fds
+
+
+@pytest.fixture
+def disk(tmp_path):
+    path = tmp_path / "d.raw"
+    path.write_bytes(b"\x11" * 512 + bytes(64 * 1024 - 512))
+    return str(path)
+
+
+def build(vm, specs):
+    memory = GuestMemory(16 << 20)
+    io = MachineIo(pio=Bus("pio"), mmio=Bus("mmio"))
+    devices = add_virtio_devices(io, memory, vm, specs, irqchip=True, console_writer=lambda data: None)
+    return devices, io, memory
+
+
+def test_devices_get_consecutive_windows_and_gsis(disk, tmp_path):
+    specs = VirtioSpecs(disks=[DiskSpec(disk), DiskSpec(disk, readonly=True, serial="ro")],
+                        nets=[NetSpec(socket_mode="listen", socket_path=str(tmp_path / "s"))],
+                        console=True, rng=True)
+    devices, io, _ = build(SoftwareVm(), specs)
+    try:
+        base, irq = layout.VIRTIO_MMIO_BASE, layout.VIRTIO_MMIO_IRQ_BASE
+        assert [(w.base, w.size, w.irq) for w in devices.windows] == [
+            (base + i * 0x1000, 0x1000, irq + i) for i in range(5)]
+        ids = [io.mmio.read(w.base + r.DEVICE_ID, 4) for w in devices.windows]
+        assert ids == [2, 2, 1, 3, 4]
+        assert devices.console is not None
+        assert devices.cmdline_fragments()[0] == f"virtio_mmio.device=4K@{base:#x}:{irq}"
+        assert len(devices.stats_lines()) == 5
+    finally:
+        devices.close()
+
+
+def test_too_many_devices_is_a_user_error(disk):
+    with pytest.raises(PyvmmError, match="supports 8"):
+        build(SoftwareVm(), VirtioSpecs(disks=[DiskSpec(disk, readonly=True)] * 9))
+
+
+def test_missing_disk_is_a_user_error(tmp_path):
+    with pytest.raises(PyvmmError, match="no such file"):
+        build(SoftwareVm(), VirtioSpecs(disks=[DiskSpec(str(tmp_path / "nope.img"))]))
+
+
+def read_request(driver: FakeDriver, queue) -> tuple[int, int]:
+    header = driver.heap.alloc(16, data=struct.pack("<IIQ", blk.T_IN, 0, 0))
+    data = driver.heap.alloc(512)
+    status = driver.heap.alloc(1, data=b"\xff")
+    queue.add([Buffer(header, 16), Buffer(data, 512, True), Buffer(status, 1, True)], kick=False)
+    return data, status
+
+
+class BusTransport:
+    """The driver's view of a device through the MMIO bus."""
+
+    def __init__(self, bus: Bus, base: int) -> None:
+        self.bus, self.base = bus, base
+
+    def read(self, offset, size):
+        return self.bus.read(self.base + offset, size)
+
+    def write(self, offset, size, value):
+        self.bus.write(self.base + offset, size, value)
+
+
+def test_software_path_serves_kicks_on_the_calling_thread(disk):
+    vm = SoftwareVm()
+    devices, io, memory = build(vm, VirtioSpecs(disks=[DiskSpec(disk)]))
+    try:
+        window = devices.windows[0]
+        driver = FakeDriver(BusTransport(io.mmio, window.base), memory)
+        (queue,) = driver.start(1)
+        data, status = read_request(driver, queue)
+        queue.kick()  # an MMIO write: served before it returns
+        assert memory.read_u8(status) == blk.S_OK and memory.read(data, 4) == b"\x11" * 4
+        assert vm.lines[window.irq].level
+    finally:
+        devices.close()
+
+
+def wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_eventfd_path_serves_kicks_on_the_io_thread(disk):
+    vm = EventfdVm()
+    devices, io, memory = build(vm, VirtioSpecs(disks=[DiskSpec(disk)]))
+    devices.start()
+    try:
+        window = devices.windows[0]
+        driver = FakeDriver(BusTransport(io.mmio, window.base), memory)
+        (queue,) = driver.start(1)
+        assert isinstance(devices.transports[0].irq, ResamplingIrqLine)
+        trigger, resample = vm.irqfds[window.irq]
+        data, status = read_request(driver, queue)
+        # KVM would signal the ioeventfd instead of exiting for the QueueNotify write.
+        os.eventfd_write(vm.notifiers[(window.base + r.QUEUE_NOTIFY, 0)], 1)
+        assert wait_for(lambda: memory.read_u8(status) == blk.S_OK)
+        assert os.eventfd_read(trigger) >= 1  # the interrupt went out through the irqfd
+        # The guest EOIs before acknowledging: KVM resamples, the device re-asserts.
+        os.eventfd_write(resample, 1)
+        assert wait_for(lambda: _readable(trigger))
+        driver.ack_interrupt()
+        os.eventfd_read(trigger)
+        os.eventfd_write(resample, 1)  # after the acknowledgement: no new interrupt
+        time.sleep(0.05)
+        assert not _readable(trigger)
+    finally:
+        devices.close()
+
+
+def _readable(fd: int) -> bool:
+    try:
+        value = os.eventfd_read(fd)
+    except BlockingIOError:
+        return False
+    os.eventfd_write(fd, value)
+    return True
