@@ -8,7 +8,8 @@ Real assets (`python -m tests.assets`, or `make test-assets`):
   last, so an interrupted fetch is never mistaken for a finished one.
 
   The initramfs's /init mounts proc, sys and dev, prints "pyvmm-init: reached",
-  writes one byte to pyvmm's boot-timer port through /dev/port, and hands over
+  writes one byte to pyvmm's boot-timer port (through /dev/port, or /bin/boot-mark
+  where the kernel has no /dev/port), and hands over
   to busybox init, which runs a shell on the console (so `poweroff` works the
   usual way). The kernel's virtio modules are in /lib/modules/, with
   /lib/modules/virtio.order listing them in dependency order for insmod.
@@ -54,7 +55,7 @@ BUSYBOX_PACKAGE = "busybox-static"
 MARKER = "pyvmm-init: reached"
 MANIFEST = "manifest.json"
 # Bumped whenever the initramfs changes, so a cache built by older code is rebuilt.
-INITRAMFS_VERSION = 2
+INITRAMFS_VERSION = 3
 # Module names as the kernel spells them (virtio-rng has a dash), in no particular order.
 VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "virtio_net", "failover",
                   "net_failover", "virtio_console", "virtio-rng")
@@ -167,6 +168,38 @@ def fetch_linux_assets(directory: Path | None = None) -> LinuxAssets:
 
 # -- the initramfs -------------------------------------------------------------------------
 
+# /bin/boot-mark: ioperm() the boot-timer port, write 1 to it, exit. x86-64 Linux,
+# no libc, assembled with binutils when the initramfs is built.
+BOOT_MARK_SOURCE = f"""
+    .globl _start
+_start:
+    mov $173, %eax              # ioperm(port, 1, 1)
+    mov ${BOOT_TIMER_PORT}, %edi
+    mov $1, %esi
+    mov $1, %edx
+    syscall
+    test %rax, %rax
+    jnz 1f
+    mov ${BOOT_TIMER_PORT}, %dx
+    mov $1, %al
+    out %al, %dx
+    xor %edi, %edi
+    jmp 2f
+1:  mov $1, %edi
+2:  mov $60, %eax               # exit(status)
+    syscall
+"""
+
+
+def build_boot_mark() -> bytes:
+    with tempfile.TemporaryDirectory() as scratch:
+        source, obj, binary = (Path(scratch) / name for name in ("boot-mark.S", "boot-mark.o", "boot-mark"))
+        source.write_text(BOOT_MARK_SOURCE)
+        _run(["as", "--64", "-o", str(obj), str(source)])
+        _run(["ld", "-static", "-o", str(binary), str(obj)])
+        return binary.read_bytes()
+
+
 INIT_SCRIPT = f"""#!/bin/sh
 # pyvmm test initramfs. Set up the basics, report "userspace reached", then let
 # busybox init run a shell on the console (busybox init makes poweroff/reboot work).
@@ -180,12 +213,18 @@ for module in /lib/modules/pvpanic.ko /lib/modules/pvpanic-mmio.ko; do
     [ -f $module ] && insmod $module
 done
 echo "{MARKER}"
-# One byte to pyvmm's boot-timer port ({BOOT_TIMER_PORT:#x}): /dev/port offset = port number.
-printf '\\001' | dd of=/dev/port bs=1 seek={BOOT_TIMER_PORT} count=1 conv=notrunc 2>/dev/null
+# One byte to pyvmm's boot-timer port ({BOOT_TIMER_PORT:#x}): through /dev/port where the kernel
+# has it (offset = port number), else with a three-instruction program (Debian's cloud
+# kernel is built without CONFIG_DEVPORT).
+if [ -c /dev/port ]; then
+    printf '\\001' | dd of=/dev/port bs=1 seek={BOOT_TIMER_PORT} count=1 conv=notrunc 2>/dev/null
+else
+    /bin/boot-mark
+fi
 exec /bin/busybox init
 """
 
-INITTAB = """::respawn:-/bin/cttyhack /bin/sh
+INITTAB = """::respawn:-/bin/cttyhack /bin/sh -l
 ::ctrlaltdel:/bin/reboot
 ::shutdown:/bin/sync
 """
@@ -273,6 +312,7 @@ def build_initramfs(busybox: Path, module_root: Path | None = None) -> tuple[byt
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
     cpio.symlink("bin/sh", "busybox")
     cpio.file("init", INIT_SCRIPT.encode(), 0o755)
+    cpio.file("bin/boot-mark", build_boot_mark(), 0o755)
     cpio.file("etc/inittab", INITTAB.encode())
     cpio.file("etc/profile", PROFILE.encode())
 
