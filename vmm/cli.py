@@ -19,6 +19,7 @@ from vmm.config import DEFAULT_CMDLINE, MachineConfig, parse_size
 from vmm.cpu_features import parse_feature_edits
 from vmm.errors import PyvmmError
 from vmm.image.cli import img
+from vmm.virtio_setup import VirtioSpecs, parse_console, parse_disk, parse_net
 
 
 def fail(message: str, status: int = exit_status.ERROR) -> None:
@@ -51,8 +52,20 @@ def cli(verbose: int) -> None:
 @click.option("--guest-decompress", is_flag=True,
               help="Let a bzImage decompress itself in the guest instead of on the host.")
 @click.option("--stats", is_flag=True, help="Print exit, device and boot-time figures when the VM stops.")
+@click.option("--disk", "disks", multiple=True, metavar="PATH[,format=raw|qcow2][,readonly=on][,serial=ID]",
+              help="A virtio-blk disk (repeatable).")
+@click.option("--net", "nets", multiple=True, metavar="tap=NAME|socket=listen:PATH|socket=connect:PATH[,mac=MAC]",
+              help="A virtio-net NIC on a TAP device or a unix socket to another pyvmm (repeatable).")
+@click.option("--console", "console_kind", default="serial", show_default=True, metavar="serial|virtio",
+              help="Connect the terminal to the serial port (ttyS0) or to virtio-console (hvc0).")
+@click.option("--rng", is_flag=True, help="A virtio-rng device fed from the host's random source.")
+@click.option("--virtio-cmdline", is_flag=True,
+              help="Also list the virtio devices as virtio_mmio.device= kernel parameters "
+                   "(for kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI).")
 def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Path | None, memory: str,
-         cpus: int, accel: str, cpu_features: str, guest_decompress: bool, stats: bool) -> None:
+         cpus: int, accel: str, cpu_features: str, guest_decompress: bool, stats: bool,
+         disks: tuple[str, ...], nets: tuple[str, ...], console_kind: str, rng: bool,
+         virtio_cmdline: bool) -> None:
     """Boot a guest; exits with the guest's status (see the README)."""
     from vmm.machine import run_machine
 
@@ -60,7 +73,9 @@ def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Pa
         config = MachineConfig(
             memory=parse_size(memory, what="--memory"), cpus=cpus, accel=accel, flat=flat,
             kernel=kernel, initrd=initrd, cmdline=cmdline, guest_decompress=guest_decompress,
-            cpu_features=parse_feature_edits(cpu_features), stats=stats)
+            cpu_features=parse_feature_edits(cpu_features), stats=stats,
+            virtio=VirtioSpecs(disks=[parse_disk(d) for d in disks], nets=[parse_net(n) for n in nets],
+                               console=parse_console(console_kind), rng=rng, cmdline_devices=virtio_cmdline))
         with _stop_on_signals():
             status = run_machine(config)
     except PyvmmError as err:

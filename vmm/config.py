@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vmm.cpu_features import FeatureEdit
 from vmm.errors import PyvmmError
+from vmm.virtio_setup import VirtioSpecs
 
 _SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -42,6 +43,8 @@ class MachineConfig:
     cpu_features: list[FeatureEdit] = field(default_factory=list)
     stats: bool = False
     kvm_device: str = "/dev/kvm"
+    # --disk, --net, --console virtio, --rng (vmm/virtio_setup.py).
+    virtio: VirtioSpecs = field(default_factory=VirtioSpecs)
 
     @property
     def is_linux(self) -> bool:
@@ -64,6 +67,8 @@ class MachineConfig:
             raise PyvmmError("--flat and --kernel exclude each other")
         if self.flat is not None and self.cpus > 1:
             raise PyvmmError("--flat guests run on one vCPU (they have no interrupt controller to start others)")
+        if self.kernel is None and self.virtio.count:
+            raise PyvmmError("--disk, --net, --console virtio and --rng need --kernel")
         if self.kernel is None and (self.initrd is not None or self.cmdline is not None):
             raise PyvmmError("--initrd and --cmdline need --kernel")
         for option, path in (("--flat", self.flat), ("--kernel", self.kernel), ("--initrd", self.initrd)):

@@ -36,6 +36,7 @@ from vmm.errors import PyvmmError
 from vmm.lifecycle import StopController
 from vmm.memory import GuestMemory
 from vmm.vcpu_thread import VcpuThread
+from vmm.virtio_setup import VirtioDevices, add_virtio_devices
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Machine:
         self.vm = None
         self.vcpus = []
         self.userspace_reached: float | None = None
+        self.virtio: VirtioDevices | None = None
         self.accel_name = "none"
 
     # -- building ------------------------------------------------------------
@@ -109,6 +111,10 @@ class Machine:
         pio.register(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug-exit")
         pio.register(layout.POST_CODE_PORT, 1, SilentDevice(), "post-code")
         register_legacy_ports(pio, reset)
+        if self.config.virtio.count:
+            self.virtio = add_virtio_devices(self.io, self.memory, self.vm, self.config.virtio, irqchip=irqchip,
+                                             console_writer=self.console.write,
+                                             console_room_available=self.console.room_available)
         if self.config.flat is not None:
             self.io.mmio.register(layout.TEST_DEVICE_BASE, TEST_DEVICE_SIZE, ScratchDevice(), "scratch")
 
@@ -138,18 +144,27 @@ class Machine:
 
             additions = [p for p in quirks.linux_cmdline_additions() if p not in cmdline.split()]
             cmdline = " ".join([cmdline, *additions]).strip()
+        if self.virtio is not None:
+            if self.config.cmdline is None and self.virtio.console is not None:
+                cmdline += " console=hvc0"  # the kernel's console follows the host terminal
+            if self.config.virtio.cmdline_devices:
+                cmdline = " ".join([cmdline, *self.virtio.cmdline_fragments()])
         return cmdline
 
     def _load_linux(self) -> CpuState:
         config = self.config
-        rsdp = build_acpi_tables(self.memory, config.cpus)
+        rsdp = build_acpi_tables(self.memory, config.cpus,
+                                 virtio_devices=self.virtio.windows if self.virtio else ())
         return load_linux(self.memory, config.kernel, config.initrd, self.kernel_cmdline(), rsdp,
                           direct=not config.guest_decompress)
 
     # -- running -------------------------------------------------------------
 
     def run(self) -> int:
-        self.console.start(self.uart.receive)
+        virtio_console = self.virtio.console if self.virtio else None
+        self.console.start(virtio_console.receive if virtio_console else self.uart.receive)
+        if self.virtio:
+            self.virtio.start()
         for vcpu in self.vcpus:
             thread = VcpuThread(vcpu, self.io, self.stop)
             self.threads.append(thread)
@@ -166,6 +181,8 @@ class Machine:
             if thread.is_alive():
                 log.warning("%s did not stop within %.0f s", thread.name, VCPU_JOIN_TIMEOUT)
         self.console.stop()
+        if self.virtio is not None and not any(thread.is_alive() for thread in self.threads):
+            self.virtio.close()  # flushes the disks
         if any(thread.is_alive() for thread in self.threads):
             return  # a stuck thread may still use the VM and memory; the process exit frees them
         if self.vm is not None:
@@ -188,6 +205,8 @@ class Machine:
         for thread in self.threads:
             exits.update(thread.exit_counts)
         lines.append("  exits: " + (", ".join(f"{name} {n}" for name, n in exits.most_common()) or "none"))
+        if self.virtio:
+            lines.extend(self.virtio.stats_lines())
         for bus in (self.io.pio, self.io.mmio):
             for entry in bus.ranges:
                 if entry.accesses:

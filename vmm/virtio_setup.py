@@ -167,6 +167,7 @@ class VirtioDevices:
     transports: list[VirtioMmioTransport]
     loop: IoLoop
     console: VirtioConsole | None = None  # give `console.receive` to the host console
+    closed: bool = False
 
     def start(self) -> None:
         """Start the I/O thread; call before the vCPUs run."""
@@ -174,6 +175,9 @@ class VirtioDevices:
 
     def close(self) -> None:
         """Stop the I/O thread, then flush and close disks and backends; after the vCPUs stopped."""
+        if self.closed:
+            return
+        self.closed = True
         self.loop.stop()
         for transport in self.transports:
             try:
