@@ -1,0 +1,56 @@
+"""The Debian cloud kernel with the busybox initramfs, booted through the CLI.
+
+`--accel auto`: KVM where KVM can run Linux, the software CPU elsewhere (on
+the kvm_pvm development and CI hosts). Each test is one boot and checks as
+much as it can per boot: every boot costs tens of seconds on the software CPU.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.assets import MARKER
+from tests.boot.session import PROMPT, GuestSession
+
+
+@pytest.fixture
+def boot_linux(linux_assets):
+    sessions = []
+
+    def boot(*args: str) -> GuestSession:
+        session = GuestSession("--kernel", str(linux_assets.kernel), "--initrd", str(linux_assets.initrd),
+                               *args)
+        sessions.append(session)
+        return session
+
+    yield boot
+    for session in sessions:
+        session.close()
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_boots_to_a_shell_and_powers_off(boot_linux, cpus):
+    guest = boot_linux("--cpus", str(cpus), "--memory", "256M", "--stats")
+    guest.expect(MARKER)
+    guest.expect(PROMPT)
+    assert guest.run("nproc").strip() == str(cpus)
+    assert guest.run("grep -c ^processor /proc/cpuinfo").strip() == str(cpus)
+    mem_total_kib = int(re.search(r"MemTotal:\s+(\d+) kB", guest.run("cat /proc/meminfo")).group(1))
+    assert 200 * 1024 < mem_total_kib <= 256 * 1024
+    assert "self" in guest.run("ls /proc").split()
+    assert guest.run("for i in 1 2 3; do echo loop$i; done").split() == ["loop1", "loop2", "loop3"]
+    guest.send("poweroff")
+    status, stderr = guest.wait()
+    assert status == 0, stderr
+    assert re.search(r"boot timer: userspace reached [0-9.]+ s after pyvmm started", stderr)
+
+
+def test_kernel_panic_exits_with_the_panic_status(boot_linux):
+    guest = boot_linux()
+    guest.expect(PROMPT)
+    guest.send("echo c > /proc/sysrq-trigger")
+    status, stderr = guest.wait()
+    assert status == 4, stderr
+    assert "pyvmm: the guest kernel panicked" in stderr
