@@ -10,7 +10,7 @@ PYVMM  := $(VENV)/bin/pyvmm
 DEB_PACKAGES := binutils gcc make qemu-utils qemu-system-x86 acpica-tools e2fsprogs \
                 busybox-static cpio iproute2 python3-venv
 
-.PHONY: install deps demo test test-fast lint bench test-assets clean
+.PHONY: install deps demo demo-linux test test-fast lint bench test-assets clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,13 @@ demo: deps install
 	as --32 -o build/hello.o tests/guest/asm/hello.S
 	ld -m elf_i386 -Ttext=0 --oformat binary -o build/hello.bin build/hello.o
 	$(PYVMM) boot --flat build/hello.bin; status=$$?; echo "guest exited with status $$status"; [ $$status -eq 42 ]
+
+# Boot Debian's cloud kernel with the test initramfs to a shell on this terminal
+# (Ctrl-A x or `poweroff` to leave).
+demo-linux: deps install test-assets
+	$(PYVMM) boot --kernel $$($(PY) -c 'from tests.assets import find_linux_assets as f; print(f().kernel)') \
+		--initrd $$($(PY) -c 'from tests.assets import find_linux_assets as f; print(f().initrd)') \
+		--cpus 2 --stats
 
 test: deps install test-assets
 	$(PY) -m pytest -q
