@@ -25,7 +25,10 @@ once per engine) and changes only what the rest of the emulation decides:
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from vmm.cpu_features import FeatureEdit, apply_feature_edits
 
 # Leaf 1 ECX / EDX bits.
 ECX_MONITOR = 1 << 3
@@ -79,6 +82,7 @@ class CpuidOptions:
     local_apic: bool = False
     tsc_hz: int | None = None  # the guest's TSC frequency, if measured
     apic_timer_hz: int | None = None  # the local APIC timer's input clock
+    edits: list[FeatureEdit] = field(default_factory=list)  # the user's --cpu-features
 
 
 class CpuidProfile:
@@ -92,21 +96,29 @@ class CpuidProfile:
         handler = _LEAVES.get(leaf)
         if handler is None:
             return (0, 0, 0, 0)
-        return tuple(v & 0xFFFFFFFF for v in handler(self, vcpu, subleaf & 0xFFFFFFFF))
+        values = [v & 0xFFFFFFFF for v in handler(self, vcpu, subleaf & 0xFFFFFFFF)]
+        if self.options.edits:
+            apply_feature_edits({(leaf, subleaf): values}, self.options.edits)
+        return tuple(values)
 
     def _native(self, leaf: int, subleaf: int = 0) -> Registers:
         return self.native.get((leaf, subleaf), (0, 0, 0, 0))
 
     def _tsc_leaf(self) -> Registers | None:
+        """TSC = crystal * EBX / EAX. Linux computes crystal_khz * EBX in 32 bits, so
+        EBX is kept below 2^32 / crystal_khz: the closest fraction that fits."""
         tsc, crystal = self.options.tsc_hz, self.options.apic_timer_hz
-        if not tsc or not crystal or crystal > 0xFFFFFFFF:
+        if not tsc or not crystal or crystal > 0xFFFFFFFF or crystal % 1000:
             return None
-        # TSC = crystal * EBX / EAX; with EAX = crystal / 1 kHz the ratio is exact to 1 kHz.
-        denominator = crystal // 1000
-        numerator = tsc // 1000
-        if not denominator or numerator > 0xFFFFFFFF:
+        crystal_khz = crystal // 1000
+        max_numerator = 0xFFFFFFFF // crystal_khz
+        ratio = Fraction(tsc, crystal)
+        ratio = ratio.limit_denominator(max(1, int(max_numerator / ratio)))
+        while ratio.numerator > max_numerator:
+            ratio = ratio.limit_denominator(max(1, ratio.denominator - 1))
+        if not ratio.numerator:
             return None
-        return (denominator, numerator, crystal, 0)
+        return (ratio.denominator, ratio.numerator, crystal, 0)
 
     # -- leaves -------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ vCPU takes pending interrupts and lets other vCPUs have the CPU
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -71,6 +72,8 @@ class TcgVcpu(Vcpu):
         self._woken = False  # something became pending for this vCPU (under the scheduler lock)
         self._interrupts_enabled = False  # RFLAGS.IF when it halted
         self._masked_interrupt = False  # one was pending but IF was clear at the last slice start
+        self._in_guest = False  # inside emu_start
+        self._slice_thread = 0  # the thread running this vCPU's slices
 
     # -- the Vcpu interface ---------------------------------------------------------
 
@@ -114,12 +117,17 @@ class TcgVcpu(Vcpu):
             self.engine.stop_hook.request()
 
     def wake(self) -> None:
-        """Something became pending for this vCPU (any thread): end its sleep or its slice."""
+        """Something became pending for this vCPU (any thread): end its sleep or its slice.
+
+        A wake caused by this vCPU's own thread while it prepares a slice (its
+        timer found due while it looks for interrupts) needs no stop: the slice
+        has not started and the interrupt is looked at before it does.
+        """
         with self.scheduler.lock:
             self._woken = True
             self.turn.notify()
             running = self.scheduler.owner is self
-        if running:
+        if running and (self._in_guest or threading.get_ident() != self._slice_thread):
             self.engine.stop_hook.request()
 
     def receive_init(self) -> None:
@@ -188,16 +196,19 @@ class TcgVcpu(Vcpu):
         if self.kick_pending:  # checked after clearing, so a kick is never lost
             return None
         self.vm.running = self
+        self._slice_thread = threading.get_ident()
         try:
             if self.router is not None:
                 self._take_interrupt()
             # Armed after clearing the stop request, so that no alarm is lost.
             self._arm_ticker()
             if self._pending_exit is None:
+                self._in_guest = True
                 engine.start(engine.reg(x86.UC_X86_REG_RIP))
         except UcError as err:
             return self._emulation_failure(f"Unicorn stopped: {err}")
         finally:
+            self._in_guest = False
             self.vm.running = None
             self.vm.ticker.disarm()
         if self._pending_exit is not None:

@@ -18,7 +18,6 @@ import logging
 
 from devices.base import IrqLine, NullIrqLine
 from devices.interrupts import InterruptRouter
-from devices.lapic import DEFAULT_BUS_HZ
 from vmm.accel import MachineIo, PlatformOptions, VirtualMachine
 from vmm.layout import MMIO_HOLE_END, MMIO_HOLE_START
 from vmm.memory import GuestMemory
@@ -34,6 +33,10 @@ from vmm.tcg.vcpu import SLICE_NS, TcgVcpu
 log = logging.getLogger(__name__)
 
 PAGE = 0x1000
+# The local APIC timer's input clock, also announced as CPUID 0x15's crystal so
+# that Linux needs to calibrate neither the TSC nor the APIC timer. 25 MHz, as
+# on many Intel parts; it also keeps Linux's 32-bit crystal_khz * EBX from overflowing.
+LAPIC_TIMER_HZ = 25_000_000
 
 
 class TcgVirtualMachine(VirtualMachine):
@@ -51,7 +54,8 @@ class TcgVirtualMachine(VirtualMachine):
         self.delivery = InterruptDelivery(self.engine, memory)
         self.cpuid = CpuidProfile(self.engine.native_cpuid, CpuidOptions(
             cpus=platform.cpus, local_apic=platform.irqchip, tsc_hz=self.engine.tsc_hz,
-            apic_timer_hz=DEFAULT_BUS_HZ if platform.irqchip else None))
+            apic_timer_hz=LAPIC_TIMER_HZ if platform.irqchip else None,
+            edits=list(platform.cpu_features)))
         self.vcpus: dict[int, TcgVcpu] = {}
         self.running: TcgVcpu | None = None
         self.ticker = Ticker(self.engine.stop_hook.request)
@@ -59,8 +63,8 @@ class TcgVirtualMachine(VirtualMachine):
         # The emulated PIC/PIT/I/O APIC/local APICs that KVM would keep in the kernel.
         self.router: InterruptRouter | None = None
         if platform.irqchip:
-            self.router = InterruptRouter(platform.cpus, wake_cpu=self._wake_cpu,
-                                          on_init=self._on_init, on_sipi=self._on_sipi)
+            self.router = InterruptRouter(platform.cpus, wake_cpu=self._wake_cpu, on_init=self._on_init,
+                                          on_sipi=self._on_sipi, lapic_bus_hz=LAPIC_TIMER_HZ)
             self.router.attach(io.pio, io.mmio, current_cpu=lambda: self.running.index)
         # The reset state every new vCPU starts from.
         self._pristine = ContextBuffer(uclib, self.engine.handle)
