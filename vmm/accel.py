@@ -12,6 +12,7 @@ Ownership follows creation: an `Accelerator` creates `VirtualMachine`s, a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from devices.base import IrqLine
@@ -66,6 +67,11 @@ class Vcpu(ABC):
     @abstractmethod
     def kick(self) -> None:
         """From any thread: make the current or next `run` return `Interrupted` promptly."""
+
+    def dispatched_io_counts(self) -> Mapping[str, int]:
+        """Accesses the accelerator handed to the buses itself rather than as exits
+        (the software CPU dispatches from inside emulation), by exit name, for --stats."""
+        return {}
 
     @abstractmethod
     def registers(self) -> dict[str, int]:

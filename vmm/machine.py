@@ -204,6 +204,7 @@ class Machine:
         exits = Counter()
         for thread in self.threads:
             exits.update(thread.exit_counts)
+            exits.update(thread.vcpu.dispatched_io_counts())
         lines.append("  exits: " + (", ".join(f"{name} {n}" for name, n in exits.most_common()) or "none"))
         if self.virtio:
             lines.extend(self.virtio.stats_lines())

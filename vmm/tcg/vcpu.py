@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -139,6 +140,9 @@ class TcgVcpu(Vcpu):
     def receive_sipi(self, vector: int) -> None:
         self._sipi_vector = vector
         self.wake()
+
+    def dispatched_io_counts(self) -> Mapping[str, int]:
+        return self.io.counts
 
     def registers(self) -> dict[str, int]:
         with self._owning_cpu():
