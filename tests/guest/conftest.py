@@ -11,6 +11,7 @@ import importlib.util
 
 import pytest
 
+from tests.guest.kernel.build import build_test_kernel
 from tests.helpers import GUEST_ASM, assemble, kvm_usable
 
 ACCELERATORS = ["kvm"] + (["tcg"] if importlib.util.find_spec("vmm.tcg") else [])
@@ -39,3 +40,9 @@ def accel(request) -> str:
     if request.param == "kvm" and (reason := kvm_usable()):
         pytest.skip(reason)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def test_kernel(tmp_path_factory):
+    """The test kernel (tests/guest/kernel/), built into a bzImage."""
+    return build_test_kernel(tmp_path_factory.mktemp("testkernel"))

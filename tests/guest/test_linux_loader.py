@@ -13,13 +13,7 @@ import re
 
 import pytest
 
-from tests.guest.kernel.build import build_test_kernel
 from tests.helpers import run_pyvmm
-
-
-@pytest.fixture(scope="session")
-def test_kernel(tmp_path_factory):
-    return build_test_kernel(tmp_path_factory.mktemp("testkernel"))
 
 
 @pytest.fixture(scope="session")

@@ -56,3 +56,17 @@ def test_parse_feature_edits():
         FeatureEdit("avx", False), FeatureEdit("x2apic", True), FeatureEdit("pcid", True)]
     with pytest.raises(PyvmmError, match="unknown CPU feature 'warp'"):
         parse_feature_edits("-warp")
+
+
+def test_gsi_routing_matches_the_madt_override():
+    from vmm.kvm import uapi as k
+    from vmm.kvm.accel import pc_gsi_routing
+
+    routes = pc_gsi_routing()
+    ioapic = {gsi: pin for gsi, chip, pin in routes if chip == k.KVM_IRQCHIP_IOAPIC}
+    assert ioapic[0] == 2                       # the PIT: IRQ0 -> I/O APIC pin 2
+    assert ioapic[4] == 4 and ioapic[23] == 23  # everything else straight through
+    assert 2 not in ioapic                      # pin 2 has only the PIT
+    pics = {(gsi, chip, pin) for gsi, chip, pin in routes if chip != k.KVM_IRQCHIP_IOAPIC}
+    assert (0, k.KVM_IRQCHIP_PIC_MASTER, 0) in pics and (8, k.KVM_IRQCHIP_PIC_SLAVE, 0) in pics
+    assert not any(gsi == 2 for gsi, _, _ in pics)  # IRQ2 is the cascade

@@ -16,6 +16,8 @@ SIZES = {
     "struct kvm_cpuid2": 8,
     "struct kvm_userspace_memory_region": 32,
     "struct kvm_irq_level": 8,
+    "struct kvm_irq_routing_entry": 48,
+    "struct kvm_irq_routing": 8,
     "struct kvm_pit_config": 64,
     "struct kvm_irqfd": 32,
     "struct kvm_ioeventfd": 64,
@@ -66,6 +68,8 @@ OFFSETS = [
     ("struct kvm_ioeventfd", "fd", 20),
     ("struct kvm_ioeventfd", "flags", 24),
     ("struct kvm_translation", "valid", 16),
+    ("struct kvm_irq_routing_entry", "u", 16),
+    ("struct kvm_irq_routing", "entries", 8),
 ]
 
 # Offsets inside the kvm_run union members.

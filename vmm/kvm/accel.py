@@ -94,6 +94,28 @@ class KvmAccelerator(Accelerator):
         self.system.close()
 
 
+IOAPIC_PINS = 24
+
+
+def pc_gsi_routing() -> list[tuple[int, int, int]]:
+    """GSI -> (irqchip, pin) as on a PC and as our MADT describes it.
+
+    ISA IRQs 0-15 reach the 8259 pair (IRQ 2 is the cascade) and the I/O
+    APIC; IRQ 0, the PIT, reaches I/O APIC pin 2, which is the MADT's
+    interrupt source override. KVM's default routing sends GSI 0 to pin 0,
+    where Linux, reading the MADT, never looks.
+    """
+    routes = []
+    for gsi in range(16):
+        if gsi != 2:
+            chip = k.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else k.KVM_IRQCHIP_PIC_SLAVE
+            routes.append((gsi, chip, gsi % 8))
+    for gsi in range(IOAPIC_PINS):
+        if gsi != 2:
+            routes.append((gsi, k.KVM_IRQCHIP_IOAPIC, 2 if gsi == 0 else gsi))
+    return routes
+
+
 class KvmIrqLine:
     """An input pin of KVM's in-kernel 8259/IOAPIC pair."""
 
@@ -129,6 +151,7 @@ class KvmVm(VirtualMachine):
                 self.fd.set_user_memory_region(slot, region.guest_address, region.size, host_address)
             if platform.irqchip:
                 self.fd.create_irqchip()
+                self.fd.set_gsi_routing(pc_gsi_routing())
                 self.fd.create_pit2()
             self._supported_cpuid = system.supported_cpuid()
         except BaseException:

@@ -149,6 +149,14 @@ class VmFd:
         config = ffi.new("struct kvm_pit_config *", {"flags": k.KVM_PIT_SPEAKER_DUMMY})
         _ioctl(self.fd, ioctls.KVM_CREATE_PIT2, _ptr(config))
 
+    def set_gsi_routing(self, routes: list[tuple[int, int, int]]) -> None:
+        """Replace KVM's GSI routing with (gsi, irqchip, pin) entries."""
+        table = k.ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
+        for entry, (gsi, chip, pin) in zip(table.entries, routes, strict=True):
+            entry.gsi, entry.type = gsi, k.KVM_IRQ_ROUTING_IRQCHIP
+            entry.u.irqchip.irqchip, entry.u.irqchip.pin = chip, pin
+        _ioctl(self.fd, ioctls.KVM_SET_GSI_ROUTING, _ptr(table))
+
     def irq_line(self, irq: int, level: bool) -> None:
         line = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": int(level)})
         _ioctl(self.fd, ioctls.KVM_IRQ_LINE, _ptr(line), f"irq {irq}")

@@ -108,6 +108,28 @@ ffi.cdef(
         __u32 level;
     };
 
+    struct kvm_irq_routing_irqchip {
+        __u32 irqchip;
+        __u32 pin;
+    };
+
+    struct kvm_irq_routing_entry {
+        __u32 gsi;
+        __u32 type;
+        __u32 flags;
+        __u32 pad;
+        union {
+            struct kvm_irq_routing_irqchip irqchip;
+            __u32 pad[8];
+        } u;
+    };
+
+    struct kvm_irq_routing {
+        __u32 nr;
+        __u32 flags;
+        struct kvm_irq_routing_entry entries[];
+    };
+
     struct kvm_pit_config {
         __u32 flags;
         __u32 pad[15];
@@ -235,6 +257,10 @@ KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_IRQFD_RESAMPLE = 82
 
 KVM_PIT_SPEAKER_DUMMY = 1
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
 KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 KVM_IOEVENTFD_FLAG_PIO = 1 << 1
 KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2

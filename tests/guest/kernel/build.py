@@ -50,8 +50,10 @@ def build_test_kernel(output_dir: Path) -> Path:
         pytest.skip("gcc and binutils are needed to build the test kernel: apt-get install gcc binutils")
     elf = output_dir / "testkernel.elf"
     flat = output_dir / "testkernel.bin"
-    subprocess.run(["gcc", *CFLAGS, "-T", str(HERE / "kernel.ld"), "-o", str(elf),
-                    str(HERE / "entry.S"), str(HERE / "testkernel.c")], check=True, capture_output=True)
+    compiled = subprocess.run(["gcc", *CFLAGS, "-T", str(HERE / "kernel.ld"), "-o", str(elf),
+                               str(HERE / "entry.S"), str(HERE / "testkernel.c")], capture_output=True, text=True)
+    if compiled.returncode:
+        raise RuntimeError(f"building the test kernel failed:\n{compiled.stderr}")
     subprocess.run(["objcopy", "-O", "binary", str(elf), str(flat)], check=True, capture_output=True)
     # init_size must cover .bss, which objcopy does not write out.
     symbols = subprocess.run(["nm", str(elf)], check=True, capture_output=True, text=True).stdout

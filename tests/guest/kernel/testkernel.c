@@ -278,9 +278,194 @@ static void take_uart_interrupt(void) {
     say("uart irq: %s\n", uart_interrupts ? "taken through the ioapic" : "MISSING");
 }
 
+/* ---- CPU tests: exceptions, timers, ring 3 and SYSCALL (testkernel=cpu) --- */
+
+struct frame {
+    u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
+    u64 vector, error_code, rip, cs, rflags, rsp, ss;
+};
+
+extern char isr_13[], isr_14[], isr_0x30[], isr_0x31[], isr_0x80[];
+extern char probe_fixup[], syscall_entry[], user_main[];
+extern u64 probe_read(u64 address);
+extern u64 probe_write(u64 address);
+extern void enter_user(void *entry, void *stack);
+
+static u64 gdt[7] __attribute__((aligned(16)));
+static u8 tss[104] __attribute__((aligned(16)));
+static u8 ring0_stack[8192] __attribute__((aligned(16)));
+static u8 user_stack[8192] __attribute__((aligned(16)));
+static volatile int lapic_ticks, pit_ticks, int80_from_cpl[4];
+static volatile u64 last_cr2, last_error;
+
+static inline u64 rdmsr(u32 msr) {
+    u32 low, high;
+    __asm__ volatile("rdmsr" : "=a"(low), "=d"(high) : "c"(msr));
+    return low | ((u64)high << 32);
+}
+static inline void wrmsr(u32 msr, u64 value) {
+    __asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)value), "d"((u32)(value >> 32)));
+}
+
+static void set_gate(int vector, void *handler, int dpl) {
+    u64 h = (u64)handler;
+    idt[vector] = (struct idt_gate){(u16)h, 0x08, 0, (u8)(0x8E | (dpl << 5)), (u16)(h >> 16), (u32)(h >> 32), 0};
+}
+
+void isr_dispatch(struct frame *f) {
+    switch (f->vector) {
+    case 14: {
+        u64 cr2;
+        __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+        last_cr2 = cr2;
+        last_error = f->error_code;
+        f->rip = (u64)probe_fixup;      /* resume as if the probe returned -1 */
+        return;
+    }
+    case 13:
+        say("cpu: unexpected #GP at %x, error %x\n", f->rip, f->error_code);
+        power_off_via_debug_exit(1);
+        return;
+    case 0x30: lapic_ticks++; break;
+    case 0x31: pit_ticks++; break;
+    case 0x80: int80_from_cpl[f->cs & 3]++; return;   /* software interrupts take no EOI */
+    }
+    mmio_write32(LAPIC + 0xB0, 0);
+}
+
+static volatile u64 syscall_number, syscall_argument, syscall_user_rip;
+
+void syscall_handler(u64 number, u64 argument, u64 *stack) {
+    syscall_number = number;
+    syscall_argument = argument;
+    syscall_user_rip = stack[1];        /* RCX as SYSCALL saved it: the return address */
+}
+
+/* Our own GDT (the loader's has no ring-3 segments) with a TSS for ring 3 -> 0. */
+static void load_descriptor_tables(void) {
+    u64 base = (u64)tss;
+    gdt[1] = 0x00AF9A000000FFFFUL;      /* 0x08 kernel code */
+    gdt[2] = 0x00CF92000000FFFFUL;      /* 0x10 kernel data */
+    gdt[3] = 0x00CFF2000000FFFFUL;      /* 0x18 user data (DPL 3) */
+    gdt[4] = 0x00AFFA000000FFFFUL;      /* 0x20 user code (DPL 3) */
+    gdt[5] = 103 | ((base & 0xFFFFFF) << 16) | (0x89UL << 40) | (((base >> 24) & 0xFF) << 56);
+    gdt[6] = base >> 32;
+    *(u64 *)(tss + 4) = (u64)&ring0_stack[sizeof(ring0_stack)];   /* RSP0 */
+    *(u16 *)(tss + 102) = sizeof(tss);                            /* no I/O bitmap */
+    struct { u16 limit; u64 base; } __attribute__((packed)) gdtr = {sizeof(gdt) - 1, (u64)gdt};
+    __asm__ volatile(
+        "lgdt %0\n"
+        "pushq $0x08\n"
+        "lea 1f(%%rip), %%rax\n"
+        "pushq %%rax\n"
+        "lretq\n"
+        "1: mov $0x10, %%ax\n"
+        "mov %%ax, %%ds\n mov %%ax, %%es\n mov %%ax, %%ss\n"
+        "mov $0x28, %%ax\n ltr %%ax\n"
+        : : "m"(gdtr) : "rax", "memory");
+    set_gate(13, isr_13, 0);
+    set_gate(14, isr_14, 0);
+    set_gate(0x30, isr_0x30, 0);
+    set_gate(0x31, isr_0x31, 0);
+    set_gate(0x80, isr_0x80, 3);        /* DPL 3: user code may `int $0x80` */
+    struct { u16 limit; u64 base; } __attribute__((packed)) idtr = {sizeof(idt) - 1, (u64)idt};
+    __asm__ volatile("lidt %0" : : "m"(idtr));
+    say("cpu: gdt, tss and idt loaded\n");
+}
+
+static void test_page_faults(void) {
+    /* The loader maps the first 4 GiB; 5 GiB is not mapped. */
+    u64 value = probe_read(0x140000000UL);
+    say("pf: read returned %x, cr2 %x, error code %x\n", value, last_cr2, last_error);
+    value = probe_write(0x140001000UL);
+    say("pf: write returned %x, cr2 %x, error code %x\n", value, last_cr2, last_error);
+}
+
+static void wait_for_interrupts(volatile int *counter, int target) {
+    for (long i = 0; i < 20000000 && *counter < target; i++) __asm__ volatile("sti; hlt; cli");
+}
+
+static void test_timers(void) {
+    mmio_write32(LAPIC + 0xF0, 0x1FF);          /* LAPIC on, spurious vector 0xff */
+    mmio_write32(LAPIC + 0x80, 0);
+    outb(0x21, 0xff);                           /* 8259s masked: timers come through the APICs */
+    outb(0xa1, 0xff);
+    mmio_write32(LAPIC + 0x3E0, 0xB);           /* divide by 1 */
+    mmio_write32(LAPIC + 0x320, 0x30);          /* LVT timer: one-shot, vector 0x30 */
+    mmio_write32(LAPIC + 0x380, 1000000);
+    wait_for_interrupts(&lapic_ticks, 1);
+    say("timer: lapic one-shot %s\n", lapic_ticks == 1 ? "fired once" : "MISSING");
+    u32 self = mmio_read32(LAPIC + 0x20) >> 24;
+    ioapic_write(0x10 + 2 * 2 + 1, self << 24); /* I/O APIC pin 2 is the PIT (the MADT's IRQ0 override) */
+    ioapic_write(0x10 + 2 * 2, 0x31);
+    outb(0x43, 0x34);                           /* PIT channel 0, lobyte/hibyte, mode 2 */
+    outb(0x40, 1193 & 0xff);                    /* 1 ms */
+    outb(0x40, 1193 >> 8);
+    wait_for_interrupts(&pit_ticks, 3);
+    ioapic_write(0x10 + 2 * 2, 0x10000);        /* mask the pin again */
+    say("timer: pit through the ioapic %s\n", pit_ticks >= 3 ? "ticking" : "MISSING");
+}
+
+static void test_ring3(void) {
+    /* Let ring 3 use the first 2 MiB, where this image and its stacks live. */
+    u64 cr3;
+    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+    u64 *pml4 = (u64 *)(cr3 & ~0xFFFUL);
+    u64 *pdpt = (u64 *)(pml4[0] & ~0xFFFUL);
+    u64 *pd = (u64 *)(pdpt[0] & ~0xFFFUL);
+    pml4[0] |= 4;
+    pdpt[0] |= 4;
+    pd[0] |= 4;
+    __asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory");
+    wrmsr(0xC0000080, rdmsr(0xC0000080) | 1);             /* EFER.SCE */
+    wrmsr(0xC0000081, (0x10UL << 48) | (0x08UL << 32));   /* STAR: SYSRET base 0x10, SYSCALL CS 0x08 */
+    wrmsr(0xC0000082, (u64)syscall_entry);                /* LSTAR */
+    wrmsr(0xC0000084, 0x200);                             /* SFMASK: IF off in the kernel */
+    enter_user(user_main, &user_stack[sizeof(user_stack)]);
+    say("ring3: syscall %d with argument %d, returning to %x (user_main %x)\n",
+        syscall_number, syscall_argument, syscall_user_rip, (u64)user_main);
+    say("ring3: int 0x80 taken from cpl 3: %d times\n", (u64)int80_from_cpl[3]);
+    say("ring3: back in the kernel\n");
+}
+
+static void test_int80_in_ring0(void) {
+    say("int 0x80 from ring 0: trying\n");
+    __asm__ volatile("int $0x80");
+    say("int 0x80 from ring 0: taken %d times\n", (u64)int80_from_cpl[0]);
+}
+
+static int has_word(const char *text, const char *word);
+
+/* The tests named on the command line (test.pf test.timers test.ring3
+ * test.int80), in that order, then power off. */
+static void cpu_tests(const char *cmdline) {
+    load_descriptor_tables();
+    if (has_word(cmdline, "test.pf")) test_page_faults();
+    if (has_word(cmdline, "test.timers")) test_timers();
+    if (has_word(cmdline, "test.ring3")) test_ring3();
+    if (has_word(cmdline, "test.int80")) test_int80_in_ring0();
+    say("cpu: done\n");
+    outb((u16)sleep_control_port, (5 << 2) | (1 << 5));
+    power_off_via_debug_exit(1);
+}
+
+static int has_word(const char *text, const char *word) {
+    for (const char *p = text; *p; p++) {
+        const char *a = p, *b = word;
+        while (*a && *b && *a == *b) { a++; b++; }
+        if (!*b && (p == text || p[-1] == ' ') && (*a == 0 || *a == ' ')) return 1;
+    }
+    return 0;
+}
+
 /* ---- main -------------------------------------------------------------- */
 
 void kmain(u64 boot_params) {
+    u64 cmdline = BP_U32(boot_params, 0x228) | ((u64)BP_U32(boot_params, 0x0c8) << 32);
+    if (has_word((const char *)cmdline, "testkernel=cpu")) {
+        report_acpi(boot_params);   /* finds the I/O APIC and the sleep register */
+        cpu_tests((const char *)cmdline);
+    }
     report_boot_params(boot_params);
     report_acpi(boot_params);
     start_other_cpus();
