@@ -19,11 +19,11 @@ PROMPT = b"pyvmm# "
 
 
 class GuestSession:
-    def __init__(self, *args: str, timeout: float = 300) -> None:
+    def __init__(self, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> None:
         self.timeout = timeout
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vmm", "boot", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, cwd=REPO, start_new_session=True)
+            stderr=subprocess.PIPE, cwd=REPO, start_new_session=True, env={**os.environ, **(env or {})})
         self.output = b""
         self._consumed = 0
         self._selector = selectors.DefaultSelector()

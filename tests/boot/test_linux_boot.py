@@ -19,9 +19,9 @@ from tests.boot.session import PROMPT, GuestSession
 def boot_linux(linux_assets):
     sessions = []
 
-    def boot(*args: str) -> GuestSession:
+    def boot(*args: str, env: dict[str, str] | None = None) -> GuestSession:
         session = GuestSession("--kernel", str(linux_assets.kernel), "--initrd", str(linux_assets.initrd),
-                               *args)
+                               *args, env=env)
         sessions.append(session)
         return session
 
@@ -31,8 +31,11 @@ def boot_linux(linux_assets):
 
 
 @pytest.mark.parametrize("cpus", [1, 2])
-def test_boots_to_a_shell_and_powers_off(boot_linux, cpus):
-    guest = boot_linux("--cpus", str(cpus), "--memory", "256M", "--stats")
+def test_boots_to_a_shell_and_powers_off(boot_linux, cpus, tmp_path):
+    # With one vCPU, the host pretends to have no /dev/kvm: the same command
+    # must boot on the software CPU and say why.
+    hidden_kvm = {"PYVMM_KVM_DEVICE": str(tmp_path / "no-kvm")} if cpus == 1 else None
+    guest = boot_linux("--cpus", str(cpus), "--memory", "256M", "--stats", env=hidden_kvm)
     guest.expect(MARKER)
     guest.expect(PROMPT)
     assert guest.run("nproc").strip() == str(cpus)
@@ -45,6 +48,8 @@ def test_boots_to_a_shell_and_powers_off(boot_linux, cpus):
     status, stderr = guest.wait()
     assert status == 0, stderr
     assert re.search(r"boot timer: userspace reached [0-9.]+ s after pyvmm started", stderr)
+    if hidden_kvm:
+        assert stderr.startswith(f"pyvmm: using the software CPU: {tmp_path / 'no-kvm'} does not exist")
 
 
 def test_kernel_panic_exits_with_the_panic_status(boot_linux):
