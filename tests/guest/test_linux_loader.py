@@ -28,7 +28,7 @@ def boot(kernel, accel, *args):
     return result, result.stdout.decode(errors="replace")
 
 
-@pytest.mark.parametrize("cpus", [1, 4])
+@pytest.mark.parametrize("cpus", [1, 4, 32])
 def test_loader_hands_over_what_linux_needs(test_kernel, initrd, accel, cpus):
     result, out = boot(test_kernel, accel, "--initrd", str(initrd), "--cpus", str(cpus),
                        "--memory", "256M", "--cmdline", "console=ttyS0 pyvmm.test=1")
