@@ -10,6 +10,11 @@ Output goes to an injected writer (the host console). Input arrives through
 (vmm/console.py) delivers to: whatever the guest has no buffers for stays
 with the console, which tries again when `room_available` is called, which
 this device does whenever the guest posts receive buffers.
+
+Input is held back until the guest has written to the port once. Linux's
+driver posts its receive buffers before the port is registered, and input
+that arrives in that window is thrown away (in_intr() finds no port and
+flushes the buffers); a port the guest has written to is registered.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class VirtioConsole(VirtioDevice):
                  room_available: Callable[[], object] = lambda: None) -> None:
         self.writer = writer
         self.room_available = room_available
+        self.guest_has_written = False
 
     def config(self) -> bytes:
         # cols, rows (only with VIRTIO_CONSOLE_F_SIZE), max_nr_ports (with MULTIPORT), emerg_write.
@@ -43,6 +49,9 @@ class VirtioConsole(VirtioDevice):
 
     def activate(self) -> None:
         self.room_available()
+
+    def reset(self) -> None:
+        self.guest_has_written = False
 
     def queue_notify(self, index: int) -> None:
         if index == RECEIVE_QUEUE:
@@ -54,6 +63,9 @@ class VirtioConsole(VirtioDevice):
             queue.push(chain, 0)
             if data:
                 self.writer(data)
+                if not self.guest_has_written:
+                    self.guest_has_written = True
+                    self.room_available()  # input held back so far can go now
         self.transport.used_buffers(queue)
 
     def receive(self, data: bytes) -> int:
@@ -62,7 +74,7 @@ class VirtioConsole(VirtioDevice):
 
     def _fill_receive_buffers(self, data: bytes) -> int:
         queue = self.queue(RECEIVE_QUEUE)
-        if not queue.ready:
+        if not queue.ready or not self.guest_has_written:
             return 0
         taken = 0
         while taken < len(data) and (chain := queue.pop()) is not None:

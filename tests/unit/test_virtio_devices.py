@@ -88,6 +88,11 @@ def test_console_input_waits_for_receive_buffers():
     rx.add([Buffer(buf1, 4, True)])
     assert h.wakeups == wakeups + 1  # posting buffers wakes the host console
     rx.add([Buffer(buf2, 4, True)])
+    # Nothing yet: the guest has not written to the port, so it may not be registered.
+    assert h.device.receive(b"0123456789") == 0
+    out = h.driver.heap.alloc(2, data=b"$ ")
+    tx.add([Buffer(out, 2)])
+    assert h.wakeups == wakeups + 3  # the first output releases the held input
     assert h.device.receive(b"0123456789") == 8
     assert h.memory.read(buf1, 4) + h.memory.read(buf2, 4) == b"01234567"
     assert [length for _, length in rx.take_used()] == [4, 4]
