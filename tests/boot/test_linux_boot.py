@@ -59,3 +59,12 @@ def test_kernel_panic_exits_with_the_panic_status(boot_linux):
     status, stderr = guest.wait()
     assert status == 4, stderr
     assert "pyvmm: the guest kernel panicked" in stderr
+
+
+def test_reboot_reaches_the_vmm_and_exits_with_the_reset_status(boot_linux):
+    guest = boot_linux()
+    guest.expect(PROMPT)
+    guest.send("reboot -f")
+    status, stderr = guest.wait()
+    assert status == 7, stderr
+    assert "pyvmm: the guest asked for a reset" in stderr
