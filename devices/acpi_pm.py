@@ -12,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vmm.layout import (
-    ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_SLP_EN, ACPI_SLEEP_CONTROL_SLP_TYP_SHIFT, ACPI_SLP_TYP_S5,
+    ACPI_RESET_VALUE,
+    ACPI_SLEEP_CONTROL_SLP_EN,
+    ACPI_SLEEP_CONTROL_SLP_TYP_SHIFT,
+    ACPI_SLP_TYP_S5,
 )
 
 SLEEP_CONTROL, SLEEP_STATUS, RESET = 0, 1, 2
