@@ -21,11 +21,12 @@ metadata (nothing is written then), `UnsupportedImageError` for features
 this library refuses (encryption, external data files, subclusters).
 A virtio-blk device should turn them into VIRTIO_BLK_S_IOERR for that
 request and keep running. The contract is spelled out in `base.py`; the
-crash-consistency rules of qcow2 writes in `qcow2.py`.
+crash-consistency rules of qcow2 writes in `qcow2_write.py`.
 
-Modules: base (interface), raw, qcow2 (+ qcow2_format, qcow2_tables,
-qcow2_create, qcow2_check, compression), open (probing, backing chains,
-atomic creation), convert (convert, compare), info, sizes, cli.
+Modules: base (interface), raw, qcow2 (the image object; + qcow2_write,
+qcow2_refcounts, qcow2_format, qcow2_tables, qcow2_create, qcow2_check,
+compression), open (probing, backing chains, atomic creation), convert
+(convert, compare), info, sizes, cli.
 """
 
 from vmm.image.base import (

@@ -24,16 +24,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vmm.image.base import ImageError
-from vmm.image.qcow2 import COMPRESSED, NORMAL, ZERO, Qcow2Image, cluster_kind
+from vmm.image.qcow2 import Qcow2Image
 from vmm.image.qcow2_format import (
     AUTOCLEAR_BITMAPS,
+    COMPRESSED,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     L1E_RESERVED,
     L2E_RESERVED,
+    NORMAL,
     OFFSET_MASK,
     OFLAG_COPIED,
     REFT_RESERVED,
+    ZERO,
+    cluster_kind,
     decode_compressed,
 )
 from vmm.image.qcow2_tables import RefcountBlock, table_from_bytes

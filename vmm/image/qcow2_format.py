@@ -75,6 +75,15 @@ L1E_RESERVED = 0x7F00_0000_0000_01FF
 L2E_RESERVED = 0x3F00_0000_0000_01FE
 REFT_RESERVED = 0x0000_0000_0000_01FF
 
+# What a guest cluster's L2 entry says (see `cluster_kind`):
+#   UNALLOCATED  read from the backing image (zeros if there is none)
+#   ZERO         (version 3) reads as zeros, whatever the backing says
+#   NORMAL       host cluster at the given offset; with the COPIED flag its
+#                refcount is 1 and it may be written in place, without it
+#                (shared with an internal snapshot) a write copies it first
+#   COMPRESSED   a compressed cluster at a byte offset; writes copy it out
+UNALLOCATED, ZERO, NORMAL, COMPRESSED = range(4)
+
 _EXT_HEADER = struct.Struct(">II")
 
 
@@ -146,6 +155,15 @@ def l2_entries_bits(cluster_bits: int) -> int:
 def l1_entries_needed(size: int, cluster_bits: int) -> int:
     per_l1_entry = 1 << (cluster_bits + l2_entries_bits(cluster_bits))
     return -(-size // per_l1_entry)
+
+
+def cluster_kind(entry: int) -> int:
+    """UNALLOCATED, ZERO, NORMAL or COMPRESSED: what an L2 entry says about its cluster."""
+    if entry & OFLAG_COMPRESSED:
+        return COMPRESSED
+    if entry & OFLAG_ZERO:
+        return ZERO
+    return NORMAL if entry & OFFSET_MASK else UNALLOCATED
 
 
 def compressed_shift(cluster_bits: int) -> int:
