@@ -68,6 +68,7 @@ isr_\vector:
     ISR 0x30, 0
     ISR 0x31, 0
     ISR 0x80, 0
+    ISR 0x40, 0
 isr_common:
     push %rax
     push %rbx

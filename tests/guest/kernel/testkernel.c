@@ -285,7 +285,7 @@ struct frame {
     u64 vector, error_code, rip, cs, rflags, rsp, ss;
 };
 
-extern char isr_13[], isr_14[], isr_0x30[], isr_0x31[], isr_0x80[];
+extern char isr_13[], isr_14[], isr_0x30[], isr_0x31[], isr_0x80[], isr_0x40[];
 extern char probe_fixup[], syscall_entry[], user_main[];
 extern u64 probe_read(u64 address);
 extern u64 probe_write(u64 address);
@@ -297,6 +297,7 @@ static u8 ring0_stack[8192] __attribute__((aligned(16)));
 static u8 user_stack[8192] __attribute__((aligned(16)));
 static volatile int lapic_ticks, pit_ticks, int80_from_cpl[4];
 static volatile u64 last_cr2, last_error;
+static void virtio_interrupt(void);
 
 static inline u64 rdmsr(u32 msr) {
     u32 low, high;
@@ -329,6 +330,7 @@ void isr_dispatch(struct frame *f) {
     case 0x30: lapic_ticks++; break;
     case 0x31: pit_ticks++; break;
     case 0x80: int80_from_cpl[f->cs & 3]++; return;   /* software interrupts take no EOI */
+    case 0x40: virtio_interrupt(); break;
     }
     mmio_write32(LAPIC + 0xB0, 0);
 }
@@ -368,6 +370,7 @@ static void load_descriptor_tables(void) {
     set_gate(0x30, isr_0x30, 0);
     set_gate(0x31, isr_0x31, 0);
     set_gate(0x80, isr_0x80, 3);        /* DPL 3: user code may `int $0x80` */
+    set_gate(0x40, isr_0x40, 0);
     struct { u16 limit; u64 base; } __attribute__((packed)) idtr = {sizeof(idt) - 1, (u64)idt};
     __asm__ volatile("lidt %0" : : "m"(idtr));
     say("cpu: gdt, tss and idt loaded\n");
@@ -434,6 +437,112 @@ static void test_int80_in_ring0(void) {
     say("int 0x80 from ring 0: taken %d times\n", (u64)int80_from_cpl[0]);
 }
 
+/* ---- a minimal virtio-blk driver (testkernel=virtio) ------------------------ */
+
+/* virtio-mmio version 2 register offsets. */
+enum {
+    VIRTIO_MAGIC = 0x00, VIRTIO_VERSION = 0x04, VIRTIO_DEVICE_ID = 0x08, VIRTIO_DEVICE_FEATURES = 0x10,
+    VIRTIO_DEVICE_FEATURES_SEL = 0x14, VIRTIO_DRIVER_FEATURES = 0x20, VIRTIO_DRIVER_FEATURES_SEL = 0x24,
+    VIRTIO_QUEUE_SEL = 0x30, VIRTIO_QUEUE_NUM_MAX = 0x34, VIRTIO_QUEUE_NUM = 0x38, VIRTIO_QUEUE_READY = 0x44,
+    VIRTIO_QUEUE_NOTIFY = 0x50, VIRTIO_INTERRUPT_STATUS = 0x60, VIRTIO_INTERRUPT_ACK = 0x64,
+    VIRTIO_STATUS = 0x70, VIRTIO_QUEUE_DESC = 0x80, VIRTIO_QUEUE_DRIVER = 0x90, VIRTIO_QUEUE_DEVICE = 0xa0,
+    VIRTIO_CONFIG = 0x100,
+};
+#define QUEUE_SIZE 8
+
+struct virtq_desc { u64 address; u32 length; u16 flags, next; };
+struct virtq_avail { u16 flags, index, ring[QUEUE_SIZE], used_event; };
+struct virtq_used { u16 flags, index; struct { u32 id, length; } ring[QUEUE_SIZE]; u16 avail_event; };
+struct blk_request { u32 type, reserved; u64 sector; };
+
+static struct virtq_desc descs[QUEUE_SIZE] __attribute__((aligned(16)));
+static struct virtq_avail avail __attribute__((aligned(2)));
+static struct virtq_used used __attribute__((aligned(4)));
+static struct blk_request request;
+static u8 sector_buffer[512];
+static volatile u8 request_status;
+static u64 virtio_base;
+static volatile int virtio_interrupts;
+
+static void virtio_interrupt(void) {
+    u32 pending = mmio_read32(virtio_base + VIRTIO_INTERRUPT_STATUS);
+    mmio_write32(virtio_base + VIRTIO_INTERRUPT_ACK, pending);
+    virtio_interrupts++;
+}
+
+static void set_queue_address(u32 reg, void *address) {
+    mmio_write32(virtio_base + reg, (u32)(u64)address);
+    mmio_write32(virtio_base + reg + 4, (u32)((u64)address >> 32));
+}
+
+/* One request (type 0 read, 1 write) of one sector, and wait for its interrupt. */
+static int blk_request(u32 type, u64 sector) {
+    request = (struct blk_request){type, 0, sector};
+    request_status = 0xff;
+    u16 data_flags = type == 0 ? 2 : 0;  /* VIRTQ_DESC_F_WRITE: the device writes a read's data */
+    descs[0] = (struct virtq_desc){(u64)&request, sizeof(request), 1, 1};
+    descs[1] = (struct virtq_desc){(u64)sector_buffer, sizeof(sector_buffer), (u16)(1 | data_flags), 2};
+    descs[2] = (struct virtq_desc){(u64)&request_status, 1, 2, 0};
+    int before = virtio_interrupts;
+    u16 index = avail.index;
+    avail.ring[index % QUEUE_SIZE] = 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    avail.index = index + 1;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    mmio_write32(virtio_base + VIRTIO_QUEUE_NOTIFY, 0);
+    for (long i = 0; i < 20000000 && virtio_interrupts == before; i++) __asm__ volatile("sti; hlt; cli");
+    return virtio_interrupts > before && used.index == (u16)(index + 1) ? request_status : -1;
+}
+
+static void test_virtio_blk(void) {
+    int slot = -1;
+    for (int i = 0; i < 8; i++) {
+        u64 base = 0xC0000000UL + 0x1000UL * i;
+        if (mmio_read32(base + VIRTIO_MAGIC) == 0x74726976 && mmio_read32(base + VIRTIO_DEVICE_ID) == 2) {
+            virtio_base = base;
+            slot = i;
+            break;
+        }
+    }
+    if (slot < 0) { say("virtio: no block device\n"); return; }
+    say("virtio: block device at %x, version %d\n", virtio_base, (u64)mmio_read32(virtio_base + VIRTIO_VERSION));
+    mmio_write32(virtio_base + VIRTIO_STATUS, 0);
+    mmio_write32(virtio_base + VIRTIO_STATUS, 1 | 2);                   /* ACKNOWLEDGE | DRIVER */
+    mmio_write32(virtio_base + VIRTIO_DEVICE_FEATURES_SEL, 1);
+    u32 high = mmio_read32(virtio_base + VIRTIO_DEVICE_FEATURES);
+    mmio_write32(virtio_base + VIRTIO_DRIVER_FEATURES_SEL, 1);
+    mmio_write32(virtio_base + VIRTIO_DRIVER_FEATURES, high & 1);       /* VIRTIO_F_VERSION_1 only */
+    mmio_write32(virtio_base + VIRTIO_DRIVER_FEATURES_SEL, 0);
+    mmio_write32(virtio_base + VIRTIO_DRIVER_FEATURES, 0);
+    mmio_write32(virtio_base + VIRTIO_STATUS, 1 | 2 | 8);               /* FEATURES_OK */
+    if (!(mmio_read32(virtio_base + VIRTIO_STATUS) & 8)) { say("virtio: features refused\n"); return; }
+    u32 capacity = mmio_read32(virtio_base + VIRTIO_CONFIG);
+    say("virtio: capacity %d sectors\n", (u64)capacity);
+    mmio_write32(virtio_base + VIRTIO_QUEUE_SEL, 0);
+    if (mmio_read32(virtio_base + VIRTIO_QUEUE_NUM_MAX) < QUEUE_SIZE) { say("virtio: queue too small\n"); return; }
+    mmio_write32(virtio_base + VIRTIO_QUEUE_NUM, QUEUE_SIZE);
+    set_queue_address(VIRTIO_QUEUE_DESC, descs);
+    set_queue_address(VIRTIO_QUEUE_DRIVER, &avail);
+    set_queue_address(VIRTIO_QUEUE_DEVICE, &used);
+    mmio_write32(virtio_base + VIRTIO_QUEUE_READY, 1);
+    mmio_write32(virtio_base + VIRTIO_STATUS, 1 | 2 | 8 | 4);           /* DRIVER_OK */
+
+    /* Its interrupt: GSI 16 + slot, level-triggered, active high, as the DSDT says. */
+    mmio_write32(LAPIC + 0xF0, 0x1FF);
+    u32 self = mmio_read32(LAPIC + 0x20) >> 24;
+    ioapic_write(0x10 + 2 * (16 + slot) + 1, self << 24);
+    ioapic_write(0x10 + 2 * (16 + slot), 0x40 | (1 << 15));
+
+    int status = blk_request(0, 0);
+    sector_buffer[31] = 0;
+    say("virtio: read sector 0: status %d, data \"%s\"\n", (u64)(u32)status, (const char *)sector_buffer);
+    const char *text = "written by the test kernel";
+    for (int i = 0; i < 512; i++) sector_buffer[i] = 0;
+    for (int i = 0; text[i]; i++) sector_buffer[i] = (u8)text[i];
+    status = blk_request(1, 1);
+    say("virtio: wrote sector 1: status %d, interrupts %d\n", (u64)(u32)status, (u64)virtio_interrupts);
+}
+
 static int has_word(const char *text, const char *word);
 
 /* The tests named on the command line (test.pf test.timers test.ring3
@@ -444,6 +553,7 @@ static void cpu_tests(const char *cmdline) {
     if (has_word(cmdline, "test.timers")) test_timers();
     if (has_word(cmdline, "test.ring3")) test_ring3();
     if (has_word(cmdline, "test.int80")) test_int80_in_ring0();
+    if (has_word(cmdline, "test.virtio")) test_virtio_blk();
     say("cpu: done\n");
     outb((u16)sleep_control_port, (5 << 2) | (1 << 5));
     power_off_via_debug_exit(1);
