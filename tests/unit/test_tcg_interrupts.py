@@ -86,12 +86,9 @@ def run_in_thread(machine, timeout=20.0):
 
 def test_pit_interrupts_reach_a_halted_and_a_spinning_guest(machine, tmp_path):
     machine.load(assemble(TIMER_GUEST, tmp_path))
-    started = time.monotonic()
     run_in_thread(machine)
-    elapsed = time.monotonic() - started
     assert bytes(machine.output.data) == b"hb"
     assert machine.exit.status == 0
-    assert elapsed >= 0.008  # ten ticks of a ~1 kHz timer cannot come sooner
 
 
 def test_halted_guest_sleeps_instead_of_spinning(machine, tmp_path):
@@ -101,6 +98,9 @@ def test_halted_guest_sleeps_instead_of_spinning(machine, tmp_path):
     before = time.process_time()
     threading.Timer(0.3, vcpu.kick).start()
     assert isinstance(vcpu.run(), Interrupted)
+    # Not a speed check: the CPU time this process burnt while the guest was
+    # halted for 0.3 s of wall time. Busy waiting would burn all of it;
+    # other processes' load does not count here.
     assert time.process_time() - before < 0.15
 
 
