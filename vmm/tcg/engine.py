@@ -9,11 +9,22 @@ state goes through `context` (vmm/tcg/qemu_env.py).
 
 The engine is always opened in 64-bit mode: the guest's own CR0/EFER and
 segment caches decide whether it runs real, protected or long mode code.
+
+Unicorn follows every guest load and store with a call to a helper that
+checks whether emulation must stop (so that an access to unmapped memory
+stops at once). The call makes TCG write every guest register back to memory
+around each access and costs about 10% of a Linux boot. pyvmm maps all guest
+physical memory it emulates and stops the guest only through the stop hook
+(checked at every block start) or from its own hooks, where stopping at the
+end of the block is fine (vmm/tcg/vm.py), so `_skip_exit_checks_after_accesses`
+turns those per-access checks off through Unicorn's own switch for them
+(`no_exit_request`, which its ARM translator uses for IT blocks).
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
 import time
 
 from vmm.tcg.qemu_env import ContextBuffer, check_layout
@@ -39,6 +50,7 @@ class Engine:
         # With "exits" enabled and none registered, emu_start's `until` address is
         # ignored: the guest runs until a hook, HLT or an error stops it.
         self.uc.ctl_exits_enabled(True)
+        self.per_access_exit_checks = not _skip_exit_checks_after_accesses(self.handle)
         self._one = ctypes.c_uint64()
         self._one_ref = ctypes.byref(self._one)
         self._batches: dict[tuple[int, ...], tuple] = {}
@@ -156,6 +168,28 @@ class Engine:
 
     def close(self) -> None:
         self.context.free()
+
+
+# `check_exit_request(tcg_ctx)` in Unicorn's tcg-op.c starts with
+#     mov  rsi, [rdi + offsetof(TCGContext, uc)]
+#     cmp  byte [rsi + offsetof(uc_struct, no_exit_request)], 0
+# so the field's offset is read from the library's own code rather than
+# assumed from a header.
+_CHECK_PROLOGUE = re.compile(rb"\x48\x8b\xb7(?P<uc>.{4})\x80\xbe(?P<flag>.{4})\x00", re.DOTALL)
+
+
+def _skip_exit_checks_after_accesses(handle) -> bool:
+    """Set uc->no_exit_request before anything is translated; False if the code is not as expected."""
+    function = getattr(uclib, "check_exit_request_x86_64", None)
+    address = ctypes.cast(function, ctypes.c_void_p).value if function is not None else None
+    if not address:
+        return False
+    match = _CHECK_PROLOGUE.match(ctypes.string_at(address, 14))
+    if match is None:
+        return False
+    offset = int.from_bytes(match["flag"], "little")
+    ctypes.c_bool.from_address(ctypes.cast(handle, ctypes.c_void_p).value + offset).value = True
+    return True
 
 
 __all__ = ["Engine", "EngineError", "UcError", "x86"]
