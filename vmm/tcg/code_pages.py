@@ -1,0 +1,165 @@
+"""Stop watching guest stores to executable pages that hold no translated code.
+
+QEMU watches stores to a RAM page only while translated code comes from it:
+such stores take the slow path, which invalidates the code they overwrite,
+and once no code is left on the page its stores go the fast way again.
+Unicorn 2.1.4 simplifies the second half (accel/tcg/cputlb.c,
+`notdirty_write`): a page stays watched for good if the guest's page tables
+merely allow executing it. Linux maps its whole image executable until
+`mark_rodata_ro()`, just before it starts /init, so every store to the boot
+stack (init_stack), to .data and to .bss takes the slow path: about 22
+million stores, a fifth of a software-CPU boot.
+
+`unwatch_pages_without_code()` restores QEMU's rule in the loaded library: a
+stop in `notdirty_write` that would keep an executable page watched first
+looks the page up in the translation's page table (`page_find`) and lets it
+go when no translated block starts or ends on it. When code is translated
+from the page later, Unicorn watches it again (`tb_gen_code` calls
+`tlb_reset_dirty_by_vaddr`), as it already does for non-executable pages;
+and every TLB refill watches a page anew.
+
+The change is 5 bytes in the library's text, a jump to a small piece of
+code mapped within reach of it. It is made only when the library's code is
+byte for byte the one this was written against (SHA-256 of the functions
+involved); otherwise, or when the host forbids it, nothing changes and
+guests only run slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import mmap
+import threading
+
+from vmm.tcg.unicorn_lib import uclib
+
+log = logging.getLogger(__name__)
+
+# Addresses in Unicorn 2.1.4's libunicorn.so.2 (the PyPI x86-64 Linux build),
+# relative to the exported check_exit_request_x86_64.
+NOTDIRTY_WRITE = 0x4132B0 - 0x40D200
+NOTDIRTY_WRITE_SIZE = 0x358
+NOTDIRTY_WRITE_SHA256 = "35cf1e309d575522d9db9cfe050c4b2e601a74350a24f555eb8a9e9e2d404ad5"
+# tb_invalidate_phys_page_fast_x86_64 begins with an inlined page_find(): the
+# same uc_struct offsets and PageDesc layout as the code below.
+PAGE_FIND_PREFIX_SIZE = 0x80
+PAGE_FIND_PREFIX_SHA256 = "eb151619c318140008d58225af4b1549ce2ec66f5e81487d037c8bc84555f4fb"
+# In notdirty_write: `cmp qword [rbp + 0x10], -1; je set_dirty` (is the TLB
+# entry's addr_code -1?), else fall through to `keep` (return, still watched).
+PATCH_OFFSET = 0x6D
+PATCHED_BYTES = bytes.fromhex("48837d10ff747c")
+KEEP_OFFSET = 0x74
+SET_DIRTY_OFFSET = 0xF0
+
+# The replacement, entered by a jump from PATCH_OFFSET with notdirty_write's
+# registers: rbp = the TLB entry, r9 = the MemoryRegion, r15 = the CPU, and
+# [rsp + 0x10] = the page's ram_addr (stored there on the executable-region
+# path). Only caller-saved registers are changed.
+#
+#     cmp   qword [rbp + 0x10], -1       ; addr_code == -1: not executable,
+#     je    dirty                        ;   Unicorn's own rule applies
+#     test  byte [r9 + 0x88], 4          ; mr->perms & UC_PROT_EXEC, else
+#     jz    keep                         ;   [rsp + 0x10] was not stored
+#     mov   rdi, [r15 + 0x81a8]          ; cpu->uc
+#     mov   rsi, [rsp + 0x10]            ; ram_addr
+#     shr   rsi, 12                      ; page index
+#     ... page_find(uc, index) as Unicorn inlines it: uc->l1_map (0x2e0),
+#     ... v_l1_size (0x2f0), v_l1_shift (0x2f4), v_l2_levels (0x2f8), 10 bits
+#     ... per level; a missing level means no code on the page -> dirty
+#     cmp   qword [PageDesc + 0], 0      ; first_tb (PageDesc is 24 bytes)
+#     je    dirty
+#   keep:  jmp [rip + keep_target]
+#   dirty: jmp [rip + dirty_target]
+TRAMPOLINE = bytes.fromhex(
+    "48837d10ff0f848a00000041f6818800000004747a498bbfa8810000488b74241048c1ee0c"
+    "8b87f00200008b8ff402000083e8014889f248d3ea48984821d0488b97e0020000488d14c2"
+    "8b87f802000085c07e228d04808d0c00488b124885d274334889f048d3e825ff030000488d"
+    "14c283e90a75e4488b124885d2741781e6ff030000488d047648833cc2007406ff25060000"
+    "00ff2508000000"
+)
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
+MAP_FAILED = ctypes.c_void_p(-1).value
+REL32_REACH = 1 << 31
+PAGE = mmap.PAGESIZE
+
+_lock = threading.Lock()
+_state: bool | None = None  # None: not tried yet
+
+
+def unwatch_pages_without_code() -> bool:
+    """Apply the change once per process; whether it is in effect."""
+    global _state
+    with _lock:
+        if _state is None:
+            try:
+                _state = _apply()
+            except OSError as err:
+                log.debug("software CPU: code-page tracking left as is (%s)", err)
+                _state = False
+        return _state
+
+
+def _apply() -> bool:
+    anchor = ctypes.cast(uclib.check_exit_request_x86_64, ctypes.c_void_p).value
+    page_find = ctypes.cast(uclib.tb_invalidate_phys_page_fast_x86_64, ctypes.c_void_p).value
+    function = anchor + NOTDIRTY_WRITE
+    if (_sha256(function, NOTDIRTY_WRITE_SIZE) != NOTDIRTY_WRITE_SHA256
+            or _sha256(page_find, PAGE_FIND_PREFIX_SIZE) != PAGE_FIND_PREFIX_SHA256):
+        log.debug("software CPU: libunicorn is not the known 2.1.4 build; code-page tracking left as is")
+        return False
+    site = function + PATCH_OFFSET
+    code = (TRAMPOLINE + (function + KEEP_OFFSET).to_bytes(8, "little")
+            + (function + SET_DIRTY_OFFSET).to_bytes(8, "little"))
+    trampoline = _map_near(site, code)
+    jump = b"\xe9" + (trampoline - (site + 5)).to_bytes(4, "little", signed=True)
+    _write_text(site, jump)
+    return True
+
+
+def _sha256(address: int, size: int) -> str:
+    return hashlib.sha256(ctypes.string_at(address, size)).hexdigest()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def _map_near(site: int, code: bytes) -> int:
+    """An executable page holding `code` within a rel32 jump of `site` (never unmapped)."""
+    for distance in range(16 << 20, REL32_REACH - (64 << 20), 16 << 20):
+        for hint in (site - distance, site + distance):
+            hint &= ~(PAGE - 1)
+            if hint <= 0:
+                continue
+            address = _libc.mmap(hint, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+                                 -1, 0)
+            if address in (None, MAP_FAILED):
+                continue
+            if address != hint:  # a kernel without MAP_FIXED_NOREPLACE treats it as a hint
+                _libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(PAGE))
+                continue
+            ctypes.memmove(address, code, len(code))
+            _protect(address, PAGE, PROT_READ | PROT_EXEC)
+            return address
+    raise OSError("no free page within reach of libunicorn")
+
+
+def _write_text(address: int, data: bytes) -> None:
+    start = address & ~(PAGE - 1)
+    length = (address + len(data) + PAGE - 1 & ~(PAGE - 1)) - start
+    _protect(start, length, PROT_READ | PROT_WRITE | PROT_EXEC)
+    try:
+        ctypes.memmove(address, data, len(data))
+    finally:
+        _protect(start, length, PROT_READ | PROT_EXEC)
+
+
+def _protect(address: int, length: int, prot: int) -> None:
+    if _libc.mprotect(address, length, prot) != 0:
+        raise OSError(ctypes.get_errno(), "mprotect failed")
