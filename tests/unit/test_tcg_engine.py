@@ -41,8 +41,8 @@ def test_a_store_into_the_running_block_changes_what_runs_next(machine, tmp_path
     assert bytes(machine.output.data) == b"B"
 
 
-def test_the_pinned_unicorn_lets_pages_without_code_go_unwatched(machine):
-    assert machine.vm.engine.pages_without_code_unwatched is True
+def test_the_pinned_unicorn_gets_its_code_page_tracking_patched(machine):
+    assert machine.vm.engine.code_page_tracking_patched is True
 
 
 # Real mode runs with every page executable. The buffer page first takes plain

@@ -10,7 +10,7 @@ merely allow executing it. Linux maps its whole image executable until
 stack (init_stack), to .data and to .bss takes the slow path: about 22
 million stores, a fifth of a software-CPU boot.
 
-`unwatch_pages_without_code()` restores QEMU's rule in the loaded library: a
+`patch_code_page_tracking()` restores QEMU's rule in the loaded library: a
 stop in `notdirty_write` that would keep an executable page watched first
 looks the page up in the translation's page table (`page_find`) and lets it
 go when no translated block starts or ends on it. When code is translated
@@ -18,7 +18,14 @@ from the page later, Unicorn watches it again (`tb_gen_code` calls
 `tlb_reset_dirty_by_vaddr`), as it already does for non-executable pages;
 and every TLB refill watches a page anew.
 
-The change is 5 bytes in the library's text, a jump to a small piece of
+Watching a page again after a translation (`tlb_reset_dirty_by_vaddr`) scans
+every entry of every TLB (up to thousands per MMU mode) for each block
+translated; a Linux boot translates 150,000 blocks. The entries for a page can
+only sit in the page's own slot of each TLB and in the 8-entry victim TLBs,
+so the function is replaced by one that looks at just those, with the same
+test for each entry.
+
+Each change is 5 bytes in the library's text, a jump to a small piece of
 code mapped within reach of it. It is made only when the library's code is
 byte for byte the one this was written against (SHA-256 of the functions
 involved); otherwise, or when the host forbids it, nothing changes and
@@ -80,6 +87,34 @@ TRAMPOLINE = bytes.fromhex(
     "00ff2508000000"
 )
 
+# tlb_reset_dirty_by_vaddr_x86_64(cpu, start, length), exported.
+RESET_DIRTY_SIZE = 0x1CB
+RESET_DIRTY_SHA256 = "c85f429a40f9db6186ce63ebe530828897efc8df9a1e16a399a90f6df0c79c69"
+# Its replacement: for each of the 3 MMU modes (CPUTLBDescFast {mask, table}
+# at env - 0x40 + 0x10 * mode; the victim TLB's first addr_write at
+# env - 0x838 + 0x2b8 * mode; env = cpu->env_ptr at cpu + 0x128), every page
+# from `start` while page - start < length: the entry in slot
+# ((page >> 12) << 6) & mask, then the 8 victim entries. Each entry gets
+# TLB_NOTDIRTY (0x400) if its addr_write has none of 0xe40 set and its page
+# lies in [start, start + length), as in the original.
+#
+#     push rbx;  r11 = env;  r10 = &fast[0];  r9 = &vtable[0].addr_write
+#   mode: rcx = mask; rdx = table; rsi = start rounded up to a page
+#   page: if page - start >= length: goto victims
+#         WATCH(table + slot + 8); page += 4096; goto page
+#   victims: WATCH(r9 + 0x40 * k) for k in 0..7
+#         r9 += 0x2b8; r10 += 0x10; loop over the 3 modes;  pop rbx; ret
+#   WATCH(p): rbx = [p]; if rbx & 0xe40: skip
+#             if ((rbx & -4096) - start) < length: or qword [p], 0x400
+RESET_DIRTY_REPLACEMENT = bytes.fromhex(
+    "534c8b9f280100004d8d53c04d8d8bc8f7ffff4983eb104889d74989f0498b0a498b5208498d"
+    "b0ff0f00004881e600f0ffff4889f04c29c04839c7763d4889f048c1e80c48c1e0064821c848"
+    "8d440208488b18f7c3400e000075164881e300f0ffff4c29c34839df760748810800040000"
+    "4881c600100000ebb84c89c8498d8900020000488b18f7c3400e000075164881e300f0ffff"
+    "4c29c34839df7607488108000400004883c0404839c875d64981c1b80200004983c2104d39"
+    "d90f855bffffff5bc3"
+)
+
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 MAP_FAILED = ctypes.c_void_p(-1).value
@@ -90,8 +125,8 @@ _lock = threading.Lock()
 _state: bool | None = None  # None: not tried yet
 
 
-def unwatch_pages_without_code() -> bool:
-    """Apply the change once per process; whether it is in effect."""
+def patch_code_page_tracking() -> bool:
+    """Apply both changes once per process; whether they are in effect."""
     global _state
     with _lock:
         if _state is None:
@@ -106,18 +141,25 @@ def unwatch_pages_without_code() -> bool:
 def _apply() -> bool:
     anchor = ctypes.cast(uclib.check_exit_request_x86_64, ctypes.c_void_p).value
     page_find = ctypes.cast(uclib.tb_invalidate_phys_page_fast_x86_64, ctypes.c_void_p).value
+    reset_dirty = ctypes.cast(uclib.tlb_reset_dirty_by_vaddr_x86_64, ctypes.c_void_p).value
     function = anchor + NOTDIRTY_WRITE
     if (_sha256(function, NOTDIRTY_WRITE_SIZE) != NOTDIRTY_WRITE_SHA256
-            or _sha256(page_find, PAGE_FIND_PREFIX_SIZE) != PAGE_FIND_PREFIX_SHA256):
+            or _sha256(page_find, PAGE_FIND_PREFIX_SIZE) != PAGE_FIND_PREFIX_SHA256
+            or _sha256(reset_dirty, RESET_DIRTY_SIZE) != RESET_DIRTY_SHA256):
         log.debug("software CPU: libunicorn is not the known 2.1.4 build; code-page tracking left as is")
         return False
-    site = function + PATCH_OFFSET
     code = (TRAMPOLINE + (function + KEEP_OFFSET).to_bytes(8, "little")
             + (function + SET_DIRTY_OFFSET).to_bytes(8, "little"))
-    trampoline = _map_near(site, code)
-    jump = b"\xe9" + (trampoline - (site + 5)).to_bytes(4, "little", signed=True)
-    _write_text(site, jump)
+    # Both pieces of code are in place before either jump is written.
+    trampoline = _map_near(function, code)
+    replacement = _map_near(reset_dirty, RESET_DIRTY_REPLACEMENT)
+    _jump(reset_dirty, replacement)
+    _jump(function + PATCH_OFFSET, trampoline)
     return True
+
+
+def _jump(site: int, target: int) -> None:
+    _write_text(site, b"\xe9" + (target - (site + 5)).to_bytes(4, "little", signed=True))
 
 
 def _sha256(address: int, size: int) -> str:
@@ -132,7 +174,7 @@ _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 def _map_near(site: int, code: bytes) -> int:
     """An executable page holding `code` within a rel32 jump of `site` (never unmapped)."""
-    for distance in range(16 << 20, REL32_REACH - (64 << 20), 16 << 20):
+    for distance in range(16 << 20, REL32_REACH - (64 << 20), 1 << 20):
         for hint in (site - distance, site + distance):
             hint &= ~(PAGE - 1)
             if hint <= 0:

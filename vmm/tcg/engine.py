@@ -27,7 +27,7 @@ import ctypes
 import re
 import time
 
-from vmm.tcg.code_pages import unwatch_pages_without_code
+from vmm.tcg.code_pages import patch_code_page_tracking
 from vmm.tcg.qemu_env import ContextBuffer, check_layout
 from vmm.tcg.stop_hook import StopHook
 from vmm.tcg.unicorn_lib import Uc, UcError, uc_const, uclib, x86
@@ -47,7 +47,7 @@ class EngineError(RuntimeError):
 class Engine:
     def __init__(self) -> None:
         # Before anything is translated, in any engine of this process.
-        self.pages_without_code_unwatched = unwatch_pages_without_code()
+        self.code_page_tracking_patched = patch_code_page_tracking()
         self.uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
         self.handle = self.uc._uch
         # With "exits" enabled and none registered, emu_start's `until` address is
