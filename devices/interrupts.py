@@ -44,6 +44,8 @@ index, which is also its APIC ID; times are in the clock's nanoseconds):
     router.has_nmi(cpu) -> bool;  router.take_nmi(cpu) -> bool
         NMI (from an NMI IPI or LINT1). NMIs ignore IF; the vCPU blocks
         further NMIs until the guest's IRET.
+    router.deadline_changes -> int
+        Goes up whenever next_deadline() changes (read without the lock).
     router.next_deadline() -> int | None
         When the next timer interrupt is due (absolute clock time), or None
         when no timer is armed. A halted vCPU sleeps at most until then; a
@@ -277,6 +279,9 @@ class InterruptRouter:
         self._woken: set[int] = set()  # vCPUs that something became pending for
         self._deadline: int | None = None
         self._deadline_dirty = True
+        # Counts changes of next_deadline(): a caller that compares it before and
+        # after a device access knows whether the access moved a timer.
+        self.deadline_changes = 0
         self._gsi_sources = [0] * IOAPIC_PINS  # asserted lines per GSI
 
         host = _Host(self)
@@ -432,5 +437,8 @@ class InterruptRouter:
         deadlines = [apic.next_deadline() for apic in self.lapics]
         deadlines.append(self.pit.next_deadline())
         pending = [d for d in deadlines if d is not None]
-        self._deadline = min(pending) if pending else None
+        deadline = min(pending) if pending else None
+        if deadline != self._deadline:
+            self.deadline_changes += 1
+        self._deadline = deadline
         self._deadline_dirty = False

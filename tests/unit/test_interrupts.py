@@ -416,3 +416,22 @@ def test_device_thread_raising_lines_while_vcpu_acknowledges(clock, rec):
     assert not errors
     assert 1 <= taken <= pulses  # edges coalesce in IRR, none is invented
     assert router.lapics[0].isr == 0
+
+
+def test_deadline_changes_counts_accesses_that_move_a_timer(clock, rec):
+    router, pio, _, _ = make(1, clock, rec)
+    init_pic(pio, imr_master=0xFE)
+    before = router.deadline_changes
+    pio.write(0x21, 1, 0xFC)  # the PIC's mask: no timer moves
+    assert router.deadline_changes == before
+    pio.write(0x43, 1, 0x34)
+    pio.write(0x40, 1, 11932 & 0xFF)
+    pio.write(0x40, 1, 11932 >> 8)  # the PIT starts counting: now there is a deadline
+    assert router.deadline_changes > before
+    armed = router.deadline_changes
+    enable_apic(router, 0)
+    router.lapic_write(0, L.REG_TIMER_DIVIDE, 4, 0xB)
+    router.lapic_write(0, L.REG_LVT_TIMER, 4, 0xEF)
+    assert router.deadline_changes == armed
+    router.lapic_write(0, L.REG_TIMER_INITIAL, 4, 1_000)  # earlier than the PIT's
+    assert router.deadline_changes > armed

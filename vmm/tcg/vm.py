@@ -126,7 +126,7 @@ class TcgVirtualMachine(VirtualMachine):
         self.ticker.arm(self.scheduler.owner_since + SLICE_NS)
 
     def after_device_write(self) -> None:
-        """A guest write may have programmed a timer earlier than the running slice's end."""
+        """A guest write moved a timer, maybe earlier than the running slice's end."""
         deadline = self.router.next_deadline()
         if deadline is not None:
             self.ticker.arm(deadline)
@@ -150,8 +150,13 @@ class TcgVirtualMachine(VirtualMachine):
             return self.running.io.mmio_read(start + offset, size)
 
         def write(uc, offset, size, value, user_data):
+            router = self.router
+            if router is None:
+                self.running.io.mmio_write(start + offset, size, value)
+                return
+            changes = router.deadline_changes
             self.running.io.mmio_write(start + offset, size, value)
-            if self.router is not None:
+            if router.deadline_changes != changes:
                 self.after_device_write()
 
         self.engine.map_mmio(start, end - start, read, write)
@@ -174,10 +179,18 @@ class TcgVirtualMachine(VirtualMachine):
 
     def _hook_out(self, uc, port: int, size: int, value: int, user_data) -> None:
         vcpu = self.running
-        if not vcpu.kick_pending:
+        if vcpu.kick_pending:
+            return
+        router = self.router
+        if router is None:
             vcpu.io.port_write(port, size, value & ((1 << (8 * size)) - 1))
-            if self.router is not None:
-                self.after_device_write()
+            return
+        # Only a write that moved a timer (PIT, port 0x61) needs the slice's alarm
+        # re-armed: not the ~17,000 console writes of a boot.
+        changes = router.deadline_changes
+        vcpu.io.port_write(port, size, value & ((1 << (8 * size)) - 1))
+        if router.deadline_changes != changes:
+            self.after_device_write()
 
     def _hook_in(self, uc, port: int, size: int, user_data) -> int:
         vcpu = self.running
