@@ -45,10 +45,13 @@ def time_to_marker(command: list[str]) -> tuple[float, str]:
     selector.register(process.stdout, selectors.EVENT_READ)
     try:
         while MARKER.encode() not in output:
-            if time.perf_counter() - start > TIMEOUT or not selector.select(timeout=1.0) and process.poll() is not None:
-                raise RuntimeError(f"no {MARKER!r} from {command[0]}: {output[-2000:].decode(errors='replace')}")
+            if time.perf_counter() - start > TIMEOUT:
+                raise RuntimeError(f"no {MARKER!r} from {command[0]} in {TIMEOUT} s: "
+                                   f"{output[-2000:].decode(errors='replace')}")
+            if not selector.select(timeout=1.0):
+                continue  # nothing yet; check the time again
             chunk = os.read(process.stdout.fileno(), 65536)
-            if not chunk and process.poll() is not None:
+            if not chunk:
                 raise RuntimeError(f"{command[0]} exited: {output[-2000:].decode(errors='replace')}")
             output += chunk
         elapsed = time.perf_counter() - start
