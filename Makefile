@@ -30,9 +30,7 @@ deps:
 
 # Set everything up and boot a tiny guest that prints on the serial console.
 demo: deps install
-	@mkdir -p build
-	as --32 -o build/hello.o tests/guest/asm/hello.S
-	ld -m elf_i386 -Ttext=0 --oformat binary -o build/hello.bin build/hello.o
+	$(PY) -m tests.helpers build tests/guest/asm/hello.S
 	$(PYVMM) boot --flat build/hello.bin; status=$$?; echo "guest exited with status $$status"; [ $$status -eq 42 ]
 
 # Boot Debian's cloud kernel with the test initramfs to a shell on this terminal

@@ -49,3 +49,13 @@ def assemble(source: Path, output_dir: Path) -> Path:
     subprocess.run(["ld", "-m", "elf_i386", "-Ttext=0", "--oformat", "binary", "-o", str(image), str(obj)],
                    check=True, capture_output=True)
     return image
+
+
+if __name__ == "__main__":
+    # `python -m tests.helpers OUTPUT_DIR SOURCE.S`: assemble a flat guest the way
+    # the tests do (make demo uses it), and print the image's path.
+    import sys
+
+    output_dir = Path(sys.argv[1])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print(assemble(Path(sys.argv[2]), output_dir))
