@@ -34,11 +34,6 @@ def kvm_usable() -> str | None:
     return None
 
 
-def host_is_kvm_pvm() -> bool:
-    """The development machines' software KVM, which cannot run int3/int n in ring 0 (PLATFORM.md)."""
-    return Path("/sys/module/kvm_pvm").exists()
-
-
 def assemble(source: Path, output_dir: Path) -> Path:
     """Assemble a flat guest (GNU as, linked at 0) into a raw binary."""
     if shutil.which("as") is None or shutil.which("ld") is None:

@@ -18,8 +18,8 @@ from vmm.errors import PyvmmError
 ACCELERATORS = ("auto", "kvm", "tcg")
 
 
-def kvm_device_path(default: str = "/dev/kvm") -> str:
-    return os.environ.get("PYVMM_KVM_DEVICE", default)
+def kvm_device_path() -> str:
+    return os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm")
 
 
 def open_tcg() -> Accelerator:
@@ -42,7 +42,7 @@ def open_accelerator(config: MachineConfig) -> tuple[Accelerator, str]:
     from vmm.kvm.fd import KvmUnavailable
 
     try:
-        kvm = KvmAccelerator(kvm_device_path(config.kvm_device))
+        kvm = KvmAccelerator(kvm_device_path())
     except KvmUnavailable as err:
         if config.accel == "kvm":
             raise

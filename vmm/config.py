@@ -46,7 +46,6 @@ class MachineConfig:
     guest_decompress: bool = False
     cpu_features: list[FeatureEdit] = field(default_factory=list)
     stats: bool = False
-    kvm_device: str = "/dev/kvm"
     # --disk, --net, --console virtio, --rng (vmm/virtio_setup.py).
     virtio: VirtioSpecs = field(default_factory=VirtioSpecs)
 

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from vmm.accel_select import kvm_device_path
 from vmm.errors import PyvmmError
 
-# Capabilities worth showing, by name; the required ones are checked on open.
-_CAPABILITIES = {
-    "KVM_CAP_IRQCHIP": 0, "KVM_CAP_USER_MEMORY": 3, "KVM_CAP_SET_TSS_ADDR": 4, "KVM_CAP_EXT_CPUID": 7,
-    "KVM_CAP_PIT2": 33, "KVM_CAP_IRQFD": 32, "KVM_CAP_IOEVENTFD": 36,
-    "KVM_CAP_SET_IDENTITY_MAP_ADDR": 37, "KVM_CAP_IMMEDIATE_EXIT": 136, "KVM_CAP_MAX_VCPUS": 66,
-}
+# Capabilities worth showing, by name (numbers from vmm/kvm/uapi.py); the
+# required ones are checked on open.
+_CAPABILITIES = (
+    "KVM_CAP_IRQCHIP", "KVM_CAP_USER_MEMORY", "KVM_CAP_SET_TSS_ADDR", "KVM_CAP_EXT_CPUID",
+    "KVM_CAP_PIT2", "KVM_CAP_IRQFD", "KVM_CAP_IRQFD_RESAMPLE", "KVM_CAP_IOEVENTFD",
+    "KVM_CAP_SET_IDENTITY_MAP_ADDR", "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_MAX_VCPUS",
+)
 
 
 def report(echo: Callable[[str], None]) -> bool:
@@ -33,6 +33,7 @@ def report(echo: Callable[[str], None]) -> bool:
 def _report_kvm(echo: Callable[[str], None]) -> bool:
     path = kvm_device_path()
     try:
+        from vmm.kvm import uapi
         from vmm.kvm.fd import KvmSystem
 
         system = KvmSystem(path)
@@ -41,9 +42,11 @@ def _report_kvm(echo: Callable[[str], None]) -> bool:
         return False
     try:
         echo(f"kvm: available ({path}, API version {system.api_version})")
-        for name, number in _CAPABILITIES.items():
-            echo(f"  {name:<30} {system.check_extension(number)}")
-        if Path("/sys/module/kvm_pvm").exists():
+        for name in _CAPABILITIES:
+            echo(f"  {name:<30} {system.check_extension(getattr(uapi, name))}")
+        from vmm.kvm import quirks
+
+        if quirks.is_kvm_pvm():
             echo("  note: this KVM is kvm_pvm (software-based): small guests run, Linux cannot")
     finally:
         system.close()

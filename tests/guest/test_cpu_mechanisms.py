@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import HOST_LIMITATION
-from tests.helpers import host_is_kvm_pvm, run_pyvmm
+from tests.helpers import run_pyvmm
+from vmm.kvm import quirks
 
 
 def run_tests(kernel, accel, *names: str) -> str:
@@ -35,7 +36,7 @@ def test_lapic_timer_and_pit_through_the_ioapic(test_kernel, accel):
 
 
 def test_ring3_syscall_sysret_and_software_interrupts(test_kernel, accel):
-    if accel == "kvm" and host_is_kvm_pvm():
+    if accel == "kvm" and quirks.is_kvm_pvm():
         pytest.skip(f"{HOST_LIMITATION} kvm_pvm cannot emulate SYSRET or `int n` in ring 0 "
                     "(PLATFORM.md); this runs on KVM wherever the host can run it")
     out = run_tests(test_kernel, accel, "ring3", "int80")
