@@ -15,7 +15,7 @@ import click
 
 from vmm import exit_status
 from vmm.accel_select import ACCELERATORS
-from vmm.config import DEFAULT_CMDLINE, MachineConfig, parse_size
+from vmm.config import DEFAULT_CMDLINE, MachineConfig, parse_memory_size
 from vmm.cpu_features import parse_feature_edits
 from vmm.errors import PyvmmError
 from vmm.image.cli import img
@@ -71,7 +71,7 @@ def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Pa
 
     try:
         config = MachineConfig(
-            memory=parse_size(memory, what="--memory"), cpus=cpus, accel=accel, flat=flat,
+            memory=parse_memory_size(memory), cpus=cpus, accel=accel, flat=flat,
             kernel=kernel, initrd=initrd, cmdline=cmdline, guest_decompress=guest_decompress,
             cpu_features=parse_feature_edits(cpu_features), stats=stats,
             virtio=VirtioSpecs(disks=[parse_disk(d) for d in disks], nets=[parse_net(n) for n in nets],

@@ -8,9 +8,8 @@ from pathlib import Path
 
 from vmm.cpu_features import FeatureEdit
 from vmm.errors import PyvmmError
+from vmm.image.sizes import parse_size
 from vmm.virtio_setup import VirtioSpecs
-
-_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 MAX_MEMORY = 1 << 40  # 1 TiB: more than any host pyvmm runs on; catches typos like 512G0
 MAX_CPUS = 64  # xAPIC IDs and the MADT would allow 255; 64 is what is tested
@@ -24,13 +23,13 @@ MAX_CPUS = 64  # xAPIC IDs and the MADT would allow 255; 64 is what is tested
 DEFAULT_CMDLINE = "console=ttyS0 reboot=acpi panic=-1"
 
 
-def parse_size(text: str, *, default_unit: str = "M", what: str = "size") -> int:
-    """'512M', '2G', '1024' (in `default_unit`) -> bytes. Raises PyvmmError on anything else."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGTkmgt]?)(?:i?[Bb])?\s*", text)
-    if not match:
-        raise PyvmmError(f"invalid {what} {text!r}: use a number with an optional K, M, G or T suffix")
-    number, unit = match.groups()
-    return int(number) * _SUFFIXES[unit.upper() or default_unit]
+def parse_memory_size(text: str) -> int:
+    """`--memory`: a size as `pyvmm img` reads it (vmm/image/sizes.py), except that a
+    bare number means MiB, as with QEMU's -m, and `512MiB`/`512MB` read as `512M`."""
+    size = re.sub(r"(?<=[KMGTkmgt])i?[Bb]$", "", text.strip())
+    if size.isdigit():
+        size += "M"
+    return parse_size(size, "--memory")
 
 
 @dataclass
