@@ -34,17 +34,21 @@ def kvm_usable() -> str | None:
     return None
 
 
-def assemble(source: Path, output_dir: Path) -> Path:
-    """Assemble a flat guest (GNU as, linked at 0) into a raw binary."""
+def assemble(source: Path, output_dir: Path, *, bits: int = 32, link_address: int = 0) -> Path:
+    """Assemble a flat guest with GNU as into a raw binary linked at `link_address`.
+
+    The source picks its own .code16/.code32/.code64; `bits` is the object format.
+    """
     if shutil.which("as") is None or shutil.which("ld") is None:
         pytest.skip("GNU binutils (as, ld) is not installed: apt-get install binutils")
     obj = output_dir / (source.stem + ".o")
     image = output_dir / (source.stem + ".bin")
-    subprocess.run(["as", "--32", "-I", str(source.parent), "-o", str(obj), str(source)], check=True, capture_output=True)
-    subprocess.run(["ld", "-m", "elf_i386", "-Ttext=0", "--oformat", "binary", "-o", str(image), str(obj)],
+    emulation = "elf_i386" if bits == 32 else "elf_x86_64"
+    subprocess.run(["as", f"--{bits}", "-I", str(source.parent), "-o", str(obj), str(source)],
                    check=True, capture_output=True)
+    subprocess.run(["ld", "-m", emulation, f"-Ttext={link_address:#x}", "--oformat", "binary",
+                    "-o", str(image), str(obj)], check=True, capture_output=True)
     return image
-
 
 if __name__ == "__main__":
     # `python -m tests.helpers OUTPUT_DIR SOURCE.S`: assemble a flat guest the way

@@ -8,11 +8,11 @@ stops the vCPU (as the machine's debug-exit port does) and records the value.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+
+import tests.helpers
 
 pytest.importorskip("unicorn", reason="the software CPU needs unicorn==2.1.4 (pip install unicorn==2.1.4)")
 
@@ -29,16 +29,9 @@ EXIT_PORT = 0xF4
 
 def assemble(source: str, workdir: Path, link_address: int = 0, name: str = "guest") -> bytes:
     """Assemble `source` (which picks .code16/.code64 itself) to a flat image linked at `link_address`."""
-    if shutil.which("as") is None or shutil.which("ld") is None:
-        pytest.skip("GNU binutils (as, ld) is not installed: apt-get install binutils")
-    asm = workdir / f"{name}.S"
-    obj = workdir / f"{name}.o"
-    image = workdir / f"{name}.bin"
-    asm.write_text(source)
-    subprocess.run(["as", "--64", "-o", str(obj), str(asm)], check=True, capture_output=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", f"-Ttext={link_address:#x}", "--oformat", "binary",
-                    "-o", str(image), str(obj)], check=True, capture_output=True)
-    return image.read_bytes()
+    path = workdir / f"{name}.S"
+    path.write_text(source)
+    return tests.helpers.assemble(path, workdir, bits=64, link_address=link_address).read_bytes()
 
 
 class OutputPort:
