@@ -40,6 +40,8 @@ POST_CODE_PORT = 0x80
 # (I8042.data_port, I8042.command_port): 0x61 between them is the PIT/speaker port B.
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64
+I8042_KEYBOARD_IRQ = 1
+I8042_AUX_IRQ = 12
 RTC_PORT = 0x70  # CMOS index at 0x70, data at 0x71
 RTC_IRQ = 8
 # Interrupt controllers and timer, emulated by devices/interrupts.py when the

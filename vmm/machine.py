@@ -96,7 +96,7 @@ class Machine:
         self.uart = Uart16550(irq(layout.COM1_IRQ), self.console.write,
                               room_available=self.console.room_available)
         pio.register(layout.COM1_PORT, 8, self.uart, "com1")
-        i8042 = I8042(reset, kbd_irq=irq(1), aux_irq=irq(12))
+        i8042 = I8042(reset, kbd_irq=irq(layout.I8042_KEYBOARD_IRQ), aux_irq=irq(layout.I8042_AUX_IRQ))
         pio.register(layout.I8042_DATA_PORT, 1, i8042.data_port, "i8042-data")
         pio.register(layout.I8042_COMMAND_PORT, 1, i8042.command_port, "i8042-cmd")
         low_ram = sum(r.size for r in self.memory.regions if r.guest_address < layout.MMIO_HOLE_START)

@@ -21,12 +21,12 @@ from vmm.layout import (
     COM1_PORT,
     I8042_COMMAND_PORT,
     I8042_DATA_PORT,
+    I8042_KEYBOARD_IRQ,
     PVPANIC_PORT,
     RTC_IRQ,
     RTC_PORT,
 )
 
-I8042_KEYBOARD_IRQ = 1
 MAX_VIRTIO_DEVICES = 0x1000  # device names V000-VFFF
 
 
