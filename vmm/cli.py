@@ -19,7 +19,7 @@ from vmm.config import DEFAULT_CMDLINE, MachineConfig, parse_memory_size
 from vmm.cpu_features import parse_feature_edits
 from vmm.errors import PyvmmError
 from vmm.image.cli import img
-from vmm.virtio_setup import VirtioSpecs, parse_console, parse_disk, parse_net
+from vmm.virtio_options import VirtioSpecs, parse_console, parse_disk, parse_net
 
 
 def fail(message: str, status: int = exit_status.ERROR) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from vmm.cpu_features import FeatureEdit
 from vmm.errors import PyvmmError
 from vmm.image.sizes import parse_size
-from vmm.virtio_setup import VirtioSpecs
+from vmm.virtio_options import VirtioSpecs
 
 MAX_MEMORY = 1 << 40  # 1 TiB: more than any host pyvmm runs on; catches typos like 512G0
 MAX_CPUS = 64  # xAPIC IDs and the MADT would allow 255; 64 is what is tested
@@ -45,7 +45,7 @@ class MachineConfig:
     guest_decompress: bool = False
     cpu_features: list[FeatureEdit] = field(default_factory=list)
     stats: bool = False
-    # --disk, --net, --console virtio, --rng (vmm/virtio_setup.py).
+    # --disk, --net, --console virtio, --rng (vmm/virtio_options.py).
     virtio: VirtioSpecs = field(default_factory=VirtioSpecs)
 
     @property

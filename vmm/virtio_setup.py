@@ -1,14 +1,7 @@
-"""The machine's virtio devices: option parsing and the one call the machine builder makes.
+"""The machine's virtio devices: the one call the machine builder makes.
 
-    --disk PATH[,format=raw|qcow2][,readonly=on][,serial=ID]     (repeatable)
-    --net tap=NAME[,mac=52:54:00:..]                              (repeatable)
-    --net socket=listen:PATH|connect:PATH[,mac=..]
-    --console virtio        the host console talks to hvc0 instead of ttyS0
-    --rng                   virtio-rng fed from the host's random source
-
-`parse_disk` / `parse_net` turn the option strings into specs (bad input is
-a one-line `PyvmmError`). `add_virtio_devices()` opens the backends, puts a
-virtio-mmio window per device on the MMIO bus at layout.VIRTIO_MMIO_BASE
+vmm/virtio_options.py turns --disk/--net/--console/--rng into specs;
+`add_virtio_devices()` opens the backends, puts a virtio-mmio window per device on the MMIO bus at layout.VIRTIO_MMIO_BASE
 (one page each) with GSI layout.VIRTIO_MMIO_IRQ_BASE + n, and returns a
 `VirtioDevices` whose `windows` go to the DSDT (boot/acpi) and whose
 `start()` / `close()` bracket the machine's run.
@@ -25,14 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from boot.acpi.dsdt import VirtioMmioWindow
 from devices.base import NullIrqLine
 from devices.virtio import mmio as registers
-from devices.virtio.blk import ID_BYTES, VirtioBlock
+from devices.virtio.blk import VirtioBlock
 from devices.virtio.console import VirtioConsole
 from devices.virtio.eventfd_irq import ResamplingIrqLine
 from devices.virtio.io_loop import IoLoop
@@ -42,123 +34,9 @@ from devices.virtio.net_backends import NetBackend, SocketBackend, TapBackend
 from devices.virtio.rng import VirtioRng
 from vmm import layout
 from vmm.errors import PyvmmError
+from vmm.virtio_options import DiskSpec, NetSpec, VirtioSpecs
 
 log = logging.getLogger(__name__)
-
-_TRUE = {"on", "yes", "true", "1"}
-_FALSE = {"off", "no", "false", "0"}
-
-
-@dataclass(frozen=True)
-class DiskSpec:
-    path: str
-    format: str | None = None  # None: probe (a qcow2 header, else raw)
-    readonly: bool = False
-    serial: str = ""
-
-
-@dataclass(frozen=True)
-class NetSpec:
-    tap: str | None = None
-    socket_mode: str | None = None  # "listen" or "connect"
-    socket_path: str | None = None
-    mac: bytes | None = None  # None: random, 52:54:00:xx:xx:xx
-
-
-@dataclass
-class VirtioSpecs:
-    disks: list[DiskSpec] = field(default_factory=list)
-    nets: list[NetSpec] = field(default_factory=list)
-    console: bool = False  # --console virtio
-    rng: bool = False
-    # Also describe the devices on the kernel command line (virtio_mmio.device=),
-    # for kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and without ACPI.
-    cmdline_devices: bool = False
-
-    @property
-    def count(self) -> int:
-        return len(self.disks) + len(self.nets) + int(self.console) + int(self.rng)
-
-
-# -- option parsing ---------------------------------------------------------------------
-
-
-def _options(text: str, option: str) -> tuple[str, dict[str, str]]:
-    first, *rest = text.split(",")
-    values: dict[str, str] = {}
-    for item in rest:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise PyvmmError(f"{option} {text}: expected KEY=VALUE, got {item!r}")
-        if key in values:
-            raise PyvmmError(f"{option} {text}: {key} given twice")
-        values[key] = value
-    return first, values
-
-
-def _flag(value: str, option: str, key: str) -> bool:
-    if value.lower() in _TRUE:
-        return True
-    if value.lower() in _FALSE:
-        return False
-    raise PyvmmError(f"{option}: {key}={value} should be on or off")
-
-
-def parse_disk(text: str) -> DiskSpec:
-    """'PATH[,format=raw|qcow2][,readonly=on][,serial=ID]' -> DiskSpec."""
-    path, values = _options(text, "--disk")
-    if not path:
-        raise PyvmmError(f"--disk {text}: the image path comes first")
-    unknown = set(values) - {"format", "readonly", "serial"}
-    if unknown:
-        raise PyvmmError(f"--disk {text}: unknown option {sorted(unknown)[0]!r} "
-                         "(known: format, readonly, serial)")
-    fmt = values.get("format")
-    if fmt is not None and fmt not in ("raw", "qcow2"):
-        raise PyvmmError(f"--disk {text}: format must be raw or qcow2")
-    serial = values.get("serial", "")
-    if len(serial.encode()) > ID_BYTES or not serial.isprintable() or not serial.isascii():
-        raise PyvmmError(f"--disk {text}: serial must be at most {ID_BYTES} printable ASCII characters")
-    readonly = _flag(values["readonly"], "--disk", "readonly") if "readonly" in values else False
-    return DiskSpec(path, fmt, readonly, serial)
-
-
-def parse_mac(text: str) -> bytes:
-    if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", text):
-        raise PyvmmError(f"--net mac={text}: expected six hex bytes like 52:54:00:12:34:56")
-    mac = bytes.fromhex(text.replace(":", ""))
-    if mac[0] & 1:
-        raise PyvmmError(f"--net mac={text}: that is a multicast address (first byte must be even)")
-    return mac
-
-
-def parse_net(text: str) -> NetSpec:
-    """'tap=NAME[,mac=..]' or 'socket=listen:PATH|connect:PATH[,mac=..]' -> NetSpec."""
-    _, values = _options("," + text, "--net")
-    unknown = set(values) - {"tap", "socket", "mac"}
-    if unknown:
-        raise PyvmmError(f"--net {text}: unknown option {sorted(unknown)[0]!r} (known: tap, socket, mac)")
-    mac = parse_mac(values["mac"]) if "mac" in values else None
-    if ("tap" in values) == ("socket" in values):
-        raise PyvmmError(f"--net {text}: give exactly one of tap=NAME or socket=listen:PATH|connect:PATH")
-    if "tap" in values:
-        if not values["tap"]:
-            raise PyvmmError("--net tap=NAME: the TAP device name is missing")
-        return NetSpec(tap=values["tap"], mac=mac)
-    mode, sep, path = values["socket"].partition(":")
-    if mode not in ("listen", "connect") or not sep or not path:
-        raise PyvmmError(f"--net {text}: socket=listen:PATH or socket=connect:PATH")
-    return NetSpec(socket_mode=mode, socket_path=path, mac=mac)
-
-
-def parse_console(text: str) -> bool:
-    """'serial' or 'virtio' -> whether the host console is the virtio console."""
-    if text not in ("serial", "virtio"):
-        raise PyvmmError(f"--console {text}: use serial or virtio")
-    return text == "virtio"
-
-
-# -- building ------------------------------------------------------------------------------
 
 
 @dataclass

@@ -37,7 +37,7 @@ QUEUE_SIZE = 256
 # max_sectors_kb (1280 KiB by default); this only bounds what a hostile
 # guest can make the VMM allocate.
 MAX_TRANSFER = 32 << 20
-ID_BYTES = 20
+ID_BYTES = c.BLK_ID_BYTES
 
 # Feature bits (5.2.3).
 F_SIZE_MAX = 1

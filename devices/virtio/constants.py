@@ -26,3 +26,6 @@ INTERRUPT_CONFIG = 2
 
 def bit(n: int) -> int:
     return 1 << n
+
+# virtio-blk: the length of the device ID (its serial) returned by GET_ID.
+BLK_ID_BYTES = 20

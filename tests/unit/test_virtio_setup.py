@@ -18,15 +18,8 @@ from vmm.accel import MachineIo
 from vmm.bus import Bus
 from vmm.errors import PyvmmError
 from vmm.memory import GuestMemory
-from vmm.virtio_setup import (
-    DiskSpec,
-    NetSpec,
-    VirtioSpecs,
-    add_virtio_devices,
-    parse_console,
-    parse_disk,
-    parse_net,
-)
+from vmm.virtio_options import DiskSpec, NetSpec, VirtioSpecs, parse_console, parse_disk, parse_net
+from vmm.virtio_setup import add_virtio_devices
 
 # -- parsing -----------------------------------------------------------------------------
 
