@@ -52,19 +52,14 @@ def test_boots_to_a_shell_and_powers_off(boot_linux, cpus, tmp_path):
         assert stderr.startswith(f"pyvmm: using the software CPU: {tmp_path / 'no-kvm'} does not exist")
 
 
-def test_kernel_panic_exits_with_the_panic_status(boot_linux):
+@pytest.mark.parametrize(("command", "status", "message"), [
+    ("echo c > /proc/sysrq-trigger", 4, "pyvmm: the guest kernel panicked"),  # through pvpanic
+    ("reboot -f", 7, "pyvmm: the guest asked for a reset"),                   # the FADT reset register
+], ids=["panic", "reboot"])
+def test_the_guest_ending_itself_gives_its_exit_status(boot_linux, command, status, message):
     guest = boot_linux()
     guest.expect(PROMPT)
-    guest.send("echo c > /proc/sysrq-trigger")
-    status, stderr = guest.wait()
-    assert status == 4, stderr
-    assert "pyvmm: the guest kernel panicked" in stderr
-
-
-def test_reboot_reaches_the_vmm_and_exits_with_the_reset_status(boot_linux):
-    guest = boot_linux()
-    guest.expect(PROMPT)
-    guest.send("reboot -f")
-    status, stderr = guest.wait()
-    assert status == 7, stderr
-    assert "pyvmm: the guest asked for a reset" in stderr
+    guest.send(command)
+    exit_status, stderr = guest.wait()
+    assert exit_status == status, stderr
+    assert message in stderr
