@@ -12,8 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.boot.test_virtio_boot import debugfs, need_tool
-from tests.boot.virtio_guest import host_binary_files, run_guest, script_output
+from tests.boot.virtio_guest import debugfs, host_binary_files, need_tool, run_guest, script_output
 from tests.helpers import run_pyvmm
 
 pytestmark = pytest.mark.slow

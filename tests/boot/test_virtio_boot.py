@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.boot.virtio_guest import (
+    debugfs,
     host_binary_files,
+    need_tool,
     overlay_initrd,
     pyvmm_command,
     run_guest,
@@ -31,18 +32,6 @@ pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
 RO_CONTENT = b"pyvmm-read-only-disk"
-
-
-def need_tool(name: str, package: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/sbin:/usr/sbin")
-    if path is None:
-        pytest.skip(f"{name} is not installed: apt-get install {package}")
-    return path
-
-
-def debugfs(image: Path, request: str) -> bytes:
-    tool = need_tool("debugfs", "e2fsprogs")
-    return subprocess.run([tool, "-R", request, str(image)], capture_output=True, check=True).stdout
 
 
 DISK_SCRIPT = """

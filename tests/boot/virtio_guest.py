@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.assets import CpioWriter, LinuxAssets
 from tests.helpers import REPO
 
@@ -98,3 +100,15 @@ def run_guest(assets: LinuxAssets, tmp_path: Path, script: str, *args: str, inpu
     result = subprocess.run([*(prefix or []), *pyvmm_command(assets, initrd, *args)], input=input,
                             capture_output=True, timeout=timeout, cwd=REPO)
     return result.returncode, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
+
+
+def need_tool(name: str, package: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/sbin:/usr/sbin")
+    if path is None:
+        pytest.skip(f"{name} is not installed: apt-get install {package}")
+    return path
+
+
+def debugfs(image: Path, request: str) -> bytes:
+    tool = need_tool("debugfs", "e2fsprogs")
+    return subprocess.run([tool, "-R", request, str(image)], capture_output=True, check=True).stdout
