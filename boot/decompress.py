@@ -61,7 +61,7 @@ def _zstd(data: memoryview, size: int) -> bytes:
     return zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
 
 
-def _lz4_legacy(data: memoryview, size: int) -> bytes:
+def _lz4_legacy(data: memoryview, size: int) -> bytearray:
     blocks = data[4:-SIZE_TRAILER]  # skip the magic; the size trailer is not a block
     out = bytearray()
     position = 0
@@ -79,7 +79,7 @@ def _lz4_legacy(data: memoryview, size: int) -> bytes:
             raise CorruptPayload("lz4 data continues past the announced size")
         out += lz4.block.decompress(blocks[position : position + length], uncompressed_size=room)
         position += length
-    return bytes(out)
+    return out  # not bytes(out): that would copy the whole kernel once more
 
 
 def _uncompressed(data: memoryview, size: int) -> bytes:
@@ -129,7 +129,7 @@ def uncompressed_size(payload: bytes | memoryview) -> int:
     return struct.unpack_from("<I", payload, len(payload) - SIZE_TRAILER)[0]
 
 
-def decompress_payload(payload: bytes | memoryview, limit: int) -> bytes:
+def decompress_payload(payload: bytes | memoryview, limit: int) -> bytes | bytearray:
     """Decompress a bzImage payload to the vmlinux ELF image, refusing more than `limit` bytes."""
     payload = memoryview(payload)
     fmt = detect_format(payload)
