@@ -100,10 +100,9 @@ class VirtualMachine(ABC):
         value `datamatch` to MMIO `address`; owned by the VM. None if unsupported."""
         return None
 
-    def irq_eventfds(self, gsi: int) -> tuple[int, int] | None:
-        """(trigger, resample) eventfds for level-triggered `gsi`, owned by the VM: writing
-        `trigger` asserts the line until the guest's EOI, then the line drops and `resample`
-        is signalled so the device can assert it again if it still needs service. None if unsupported."""
+    def irq_eventfd(self, gsi: int) -> int | None:
+        """An eventfd, owned by the VM, whose every write is an edge on edge-triggered `gsi`
+        (raised and lowered inside the accelerator, no exit). None if unsupported."""
         return None
 
     @abstractmethod

@@ -14,7 +14,8 @@ HIGH_RAM_START = MMIO_HOLE_END
 VIRTIO_MMIO_BASE = MMIO_HOLE_START
 VIRTIO_MMIO_SIZE = 0x1000
 # Their interrupts: one GSI each, the I/O APIC pins 16-23 that no ISA device
-# uses (as QEMU's microvm does with ACPI), level-triggered, active high.
+# uses (as QEMU's microvm does with ACPI), edge-triggered (devices/virtio/mmio.py
+# says why), active high.
 VIRTIO_MMIO_IRQ_BASE = 16
 VIRTIO_MMIO_MAX_DEVICES = 8
 

@@ -7,7 +7,7 @@ vmm/virtio_options.py turns --disk/--net/--console/--rng into specs;
 `start()` / `close()` bracket the machine's run.
 
 Where the work runs: on KVM each queue's QueueNotify has an ioeventfd and
-each device's interrupt an irqfd with resampling, so requests are served on
+each device's interrupt an irqfd, so requests are served on
 the I/O thread (devices/virtio/io_loop.py) and the vCPU never exits for a
 kick. Elsewhere (the software CPU) the kick is an MMIO write handled on the
 vCPU thread, and the interrupt goes through `vm.irq_line`. Host input
@@ -22,12 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from boot.acpi.dsdt import VirtioMmioWindow
-from devices.base import NullIrqLine
+from devices.base import IrqLine, NullIrqLine
 from devices.virtio import mmio as registers
 from devices.virtio.blk import VirtioBlock
 from devices.virtio.console import VirtioConsole
-from devices.virtio.eventfd_irq import ResamplingIrqLine
 from devices.virtio.io_loop import IoLoop
+from devices.virtio.irqfd_line import IrqfdLine
 from devices.virtio.mmio import VirtioMmioTransport
 from devices.virtio.net import VirtioNet
 from devices.virtio.net_backends import NetBackend, SocketBackend, TapBackend
@@ -131,10 +131,7 @@ def add_virtio_devices(io, memory, vm, specs: VirtioSpecs, *, irqchip: bool,
         for index, (name, device) in enumerate(devices):
             base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE
             gsi = layout.VIRTIO_MMIO_IRQ_BASE + index
-            irq, resampling = _irq_line(vm, gsi, irqchip, loop)
-            transport = VirtioMmioTransport(device, memory, irq, name)
-            if resampling is not None:
-                resampling.still_pending = lambda t=transport: t.interrupt_pending
+            transport = VirtioMmioTransport(device, memory, _irq_line(vm, gsi, irqchip), name)
             io.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport, name)
             _add_notifiers(vm, transport, base, loop)
             result.transports.append(transport)
@@ -147,14 +144,11 @@ def add_virtio_devices(io, memory, vm, specs: VirtioSpecs, *, irqchip: bool,
     return result
 
 
-def _irq_line(vm, gsi: int, irqchip: bool, loop: IoLoop):
+def _irq_line(vm, gsi: int, irqchip: bool) -> IrqLine:
     if not irqchip:
-        return NullIrqLine(), None
-    fds = vm.irq_eventfds(gsi)
-    if fds is None:
-        return vm.irq_line(gsi), None
-    line = ResamplingIrqLine(*fds, loop)
-    return line, line
+        return NullIrqLine()
+    eventfd = vm.irq_eventfd(gsi)
+    return vm.irq_line(gsi) if eventfd is None else IrqfdLine(eventfd)
 
 
 def _add_notifiers(vm, transport: VirtioMmioTransport, base: int, loop: IoLoop) -> None:

@@ -87,9 +87,8 @@ def virtio_mmio(index: int, window: VirtioMmioWindow) -> bytes:
         aml.name("_CCA", aml.integer(1)),  # DMA is cache-coherent
         aml.name("_CRS", aml.resource_template(
             aml.memory32_fixed(window.base, window.size),
-            # Level-triggered, active high: the device holds its line until the
-            # driver acknowledges the interrupt status.
-            aml.interrupt(window.irq, edge=False),
+            # Edge-triggered, active high: devices/virtio/mmio.py says why.
+            aml.interrupt(window.irq, edge=True),
         )),
     )
 

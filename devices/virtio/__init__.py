@@ -6,7 +6,7 @@
     blk.py net.py console.py rng.py      the device types
     net_backends.py                      TAP and unix-socket packet backends
     io_loop.py     the I/O thread: one selectors loop for every device's fds
-    eventfd_irq.py an interrupt line through a KVM irqfd (with resampling)
+    irqfd_line.py  an interrupt line through a KVM irqfd (edges, no exit)
 
 The machine builder uses vmm/virtio_setup.py, which puts these together.
 """

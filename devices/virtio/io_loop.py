@@ -1,8 +1,7 @@
 """The I/O thread: one selectors loop serving every virtio device's file descriptors.
 
-What it waits on: queue-notification eventfds (KVM ioeventfd), interrupt
-resample eventfds (KVM irqfd), and the host side of backends (a TAP device,
-a unix socket). Each fd has a callback run on this thread; callbacks take
+What it waits on: queue-notification eventfds (KVM ioeventfd) and the host
+side of backends (a TAP device, a unix socket). Each fd has a callback run on this thread; callbacks take
 the device's own lock, so the vCPU threads and this one never work on one
 device at the same time.
 

@@ -14,10 +14,16 @@ INDIRECT_DESC and EVENT_IDX. A driver that does not accept VERSION_1 (a
 legacy driver) or asks for features that were not offered never sees
 FEATURES_OK set, which the specification says makes it give up.
 
-Interrupts: the device's line is level-triggered and held high while
-InterruptStatus is non-zero; the driver lowers it with InterruptACK. A
-device-fatal error (a malformed queue, a failing device) sets NEEDS_RESET
-and, once the driver is running, raises a configuration-change interrupt.
+Interrupts are edges (the DSDT says edge-triggered, as Firecracker and
+Cloud Hypervisor describe theirs): one when InterruptStatus goes from zero
+to non-zero, and one more when an InterruptACK leaves bits set, because
+those arrived after the driver read the register and its handler will not
+look again. A held level line would need the accelerator to tell us about
+the guest's EOI; KVM's irqfd resampling does, but kvm_pvm signals it before
+the guest's handler has run, and re-asserting then gives the guest a
+spurious interrupt. A device-fatal error (a malformed queue, a failing
+device) sets NEEDS_RESET and, once the driver is running, raises a
+configuration-change interrupt.
 Nothing the guest writes here can raise an exception out of `read`/`write`.
 """
 
@@ -93,7 +99,6 @@ class VirtioMmioTransport:
         self.config_generation = 0
         self.errors = 0  # device-fatal errors (NEEDS_RESET) since the machine started
         self._odd = LogOnce(log, f"virtio-mmio {self.name}")
-        self._line_high = False
         self._reset_state()
         device.attach(self)
 
@@ -172,7 +177,8 @@ class VirtioMmioTransport:
             self.notify(value)
         elif offset == INTERRUPT_ACK:
             self.interrupt_status &= ~value
-            self._update_line()
+            if self.interrupt_status:
+                self.irq.pulse()
         elif offset == DEVICE_FEATURES_SEL:
             self.device_features_sel = value
         elif offset == DRIVER_FEATURES_SEL:
@@ -271,7 +277,6 @@ class VirtioMmioTransport:
         with self.lock:
             self._guarded(self.device.reset)
             self._reset_state()
-            self._update_line()
 
     # -- notifications and interrupts ----------------------------------------------------
 
@@ -329,18 +334,13 @@ class VirtioMmioTransport:
                 self._raise(c.INTERRUPT_CONFIG)
 
     def _raise(self, bits: int) -> None:
+        # While InterruptStatus is non-zero the driver has an interrupt coming
+        # and will read the new bits with the old ones (or see them left
+        # after its InterruptACK, which sends the next edge).
+        was_clear = not self.interrupt_status
         self.interrupt_status |= bits
-        self._update_line()
-
-    def _update_line(self) -> None:
-        high = self.interrupt_status != 0
-        if high != self._line_high:
-            self._line_high = high
-            self.irq.set_level(high)
-
-    @property
-    def interrupt_pending(self) -> bool:
-        return self.interrupt_status != 0
+        if was_clear:
+            self.irq.pulse()
 
     def close(self) -> None:
         with self.lock:

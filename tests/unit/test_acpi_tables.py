@@ -140,7 +140,7 @@ def test_dsdt_describes_devices_and_s5(memory):
     assert b"\x08\\_S5_\x12\x07\x04\x0a\x05\x00\x00\x00" in dsdt  # Package {5, 0, 0, 0}
     for base, size, irq in VIRTIO:
         memory32 = b"\x86\x09\x00\x01" + struct.pack("<II", base, size)
-        interrupt = b"\x89\x06\x00\x01\x01" + struct.pack("<I", irq)
+        interrupt = b"\x89\x06\x00\x03\x01" + struct.pack("<I", irq)  # consumer, edge, active high
         assert memory32 + interrupt in dsdt
 
 

@@ -214,13 +214,12 @@ def test_event_idx_suppresses_interrupts_until_used_event(raw_path):
         assert d.driver.features & (1 << c.F_EVENT_IDX)
         d.queue.set_used_event(1)  # interrupt when the second request is used
         d.request(blk.T_IN, 0, in_length=512)
-        assert not d.irq.level
+        assert d.irq.edges == 0
         d.request(blk.T_IN, 0, in_length=512)
-        assert d.irq.level
+        assert d.irq.edges == 1
         d.driver.ack_interrupt()
-        assert not d.irq.level
         d.request(blk.T_IN, 0, in_length=512)
-        assert not d.irq.level
+        assert d.irq.edges == 1
         # The device asked to be kicked for the next request.
         assert d.queue.avail_event == d.queue.avail_idx
 
@@ -231,9 +230,9 @@ def test_without_event_idx_every_request_interrupts(raw_path):
         probe, _, _, _ = make_transport(VirtioBlock(image))
         accept = probe.device_features & ~(1 << c.F_EVENT_IDX)
         d = BlkDriver(device, accept=accept)
-        for _ in range(3):
+        for n in range(1, 4):
             d.request(blk.T_IN, 0, in_length=512)
-            assert d.irq.level
+            assert d.irq.edges == n
             d.driver.ack_interrupt()
 
 

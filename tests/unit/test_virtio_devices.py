@@ -37,7 +37,7 @@ def test_rng_fills_writable_buffers_from_the_source():
     head = queue.add([Buffer(first, 64, True), Buffer(second, 16, True)])
     assert queue.take_used() == [(head, 80)]
     assert memory.read(first, 64) + memory.read(second, 16) == b"\x5a" * 80
-    assert irq.level and device.bytes_served == 80
+    assert irq.edges == 1 and device.bytes_served == 80
 
 
 def test_rng_gives_real_randomness_and_ignores_readable_only_chains():
@@ -96,7 +96,7 @@ def test_console_input_waits_for_receive_buffers():
     assert h.device.receive(b"0123456789") == 8
     assert h.memory.read(buf1, 4) + h.memory.read(buf2, 4) == b"01234567"
     assert [length for _, length in rx.take_used()] == [4, 4]
-    assert h.irq.level
+    assert h.irq.edges == 1  # the output's interrupt is not acknowledged yet: the input joins it
 
 
 def test_console_config_has_one_port():
@@ -272,7 +272,7 @@ def test_socket_backend_joins_two_guests(tmp_path):
             b.transmit(b"\x02" * 1514)
         assert wait_for(lambda: a.device.rx_packets == 2)
         assert a.memory.read(a_buffers[1] + NET_HEADER_SIZE, 1514) == b"\x02" * 1514
-        assert a.irq.level and b.irq.level
+        assert a.irq.edges >= 1 and b.irq.edges >= 1
     finally:
         loop.stop()
         listener.close()

@@ -137,7 +137,7 @@ class KvmVm(VirtualMachine):
         self.platform = platform
         self.fd = system.create_vm()
         self._vcpus: list[KvmVcpu] = []
-        self._eventfds: list[int] = []  # handed out by notifier() / irq_eventfds()
+        self._eventfds: list[int] = []  # handed out by notifier() / irq_eventfd()
         try:
             max_vcpus = system.check_extension(k.KVM_CAP_MAX_VCPUS) or system.check_extension(k.KVM_CAP_NR_VCPUS)
             if platform.cpus > max_vcpus:
@@ -186,21 +186,20 @@ class KvmVm(VirtualMachine):
         self._eventfds.append(eventfd)
         return eventfd
 
-    def irq_eventfds(self, gsi: int) -> tuple[int, int] | None:
-        system = self.fd.system
-        if not (self.platform.irqchip and system.check_extension(k.KVM_CAP_IRQFD)
-                and system.check_extension(k.KVM_CAP_IRQFD_RESAMPLE)):
+    def irq_eventfd(self, gsi: int) -> int | None:
+        if not (self.platform.irqchip and self.fd.system.check_extension(k.KVM_CAP_IRQFD)):
             return None
+        # No resample eventfd: a level-triggered irqfd can only be lowered by
+        # the guest's EOI, and kvm_pvm signals the resample before the guest
+        # has even run its handler (see devices/virtio/mmio.py).
         trigger = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        resample = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
-            self.fd.irqfd(trigger, gsi, resamplefd=resample)
+            self.fd.irqfd(trigger, gsi)
         except PyvmmError:
             os.close(trigger)
-            os.close(resample)
             return None
-        self._eventfds += [trigger, resample]
-        return trigger, resample
+        self._eventfds.append(trigger)
+        return trigger
 
     def close(self) -> None:
         for vcpu in self._vcpus:

@@ -161,14 +161,9 @@ class VmFd:
         line = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": int(level)})
         _ioctl(self.fd, ioctls.KVM_IRQ_LINE, _ptr(line), f"irq {irq}")
 
-    def irqfd(self, eventfd: int, gsi: int, deassign: bool = False, resamplefd: int | None = None) -> None:
-        """Signalling `eventfd` raises `gsi`. With `resamplefd` the GSI is level-triggered: it stays
-        asserted until the guest's EOI, after which KVM lowers it and signals `resamplefd`."""
-        flags = k.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
-        if resamplefd is not None:
-            flags |= k.KVM_IRQFD_FLAG_RESAMPLE
-        request = ffi.new("struct kvm_irqfd *", {"fd": eventfd, "gsi": gsi, "flags": flags,
-                                                 "resamplefd": resamplefd or 0})
+    def irqfd(self, eventfd: int, gsi: int) -> None:
+        """Each write to `eventfd` is an edge on `gsi`, raised and lowered inside KVM."""
+        request = ffi.new("struct kvm_irqfd *", {"fd": eventfd, "gsi": gsi})
         _ioctl(self.fd, ioctls.KVM_IRQFD, _ptr(request), f"gsi {gsi}")
 
     def ioeventfd(self, eventfd: int, address: int, length: int, datamatch: int | None = None,

@@ -527,11 +527,11 @@ static void test_virtio_blk(void) {
     mmio_write32(virtio_base + VIRTIO_QUEUE_READY, 1);
     mmio_write32(virtio_base + VIRTIO_STATUS, 1 | 2 | 8 | 4);           /* DRIVER_OK */
 
-    /* Its interrupt: GSI 16 + slot, level-triggered, active high, as the DSDT says. */
+    /* Its interrupt: GSI 16 + slot, edge-triggered, active high, as the DSDT says. */
     mmio_write32(LAPIC + 0xF0, 0x1FF);
     u32 self = mmio_read32(LAPIC + 0x20) >> 24;
     ioapic_write(0x10 + 2 * (16 + slot) + 1, self << 24);
-    ioapic_write(0x10 + 2 * (16 + slot), 0x40 | (1 << 15));
+    ioapic_write(0x10 + 2 * (16 + slot), 0x40);
 
     int status = blk_request(0, 0);
     sector_buffer[31] = 0;
