@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmm.errors import GuestMemoryError, PyvmmError
@@ -39,6 +40,10 @@ def ram_layout(size: int) -> list[tuple[int, int]]:
 
 
 class GuestMemory:
+    # Set by an accelerator that keeps translations of guest code (the software
+    # CPU): told (address, length) after each device write into guest RAM.
+    device_write_listener: Callable[[int, int], None] | None = None
+
     def __init__(self, size: int) -> None:
         if size < 1 << 20:
             raise PyvmmError(f"guest memory must be at least 1M, got {size} bytes")
@@ -91,6 +96,13 @@ class GuestMemory:
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         region, offset = self._locate(address, len(data))
         region.mapping[offset : offset + len(data)] = data
+
+    def write_from_device(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        """A device's write into guest RAM (DMA): `write`, then tell the accelerator."""
+        self.write(address, data)
+        listener = self.device_write_listener
+        if listener is not None:
+            listener(address, len(data))
 
     def view(self, address: int, length: int) -> memoryview:
         """A zero-copy window onto guest RAM; release it before closing the memory."""

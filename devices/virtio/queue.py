@@ -107,7 +107,7 @@ class DescriptorChain:
                 offset -= size
                 continue
             count = min(size - offset, len(view) - written)
-            memory.write(address + offset, view[written : written + count])
+            memory.write_from_device(address + offset, view[written : written + count])
             written += count
             offset = 0
         return written

@@ -25,3 +25,20 @@ def test_block_read_and_write_with_interrupts(test_kernel, accel, tmp_path):
     assert "virtio: wrote sector 1: status 0, interrupts 2" in out
     assert disk.read_bytes()[512:540] == b"written by the test kernel\0\0"
     assert b"virtio-blk0 at 0xc0000000 gsi 16: requests 2, errors 0" in result.stderr
+
+
+def test_code_read_from_disk_over_code_that_ran_is_the_code_that_runs(test_kernel, accel, tmp_path):
+    # The test kernel reads a function from sector 2 into a page, calls it, reads
+    # another from sector 3 into the same page and calls that: a software CPU that
+    # kept its translation of the first would return 2 twice.
+    disk = tmp_path / "code.raw"
+    image = bytearray(64 * 1024)
+    image[2 * 512:2 * 512 + 6] = bytes([0xB8, 2, 0, 0, 0, 0xC3])  # mov eax, 2; ret
+    image[3 * 512:3 * 512 + 6] = bytes([0xB8, 3, 0, 0, 0, 0xC3])  # mov eax, 3; ret
+    disk.write_bytes(image)
+    result = run_pyvmm("boot", "--kernel", str(test_kernel), "--accel", accel, "--disk", str(disk),
+                       "--cmdline", "testkernel=cpu test.dmacode", timeout=120)
+    out = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, out + result.stderr.decode()
+    assert ("virtio: code read from sector 2 (status 0) returned 2, "
+            "then from sector 3 (status 0) returned 3") in out

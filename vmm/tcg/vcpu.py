@@ -201,6 +201,7 @@ class TcgVcpu(Vcpu):
             return None
         self.vm.running = self
         self._slice_thread = threading.get_ident()
+        self.vm.invalidator.start_owning()
         try:
             if self.router is not None:
                 self._take_interrupt()
@@ -213,6 +214,7 @@ class TcgVcpu(Vcpu):
             return self._emulation_failure(f"Unicorn stopped: {err}")
         finally:
             self._in_guest = False
+            self.vm.invalidator.stop_owning()
             self.vm.running = None
             self.vm.ticker.disarm()
         if self._pending_exit is not None:

@@ -26,6 +26,7 @@ from vmm.layout import MMIO_HOLE_END, MMIO_HOLE_START
 from vmm.memory import GuestMemory
 from vmm.tcg.cpuid import CpuidOptions, CpuidProfile
 from vmm.tcg.delivery import InterruptDelivery
+from vmm.tcg.device_writes import TranslationInvalidator
 from vmm.tcg.engine import Engine
 from vmm.tcg.qemu_env import ContextBuffer
 from vmm.tcg.scheduler import CpuScheduler
@@ -90,6 +91,7 @@ class TcgVirtualMachine(VirtualMachine):
         return self.router.irq_line(gsi)
 
     def close(self) -> None:
+        self.memory.device_write_listener = None
         self.ticker.close()
         for vcpu in self.vcpus.values():
             vcpu.close()
@@ -137,9 +139,14 @@ class TcgVirtualMachine(VirtualMachine):
     # -- memory ------------------------------------------------------------------
 
     def _map_memory(self) -> None:
+        hosts = []
         for region in self.memory.regions:
             host = ctypes.addressof(ctypes.c_char.from_buffer(region.mapping))
             self.engine.map_ram(region.guest_address, region.size, host)
+            hosts.append(host)
+        # Device writes into RAM must drop the code translated from it (vmm/tcg/device_writes.py).
+        self.invalidator = TranslationInvalidator(self.engine.handle, self.memory, hosts)
+        self.memory.device_write_listener = self.invalidator.device_wrote
         low_ram_end = self.memory.regions[0].end
         mmio_start = min(max(low_ram_end, 0), MMIO_HOLE_START)
         mmio_start = (mmio_start + PAGE - 1) & ~(PAGE - 1)

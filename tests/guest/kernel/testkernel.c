@@ -475,13 +475,13 @@ static void set_queue_address(u32 reg, void *address) {
     mmio_write32(virtio_base + reg + 4, (u32)((u64)address >> 32));
 }
 
-/* One request (type 0 read, 1 write) of one sector, and wait for its interrupt. */
-static int blk_request(u32 type, u64 sector) {
+/* One request (type 0 read, 1 write) of one sector to or from `buffer`, and wait for its interrupt. */
+static int blk_request(u32 type, u64 sector, u8 *buffer) {
     request = (struct blk_request){type, 0, sector};
     request_status = 0xff;
     u16 data_flags = type == 0 ? 2 : 0;  /* VIRTQ_DESC_F_WRITE: the device writes a read's data */
     descs[0] = (struct virtq_desc){(u64)&request, sizeof(request), 1, 1};
-    descs[1] = (struct virtq_desc){(u64)sector_buffer, sizeof(sector_buffer), (u16)(1 | data_flags), 2};
+    descs[1] = (struct virtq_desc){(u64)buffer, 512, (u16)(1 | data_flags), 2};
     descs[2] = (struct virtq_desc){(u64)&request_status, 1, 2, 0};
     int before = virtio_interrupts;
     u16 index = avail.index;
@@ -494,7 +494,8 @@ static int blk_request(u32 type, u64 sector) {
     return virtio_interrupts > before && used.index == (u16)(index + 1) ? request_status : -1;
 }
 
-static void test_virtio_blk(void) {
+/* Find the first virtio-blk window, bring the device up, route its interrupt. */
+static int virtio_blk_setup(void) {
     int slot = -1;
     for (int i = 0; i < 8; i++) {
         u64 base = 0xC0000000UL + 0x1000UL * i;
@@ -504,7 +505,7 @@ static void test_virtio_blk(void) {
             break;
         }
     }
-    if (slot < 0) { say("virtio: no block device\n"); return; }
+    if (slot < 0) { say("virtio: no block device\n"); return 0; }
     say("virtio: block device at %x, version %d\n", virtio_base, (u64)mmio_read32(virtio_base + VIRTIO_VERSION));
     mmio_write32(virtio_base + VIRTIO_STATUS, 0);
     mmio_write32(virtio_base + VIRTIO_STATUS, 1 | 2);                   /* ACKNOWLEDGE | DRIVER */
@@ -515,11 +516,11 @@ static void test_virtio_blk(void) {
     mmio_write32(virtio_base + VIRTIO_DRIVER_FEATURES_SEL, 0);
     mmio_write32(virtio_base + VIRTIO_DRIVER_FEATURES, 0);
     mmio_write32(virtio_base + VIRTIO_STATUS, 1 | 2 | 8);               /* FEATURES_OK */
-    if (!(mmio_read32(virtio_base + VIRTIO_STATUS) & 8)) { say("virtio: features refused\n"); return; }
+    if (!(mmio_read32(virtio_base + VIRTIO_STATUS) & 8)) { say("virtio: features refused\n"); return 0; }
     u32 capacity = mmio_read32(virtio_base + VIRTIO_CONFIG);
     say("virtio: capacity %d sectors\n", (u64)capacity);
     mmio_write32(virtio_base + VIRTIO_QUEUE_SEL, 0);
-    if (mmio_read32(virtio_base + VIRTIO_QUEUE_NUM_MAX) < QUEUE_SIZE) { say("virtio: queue too small\n"); return; }
+    if (mmio_read32(virtio_base + VIRTIO_QUEUE_NUM_MAX) < QUEUE_SIZE) { say("virtio: queue too small\n"); return 0; }
     mmio_write32(virtio_base + VIRTIO_QUEUE_NUM, QUEUE_SIZE);
     set_queue_address(VIRTIO_QUEUE_DESC, descs);
     set_queue_address(VIRTIO_QUEUE_DRIVER, &avail);
@@ -532,28 +533,50 @@ static void test_virtio_blk(void) {
     u32 self = mmio_read32(LAPIC + 0x20) >> 24;
     ioapic_write(0x10 + 2 * (16 + slot) + 1, self << 24);
     ioapic_write(0x10 + 2 * (16 + slot), 0x40);
+    return 1;
+}
 
-    int status = blk_request(0, 0);
+static void test_virtio_blk(void) {
+    int status = blk_request(0, 0, sector_buffer);
     sector_buffer[31] = 0;
     say("virtio: read sector 0: status %d, data \"%s\"\n", (u64)(u32)status, (const char *)sector_buffer);
     const char *text = "written by the test kernel";
     for (int i = 0; i < 512; i++) sector_buffer[i] = 0;
     for (int i = 0; text[i]; i++) sector_buffer[i] = (u8)text[i];
-    status = blk_request(1, 1);
+    status = blk_request(1, 1, sector_buffer);
     say("virtio: wrote sector 1: status %d, interrupts %d\n", (u64)(u32)status, (u64)virtio_interrupts);
+}
+
+/* The device writes code over code the CPU has run (DMA into a page that
+ * held a program, as a page cache does): the CPU must run the new code. A
+ * software CPU that keeps its translation of the old code would not. */
+static u8 code_page[4096] __attribute__((aligned(4096)));
+
+static void test_dma_over_code(void) {
+    int first_status = blk_request(0, 2, code_page);
+    int first = ((int (*)(void))code_page)();
+    int second_status = blk_request(0, 3, code_page);
+    int second = ((int (*)(void))code_page)();
+    say("virtio: code read from sector 2 (status %d) returned %d, then from sector 3 (status %d) returned %d\n",
+        (u64)(u32)first_status, (u64)(u32)first, (u64)(u32)second_status, (u64)(u32)second);
 }
 
 static int has_word(const char *text, const char *word);
 
 /* The tests named on the command line (test.pf test.timers test.ring3
- * test.int80), in that order, then power off. */
+ * test.int80 test.virtio test.dmacode), in that order, then power off. */
 static void cpu_tests(const char *cmdline) {
     load_descriptor_tables();
     if (has_word(cmdline, "test.pf")) test_page_faults();
     if (has_word(cmdline, "test.timers")) test_timers();
     if (has_word(cmdline, "test.ring3")) test_ring3();
     if (has_word(cmdline, "test.int80")) test_int80_in_ring0();
-    if (has_word(cmdline, "test.virtio")) test_virtio_blk();
+    if (has_word(cmdline, "test.virtio") || has_word(cmdline, "test.dmacode")) {
+        if (virtio_blk_setup()) {
+            if (has_word(cmdline, "test.virtio")) test_virtio_blk();
+            if (has_word(cmdline, "test.dmacode")) test_dma_over_code();
+        }
+    }
     say("cpu: done\n");
     outb((u16)sleep_control_port, (5 << 2) | (1 << 5));
     power_off_via_debug_exit(1);

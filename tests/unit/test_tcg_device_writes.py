@@ -1,0 +1,67 @@
+"""Device writes into guest RAM drop the software CPU's translations of the code they overwrite."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.unit.tcg_support import LOAD_ADDRESS, TcgMachine, assemble
+from vmm.cpu_state import CpuState
+
+PRINT_AND_EXIT = """
+    .code16
+    mov ${letter}, %al
+    out %al, $0xe9
+    mov $0x2a, %al
+    out %al, $0xf4
+    hlt
+"""
+
+
+@pytest.fixture
+def machine():
+    m = TcgMachine()
+    yield m
+    m.close()
+
+
+def run_from_the_start(machine) -> bytes:
+    machine.exit.status = None
+    machine.output.data.clear()
+    machine.vcpus[0].set_state(CpuState.real_mode(LOAD_ADDRESS >> 4, 0))
+    machine.run()
+    return bytes(machine.output.data)
+
+
+def test_a_device_write_from_another_thread_replaces_code_that_ran(machine, tmp_path):
+    images = {letter: assemble(PRINT_AND_EXIT.format(letter=hex(ord(letter))), tmp_path, name=letter)
+              for letter in "ABC"}
+    machine.load(images["A"])
+    assert run_from_the_start(machine) == b"A"
+
+    # Written behind the engine's back (as a loader would): the translation of A stays.
+    machine.memory.write(LOAD_ADDRESS, images["B"])
+    assert run_from_the_start(machine) == b"A"
+
+    # Written by a device on the I/O thread: queued, dropped before the next slice.
+    writer = threading.Thread(target=machine.memory.write_from_device, args=(LOAD_ADDRESS, images["C"]))
+    writer.start()
+    writer.join()
+    assert machine.vm.invalidator.invalidations == 0
+    assert run_from_the_start(machine) == b"C"
+    assert machine.vm.invalidator.invalidations == 1
+
+
+def test_ranges_outside_ram_or_across_regions_are_clipped(tmp_path):
+    m = TcgMachine(memory_size=0xC000_0000 + (16 << 20))  # low RAM up to the hole, 16M above 4G
+    try:
+        invalidator = m.vm.invalidator
+        invalidator.start_owning()
+        invalidator.device_wrote(0xBFFF_F000, 0x4000_2000)  # the end of low RAM, the hole, high RAM
+        assert invalidator.invalidations == 2
+        invalidator.device_wrote(0xD000_0000, 0x1000)  # the hole only
+        assert invalidator.invalidations == 2
+    finally:
+        invalidator.stop_owning()
+        m.close()
