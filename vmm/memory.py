@@ -41,8 +41,8 @@ def ram_layout(size: int) -> list[tuple[int, int]]:
 
 class GuestMemory:
     # Set by an accelerator that keeps translations of guest code (the software
-    # CPU): told (address, length) after each device write into guest RAM.
-    device_write_listener: Callable[[int, int], None] | None = None
+    # CPU): told the (address, length) ranges of each device write into guest RAM.
+    device_write_listener: Callable[[list[tuple[int, int]]], None] | None = None
 
     def __init__(self, size: int) -> None:
         if size < 1 << 20:
@@ -97,12 +97,11 @@ class GuestMemory:
         region, offset = self._locate(address, len(data))
         region.mapping[offset : offset + len(data)] = data
 
-    def write_from_device(self, address: int, data: bytes | bytearray | memoryview) -> None:
-        """A device's write into guest RAM (DMA): `write`, then tell the accelerator."""
-        self.write(address, data)
+    def devices_wrote(self, ranges: list[tuple[int, int]]) -> None:
+        """Devices wrote these (address, length) ranges of guest RAM (DMA): tell the accelerator."""
         listener = self.device_write_listener
-        if listener is not None:
-            listener(address, len(data))
+        if listener is not None and ranges:
+            listener(ranges)
 
     def view(self, address: int, length: int) -> memoryview:
         """A zero-copy window onto guest RAM; release it before closing the memory."""

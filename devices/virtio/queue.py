@@ -100,6 +100,7 @@ class DescriptorChain:
         """Scatter `data` into the device-writable buffers from stream position `offset`; returns bytes written."""
         view = memoryview(data).cast("B")
         written = 0
+        ranges = []
         for address, size in self.writable:
             if written == len(view):
                 break
@@ -107,9 +108,11 @@ class DescriptorChain:
                 offset -= size
                 continue
             count = min(size - offset, len(view) - written)
-            memory.write_from_device(address + offset, view[written : written + count])
+            memory.write(address + offset, view[written : written + count])
+            ranges.append((address + offset, count))
             written += count
             offset = 0
+        memory.devices_wrote(ranges)  # the software CPU drops code translated from them
         return written
 
 

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from devices.virtio.queue import DescriptorChain
 from tests.unit.tcg_support import LOAD_ADDRESS, TcgMachine, assemble
 from vmm.cpu_state import CpuState
 
@@ -44,8 +45,10 @@ def test_a_device_write_from_another_thread_replaces_code_that_ran(machine, tmp_
     machine.memory.write(LOAD_ADDRESS, images["B"])
     assert run_from_the_start(machine) == b"A"
 
-    # Written by a device on the I/O thread: queued, dropped before the next slice.
-    writer = threading.Thread(target=machine.memory.write_from_device, args=(LOAD_ADDRESS, images["C"]))
+    # Written by a device on the I/O thread (into a buffer the guest gave it):
+    # queued, dropped before the next slice.
+    chain = DescriptorChain(0, writable=[(LOAD_ADDRESS, 0x1000)])
+    writer = threading.Thread(target=chain.write, args=(machine.memory, images["C"]))
     writer.start()
     writer.join()
     assert machine.vm.invalidator.invalidations == 0
@@ -53,15 +56,17 @@ def test_a_device_write_from_another_thread_replaces_code_that_ran(machine, tmp_
     assert machine.vm.invalidator.invalidations == 1
 
 
-def test_ranges_outside_ram_or_across_regions_are_clipped(tmp_path):
+def test_adjacent_ranges_are_one_call_and_ranges_are_clipped_to_ram(tmp_path):
     m = TcgMachine(memory_size=0xC000_0000 + (16 << 20))  # low RAM up to the hole, 16M above 4G
     try:
         invalidator = m.vm.invalidator
         invalidator.start_owning()
-        invalidator.device_wrote(0xBFFF_F000, 0x4000_2000)  # the end of low RAM, the hole, high RAM
+        invalidator.devices_wrote([(0x10000, 0x1000), (0x11000, 0x200), (0x11200, 0xE00), (0x20000, 0x1000)])
         assert invalidator.invalidations == 2
-        invalidator.device_wrote(0xD000_0000, 0x1000)  # the hole only
-        assert invalidator.invalidations == 2
+        invalidator.devices_wrote([(0xBFFF_F000, 0x4000_2000)])  # the end of low RAM, the hole, high RAM
+        assert invalidator.invalidations == 4
+        invalidator.devices_wrote([(0xD000_0000, 0x1000)])  # the hole only
+        assert invalidator.invalidations == 4
     finally:
         invalidator.stop_owning()
         m.close()

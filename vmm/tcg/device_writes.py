@@ -9,7 +9,7 @@ this module, a guest that reads a program from a virtio disk into pages
 that held other code earlier (a page cache reusing freed pages does exactly
 that) runs the old code.
 
-So every device write (GuestMemory.write_from_device) is reported here, and
+So every device write (GuestMemory.devices_wrote) is reported here, and
 the translations made from the written range are dropped with the two
 engine functions QEMU itself uses: `qemu_ram_addr_from_host` (Unicorn keys
 translations by QEMU's RAM offsets, not guest-physical addresses) and
@@ -52,7 +52,6 @@ class TranslationInvalidator:
     def __init__(self, engine_handle: int, memory: GuestMemory, host_addresses: list[int]) -> None:
         """`host_addresses`: where each of `memory.regions` is mapped in this process (as given to Unicorn)."""
         self._handle = engine_handle
-        self._memory = memory
         # (guest start, guest end, RAM offset of the start) per region.
         self._regions: list[tuple[int, int, int]] = []
         for region, host in zip(memory.regions, host_addresses, strict=True):
@@ -60,35 +59,45 @@ class TranslationInvalidator:
             if ram_addr == RAM_ADDR_INVALID:
                 raise RuntimeError(f"Unicorn has no RAM block at host address {host:#x}")
             self._regions.append((region.guest_address, region.end, ram_addr))
-        self._pending: deque[tuple[int, int]] = deque()
+        self._pending: deque[list[tuple[int, int]]] = deque()
         self._owner_thread: int | None = None
-        self.invalidations = 0  # ranges invalidated, for tests
+        self.invalidations = 0  # calls into the engine, for tests
 
     def start_owning(self) -> None:
         """The calling thread owns the CPU from now on (until `stop_owning`): drain, then invalidate inline."""
         self._owner_thread = threading.get_ident()
-        self.drain()
+        pending = self._pending
+        while pending:
+            self._invalidate(pending.popleft())
 
     def stop_owning(self) -> None:
         self._owner_thread = None
 
-    def device_wrote(self, address: int, length: int) -> None:
-        """GuestMemory's listener: a device wrote `length` bytes at guest-physical `address`."""
+    def devices_wrote(self, ranges: list[tuple[int, int]]) -> None:
+        """GuestMemory's listener: devices wrote these (guest-physical address, length) ranges."""
         if threading.get_ident() == self._owner_thread:
-            self._invalidate(address, length)
+            self._invalidate(ranges)
         else:
-            self._pending.append((address, length))
+            self._pending.append(ranges)
 
-    def drain(self) -> None:
-        """Invalidate what other threads wrote; only on the thread that owns the CPU."""
-        pending = self._pending
-        while pending:
-            self._invalidate(*pending.popleft())
+    def _invalidate(self, ranges: list[tuple[int, int]]) -> None:
+        # A read from disk scatters into many pages, so this loop is hot: one
+        # call into the engine per run of adjacent ranges (about 0.6 us each).
+        handle, invalidate = self._handle, _invalidate_range
+        run_start = run_end = -1
+        for address, length in ranges:
+            if address == run_end:
+                run_end += length
+                continue
+            if run_end > run_start:
+                self._invalidate_run(handle, invalidate, run_start, run_end)
+            run_start, run_end = address, address + length
+        if run_end > run_start:
+            self._invalidate_run(handle, invalidate, run_start, run_end)
 
-    def _invalidate(self, address: int, length: int) -> None:
-        end = address + length
+    def _invalidate_run(self, handle, invalidate, address: int, end: int) -> None:
         for start, region_end, ram_addr in self._regions:
             low, high = max(address, start), min(end, region_end)
             if low < high:
-                _invalidate_range(self._handle, ram_addr + (low - start), ram_addr + (high - start))
+                invalidate(handle, ram_addr + (low - start), ram_addr + (high - start))
                 self.invalidations += 1

@@ -146,7 +146,7 @@ class TcgVirtualMachine(VirtualMachine):
             hosts.append(host)
         # Device writes into RAM must drop the code translated from it (vmm/tcg/device_writes.py).
         self.invalidator = TranslationInvalidator(self.engine.handle, self.memory, hosts)
-        self.memory.device_write_listener = self.invalidator.device_wrote
+        self.memory.device_write_listener = self.invalidator.devices_wrote
         low_ram_end = self.memory.regions[0].end
         mmio_start = min(max(low_ram_end, 0), MMIO_HOLE_START)
         mmio_start = (mmio_start + PAGE - 1) & ~(PAGE - 1)
