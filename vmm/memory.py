@@ -26,6 +26,12 @@ class MemoryRegion:
     guest_address: int
     size: int
     mapping: mmap.mmap
+    whole: memoryview | None = None  # made on first `view`, released on close
+
+    def window(self, offset: int, length: int) -> memoryview:
+        if self.whole is None:
+            self.whole = memoryview(self.mapping)
+        return self.whole[offset : offset + length]
 
     @property
     def end(self) -> int:
@@ -61,17 +67,24 @@ class GuestMemory:
                 raise PyvmmError(f"cannot allocate {length} bytes of guest memory: {err.strerror}") from None
             self.regions.append(MemoryRegion(address, length, mapping))
         self._starts = [r.guest_address for r in self.regions]
+        # Low RAM starts at 0 and takes nearly every access: checked first.
+        self._low, self._low_end = self.regions[0], self.regions[0].size
 
     def close(self) -> None:
         for region in self.regions:
+            if region.whole is not None:
+                region.whole.release()
             try:
                 region.mapping.close()
             except BufferError:
                 pass  # a view is still exported (e.g. to an accelerator); the GC frees it
         self.regions = []
         self._starts = []
+        self._low_end = 0
 
     def _locate(self, address: int, length: int) -> tuple[MemoryRegion, int]:
+        if 0 <= address and 0 <= length and address + length <= self._low_end:
+            return self._low, address
         if address < 0 or length < 0:
             raise GuestMemoryError(f"invalid guest range {address:#x}+{length:#x}")
         index = bisect.bisect_right(self._starts, address) - 1
@@ -106,7 +119,7 @@ class GuestMemory:
     def view(self, address: int, length: int) -> memoryview:
         """A zero-copy window onto guest RAM; release it before closing the memory."""
         region, offset = self._locate(address, length)
-        return memoryview(region.mapping)[offset : offset + length]
+        return region.window(offset, length)
 
     def fill(self, address: int, length: int, value: int = 0) -> None:
         self.write(address, bytes([value]) * length)

@@ -79,41 +79,48 @@ class DescriptorChain:
     def writable_length(self) -> int:
         return sum(length for _, length in self.writable)
 
+    def readable_ranges(self, offset: int = 0, length: int | None = None) -> list[tuple[int, int]]:
+        """The (guest address, length) pieces of `length` bytes (default: all) of the
+        device-readable stream from `offset`."""
+        return _pieces(self.readable, offset, length)
+
+    def writable_ranges(self, offset: int = 0, length: int | None = None) -> list[tuple[int, int]]:
+        """The same for the device-writable stream."""
+        return _pieces(self.writable, offset, length)
+
     def read(self, memory: GuestMemory, offset: int = 0, length: int | None = None) -> bytes:
         """`length` bytes (default: all) of the device-readable buffers, as one stream, from `offset`."""
-        if length is None:
-            length = self.readable_length - offset
-        parts = []
-        for address, size in self.readable:
-            if length <= 0:
-                break
-            if offset >= size:
-                offset -= size
-                continue
-            count = min(size - offset, length)
-            parts.append(memory.read(address + offset, count))
-            length -= count
-            offset = 0
-        return b"".join(parts)
+        return b"".join(memory.read(address, count) for address, count in self.readable_ranges(offset, length))
 
     def write(self, memory: GuestMemory, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Scatter `data` into the device-writable buffers from stream position `offset`; returns bytes written."""
         view = memoryview(data).cast("B")
+        ranges = self.writable_ranges(offset, len(view))
         written = 0
-        ranges = []
-        for address, size in self.writable:
-            if written == len(view):
-                break
-            if offset >= size:
-                offset -= size
-                continue
-            count = min(size - offset, len(view) - written)
-            memory.write(address + offset, view[written : written + count])
-            ranges.append((address + offset, count))
+        for address, count in ranges:
+            memory.write(address, view[written : written + count])
             written += count
-            offset = 0
         memory.devices_wrote(ranges)  # the software CPU drops code translated from them
         return written
+
+
+def _pieces(buffers: list[tuple[int, int]], offset: int, length: int | None) -> list[tuple[int, int]]:
+    """Cut the stream that `buffers` form: `length` bytes (default: to the end, and
+    never beyond it) from `offset`, as (address, length) pieces."""
+    if length is None:
+        length = sum(size for _, size in buffers) - offset
+    pieces = []
+    for address, size in buffers:
+        if length <= 0:
+            break
+        if offset >= size:
+            offset -= size
+            continue
+        count = min(size - offset, length)
+        pieces.append((address + offset, count))
+        length -= count
+        offset = 0
+    return pieces
 
 
 class Virtqueue:

@@ -188,13 +188,14 @@ def test_chain_without_status_byte_needs_reset(raw_path):
 
 def test_host_io_error_becomes_ioerr(raw_path):
     with open_image(raw_path, "raw", readonly=False) as image:
-        def failing_read(offset, length):
+        def failing_transfer(offset, buffers):
             raise OSError(5, "Input/output error")
 
-        image.read = failing_read
+        image.read_into = image.write_from = failing_transfer
         d = BlkDriver(VirtioBlock(image))
         assert d.request(blk.T_IN, 0, in_length=512)[0] == blk.S_IOERR
-        assert d.transport.device.errors == 1
+        assert d.request(blk.T_OUT, 0, out=b"w" * 512)[0] == blk.S_IOERR
+        assert d.transport.device.errors == 2
 
 
 def test_qcow2_image_through_the_image_library(tmp_path):

@@ -3,7 +3,9 @@
 A `BlockDevice` is a byte-addressed disk of fixed `size`:
 
     read(offset, length) -> bytes        any range inside [0, size)
+    read_into(offset, buffers)           the same, scattered into writable buffers
     write(offset, data)                  raises ReadOnlyImageError if readonly
+    write_from(offset, buffers)          the same, gathered from buffers
     write_zeroes(offset, length)         afterwards the range reads as zeros
     discard(offset, length)              a hint: whole clusters may be freed;
                                          what the range reads afterwards is
@@ -105,6 +107,23 @@ class BlockDevice:
         out = bytearray(length)
         self._read_chain(memoryview(out), offset, offset, length)
         return bytes(out)
+
+    def read_into(self, offset: int, buffers: list[memoryview]) -> None:
+        """Read as many bytes as `buffers` hold, from `offset`, into them in order.
+
+        This one reads and copies; a format that can read straight into the
+        buffers (raw: one preadv) overrides it. virtio-blk passes views of
+        guest RAM, so the disk's data need not pass through a bytes object.
+        """
+        data = memoryview(self.read(offset, sum(len(buffer) for buffer in buffers)))
+        position = 0
+        for buffer in buffers:
+            buffer[:] = data[position : position + len(buffer)]
+            position += len(buffer)
+
+    def write_from(self, offset: int, buffers: list[memoryview]) -> None:
+        """Write the concatenation of `buffers` at `offset` (raw overrides it with pwritev)."""
+        self.write(offset, b"".join(buffers))
 
     def _read_chain(self, out: memoryview, out_offset: int, offset: int, length: int) -> None:
         """Fill out[...] from this layer and then, layer by layer, from the backing chain."""

@@ -34,6 +34,19 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
+# The most buffers one preadv/pwritev takes (Linux's UIO_MAXIOV).
+_IOV_MAX = 1024
+
+
+def _after(buffers: list[memoryview], count: int) -> list[memoryview]:
+    """What is left of `buffers` once the first `count` bytes are done."""
+    for index, buffer in enumerate(buffers):
+        if count < len(buffer):
+            return [buffer[count:], *buffers[index + 1 :]]
+        count -= len(buffer)
+    return []
+
+
 class RawImage(BlockDevice):
     format_name = "raw"
 
@@ -91,12 +104,26 @@ class RawImage(BlockDevice):
         return extents, []
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.write_from(offset, [memoryview(data).cast("B")])
+
+    def read_into(self, offset: int, buffers: list[memoryview]) -> None:
+        self._check_range(offset, sum(len(buffer) for buffer in buffers))
+        while buffers:
+            got = os.preadv(self._fd, buffers[:_IOV_MAX], offset)
+            if got == 0:  # a file shrunk under us reads as zeros
+                for buffer in buffers:
+                    buffer[:] = bytes(len(buffer))
+                return
+            offset += got
+            buffers = _after(buffers, got)
+
+    def write_from(self, offset: int, buffers: list[memoryview]) -> None:
         self._check_writable()
-        view = memoryview(data).cast("B")
-        self._check_range(offset, len(view))
-        done = 0
-        while done < len(view):
-            done += os.pwritev(self._fd, [view[done:]], offset + done)
+        self._check_range(offset, sum(len(buffer) for buffer in buffers))
+        while buffers:
+            done = os.pwritev(self._fd, buffers[:_IOV_MAX], offset)
+            offset += done
+            buffers = _after(buffers, done)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self._check_writable()
