@@ -16,6 +16,8 @@ KNOWN = {
     "KVM_SET_IDENTITY_MAP_ADDR": 0x4008AE48,
     "KVM_CREATE_IRQCHIP": 0xAE60,
     "KVM_IRQ_LINE": 0x4008AE61,
+    "KVM_GET_IRQCHIP": 0xC208AE62,  # _IOWR, struct kvm_irqchip (520 bytes)
+    "KVM_SET_IRQCHIP": 0x8208AE63,  # _IOR, as the kernel header (mis)declares it
     "KVM_SET_GSI_ROUTING": 0x4008AE6A,
     "KVM_IRQFD": 0x4020AE76,
     "KVM_CREATE_PIT2": 0x4040AE77,

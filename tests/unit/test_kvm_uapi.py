@@ -19,6 +19,8 @@ SIZES = {
     "struct kvm_irq_routing_entry": 48,
     "struct kvm_irq_routing": 8,
     "struct kvm_pit_config": 64,
+    "struct kvm_pic_state": 16,
+    "struct kvm_irqchip": 520,
     "struct kvm_irqfd": 32,
     "struct kvm_ioeventfd": 64,
     "struct kvm_lapic_state": 1024,
@@ -70,6 +72,10 @@ OFFSETS = [
     ("struct kvm_translation", "valid", 16),
     ("struct kvm_irq_routing_entry", "u", 16),
     ("struct kvm_irq_routing", "entries", 8),
+    ("struct kvm_pic_state", "imr", 2),
+    ("struct kvm_pic_state", "irq_base", 5),
+    ("struct kvm_pic_state", "elcr_mask", 15),
+    ("struct kvm_irqchip", "chip", 8),
 ]
 
 # Offsets inside the kvm_run union members.

@@ -116,6 +116,21 @@ def pc_gsi_routing() -> list[tuple[int, int, int]]:
     return routes
 
 
+def mask_8259s(vm_fd) -> None:
+    """Mask every input of KVM's 8259 pair, as a PC's firmware leaves them.
+
+    KVM creates the pair with nothing masked and vector base 0. A guest that
+    never programs it (Linux on our hardware-reduced ACPI machine does not)
+    would then get every ISA interrupt a second time through LINT0 (ExtINT,
+    as firmware leaves it) as vector 0-15: the COM1 interrupt as #OF.
+    A guest that wants the 8259s initialises them, which unmasks them.
+    """
+    for chip_id in (k.KVM_IRQCHIP_PIC_MASTER, k.KVM_IRQCHIP_PIC_SLAVE):
+        chip = vm_fd.get_irqchip(chip_id)
+        chip.chip.pic.imr = 0xFF
+        vm_fd.set_irqchip(chip)
+
+
 class KvmIrqLine:
     """An input pin of KVM's in-kernel 8259/IOAPIC pair."""
 
@@ -151,9 +166,11 @@ class KvmVm(VirtualMachine):
                 self.fd.set_user_memory_region(slot, region.guest_address, region.size, host_address)
             if platform.irqchip:
                 self.fd.create_irqchip()
+                mask_8259s(self.fd)
                 self.fd.set_gsi_routing(pc_gsi_routing())
                 self.fd.create_pit2()
             self._supported_cpuid = system.supported_cpuid()
+            self._tsc_deadline = bool(platform.irqchip and system.check_extension(k.KVM_CAP_TSC_DEADLINE_TIMER))
         except BaseException:
             self.fd.close()
             raise
@@ -164,7 +181,8 @@ class KvmVm(VirtualMachine):
         # A guest that enables long mode itself needs CPUID set first, or
         # its wrmsr to EFER faults.
         edits = [*quirks.cpuid_edits(), *self.platform.cpu_features]
-        vcpu.fd.set_cpuid(cpuid_for_vcpu(self._supported_cpuid, index, self.platform.cpus, edits))
+        vcpu.fd.set_cpuid(cpuid_for_vcpu(self._supported_cpuid, index, self.platform.cpus, edits,
+                                         tsc_deadline=self._tsc_deadline))
         if self.platform.irqchip:
             vcpu.set_firmware_state()
         return vcpu

@@ -145,6 +145,14 @@ class VmFd:
     def create_irqchip(self) -> None:
         _ioctl(self.fd, ioctls.KVM_CREATE_IRQCHIP)
 
+    def get_irqchip(self, chip_id: int):
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        _ioctl(self.fd, ioctls.KVM_GET_IRQCHIP, _ptr(chip), f"chip {chip_id}")
+        return chip
+
+    def set_irqchip(self, chip) -> None:
+        _ioctl(self.fd, ioctls.KVM_SET_IRQCHIP, _ptr(chip), f"chip {chip.chip_id}")
+
     def create_pit2(self) -> None:
         config = ffi.new("struct kvm_pit_config *", {"flags": k.KVM_PIT_SPEAKER_DUMMY})
         _ioctl(self.fd, ioctls.KVM_CREATE_PIT2, _ptr(config))

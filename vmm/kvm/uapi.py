@@ -130,6 +130,34 @@ ffi.cdef(
         struct kvm_irq_routing_entry entries[];
     };
 
+    struct kvm_pic_state {
+        __u8 last_irr;
+        __u8 irr;
+        __u8 imr;
+        __u8 isr;
+        __u8 priority_add;
+        __u8 irq_base;
+        __u8 read_reg_select;
+        __u8 poll;
+        __u8 special_mask;
+        __u8 init_state;
+        __u8 auto_eoi;
+        __u8 rotate_on_auto_eoi;
+        __u8 special_fully_nested_mode;
+        __u8 init4;
+        __u8 elcr;
+        __u8 elcr_mask;
+    };
+
+    struct kvm_irqchip {
+        __u32 chip_id;
+        __u32 pad;
+        union {
+            char dummy[512];
+            struct kvm_pic_state pic;
+        } chip;   /* the kernel's union also holds struct kvm_ioapic_state */
+    };
+
     struct kvm_pit_config {
         __u32 flags;
         __u32 pad[15];
@@ -254,6 +282,7 @@ KVM_CAP_PIT2 = 33
 KVM_CAP_IRQFD = 32
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_MAX_VCPUS = 66
+KVM_CAP_TSC_DEADLINE_TIMER = 72
 KVM_CAP_IRQFD_RESAMPLE = 82
 
 KVM_PIT_SPEAKER_DUMMY = 1
