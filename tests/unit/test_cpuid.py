@@ -70,3 +70,37 @@ def test_gsi_routing_matches_the_madt_override():
     pics = {(gsi, chip, pin) for gsi, chip, pin in routes if chip != k.KVM_IRQCHIP_IOAPIC}
     assert (0, k.KVM_IRQCHIP_PIC_MASTER, 0) in pics and (8, k.KVM_IRQCHIP_PIC_SLAVE, 0) in pics
     assert not any(gsi == 2 for gsi, _, _ in pics)  # IRQ2 is the cascade
+
+
+def test_the_vmm_sets_the_hypervisor_bit_and_tsc_deadline_when_kvm_can_do_it():
+    # KVM before Linux 6.14 reports neither bit in leaf 1 ECX.
+    supported = [(0x1, 0, 0, 0xA10F11, 0x01020800, 0x00202000, 0x078BFBFF)]
+    assert leaf(cpuid_for_vcpu(supported, 0, 1), 1)[2] & (1 << 31)
+    assert not leaf(cpuid_for_vcpu(supported, 0, 1), 1)[2] & (1 << 24)
+    assert leaf(cpuid_for_vcpu(supported, 0, 1, tsc_deadline=True), 1)[2] & (1 << 24)
+    # The user still has the last word.
+    edited = cpuid_for_vcpu(supported, 0, 1, [FeatureEdit("hypervisor", False)], tsc_deadline=True)
+    assert not leaf(edited, 1)[2] & (1 << 31)
+
+
+def test_leaf_0x1f_gets_its_core_level_like_0xb():
+    entries = cpuid_for_vcpu(SUPPORTED + [(0x1F, 0, 1, 0, 0, 0, 1)], 3, 4)
+    assert leaf(entries, 0x1F, 0) == (0, 1, (1 << 8), 3)
+    assert leaf(entries, 0x1F, 1) == (2, 4, (2 << 8) | 1, 3)
+
+
+def test_cache_sharing_is_per_core_below_l3_and_every_vcpu_at_l3():
+    l1d = 0x1C004121  # type 1, level 1, self-initialising; host says 2 threads share it
+    l3 = 0x3C07C163   # type 3, level 3; host says 32 threads share it
+    entries = cpuid_for_vcpu(SUPPORTED + [(0x4, 0, 1, l1d, 0, 0, 0), (0x4, 3, 1, l3, 0, 0, 0)], 0, 6)
+    assert (leaf(entries, 4, 0)[0] >> 14) & 0xFFF == 0
+    assert (leaf(entries, 4, 3)[0] >> 14) & 0xFFF == 7       # 3 APIC-ID bits: 8 IDs
+    assert leaf(entries, 4, 0)[0] >> 26 == 7
+    assert leaf(entries, 4, 0)[0] & 0x3FFF == l1d & 0x3FFF    # type, level and flags kept
+
+
+def test_amx_tile_config_without_tile_data_is_withdrawn():
+    half = (0xD, 0, 1, 0x200E7, 0x980, 0x980, 0)       # XTILECFG (17) without XTILEDATA (18)
+    both = (0xD, 0, 1, 0x600E7, 0x2B00, 0x2B00, 0)
+    assert leaf(cpuid_for_vcpu([half], 0, 1), 0xD)[0] == 0xE7
+    assert leaf(cpuid_for_vcpu([both], 0, 1), 0xD)[0] == 0x600E7

@@ -7,6 +7,12 @@ identity and topology fields, then apply host quirks and the user's edits.
 
 Topology: every vCPU is one core of one socket, one thread per core, and
 its APIC ID is its index.
+
+Two leaf-1 bits are the VMM's to set, because KVM reported neither before
+Linux 6.14 (api.rst, "Known KVM API problems"): the hypervisor bit, without
+which a Linux guest never looks at the KVM leaves (no kvmclock, no PV
+features, TSC calibrated against the PIT), and TSC-deadline, which KVM's
+in-kernel local APIC provides whenever KVM_CAP_TSC_DEADLINE_TIMER says so.
 """
 
 from __future__ import annotations
@@ -21,8 +27,13 @@ def _bits_for(count: int) -> int:
     return max(count - 1, 0).bit_length()
 
 
+HYPERVISOR = 1 << 31  # leaf 1 ECX
+TSC_DEADLINE = 1 << 24  # leaf 1 ECX
+XTILECFG, XTILEDATA = 1 << 17, 1 << 18  # leaf 0xD subleaf 0 EAX: the two AMX state components
+
+
 def cpuid_for_vcpu(supported: list[CpuidEntry], index: int, cpus: int,
-                   edits: list[FeatureEdit] = ()) -> list[CpuidEntry]:
+                   edits: list[FeatureEdit] = (), *, tsc_deadline: bool = False) -> list[CpuidEntry]:
     core_bits = _bits_for(cpus)
     registers = {(f, i): [eax, ebx, ecx, edx] for f, i, _, eax, ebx, ecx, edx in supported}
     flags = {(f, i): fl for f, i, fl, *_ in supported}
@@ -32,10 +43,19 @@ def cpuid_for_vcpu(supported: list[CpuidEntry], index: int, cpus: int,
             # EBX[31:24] initial APIC ID, EBX[23:16] addressable logical processors.
             regs[1] = (regs[1] & 0x0000FFFF) | (min(1 << core_bits, 255) << 16) | ((index & 0xFF) << 24)
             regs[3] |= 1 << 28  # HTT: the EBX[23:16] count is valid
+            regs[2] |= HYPERVISOR | (TSC_DEADLINE if tsc_deadline else 0)
         elif function == 0x4:
-            # Intel deterministic cache parameters: EAX[31:26] cores per package - 1.
+            # Intel deterministic cache parameters: EAX[31:26] cores per package - 1,
+            # EAX[25:14] logical processors sharing the cache - 1: a core's own
+            # L1 and L2 (one thread each), the L3 shared by every vCPU.
             if regs[0] & 0x1F:
-                regs[0] = (regs[0] & 0x03FFFFFF) | (((1 << core_bits) - 1) << 26)
+                level = (regs[0] >> 5) & 0x7
+                sharing = (1 << core_bits) - 1 if level >= 3 else 0
+                regs[0] = (regs[0] & 0x3FFF) | (sharing << 14) | (((1 << core_bits) - 1) << 26)
+        elif function == 0xD and sub == 0 and not regs[0] & XTILEDATA:
+            # KVM 5.17-6.3 on AMX hosts offers XTILECFG without XTILEDATA unless
+            # the VMM asked for AMX first; XSETBV with that pair raises #GP.
+            regs[0] &= ~XTILECFG
         elif function in (0xB, 0x1F):
             # Extended topology: level 0 is SMT (1 thread/core), level 1 is the core level.
             if sub == 0:
@@ -51,10 +71,12 @@ def cpuid_for_vcpu(supported: list[CpuidEntry], index: int, cpus: int,
             # AMD extended APIC ID, core ID, one thread per core.
             regs[:] = [index, index & 0xFF, 0, 0]
 
-    # Leaf 0xB must have its core level even if KVM listed only subleaf 0.
-    if (0xB, 0) in registers and (0xB, 1) not in registers:
-        registers[(0xB, 1)] = [core_bits, cpus, (2 << 8) | 1, index]
-        flags[(0xB, 1)] = flags[(0xB, 0)]
+    # Leaves 0xB and 0x1F need their core level even where KVM (6.2 and later)
+    # lists only subleaf 0; Linux prefers 0x1F when the host has it.
+    for function in (0xB, 0x1F):
+        if (function, 0) in registers and (function, 1) not in registers:
+            registers[(function, 1)] = [core_bits, cpus, (2 << 8) | 1, index]
+            flags[(function, 1)] = flags[(function, 0)]
 
     apply_feature_edits(registers, list(edits))
     return [(f, i, flags[(f, i)], *regs) for (f, i), regs in registers.items()]
