@@ -15,15 +15,23 @@ legacy driver) or asks for features that were not offered never sees
 FEATURES_OK set, which the specification says makes it give up.
 
 Interrupts are edges (the DSDT says edge-triggered, as Firecracker and
-Cloud Hypervisor describe theirs): one when InterruptStatus goes from zero
-to non-zero, and one more when an InterruptACK leaves bits set, because
-those arrived after the driver read the register and its handler will not
-look again. A held level line would need the accelerator to tell us about
-the guest's EOI; KVM's irqfd resampling does, but kvm_pvm signals it before
-the guest's handler has run, and re-asserting then gives the guest a
-spurious interrupt. A device-fatal error (a malformed queue, a failing
-device) sets NEEDS_RESET and, once the driver is running, raises a
-configuration-change interrupt.
+Cloud Hypervisor describe theirs): one for every interrupt the device
+raises, even while InterruptStatus is already non-zero, so that an edge the
+guest lost (its I/O APIC pin was masked for a moment) costs it nothing once
+the next one comes; and one more when an InterruptACK leaves bits set,
+because those arrived after the driver read the register. At worst the
+guest sees an interrupt with nothing to do, which drivers expect. A held
+level line would need the accelerator to tell us about the guest's EOI;
+KVM's irqfd resampling does, but kvm_pvm signals it before the guest's
+handler has run, and re-asserting then gives the guest a spurious interrupt
+every time. A device-fatal error (a malformed queue, a failing device) sets
+NEEDS_RESET and, once the driver is running, raises a configuration-change
+interrupt.
+
+InterruptStatus and InterruptACK have a lock of their own, innermost: a vCPU
+in the guest's interrupt handler must not wait for the I/O thread to finish
+a batch of disk requests (which holds the transport's lock) just to read
+and acknowledge the status.
 Nothing the guest writes here can raise an exception out of `read`/`write`.
 """
 
@@ -94,6 +102,7 @@ class VirtioMmioTransport:
         self.irq = irq
         self.name = name or device.name
         self.lock = threading.RLock()
+        self._interrupt_lock = threading.Lock()  # InterruptStatus only; taken inside `lock`, never around it
         self.queues = [Virtqueue(memory, index, size) for index, size in enumerate(device.queue_max_sizes)]
         self.device_features = device.features() | TRANSPORT_FEATURES
         self.config_generation = 0
@@ -108,7 +117,8 @@ class VirtioMmioTransport:
         self.device_features_sel = 0
         self.driver_features_sel = 0
         self.queue_sel = 0
-        self.interrupt_status = 0
+        with self._interrupt_lock:
+            self.interrupt_status = 0
         for queue in self.queues:
             queue.reset()
 
@@ -122,6 +132,8 @@ class VirtioMmioTransport:
     # -- the register page ---------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
+        if offset == INTERRUPT_STATUS and size == 4:
+            return self.interrupt_status  # one int read: no lock needed, and none waited for
         with self.lock:
             if offset >= CONFIG:
                 return self._read_config(offset - CONFIG, size)
@@ -160,6 +172,9 @@ class VirtioMmioTransport:
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
+        if offset == INTERRUPT_ACK and size == 4:
+            self._acknowledge(value)
+            return
         with self.lock:
             if offset >= CONFIG:
                 if self.status & c.STATUS_DRIVER:
@@ -175,10 +190,6 @@ class VirtioMmioTransport:
             self._write_status(value)
         elif offset == QUEUE_NOTIFY:
             self.notify(value)
-        elif offset == INTERRUPT_ACK:
-            self.interrupt_status &= ~value
-            if self.interrupt_status:
-                self.irq.pulse()
         elif offset == DEVICE_FEATURES_SEL:
             self.device_features_sel = value
         elif offset == DRIVER_FEATURES_SEL:
@@ -334,13 +345,15 @@ class VirtioMmioTransport:
                 self._raise(c.INTERRUPT_CONFIG)
 
     def _raise(self, bits: int) -> None:
-        # While InterruptStatus is non-zero the driver has an interrupt coming
-        # and will read the new bits with the old ones (or see them left
-        # after its InterruptACK, which sends the next edge).
-        was_clear = not self.interrupt_status
-        self.interrupt_status |= bits
-        if was_clear:
+        with self._interrupt_lock:
+            self.interrupt_status |= bits
             self.irq.pulse()
+
+    def _acknowledge(self, bits: int) -> None:
+        with self._interrupt_lock:
+            self.interrupt_status &= ~bits
+            if self.interrupt_status:
+                self.irq.pulse()  # bits the handler did not see: it will not look again
 
     def close(self) -> None:
         with self.lock:
