@@ -68,6 +68,9 @@ class Vcpu(ABC):
     def kick(self) -> None:
         """From any thread: make the current or next `run` return `Interrupted` promptly."""
 
+    def thread_done(self) -> None:  # noqa: B027 - optional: only KVM's kick signals a thread
+        """The thread that called `run` is about to end: nothing may signal it any more."""
+
     def dispatched_io_counts(self) -> Mapping[str, int]:
         """Accesses the accelerator handed to the buses itself rather than as exits
         (the software CPU dispatches from inside emulation), by exit name, for --stats."""

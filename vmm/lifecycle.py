@@ -15,7 +15,9 @@ from collections.abc import Callable
 class StopController:
     def __init__(self) -> None:
         self._event = threading.Event()
-        self._lock = threading.Lock()
+        # Re-entrant: the main thread's signal handlers call request_stop, and
+        # a signal can arrive while the main thread is inside it already.
+        self._lock = threading.RLock()
         self.status: int | None = None
         self.reason = ""
         self.stopping = False

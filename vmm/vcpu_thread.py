@@ -56,6 +56,8 @@ class VcpuThread(threading.Thread):
         except Exception as err:  # noqa: BLE001 - a vCPU thread must never die silently
             log.debug("vCPU %d failed", self.vcpu.index, exc_info=True)
             self.stop.request_stop(exit_status.ERROR, f"vCPU {self.vcpu.index}: {err}")
+        finally:
+            self.vcpu.thread_done()
 
     def _loop(self) -> None:
         vcpu, pio, mmio, stop = self.vcpu, self.io.pio, self.io.mmio, self.stop

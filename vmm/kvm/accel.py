@@ -131,6 +131,15 @@ def mask_8259s(vm_fd) -> None:
         vm_fd.set_irqchip(chip)
 
 
+def _emulation_advice() -> str:
+    """What to do about an instruction KVM could not emulate: a host quirk's fault, or the guest's."""
+    if quirks.is_kvm_pvm():
+        return ("this host's KVM cannot run this guest; boot it with --accel tcg (the software CPU) "
+                "or on a host with hardware virtualisation")
+    return ("the guest ran an instruction KVM does not emulate (often an access to an address "
+            "no device or RAM answers); --accel tcg runs the same machine on the software CPU")
+
+
 class KvmIrqLine:
     """An input pin of KVM's in-kernel 8259/IOAPIC pair."""
 
@@ -237,6 +246,7 @@ class KvmVcpu(Vcpu):
         self._run = fd.kvm_run
         self._page = fd.run_page
         self._thread_ident: int | None = None
+        self._thread_lock = threading.Lock()  # a kick never signals a thread that has ended
         self._pending_read: tuple[int, int] | None = None  # (offset into kvm_run page, length)
 
     # -- state ---------------------------------------------------------------
@@ -302,7 +312,8 @@ class KvmVcpu(Vcpu):
 
     def run(self) -> Exit:
         if self._thread_ident is None:
-            self._thread_ident = threading.get_ident()
+            with self._thread_lock:
+                self._thread_ident = threading.get_ident()
         if not self.fd.run():
             self._run.immediate_exit = 0
             return Interrupted()
@@ -337,9 +348,7 @@ class KvmVcpu(Vcpu):
             internal = run.internal
             data = tuple(internal.data[i] for i in range(min(internal.ndata, 16)))
             rip, instruction = self.instruction_bytes()
-            return EmulationFailure(internal.suberror, rip, instruction, data=data, detail=(
-                "this host's KVM cannot run this guest; boot it with --accel tcg (the software CPU) "
-                "or on a host with hardware virtualisation"))
+            return EmulationFailure(internal.suberror, rip, instruction, data=data, detail=_emulation_advice())
         return UnknownExit(reason)
 
     def complete_read(self, data: bytes) -> None:
@@ -352,11 +361,14 @@ class KvmVcpu(Vcpu):
 
     def kick(self) -> None:
         self._run.immediate_exit = 1
-        if self._thread_ident is not None:
-            try:
+        with self._thread_lock:
+            # Signalling a thread that has ended is undefined (its id may be reused).
+            if self._thread_ident is not None:
                 signal.pthread_kill(self._thread_ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass  # the thread has already finished
+
+    def thread_done(self) -> None:
+        with self._thread_lock:
+            self._thread_ident = None
 
     def close(self) -> None:
         self._run = None
