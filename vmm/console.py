@@ -34,6 +34,7 @@ import atexit
 import errno
 import logging
 import os
+import select
 import selectors
 import termios
 import threading
@@ -41,6 +42,9 @@ import tty
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+# How often a guest write blocked on a full pipe looks whether it should give up.
+OUTPUT_RECHECK_SECONDS = 0.2
 
 ESCAPE_KEY = 0x01  # Ctrl-A
 READ_CHUNK = 4096
@@ -144,6 +148,11 @@ class Console:
         self._quit = quit
         self._input_fd = input_fd
         self._output_fd = output_fd
+        # stdout stays blocking (it is shared with the shell that started us),
+        # so writes wait for room with poll() first: a write that blocked in
+        # the kernel could not be interrupted by a stop.
+        self._output_poll = select.poll()
+        self._output_poll.register(output_fd, select.POLLOUT)
         is_tty = os.isatty(input_fd)
         self.interactive = is_tty if raw is None else raw
         self._terminal = (
@@ -158,6 +167,7 @@ class Console:
         self.max_pending = 0
         self.dropped = 0  # terminal bytes dropped because the guest was not reading
         self._output_broken = False
+        self._discarding = False  # stopping, and the output does not drain: give up on it
 
         self._wake_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -179,6 +189,14 @@ class Console:
             self._terminal.enter()
         self._thread = threading.Thread(target=self._run, name="console-input", daemon=True)
         self._thread.start()
+
+    def discard_output(self) -> None:
+        """From now on drop guest output instead of waiting for the host to read it.
+
+        For a machine that is stopping while a vCPU is stuck writing to a pipe
+        nobody reads: it then returns from the write and can stop.
+        """
+        self._discarding = True
 
     def stop(self) -> None:
         """Stop the input thread, wait for it, and give the terminal back."""
@@ -224,17 +242,17 @@ class Console:
     # -- output --------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Guest output to the host, all of it, unbuffered."""
+        """Guest output to the host, all of it, unbuffered (the guest waits while the host does not read)."""
         if self._output_broken:
             return
         view = memoryview(data)
-        while view:
+        while view and not self._discarding:
+            if not self._output_poll.poll(OUTPUT_RECHECK_SECONDS * 1000):
+                continue  # no room yet: look again, unless the machine is stopping
             try:
-                written = os.write(self._output_fd, view)
-            except BlockingIOError:
-                _wait_writable(self._output_fd)
-                continue
-            except InterruptedError:
+                # Room for at least PIPE_BUF bytes, so this does not block.
+                written = os.write(self._output_fd, view[: select.PIPE_BUF])
+            except (BlockingIOError, InterruptedError):
                 continue
             except (BrokenPipeError, OSError) as err:
                 if isinstance(err, BrokenPipeError) or err.errno in (errno.EPIPE, errno.EIO):
@@ -315,12 +333,6 @@ class Console:
                 pass
         except BlockingIOError:
             pass
-
-
-def _wait_writable(fd: int) -> None:
-    with selectors.PollSelector() as selector:
-        selector.register(fd, selectors.EVENT_WRITE)
-        selector.select()
 
 
 def _in_background(fd: int) -> bool:

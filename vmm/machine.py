@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # How long shutdown waits for a kicked vCPU thread before giving up on it.
 VCPU_JOIN_TIMEOUT = 5.0
+# How long the vCPUs get to finish writing console output before it is dropped.
+OUTPUT_GRACE_SECONDS = 1.0
 
 
 class Machine:
@@ -176,6 +178,12 @@ class Machine:
         """Stop every vCPU thread and release host resources; safe to call more than once."""
         self.stop.request_stop(exit_status.INTERRUPTED, "stopped")
         deadline = time.monotonic() + VCPU_JOIN_TIMEOUT
+        for thread in self.threads:
+            thread.join(min(OUTPUT_GRACE_SECONDS, max(0.0, deadline - time.monotonic())))
+        if any(thread.is_alive() for thread in self.threads):
+            # A vCPU may be blocked writing console output nobody reads (a full
+            # pipe): drop the output so that it can see the stop.
+            self.console.discard_output()
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
