@@ -112,3 +112,47 @@ def test_a_page_stays_watched_while_translated_code_is_left_on_it(machine, tmp_p
     machine.run()
     assert machine.exit.status == 0x2A
     assert bytes(machine.output.data) == b"CD"
+
+
+# Linux writes code through one mapping and runs it through another: module
+# text and BPF programs through non-executable aliases, page-cache pages
+# through the direct map, user JITs by toggling W^X. The code page lies at
+# 0x30000; the 3rd GiB maps the first one again, non-executable. The first
+# store through the alias touches another byte of the page (no code there);
+# the second rewrites `mov $1, %eax` into `mov $2, %eax`.
+CODE_REWRITTEN_THROUGH_A_NON_EXECUTABLE_ALIAS = """
+    .code64
+    mov $0x30000, %r12
+    call *%r12
+    add $'0', %al
+    out %al, $0xe9
+    movabs $0x80030800, %rdi
+    movb $0x90, (%rdi)
+    movb $2, -0x7ff(%rdi)
+    cpuid
+    call *%r12
+    add $'0', %al
+    out %al, $0xe9
+    mov $0x2a, %al
+    out %al, $0xf4
+    hlt
+"""
+
+
+def test_code_rewritten_through_a_non_executable_alias_is_not_run_stale(machine, tmp_path):
+    from tests.unit.tcg_support import LOAD_ADDRESS, PDPT, long_mode_state
+
+    memory = machine.memory
+    memory.write(0x30000, bytes.fromhex("b801000000c3"))  # mov $1, %eax; ret
+    state = long_mode_state(memory, LOAD_ADDRESS)
+    state.efer |= 1 << 11  # NXE
+    non_executable_pd = 0xC000
+    for i in range(512):
+        memory.write_u64(non_executable_pd + 8 * i, (i << 21) | 0x83 | (1 << 63))
+    memory.write_u64(PDPT + 8 * 2, non_executable_pd | 0x7)
+    memory.write(LOAD_ADDRESS, assemble(CODE_REWRITTEN_THROUGH_A_NON_EXECUTABLE_ALIAS, tmp_path,
+                                        link_address=LOAD_ADDRESS))
+    machine.vcpus[0].set_state(state)
+    machine.run()
+    assert machine.exit.status == 0x2A
+    assert bytes(machine.output.data) == b"12"

@@ -1,19 +1,22 @@
-"""Stop watching guest stores to executable pages that hold no translated code.
+"""Watch guest stores to a page exactly while translated code comes from it.
 
 QEMU watches stores to a RAM page only while translated code comes from it:
 such stores take the slow path, which invalidates the code they overwrite,
 and once no code is left on the page its stores go the fast way again.
-Unicorn 2.1.4 simplifies the second half (accel/tcg/cputlb.c,
-`notdirty_write`): a page stays watched for good if the guest's page tables
-merely allow executing it. Linux maps its whole image executable until
-`mark_rodata_ro()`, just before it starts /init, so every store to the boot
-stack (init_stack), to .data and to .bss takes the slow path: about 22
-million stores, a fifth of a software-CPU boot.
+Unicorn 2.1.4 replaces that rule (accel/tcg/cputlb.c, `notdirty_write`) by
+one about the mapping the store went through: a store through an executable
+mapping keeps the page watched for good, a store through a non-executable
+one stops watching at once, code or not. The first costs speed: Linux maps
+its whole image executable until `mark_rodata_ro()`, just before it starts
+/init, so every store to the boot stack (init_stack), to .data and to .bss
+took the slow path: about 22 million stores, a fifth of a software-CPU boot.
+The second costs correctness: code rewritten through a non-executable alias
+(module text, BPF programs, W^X toggling) kept running in its old version.
 
 `patch_code_page_tracking()` restores QEMU's rule in the loaded library: a
-stop in `notdirty_write` that would keep an executable page watched first
-looks the page up in the translation's page table (`page_find`) and lets it
-go when no translated block starts or ends on it. When code is translated
+store that reaches the watch in `notdirty_write`, through any mapping, looks
+the page up in the translation's page table (`page_find`) and lets it go
+only when no translated block starts or ends on it. When code is translated
 from the page later, Unicorn watches it again (`tb_gen_code` calls
 `tlb_reset_dirty_by_vaddr`), as it already does for non-executable pages;
 and every TLB refill watches a page anew.
@@ -25,11 +28,19 @@ only sit in the page's own slot of each TLB and in the 8-entry victim TLBs,
 so the function is replaced by one that looks at just those, with the same
 test for each entry.
 
+One gap remains (Unicorn's, not the patch's): when a page first gets code,
+only the mapping the code was translated through is watched again; another
+mapping of the page whose stores were let go while it held no code stays
+unwatched until its TLB entry is refilled (any CR3 write flushes them all).
+Code written through a second writable mapping in between (a dual-mapped
+JIT) can then run stale. QEMU re-watches every mapping by host address.
+
 Each change is 5 bytes in the library's text, a jump to a small piece of
 code mapped within reach of it. It is made only when the library's code is
 byte for byte the one this was written against (SHA-256 of the functions
 involved); otherwise, or when the host forbids it, nothing changes and
-guests only run slower.
+guests run slower, and code rewritten through a non-executable alias may run
+stale as in unpatched Unicorn.
 """
 
 from __future__ import annotations
@@ -65,8 +76,8 @@ SET_DIRTY_OFFSET = 0xF0
 # [rsp + 0x10] = the page's ram_addr (stored there on the executable-region
 # path). Only caller-saved registers are changed.
 #
-#     cmp   qword [rbp + 0x10], -1       ; addr_code == -1: not executable,
-#     je    dirty                        ;   Unicorn's own rule applies
+#     jmp   +9; 9 x nop                  ; was: addr_code == -1 -> dirty (Unicorn's
+#                                        ;   rule for non-executable mappings)
 #     test  byte [r9 + 0x88], 4          ; mr->perms & UC_PROT_EXEC, else
 #     jz    keep                         ;   [rsp + 0x10] was not stored
 #     mov   rdi, [r15 + 0x81a8]          ; cpu->uc
@@ -80,7 +91,7 @@ SET_DIRTY_OFFSET = 0xF0
 #   keep:  jmp [rip + keep_target]
 #   dirty: jmp [rip + dirty_target]
 TRAMPOLINE = bytes.fromhex(
-    "48837d10ff0f848a00000041f6818800000004747a498bbfa8810000488b74241048c1ee0c"
+    "eb09909090909090909090" "41f6818800000004747a498bbfa8810000488b74241048c1ee0c"
     "8b87f00200008b8ff402000083e8014889f248d3ea48984821d0488b97e0020000488d14c2"
     "8b87f802000085c07e228d04808d0c00488b124885d274334889f048d3e825ff030000488d"
     "14c283e90a75e4488b124885d2741781e6ff030000488d047648833cc2007406ff25060000"
