@@ -1,10 +1,9 @@
-"""SYSCALL as the SDM defines it; Unicorn only calls the hook and then advances RIP.
+"""SYSCALL and SYSENTER as the SDM defines them; Unicorn only calls the hook and then advances RIP.
 
-Called from the SYSCALL instruction hook, on the live engine state. Unicorn
-has synchronised RIP to the SYSCALL instruction and will add the
-instruction's length to RIP after the hook returns, so the new RIP is
-written that much short of the target. SYSRET needs nothing: QEMU's own
-implementation runs.
+Called from the instruction hooks, on the live engine state. Unicorn has
+synchronised RIP to the instruction and will add the instruction's length
+to RIP after the hook returns, so the new RIP is written that much short of
+the target. SYSRET and SYSEXIT need nothing: QEMU's own implementations run.
 
 64-bit mode:  RCX <- next RIP, R11 <- RFLAGS, RFLAGS &= ~SFMASK (and RF),
               CS <- STAR[47:32] & ~3 (flat 64-bit code, DPL 0),
@@ -13,6 +12,12 @@ implementation runs.
 Legacy mode:  ECX <- next EIP, RFLAGS &= ~(IF | VM | RF), flat 32-bit CS/SS,
               EIP <- STAR[31:0].
 With EFER.SCE clear the instruction raises #UD.
+
+SYSENTER:     CS <- SYSENTER_CS & ~3 (flat, 64-bit when EFER.LMA is set),
+              SS <- CS + 8, RSP <- SYSENTER_ESP, RIP <- SYSENTER_EIP,
+              RFLAGS &= ~(IF | VM | RF). #GP(0) when SYSENTER_CS is 0.
+              (Real mode is QEMU's: #GP before the hook. The 32-bit vDSO of
+              a 64-bit Linux on an Intel CPU enters the kernel this way.)
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ DESC_L = 1 << 21
 RFLAGS_IF = 1 << 9
 RFLAGS_RF = 1 << 16
 RFLAGS_VM = 1 << 17
-RCX, R11 = 1, 11  # slots in QEMU's register file
+RCX, RSP, R11 = 1, 4, 11  # slots in QEMU's register file
+MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = 0x174, 0x175, 0x176
 
 FLAT_CODE64 = descriptor_flags(0xB, s=True, dpl=0, present=True, avl=False, l=True, db=False, g=True)
 FLAT_CODE32 = descriptor_flags(0xB, s=True, dpl=0, present=True, avl=False, l=False, db=True, g=True)
@@ -47,7 +53,7 @@ PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3
 
 
 def instruction_length(code: bytes) -> int:
-    """Length of a SYSCALL (0F 05) with whatever prefixes precede it."""
+    """Length of a SYSCALL (0F 05) or SYSENTER (0F 34) with whatever prefixes precede it."""
     length = 0
     while length < len(code) and code[length] in PREFIXES:
         length += 1
@@ -56,6 +62,10 @@ def instruction_length(code: bytes) -> int:
 
 class SyscallNotEnabled(Exception):
     """EFER.SCE is clear: the guest gets #UD."""
+
+
+class SysenterNotSetUp(Exception):
+    """SYSENTER_CS is zero: the guest gets #GP(0)."""
 
 
 def emulate_syscall(engine: Engine, fetch_code) -> None:
@@ -87,3 +97,26 @@ def emulate_syscall(engine: Engine, fetch_code) -> None:
     env.clear_exception_in_flight()
     engine.context.restore()
     engine.write_reg(x86.UC_X86_REG_RFLAGS, new_rflags)
+
+
+def emulate_sysenter(engine: Engine, fetch_code) -> None:
+    """Perform SYSENTER on the live state. `fetch_code(rip, n)` reads instruction bytes."""
+    selector = engine.read_msr(MSR_SYSENTER_CS) & 0xFFFC
+    if selector == 0:
+        raise SysenterNotSetUp()
+    stack, target = engine.read_msr(MSR_SYSENTER_ESP), engine.read_msr(MSR_SYSENTER_EIP)
+    rflags = engine.reg(x86.UC_X86_REG_RFLAGS)
+    env = engine.context.save()
+    rip = env.u64(OFF_EIP)
+    length = instruction_length(fetch_code(rip, 15))
+    if env.u64(OFF_EFER) & EFER_LMA:
+        env.load_segment(R_CS, selector, 0, 0xFFFFFFFF, FLAT_CODE64)
+    else:
+        env.load_segment(R_CS, selector, 0, 0xFFFFFFFF, FLAT_CODE32)
+        stack, target = stack & 0xFFFFFFFF, target & 0xFFFFFFFF
+    env.load_segment(R_SS, selector + 8, 0, 0xFFFFFFFF, FLAT_DATA)
+    env.set_u64(OFF_REGS + 8 * RSP, stack)
+    env.set_u64(OFF_EIP, target - length)  # Unicorn adds the length when the hook returns
+    env.clear_exception_in_flight()
+    engine.context.restore()
+    engine.write_reg(x86.UC_X86_REG_RFLAGS, rflags & ~(RFLAGS_IF | RFLAGS_VM | RFLAGS_RF))

@@ -32,7 +32,13 @@ from vmm.tcg.engine import UcError, x86
 from vmm.tcg.io_dispatch import IoDispatcher
 from vmm.tcg.paging import PageFault, PagingMode, read_linear
 from vmm.tcg.qemu_env import HF_INHIBIT_IRQ, OFF_EFER, OFF_EIP, R_CS, ContextBuffer
-from vmm.tcg.syscall import SyscallNotEnabled, emulate_syscall, instruction_length
+from vmm.tcg.syscall import (
+    SyscallNotEnabled,
+    SysenterNotSetUp,
+    emulate_syscall,
+    emulate_sysenter,
+    instruction_length,
+)
 
 if TYPE_CHECKING:
     from vmm.tcg.vm import TcgVirtualMachine
@@ -299,6 +305,16 @@ class TcgVcpu(Vcpu):
             rip = self.engine.reg(x86.UC_X86_REG_RIP)  # the SYSCALL instruction itself
             self.deliver(Event(6), rip)
             # Unicorn adds the instruction's length to RIP when the hook returns.
+            env = self.engine.context.save()
+            env.set_u64(OFF_EIP, env.u64(OFF_EIP) - instruction_length(self._fetch_code(rip, 15)))
+            self.engine.context.restore()
+
+    def on_sysenter(self) -> None:
+        try:
+            emulate_sysenter(self.engine, self._fetch_code)
+        except SysenterNotSetUp:
+            rip = self.engine.reg(x86.UC_X86_REG_RIP)  # the SYSENTER instruction itself
+            self.deliver(Event(13, error_code=0), rip)
             env = self.engine.context.save()
             env.set_u64(OFF_EIP, env.u64(OFF_EIP) - instruction_length(self._fetch_code(rip, 15)))
             self.engine.context.restore()

@@ -178,6 +178,7 @@ class TcgVirtualMachine(VirtualMachine):
         uc.hook_add(uc_const.UC_HOOK_INSN_INVALID, self._hook_invalid_instruction)
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
+        uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_sysenter, None, 1, 0, x86.UC_X86_INS_SYSENTER)
 
     # An access that makes the machine stop (the debug-exit port, a power-off)
     # ends the vCPU's run on KVM at once. Here the rest of the translated block
@@ -220,6 +221,9 @@ class TcgVirtualMachine(VirtualMachine):
 
     def _hook_syscall(self, uc, user_data) -> None:
         self.running.on_syscall()
+
+    def _hook_sysenter(self, uc, user_data) -> None:
+        self.running.on_sysenter()
 
 
 CPUID_INPUTS = (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX)
