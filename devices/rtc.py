@@ -67,6 +67,10 @@ INDEX_MASK = 0x7F  # bit 7 of the index port masks NMI on a PC; pyvmm ignores it
 
 
 def _to_bcd(value: int) -> int:
+    # A register holds two BCD digits. While SET freezes the clock a guest may
+    # store a byte that is not BCD (0xFF decodes to 165); it reads back as its
+    # last two digits rather than as a number wider than the register.
+    value %= 100
     return ((value // 10) << 4) | (value % 10)
 
 
