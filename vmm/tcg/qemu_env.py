@@ -75,6 +75,7 @@ HF_LMA = 1 << 14
 HF_CS64 = 1 << 15
 HF_OSFXSR = 1 << 22
 HF2_GIF = 1 << 0
+HF2_NMI_MASK = 1 << 2  # serving an NMI: no other NMI until IRET (which clears it)
 
 CR0_PE = 1
 CR4_OSFXSR = 1 << 9

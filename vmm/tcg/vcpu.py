@@ -31,7 +31,15 @@ from vmm.tcg.delivery import Event, TripleFault, UnsupportedDelivery
 from vmm.tcg.engine import UcError, x86
 from vmm.tcg.io_dispatch import IoDispatcher
 from vmm.tcg.paging import PageFault, PagingMode, read_linear
-from vmm.tcg.qemu_env import HF_INHIBIT_IRQ, OFF_EFER, OFF_EIP, R_CS, ContextBuffer
+from vmm.tcg.qemu_env import (
+    HF2_NMI_MASK,
+    HF_INHIBIT_IRQ,
+    OFF_EFER,
+    OFF_EIP,
+    OFF_HFLAGS2,
+    R_CS,
+    ContextBuffer,
+)
 from vmm.tcg.syscall import (
     SyscallNotEnabled,
     SysenterNotSetUp,
@@ -235,10 +243,19 @@ class TcgVcpu(Vcpu):
         """Deliver an NMI or one external interrupt, if the guest can take it now."""
         router, index, engine = self.router, self.index, self.engine
         rip = engine.reg(x86.UC_X86_REG_RIP)
-        if router.has_nmi(index) and router.take_nmi(index):
-            self.deliver(Event(NMI_VECTOR, external=True), rip)
-            rip = engine.reg(x86.UC_X86_REG_RIP)
         self._masked_interrupt = False
+        if router.has_nmi(index):
+            # An NMI blocks further NMIs until the next IRET, which clears
+            # QEMU's HF2_NMI_MASK; setting it is ours, as delivery is.
+            env = engine.context.save()
+            if env.u32(OFF_HFLAGS2) & HF2_NMI_MASK:
+                self._masked_interrupt = True  # look again soon: the handler's IRET unblocks it
+            elif router.take_nmi(index):
+                self.deliver(Event(NMI_VECTOR, external=True), rip)
+                env = engine.context.save()
+                env.set_u32(OFF_HFLAGS2, env.u32(OFF_HFLAGS2) | HF2_NMI_MASK)
+                engine.context.restore()
+                rip = engine.reg(x86.UC_X86_REG_RIP)
         if not router.has_interrupt(index):
             return
         if not engine.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF or engine.context.save().hflags & HF_INHIBIT_IRQ:
