@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+from bench.qemu_peer import tsc_cmdline  # noqa: E402
 from tests.assets import find_linux_assets  # noqa: E402
 from tests.boot.virtio_guest import overlay_initrd, script_output  # noqa: E402
 
@@ -100,7 +101,7 @@ def main() -> None:
         if qemu_binary:
             qemu = run([qemu_binary, "-accel", accel, "-M", "microvm,acpi=on,pit=on,rtc=on", "-m", "512M",
                         "-nographic", "-no-reboot", "-kernel", str(assets.kernel), "-initrd", str(initrd),
-                        "-append", CMDLINE, "-drive", f"id=d0,file={disk},format=raw,if=none",
+                        "-append", CMDLINE + tsc_cmdline(accel), "-drive", f"id=d0,file={disk},format=raw,if=none",
                         "-device", "virtio-blk-device,drive=d0"])
     note = f"{SIZE_MB} MiB"
     for kind, unit, what in (("seq-write", "MB/s", f"sequential write, dd bs=1M oflag=direct, {note}"),

@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.qemu_peer import tsc_cmdline  # noqa: E402
 from tests.assets import MARKER, find_linux_assets  # noqa: E402
 from vmm.kvm import quirks  # noqa: E402
 
@@ -97,7 +98,7 @@ def main() -> None:
         cpu = ["-cpu", "host"] if accel == "kvm" else []
         peer = median_time([qemu, "-M", "microvm,acpi=on,pit=on,rtc=on", "-accel", accel, *cpu, "-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
                             "-serial", "stdio", "-kernel", str(assets.kernel), "-initrd", str(assets.initrd),
-                            "-append", CMDLINE])[0]
+                            "-append", CMDLINE + tsc_cmdline(accel)])[0]
     print(f"boot to userspace ({accel}, {assets.kernel.name}, median of {REPEATS}):")
     for name, seconds in results.items():
         ratio = f", ratio {seconds / peer:.2f}x QEMU" if peer else ""
