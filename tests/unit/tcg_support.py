@@ -98,6 +98,25 @@ class TcgMachine:
 
 # -- a 64-bit machine set up by the host, as a boot loader leaves it -------------------
 
+# GNU as: SETGATE vec, handler, attr, ist writes a 64-bit IDT gate (kernel CS
+# 0x08) for `handler` at IDT + vec * 16; the guest defines IDT.
+SETGATE_MACRO = r"""
+.macro SETGATE vec, handler, attr, ist
+    lea \handler(%rip), %rax
+    mov %rax, %rdx
+    and $0xffff, %eax
+    mov $((0x08 << 16) | (\ist << 32) | (\attr << 40)), %rcx
+    or %rcx, %rax
+    mov %rdx, %rcx
+    shr $16, %rcx
+    shl $48, %rcx
+    or %rcx, %rax
+    mov %rax, IDT + \vec * 16
+    shr $32, %rdx
+    mov %rdx, IDT + \vec * 16 + 8
+.endm
+"""
+
 PML4, PDPT, PD = 0x1000, 0x2000, 0x3000
 PD_TOP = 0xB000  # the 4th GiB, where the local and I/O APICs are
 GDT_BASE, TSS_BASE = 0x500, 0x600

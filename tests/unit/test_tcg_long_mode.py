@@ -12,6 +12,7 @@ from tests.unit.tcg_support import (
     KERNEL_CS,
     LOAD_ADDRESS,
     RSP0,
+    SETGATE_MACRO,
     SUPERVISOR_ONLY_2M,
     USER_CS,
     TcgMachine,
@@ -27,22 +28,7 @@ GUEST = r"""
     .set IDT, 0x4000
     .set LOG, 0x5000
     .set USER_STACK, 0x6F000
-
-.macro SETGATE vec, handler, attr, ist
-    lea \handler(%rip), %rax
-    mov %rax, %rdx
-    and $0xffff, %eax
-    mov $((0x08 << 16) | (\ist << 32) | (\attr << 40)), %rcx
-    or %rcx, %rax
-    mov %rdx, %rcx
-    shr $16, %rcx
-    shl $48, %rcx
-    or %rcx, %rax
-    mov %rax, IDT + \vec * 16
-    shr $32, %rdx
-    mov %rdx, IDT + \vec * 16 + 8
-.endm
-
+""" + SETGATE_MACRO + r"""
 /* log(vector, a, b, c): four quadwords at the log cursor */
 .macro LOG4 vec, a, b, c
     push %rax

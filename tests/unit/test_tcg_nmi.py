@@ -6,26 +6,21 @@ one's frame on the shared IST stack.)
 
 from __future__ import annotations
 
-from tests.unit.tcg_support import LOAD_ADDRESS, TcgMachine, assemble, long_mode_state
+from tests.unit.tcg_support import (
+    LOAD_ADDRESS,
+    SETGATE_MACRO,
+    TcgMachine,
+    assemble,
+    long_mode_state,
+)
 
 # The handler sends itself a second NMI through the local APIC's ICR and
 # spins a while before IRET. Output: deepest nesting, then NMIs handled.
-NMI_DURING_NMI = r"""
+NMI_DURING_NMI = SETGATE_MACRO + r"""
     .code64
     .set IDT, 0x4000
     .set LAPIC, 0xFEE00000
-    lea nmi(%rip), %rax
-    mov %rax, %rdx
-    and $0xffff, %eax
-    mov $((0x08 << 16) | (0x8e << 40)), %rcx
-    or %rcx, %rax
-    mov %rdx, %rcx
-    shr $16, %rcx
-    shl $48, %rcx
-    or %rcx, %rax
-    mov %rax, IDT + 2 * 16
-    shr $32, %rdx
-    mov %rdx, IDT + 2 * 16 + 8
+    SETGATE 2, nmi, 0x8e, 0
     lidt idtr(%rip)
     mov $LAPIC, %ebx
     movl $0x1ff, 0xF0(%rbx)            /* software-enable the local APIC */

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.tcg_support import KERNEL_CS, LOAD_ADDRESS, TcgMachine, assemble, long_mode_state
+from tests.unit.tcg_support import (
+    KERNEL_CS,
+    LOAD_ADDRESS,
+    SETGATE_MACRO,
+    TcgMachine,
+    assemble,
+    long_mode_state,
+)
 
-SYSENTER = r"""
+SYSENTER = SETGATE_MACRO + r"""
     .code64
     .set IDT, 0x4000
-    lea gp_handler(%rip), %rax         /* gate 13: #GP, kernel code, interrupt gate */
-    mov %rax, %rdx
-    and $0xffff, %eax
-    mov $((0x08 << 16) | (0x8e << 40)), %rcx
-    or %rcx, %rax
-    mov %rdx, %rcx
-    shr $16, %rcx
-    shl $48, %rcx
-    or %rcx, %rax
-    mov %rax, IDT + 13 * 16
-    shr $32, %rdx
-    mov %rdx, IDT + 13 * 16 + 8
+    SETGATE 13, gp_handler, 0x8e, 0    /* #GP: kernel code, interrupt gate */
     lidt idtr(%rip)
 
     mov $0x174, %ecx                   /* IA32_SYSENTER_CS */
