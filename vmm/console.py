@@ -150,9 +150,10 @@ class Console:
         self._output_fd = output_fd
         # stdout stays blocking (it is shared with the shell that started us),
         # so writes wait for room with poll() first: a write that blocked in
-        # the kernel could not be interrupted by a stop.
-        self._output_poll = select.poll()
-        self._output_poll.register(output_fd, select.POLLOUT)
+        # the kernel could not be interrupted by a stop. One poll object per
+        # writing thread (the UART's vCPU, virtio-console's I/O thread): a
+        # poll object refuses concurrent use.
+        self._output_polls = threading.local()
         is_tty = os.isatty(input_fd)
         self.interactive = is_tty if raw is None else raw
         self._terminal = (
@@ -247,7 +248,7 @@ class Console:
             return
         view = memoryview(data)
         while view and not self._discarding:
-            if not self._output_poll.poll(OUTPUT_RECHECK_SECONDS * 1000):
+            if not self._output_ready():
                 continue  # no room yet: look again, unless the machine is stopping
             try:
                 # Room for at least PIPE_BUF bytes, so this does not block.
@@ -261,6 +262,14 @@ class Console:
                     return
                 raise
             view = view[written:]
+
+    def _output_ready(self) -> bool:
+        """Whether the output has room, waiting up to OUTPUT_RECHECK_SECONDS."""
+        poller = getattr(self._output_polls, "poller", None)
+        if poller is None:
+            poller = self._output_polls.poller = select.poll()
+            poller.register(self._output_fd, select.POLLOUT)
+        return bool(poller.poll(OUTPUT_RECHECK_SECONDS * 1000))
 
     # -- input thread --------------------------------------------------------
 

@@ -356,3 +356,31 @@ def test_background_detection_on_a_controlling_terminal() -> None:
     _, status = os.waitpid(pid, 0)
     os.close(master)
     assert os.waitstatus_to_exitcode(status) == 13  # foreground seen as such, background too
+
+
+def test_output_from_several_threads_at_once_arrives_whole():
+    # The UART (a vCPU thread) and virtio-console (the I/O thread) share the writer.
+    read_fd, write_fd = os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    console = Console(lambda: None, input_fd=null, output_fd=write_fd, raw=False)
+    received = bytearray()
+    reader = threading.Thread(target=lambda: received.extend(_read_all(read_fd)))
+    reader.start()
+    writers = [threading.Thread(target=lambda n=n: [console.write(bytes([65 + n]) * 100) for _ in range(200)])
+               for n in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    os.close(write_fd)
+    os.close(null)
+    reader.join()
+    assert sorted(set(received)) == [65, 66, 67, 68] and len(received) == 4 * 200 * 100
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
