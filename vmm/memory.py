@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import bisect
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from vmm.errors import GuestMemoryError, PyvmmError
@@ -120,6 +121,16 @@ class GuestMemory:
         """A zero-copy window onto guest RAM; release it before closing the memory."""
         region, offset = self._locate(address, length)
         return region.window(offset, length)
+
+    @contextmanager
+    def views(self, ranges: list[tuple[int, int]]) -> Iterator[list[memoryview]]:
+        """Windows onto the (address, length) ranges, released on leaving the block."""
+        windows = [self.view(address, length) for address, length in ranges]
+        try:
+            yield windows
+        finally:
+            for window in windows:
+                window.release()
 
     def fill(self, address: int, length: int, value: int = 0) -> None:
         self.write(address, bytes([value]) * length)

@@ -167,12 +167,10 @@ class VirtioBlock(VirtioDevice):
             return S_IOERR, 0
         # Straight into the guest's buffers (one preadv for a raw image).
         ranges = chain.writable_ranges(0, length)
-        views = [self.memory.view(address, count) for address, count in ranges]
         try:
-            self.image.read_into(offset, views)
+            with self.memory.views(ranges) as buffers:
+                self.image.read_into(offset, buffers)
         finally:
-            for view in views:
-                view.release()
             self.memory.devices_wrote(ranges)  # the software CPU drops code translated from them
         return S_OK, length
 
@@ -183,12 +181,8 @@ class VirtioBlock(VirtioDevice):
         offset = self._range(sector, length)
         if offset is None:
             return S_IOERR
-        views = [self.memory.view(address, count) for address, count in chain.readable_ranges(HEADER.size, length)]
-        try:
-            self.image.write_from(offset, views)
-        finally:
-            for view in views:
-                view.release()
+        with self.memory.views(chain.readable_ranges(HEADER.size, length)) as buffers:
+            self.image.write_from(offset, buffers)
         return S_OK
 
     def _segments(self, chain: DescriptorChain, kind: int, length: int) -> int:

@@ -70,13 +70,7 @@ class RawImage(BlockDevice):
         self._closed = False
 
     def _read_layer(self, out: memoryview, out_offset: int, offset: int, length: int) -> list[Hole]:
-        view = out[offset - out_offset : offset - out_offset + length]
-        done = 0
-        while done < length:
-            got = os.preadv(self._fd, [view[done:]], offset + done)
-            if got == 0:
-                break  # a file shrunk under us reads as zeros
-            done += got
+        self._read_fully([out[offset - out_offset : offset - out_offset + length]], offset)
         return []
 
     def _map_layer(self, offset: int, length: int) -> tuple[list[Extent], list[Hole]]:
@@ -108,6 +102,9 @@ class RawImage(BlockDevice):
 
     def read_into(self, offset: int, buffers: list[memoryview]) -> None:
         self._check_range(offset, sum(len(buffer) for buffer in buffers))
+        self._read_fully(buffers, offset)
+
+    def _read_fully(self, buffers: list[memoryview], offset: int) -> None:
         while buffers:
             got = os.preadv(self._fd, buffers[:_IOV_MAX], offset)
             if got == 0:  # a file shrunk under us reads as zeros

@@ -81,23 +81,22 @@ class TranslationInvalidator:
             self._pending.append(ranges)
 
     def _invalidate(self, ranges: list[tuple[int, int]]) -> None:
-        # A read from disk scatters into many pages, so this loop is hot: one
-        # call into the engine per run of adjacent ranges (about 0.6 us each).
-        handle, invalidate = self._handle, _invalidate_range
+        # A read from disk scatters into many pages: one call into the engine
+        # per run of adjacent ranges (about 0.6 us each).
         run_start = run_end = -1
         for address, length in ranges:
             if address == run_end:
                 run_end += length
                 continue
             if run_end > run_start:
-                self._invalidate_run(handle, invalidate, run_start, run_end)
+                self._invalidate_run(run_start, run_end)
             run_start, run_end = address, address + length
         if run_end > run_start:
-            self._invalidate_run(handle, invalidate, run_start, run_end)
+            self._invalidate_run(run_start, run_end)
 
-    def _invalidate_run(self, handle, invalidate, address: int, end: int) -> None:
+    def _invalidate_run(self, address: int, end: int) -> None:
         for start, region_end, ram_addr in self._regions:
             low, high = max(address, start), min(end, region_end)
             if low < high:
-                invalidate(handle, ram_addr + (low - start), ram_addr + (high - start))
+                _invalidate_range(self._handle, ram_addr + (low - start), ram_addr + (high - start))
                 self.invalidations += 1

@@ -60,12 +60,23 @@ def instruction_length(code: bytes) -> int:
     return length + 2
 
 
-class SyscallNotEnabled(Exception):
-    """EFER.SCE is clear: the guest gets #UD."""
+class InstructionFault(Exception):
+    """The instruction faults instead: the guest gets `vector` (with `error_code`) at the instruction."""
+
+    vector: int
+    error_code: int | None = None
 
 
-class SysenterNotSetUp(Exception):
-    """SYSENTER_CS is zero: the guest gets #GP(0)."""
+class SyscallNotEnabled(InstructionFault):
+    """EFER.SCE is clear: #UD."""
+
+    vector = 6
+
+
+class SysenterNotSetUp(InstructionFault):
+    """SYSENTER_CS is zero: #GP(0)."""
+
+    vector, error_code = 13, 0
 
 
 def emulate_syscall(engine: Engine, fetch_code) -> None:

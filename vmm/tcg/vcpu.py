@@ -41,8 +41,7 @@ from vmm.tcg.qemu_env import (
     ContextBuffer,
 )
 from vmm.tcg.syscall import (
-    SyscallNotEnabled,
-    SysenterNotSetUp,
+    InstructionFault,
     emulate_syscall,
     emulate_sysenter,
     instruction_length,
@@ -316,22 +315,18 @@ class TcgVcpu(Vcpu):
         return True
 
     def on_syscall(self) -> None:
-        try:
-            emulate_syscall(self.engine, self._fetch_code)
-        except SyscallNotEnabled:
-            rip = self.engine.reg(x86.UC_X86_REG_RIP)  # the SYSCALL instruction itself
-            self.deliver(Event(6), rip)
-            # Unicorn adds the instruction's length to RIP when the hook returns.
-            env = self.engine.context.save()
-            env.set_u64(OFF_EIP, env.u64(OFF_EIP) - instruction_length(self._fetch_code(rip, 15)))
-            self.engine.context.restore()
+        self._system_call(emulate_syscall)
 
     def on_sysenter(self) -> None:
+        self._system_call(emulate_sysenter)
+
+    def _system_call(self, emulate) -> None:
         try:
-            emulate_sysenter(self.engine, self._fetch_code)
-        except SysenterNotSetUp:
-            rip = self.engine.reg(x86.UC_X86_REG_RIP)  # the SYSENTER instruction itself
-            self.deliver(Event(13, error_code=0), rip)
+            emulate(self.engine, self._fetch_code)
+        except InstructionFault as fault:
+            rip = self.engine.reg(x86.UC_X86_REG_RIP)  # the SYSCALL/SYSENTER instruction itself
+            self.deliver(Event(fault.vector, fault.error_code), rip)
+            # Unicorn adds the instruction's length to RIP when the hook returns.
             env = self.engine.context.save()
             env.set_u64(OFF_EIP, env.u64(OFF_EIP) - instruction_length(self._fetch_code(rip, 15)))
             self.engine.context.restore()
