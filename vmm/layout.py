@@ -55,6 +55,8 @@ SYSTEM_CONTROL_B_PORT = 0x61  # PIT channel 2 gate and output, speaker
 IOAPIC_SIZE = 0x1000
 LAPIC_SIZE = 0x1000
 PVPANIC_PORT = 0x505  # QEMU's ISA pvpanic; the DSDT describes it with _HID "QEMU0001"
+# QEMU's fw_cfg (devices/fw_cfg.py): selector, data and DMA address, 12 ports.
+FW_CFG_PORT = 0x510
 # Boot-timer port: the guest's initramfs writes here (via /dev/port) on
 # reaching userspace. 0x510 is QEMU's fw_cfg, so keep clear of it.
 BOOT_TIMER_PORT = 0x520

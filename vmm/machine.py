@@ -14,11 +14,14 @@ import time
 from collections import Counter
 
 from boot.acpi import build_acpi_tables
+from boot.firmware import add_machine_facts
 from boot.linux import load_linux
 from devices.acpi_pm import AcpiPowerManagement
 from devices.base import NullIrqLine, SilentDevice
 from devices.boot_timer import BootTimer, process_start_time
 from devices.debug_exit import DebugExit
+from devices.fw_cfg import PORT_COUNT as FW_CFG_PORT_COUNT
+from devices.fw_cfg import FwCfg
 from devices.i8042 import I8042
 from devices.legacy import register_legacy_ports
 from devices.pvpanic import PvPanic
@@ -112,6 +115,9 @@ class Machine:
             power_off=lambda: stop.request_stop(exit_status.POWEROFF, ""), reset=reset), "acpi-pm")
         pio.register(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug-exit")
         pio.register(layout.POST_CODE_PORT, 1, SilentDevice(), "post-code")
+        self.fw_cfg = FwCfg(self.memory)
+        add_machine_facts(self.fw_cfg, self.memory.size, self.config.cpus)
+        pio.register(layout.FW_CFG_PORT, FW_CFG_PORT_COUNT, self.fw_cfg, "fw_cfg")
         register_legacy_ports(pio, reset)
         if self.config.virtio.count:
             self.virtio = add_virtio_devices(self.io, self.memory, self.vm, self.config.virtio, irqchip=irqchip,
