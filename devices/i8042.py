@@ -28,7 +28,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from devices.base import IrqLine, NullIrqLine
+from vmm.bus import IrqLine, NullIrqLine
 
 DATA_OFFSET = 0
 COMMAND_OFFSET = 4  # status when read

@@ -84,14 +84,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from devices.base import Device, IrqLine
 from devices.ioapic import PINS as IOAPIC_PINS
 from devices.ioapic import IoApic
 from devices.lapic import DEFAULT_BUS_HZ, ApicBus, ApicMessage, LocalApic
 from devices.pic import CASCADE_IRQ, PicPair
 from devices.pit import Pit
 from vmm import layout
-from vmm.bus import Bus
+from vmm.bus import Bus, BusDevice, IrqLine
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +212,7 @@ class _Guarded:
     __slots__ = ("_router", "_device", "_deadline")
 
     def __init__(
-        self, router: InterruptRouter, device: Device, deadline: Callable[[], int | None] | None = None
+        self, router: InterruptRouter, device: BusDevice, deadline: Callable[[], int | None] | None = None
     ) -> None:
         self._router = router
         self._device = device

@@ -35,9 +35,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from devices.base import Device, SilentDevice
+from vmm.bus import BusDevice
 
 ALL_ONES = 0xFFFF_FFFF_FFFF_FFFF  # SilentDevice cuts it to the access size
+
+
+class SilentDevice:
+    """Answers every read with `read_value` (cut to the access size) and ignores writes.
+
+    For the legacy ports an OS probes that pyvmm has no model for (the POST
+    code port 0x80, DMA page registers, ...), so the probes cost nothing and
+    do not fill the log with unclaimed-port messages.
+    """
+
+    def __init__(self, read_value: int = 0) -> None:
+        self.read_value = read_value
+
+    def read(self, offset: int, size: int) -> int:
+        return self.read_value & ((1 << (8 * size)) - 1)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -86,7 +104,7 @@ class SystemControlPortA:
 
 
 class PortBus(Protocol):
-    def register(self, base: int, size: int, device: Device, name: str) -> None: ...
+    def register(self, base: int, size: int, device: BusDevice, name: str) -> None: ...
 
 
 def register_legacy_ports(bus: PortBus, reset: Callable[[], None]) -> None:

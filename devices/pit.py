@@ -31,8 +31,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from devices.base import IrqLine
 from devices.log_once import LogOnce
+from vmm.bus import IrqLine
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from devices.base import IrqLine
+from vmm.bus import IrqLine
 
 # Register offsets from the base port.
 # Several registers share an offset; LCR.DLAB and the access direction pick one.

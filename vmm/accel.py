@@ -15,8 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from devices.base import IrqLine
-from vmm.bus import Bus
+from vmm.bus import Bus, IrqLine
 from vmm.cpu_features import FeatureEdit
 from vmm.cpu_state import CpuState
 from vmm.exits import Exit

@@ -1,10 +1,23 @@
-"""Address-range buses: which device answers a port or an MMIO address.
+"""Address-range buses, and the contract a device signs with them.
 
 A device is registered on a half-open range [base, base + size). Ranges may
 not overlap. An access is routed to the device with the offset from its base.
 Accesses nobody claims behave like an empty ISA/PCI bus: reads return all
 ones, writes vanish; each unclaimed address is logged once, at debug level,
 and counted.
+
+The contract (`BusDevice`, `IrqLine`) lives here, beside the bus, so that
+nothing below the devices imports one (Firecracker keeps `BusDevice` next to
+`Bus` for the same reason). A device is a plain state machine: it only ever
+sees offsets from its base, never an absolute address, a file descriptor or
+an ioctl. Its interrupt is an injected `IrqLine`, and anything it produces
+for the host (serial output, say) goes through an injected callable, so
+device tests need neither KVM nor threads.
+
+Accesses arrive as little-endian integers: `read(offset, size)` returns an
+int that fits in `size` bytes, `write(offset, size, value)` takes one. Sizes
+are 1, 2, 4 or 8. A device answers registers it does not implement the way
+hardware does (reads of 0 or all ones, writes ignored), never by raising.
 """
 
 from __future__ import annotations
@@ -12,10 +25,43 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass, field
-
-from devices.base import Device
+from typing import Protocol
 
 log = logging.getLogger(__name__)
+
+
+class BusDevice(Protocol):
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class IrqLine(Protocol):
+    """One interrupt input of the machine's interrupt controllers."""
+
+    def set_level(self, high: bool) -> None:
+        """Drive the line: level-triggered devices hold it high while they want service."""
+        ...
+
+    def pulse(self) -> None:
+        """An edge: raise and lower the line."""
+        ...
+
+
+class NullIrqLine:
+    """An IrqLine wired to nothing, for devices in tests and on machines without interrupts."""
+
+    def __init__(self) -> None:
+        self.level = False
+        self.edges = 0
+
+    def set_level(self, high: bool) -> None:
+        if high and not self.level:
+            self.edges += 1
+        self.level = high
+
+    def pulse(self) -> None:
+        self.edges += 1
 
 
 CACHE_LIMIT = 4096
@@ -29,7 +75,7 @@ class BusConflictError(ValueError):
 class BusRange:
     base: int
     size: int
-    device: Device
+    device: BusDevice
     name: str
     accesses: int = 0
     end: int = field(init=False)
@@ -48,7 +94,7 @@ class Bus:
         # the answers. Bounded, because a guest chooses the addresses.
         self._cache: dict[int, BusRange | None] = {}
 
-    def register(self, base: int, size: int, device: Device, name: str) -> None:
+    def register(self, base: int, size: int, device: BusDevice, name: str) -> None:
         if size <= 0:
             raise ValueError(f"{self.name} range for {name} has size {size}")
         new = BusRange(base, size, device, name)

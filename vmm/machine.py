@@ -17,13 +17,12 @@ from boot.acpi import build_acpi_tables
 from boot.firmware import add_machine_facts
 from boot.linux import load_linux
 from devices.acpi_pm import AcpiPowerManagement
-from devices.base import NullIrqLine, SilentDevice
 from devices.boot_timer import BootTimer, process_start_time
 from devices.debug_exit import DebugExit
 from devices.fw_cfg import PORT_COUNT as FW_CFG_PORT_COUNT
 from devices.fw_cfg import FwCfg
 from devices.i8042 import I8042
-from devices.legacy import register_legacy_ports
+from devices.legacy import SilentDevice, register_legacy_ports
 from devices.pvpanic import PvPanic
 from devices.rtc import CmosRtc
 from devices.testdev import TEST_DEVICE_SIZE, ScratchDevice
@@ -31,7 +30,7 @@ from devices.uart import Uart16550
 from vmm import exit_status, layout
 from vmm.accel import MachineIo, PlatformOptions
 from vmm.accel_select import open_accelerator
-from vmm.bus import Bus
+from vmm.bus import Bus, NullIrqLine
 from vmm.config import DEFAULT_CMDLINE, MachineConfig
 from vmm.console import Console
 from vmm.cpu_state import CpuState

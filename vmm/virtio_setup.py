@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from boot.acpi.dsdt import VirtioMmioWindow
-from devices.base import IrqLine, NullIrqLine
 from devices.virtio import mmio as registers
 from devices.virtio.blk import VirtioBlock
 from devices.virtio.console import VirtioConsole
@@ -33,6 +32,7 @@ from devices.virtio.net import VirtioNet
 from devices.virtio.net_backends import NetBackend, SocketBackend, TapBackend
 from devices.virtio.rng import VirtioRng
 from vmm import layout
+from vmm.bus import IrqLine, NullIrqLine
 from vmm.errors import PyvmmError
 from vmm.virtio_options import DiskSpec, NetSpec, VirtioSpecs
 

@@ -41,11 +41,11 @@ import logging
 import threading
 from collections.abc import Callable
 
-from devices.base import IrqLine
 from devices.log_once import LogOnce
 from devices.virtio import constants as c
 from devices.virtio.device import VirtioDevice
 from devices.virtio.queue import Virtqueue, VirtqueueError
+from vmm.bus import IrqLine
 from vmm.memory import GuestMemory
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 A guest is untrusted: whatever it reads or writes, at whatever offset and
 size, a device must answer the way hardware does (ignore the write, read 0 or
-all ones) and never raise (devices/base.py). Each rig below builds devices
+all ones) and never raise (vmm/bus.py). Each rig below builds devices
 the way vmm/machine.py and vmm/tcg/vm.py do, with recording fakes where the
 machine passes callbacks and a fake clock where a device reads time (so runs
 repeat exactly), then hypothesis plays a random sequence of reads and writes
@@ -28,14 +28,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devices.acpi_pm import AcpiPowerManagement
-from devices.base import NullIrqLine, SilentDevice
 from devices.boot_timer import BootTimer
 from devices.debug_exit import DebugExit
 from devices.i8042 import I8042
 from devices.interrupts import InterruptRouter
 from devices.ioapic import IoApic
 from devices.lapic import LocalApic, NullLapicHost
-from devices.legacy import QUIET_PORTS, SystemControlPortA
+from devices.legacy import QUIET_PORTS, SilentDevice, SystemControlPortA
 from devices.pic import PicPair
 from devices.pit import Pit
 from devices.pvpanic import PvPanic
@@ -43,7 +42,7 @@ from devices.rtc import CENTURY, STATUS_B, YEAR, CmosRtc
 from devices.testdev import TEST_DEVICE_SIZE, ScratchDevice
 from devices.uart import Uart16550
 from vmm import layout
-from vmm.bus import Bus
+from vmm.bus import Bus, NullIrqLine
 
 SIZES = (1, 2, 4, 8)
 JUST_OUTSIDE = 8  # how far past a range's end accesses may land

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from devices.base import NullIrqLine
 from devices.i8042 import (
     CTR_AUXDIS,
     CTR_AUXINT,
@@ -19,6 +18,7 @@ from devices.i8042 import (
     STATUS_TIMEOUT,
     STATUS_UNLOCKED,
 )
+from vmm.bus import NullIrqLine
 
 DATA, COMMAND = 0, 4
 

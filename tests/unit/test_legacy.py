@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from devices.base import SilentDevice
-from devices.legacy import QUIET_PORTS, SYSTEM_CONTROL_A_PORT, register_legacy_ports
+from devices.legacy import QUIET_PORTS, SYSTEM_CONTROL_A_PORT, SilentDevice, register_legacy_ports
 from vmm import layout
 from vmm.bus import Bus
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from devices.base import NullIrqLine
 from devices.pit import PIT_HZ, Pit
+from vmm.bus import NullIrqLine
 
 NS = 1_000_000_000
 

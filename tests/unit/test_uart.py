@@ -6,7 +6,6 @@ import threading
 
 import pytest
 
-from devices.base import NullIrqLine
 from devices.uart import (
     FCR,
     FCR_CLEAR_RX,
@@ -51,6 +50,7 @@ from devices.uart import (
     THR,
     Uart16550,
 )
+from vmm.bus import NullIrqLine
 
 
 class Harness:

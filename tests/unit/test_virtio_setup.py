@@ -8,14 +8,13 @@ import time
 
 import pytest
 
-from devices.base import NullIrqLine
 from devices.virtio import blk
 from devices.virtio import mmio as r
 from devices.virtio.irqfd_line import IrqfdLine
 from tests.unit.virtio_driver import Buffer, FakeDriver
 from vmm import layout
 from vmm.accel import MachineIo
-from vmm.bus import Bus
+from vmm.bus import Bus, NullIrqLine
 from vmm.errors import PyvmmError
 from vmm.memory import GuestMemory
 from vmm.virtio_options import DiskSpec, NetSpec, VirtioSpecs, parse_console, parse_disk, parse_net

@@ -10,11 +10,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from devices.base import NullIrqLine
 from devices.virtio import constants as c
 from devices.virtio import mmio as r
 from devices.virtio.mmio import VirtioMmioTransport
 from devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
+from vmm.bus import NullIrqLine
 from vmm.memory import GuestMemory
 
 MEMORY_SIZE = 16 << 20

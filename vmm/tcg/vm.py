@@ -19,9 +19,9 @@ from __future__ import annotations
 import ctypes
 import logging
 
-from devices.base import IrqLine, NullIrqLine
 from devices.interrupts import InterruptRouter
 from vmm.accel import MachineIo, PlatformOptions, VirtualMachine
+from vmm.bus import IrqLine, NullIrqLine
 from vmm.layout import MMIO_HOLE_END, MMIO_HOLE_START
 from vmm.memory import GuestMemory
 from vmm.tcg.cpuid import CpuidOptions, CpuidProfile
