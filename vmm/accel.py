@@ -112,7 +112,20 @@ class VirtualMachine(ABC):
 
 
 class Accelerator(ABC):
-    name: str  # "kvm" or "tcg"
+    """The machine asks an accelerator what it needs to know; it never asks which one it is.
+
+    `name` is for the user's eyes only (--stats, notices).
+    """
+
+    name: str
+
+    def can_run_linux(self) -> tuple[bool, str]:
+        """Whether a Linux kernel can boot on this accelerator on this host, and if not, why."""
+        return True, ""
+
+    def linux_cmdline_additions(self) -> list[str]:
+        """Kernel parameters a Linux guest needs on this accelerator on this host."""
+        return []
 
     @abstractmethod
     def create_vm(self, memory: GuestMemory, io: MachineIo, platform: PlatformOptions) -> VirtualMachine:

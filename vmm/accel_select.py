@@ -37,7 +37,6 @@ def open_accelerator(config: MachineConfig) -> tuple[Accelerator, str]:
     if config.accel == "tcg":
         return open_tcg(), ""
 
-    from vmm.kvm import quirks
     from vmm.kvm.accel import KvmAccelerator
     from vmm.kvm.fd import KvmUnavailable
 
@@ -48,7 +47,7 @@ def open_accelerator(config: MachineConfig) -> tuple[Accelerator, str]:
             raise
         return open_tcg(), f"using the software CPU: {err}"
     if config.accel == "auto" and config.is_linux:
-        able, why = quirks.can_run_linux()
+        able, why = kvm.can_run_linux()
         if not able:
             kvm.close()
             return open_tcg(), f"using the software CPU: {why}"

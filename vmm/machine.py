@@ -146,11 +146,8 @@ class Machine:
 
     def kernel_cmdline(self) -> str:
         cmdline = self.config.cmdline if self.config.cmdline is not None else DEFAULT_CMDLINE
-        if self.accel.name == "kvm":
-            from vmm.kvm import quirks
-
-            additions = [p for p in quirks.linux_cmdline_additions() if p not in cmdline.split()]
-            cmdline = " ".join([cmdline, *additions]).strip()
+        additions = [p for p in self.accel.linux_cmdline_additions() if p not in cmdline.split()]
+        cmdline = " ".join([cmdline, *additions]).strip()
         if self.virtio is not None:
             if self.config.cmdline is None and self.virtio.console is not None:
                 cmdline += " console=hvc0"  # the kernel's console follows the host terminal

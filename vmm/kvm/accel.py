@@ -87,6 +87,12 @@ class KvmAccelerator(Accelerator):
         self.system = KvmSystem(path)
         _install_kick_handler()
 
+    def can_run_linux(self) -> tuple[bool, str]:
+        return quirks.can_run_linux()
+
+    def linux_cmdline_additions(self) -> list[str]:
+        return quirks.linux_cmdline_additions()
+
     def create_vm(self, memory: GuestMemory, io: MachineIo, platform: PlatformOptions) -> KvmVm:
         return KvmVm(self.system, memory, platform)
 
