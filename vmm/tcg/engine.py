@@ -62,12 +62,16 @@ class Engine:
         self._one = ctypes.c_uint64()
         self._one_ref = ctypes.byref(self._one)
         self._batches: dict[tuple[int, ...], tuple] = {}
-        self.context = ContextBuffer(uclib, self.handle)
+        self.context = self.new_context()
         self.context.save()
         check_layout(self.write_reg, self.write_msr, self.context, x86)
         self.native_cpuid, self.tsc_hz = self._probe()
         self.context.restore()  # forget the probes' register values
         self.stop_hook = StopHook(self.uc)
+
+    def new_context(self) -> ContextBuffer:
+        """A saved-state buffer for this engine (one per vCPU, freed by its owner)."""
+        return ContextBuffer(uclib, self.handle)
 
     # -- registers -------------------------------------------------------------
 

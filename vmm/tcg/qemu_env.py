@@ -241,6 +241,10 @@ class ContextBuffer:
         if self._uclib.uc_context_restore(self._handle, self.pointer) != 0:
             raise RuntimeError("uc_context_restore failed")
 
+    def copy_from(self, other: ContextBuffer) -> None:
+        """Make this context a copy of `other` (same engine)."""
+        ctypes.memmove(self.pointer, other.pointer, self._uclib.uc_context_size(self._handle))
+
     def free(self) -> None:
         if self.pointer:
             self.env = None

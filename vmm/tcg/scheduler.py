@@ -32,12 +32,18 @@ if TYPE_CHECKING:
     from vmm.tcg.engine import Engine
     from vmm.tcg.qemu_env import ContextBuffer
 
+# How long a vCPU may keep the CPU while another waits for it (QEMU's round-robin
+# TCG uses 100 ms; shorter keeps IPIs between vCPUs answered quickly).
+SLICE_NS = 5_000_000
+
 
 class CpuScheduler:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.lock = threading.Lock()
-        self._owner: object | None = None
+        # The vCPU that owns the CPU: while guest code runs, the one running it,
+        # so the engine's hooks hand their events to `owner`.
+        self.owner = None
         self._queue: deque = deque()
         self._live_context: ContextBuffer | None = None
         self.owner_since = 0  # time.monotonic_ns() when the owner got the CPU
@@ -58,13 +64,13 @@ class CpuScheduler:
         notify `turn` (also with the lock held).
         """
         with self.lock:
-            if self._owner is None and not self._queue:
+            if self.owner is None and not self._queue:
                 self._take(who)
                 return True
             self._queue.append(who)
             if self.on_contention is not None:
                 self.on_contention()
-            while self._owner is not who:
+            while self.owner is not who:
                 if give_up():
                     self._queue.remove(who)
                     return False
@@ -73,21 +79,17 @@ class CpuScheduler:
 
     def release(self, who) -> None:
         with self.lock:
-            if self._owner is not who:
+            if self.owner is not who:
                 raise RuntimeError("releasing a CPU that is not owned")
-            self._owner = None
+            self.owner = None
             if self._queue:
                 successor = self._queue.popleft()
                 self._take(successor)
                 successor.turn.notify()
 
     def _take(self, who) -> None:
-        self._owner = who
+        self.owner = who
         self.owner_since = time.monotonic_ns()
-
-    @property
-    def owner(self):
-        return self._owner
 
     def make_live(self, context: ContextBuffer) -> None:
         """Put a vCPU's saved state into the engine (the caller owns the CPU)."""

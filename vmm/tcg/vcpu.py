@@ -20,15 +20,18 @@ import threading
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vmm.accel import Vcpu
+from vmm.accel import MachineIo, Vcpu
 from vmm.cpu_state import CpuState
 from vmm.errors import GuestMemoryError
 from vmm.exits import EmulationFailure, Exit, Hlt, Interrupted, Shutdown
+from vmm.memory import GuestMemory
 from vmm.tcg.cpu_setup import load_cpu_state, read_registers
-from vmm.tcg.delivery import Event, TripleFault, UnsupportedDelivery
-from vmm.tcg.engine import UcError, x86
+from vmm.tcg.delivery import Event, InterruptDelivery, TripleFault, UnsupportedDelivery
+from vmm.tcg.device_writes import TranslationInvalidator
+from vmm.tcg.engine import Engine, UcError, x86
 from vmm.tcg.io_dispatch import IoDispatcher
 from vmm.tcg.paging import PageFault, PagingMode, read_linear
 from vmm.tcg.qemu_env import (
@@ -40,15 +43,17 @@ from vmm.tcg.qemu_env import (
     R_CS,
     ContextBuffer,
 )
+from vmm.tcg.scheduler import SLICE_NS, CpuScheduler
 from vmm.tcg.syscall import (
     InstructionFault,
     emulate_syscall,
     emulate_sysenter,
     instruction_length,
 )
+from vmm.tcg.ticker import Ticker
 
 if TYPE_CHECKING:
-    from vmm.tcg.vm import TcgVirtualMachine
+    from devices.interrupts import InterruptRouter
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +64,38 @@ NMI_VECTOR = 2
 # "interrupt window" exit: look again this soon.
 INTERRUPT_WINDOW_POLL_NS = 500_000
 MIN_SLICE_NS = 50_000
-# How long a vCPU may keep the CPU while another waits for it (QEMU's round-robin
-# TCG uses 100 ms; shorter keeps IPIs between vCPUs answered quickly).
-SLICE_NS = 5_000_000
+
+
+@dataclass
+class SharedCpu:
+    """What all vCPUs of one software-CPU VM share; the VM (vmm/tcg/vm.py) builds it."""
+
+    engine: Engine
+    scheduler: CpuScheduler
+    delivery: InterruptDelivery
+    invalidator: TranslationInvalidator  # drops code that devices overwrite
+    ticker: Ticker  # ends a slice in time
+    router: InterruptRouter | None  # the emulated interrupt controllers, if the machine has them
+    memory: GuestMemory
+    io: MachineIo
+    pristine: ContextBuffer  # the reset state every new vCPU starts from
 
 
 class TcgVcpu(Vcpu):
-    def __init__(self, vm: TcgVirtualMachine, index: int) -> None:
-        self.vm = vm
+    def __init__(self, shared: SharedCpu, index: int) -> None:
+        self.shared = shared
         self.index = index
-        self.engine = vm.engine
-        self.scheduler = vm.scheduler
-        self.io = IoDispatcher(vm.io)
+        self.engine = shared.engine
+        self.scheduler = shared.scheduler
+        self.io = IoDispatcher(shared.io)
         # This vCPU's architectural state while another vCPU has the engine.
-        self.context = ContextBuffer(vm.uclib, self.engine.handle)
-        vm.pristine_context_into(self.context)
+        self.context = self.engine.new_context()
+        self.context.copy_from(shared.pristine)
         self.turn = self.scheduler.condition()  # on the scheduler's lock
         self.kick_pending = False
         self.halted = False
         self._pending_exit: Exit | None = None
-        self.router = vm.router
+        self.router = shared.router
         # With emulated interrupt controllers only the BSP starts running; the
         # others wait for INIT/SIPI from it, as KVM's APs do.
         self.started = index == 0 or self.router is None
@@ -212,9 +229,8 @@ class TcgVcpu(Vcpu):
         engine.stop_hook.clear()
         if self.kick_pending:  # checked after clearing, so a kick is never lost
             return None
-        self.vm.running = self
         self._slice_thread = threading.get_ident()
-        self.vm.invalidator.start_owning()
+        self.shared.invalidator.start_owning()
         try:
             if self.router is not None:
                 self._take_interrupt()
@@ -227,9 +243,8 @@ class TcgVcpu(Vcpu):
             return self._emulation_failure(f"Unicorn stopped: {err}")
         finally:
             self._in_guest = False
-            self.vm.invalidator.stop_owning()
-            self.vm.running = None
-            self.vm.ticker.disarm()
+            self.shared.invalidator.stop_owning()
+            self.shared.ticker.disarm()
         if self._pending_exit is not None:
             exit, self._pending_exit = self._pending_exit, None
             return exit
@@ -276,7 +291,7 @@ class TcgVcpu(Vcpu):
             candidates.append(self.scheduler.owner_since + SLICE_NS)
         deadlines = [d for d in candidates if d is not None]
         if deadlines:
-            self.vm.ticker.arm(max(min(deadlines), now + MIN_SLICE_NS))
+            self.shared.ticker.arm(max(min(deadlines), now + MIN_SLICE_NS))
 
     def stop_with(self, exit: Exit) -> None:
         """From a hook: end the slice and make run() return `exit`."""
@@ -297,7 +312,7 @@ class TcgVcpu(Vcpu):
         env = self.engine.context.save()
         mode = PagingMode(env.cr(0), env.cr(3), env.cr(4), env.u64(OFF_EFER))
         try:
-            return read_linear(self.vm.memory, mode, env.segment(R_CS)[1] + rip, 15)
+            return read_linear(self.shared.memory, mode, env.segment(R_CS)[1] + rip, 15)
         except (PageFault, GuestMemoryError):
             return b""
 
@@ -336,7 +351,7 @@ class TcgVcpu(Vcpu):
 
     def deliver(self, event: Event, return_rip: int) -> None:
         try:
-            self.vm.delivery.deliver(event, return_rip)
+            self.shared.delivery.deliver(event, return_rip)
         except TripleFault:
             self.stop_with(Shutdown())
         except UnsupportedDelivery as err:

@@ -11,7 +11,8 @@ accesses, low half first (a bounded memory hook would see the whole access but
 slows every guest load and store by about 30%).
 
 All hooks are installed once, on the shared engine, and forwarded to the vCPU
-that is running (`self.running`), on that vCPU's own thread.
+that owns the CPU (`scheduler.owner`, vmm/tcg/scheduler.py), on that vCPU's own
+thread.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from vmm.tcg.cpuid import CpuidOptions, CpuidProfile
 from vmm.tcg.delivery import InterruptDelivery
 from vmm.tcg.device_writes import TranslationInvalidator
 from vmm.tcg.engine import Engine
-from vmm.tcg.qemu_env import ContextBuffer
-from vmm.tcg.scheduler import CpuScheduler
+from vmm.tcg.scheduler import SLICE_NS, CpuScheduler
 from vmm.tcg.ticker import Ticker
-from vmm.tcg.unicorn_lib import uc_const, uclib, x86
-from vmm.tcg.vcpu import SLICE_NS, TcgVcpu
+from vmm.tcg.unicorn_lib import uc_const, x86
+from vmm.tcg.vcpu import SharedCpu, TcgVcpu
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,10 @@ LAPIC_TIMER_HZ = 25_000_000
 
 
 class TcgVirtualMachine(VirtualMachine):
-    # All vCPUs take turns on one engine (vmm/tcg/scheduler.py): the machine
-    # builder may still give each its own thread, as on KVM.
-    runs_vcpus_one_at_a_time = True
-
     def __init__(self, memory: GuestMemory, io: MachineIo, platform: PlatformOptions) -> None:
         self.memory = memory
         self.io = io
         self.platform = platform
-        self.uclib = uclib
         self.engine = Engine()
         self.scheduler = CpuScheduler(self.engine)
         self.delivery = InterruptDelivery(self.engine, memory)
@@ -61,7 +56,6 @@ class TcgVirtualMachine(VirtualMachine):
             apic_timer_hz=LAPIC_TIMER_HZ if platform.irqchip else None,
             edits=list(platform.cpu_features)))
         self.vcpus: dict[int, TcgVcpu] = {}
-        self.running: TcgVcpu | None = None
         self.ticker = Ticker(self.engine.stop_hook.request)
         self.scheduler.on_contention = self._on_contention
         # The emulated PIC/PIT/I/O APIC/local APICs that KVM would keep in the kernel.
@@ -69,11 +63,13 @@ class TcgVirtualMachine(VirtualMachine):
         if platform.irqchip:
             self.router = InterruptRouter(platform.cpus, wake_cpu=self._wake_cpu, on_init=self._on_init,
                                           on_sipi=self._on_sipi, lapic_bus_hz=LAPIC_TIMER_HZ)
-            self.router.attach(io.pio, io.mmio, current_cpu=lambda: self.running.index)
+            self.router.attach(io.pio, io.mmio, current_cpu=lambda: self.scheduler.owner.index)
         # The reset state every new vCPU starts from.
-        self._pristine = ContextBuffer(uclib, self.engine.handle)
+        self._pristine = self.engine.new_context()
         self._pristine.save()
         self._map_memory()
+        self.shared = SharedCpu(self.engine, self.scheduler, self.delivery, self.invalidator, self.ticker,
+                                self.router, memory, io, self._pristine)
         self._install_hooks()
 
     # -- the VirtualMachine interface -------------------------------------------------
@@ -81,7 +77,7 @@ class TcgVirtualMachine(VirtualMachine):
     def create_vcpu(self, index: int) -> TcgVcpu:
         if index in self.vcpus:
             raise ValueError(f"vCPU {index} exists already")
-        vcpu = TcgVcpu(self, index)
+        vcpu = TcgVcpu(self.shared, index)
         self.vcpus[index] = vcpu
         return vcpu
 
@@ -133,9 +129,6 @@ class TcgVirtualMachine(VirtualMachine):
         if deadline is not None:
             self.ticker.arm(deadline)
 
-    def pristine_context_into(self, context: ContextBuffer) -> None:
-        ctypes.memmove(context.pointer, self._pristine.pointer, self.uclib.uc_context_size(self.engine.handle))
-
     # -- memory ------------------------------------------------------------------
 
     def _map_memory(self) -> None:
@@ -154,15 +147,15 @@ class TcgVirtualMachine(VirtualMachine):
 
     def _map_mmio_window(self, start: int, end: int) -> None:
         def read(uc, offset, size, user_data):
-            return self.running.io.mmio_read(start + offset, size)
+            return self.scheduler.owner.io.mmio_read(start + offset, size)
 
         def write(uc, offset, size, value, user_data):
             router = self.router
             if router is None:
-                self.running.io.mmio_write(start + offset, size, value)
+                self.scheduler.owner.io.mmio_write(start + offset, size, value)
                 return
             changes = router.deadline_changes
-            self.running.io.mmio_write(start + offset, size, value)
+            self.scheduler.owner.io.mmio_write(start + offset, size, value)
             if router.deadline_changes != changes:
                 self.after_device_write()
 
@@ -186,7 +179,7 @@ class TcgVirtualMachine(VirtualMachine):
     # are dropped, as if they had not happened.
 
     def _hook_out(self, uc, port: int, size: int, value: int, user_data) -> None:
-        vcpu = self.running
+        vcpu = self.scheduler.owner
         if vcpu.kick_pending:
             return
         router = self.router
@@ -201,29 +194,29 @@ class TcgVirtualMachine(VirtualMachine):
             self.after_device_write()
 
     def _hook_in(self, uc, port: int, size: int, user_data) -> int:
-        vcpu = self.running
+        vcpu = self.scheduler.owner
         if vcpu.kick_pending:
             return (1 << (8 * size)) - 1
         return vcpu.io.port_read(port, size)
 
     def _hook_interrupt(self, uc, vector: int, user_data) -> None:
-        self.running.on_exception(vector)
+        self.scheduler.owner.on_exception(vector)
 
     def _hook_invalid_instruction(self, uc, user_data) -> bool:
-        return self.running.on_invalid_instruction()
+        return self.scheduler.owner.on_invalid_instruction()
 
     def _hook_cpuid(self, uc, user_data) -> int:
         engine = self.engine
         leaf, subleaf = engine.read_regs(CPUID_INPUTS)
-        engine.write_regs(CPUID_OUTPUTS, self.cpuid.lookup(self.running.index, leaf & 0xFFFFFFFF,
+        engine.write_regs(CPUID_OUTPUTS, self.cpuid.lookup(self.scheduler.owner.index, leaf & 0xFFFFFFFF,
                                                            subleaf & 0xFFFFFFFF))
         return 1  # skip Unicorn's own CPUID
 
     def _hook_syscall(self, uc, user_data) -> None:
-        self.running.on_syscall()
+        self.scheduler.owner.on_syscall()
 
     def _hook_sysenter(self, uc, user_data) -> None:
-        self.running.on_sysenter()
+        self.scheduler.owner.on_sysenter()
 
 
 CPUID_INPUTS = (x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX)
