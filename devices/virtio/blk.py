@@ -108,7 +108,7 @@ class VirtioBlock(VirtioDevice):
         while (chain := queue.pop()) is not None:
             written = self._handle(chain)
             queue.push(chain, written)
-        self.transport.used_buffers(queue)
+        self.used_buffers(queue)
 
     # -- one request -------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import struct
 from collections.abc import Callable
 
 from devices.virtio import constants as c
-from devices.virtio.device import VirtioDevice
+from devices.virtio.device import Activation, VirtioDevice
 
 RECEIVE_QUEUE = 0
 TRANSMIT_QUEUE = 1
@@ -47,7 +47,8 @@ class VirtioConsole(VirtioDevice):
         # cols, rows (only with VIRTIO_CONSOLE_F_SIZE), max_nr_ports (with MULTIPORT), emerg_write.
         return struct.pack("<HHII", 0, 0, 1, 0)
 
-    def activate(self) -> None:
+    def activate(self, activation: Activation) -> None:
+        super().activate(activation)
         self.room_available()
 
     def reset(self) -> None:
@@ -66,11 +67,11 @@ class VirtioConsole(VirtioDevice):
                 if not self.guest_has_written:
                     self.guest_has_written = True
                     self.room_available()  # input held back so far can go now
-        self.transport.used_buffers(queue)
+        self.used_buffers(queue)
 
     def receive(self, data: bytes) -> int:
         """Host input for the guest (any thread); returns how many bytes the guest took."""
-        return self.transport.run_locked(self._fill_receive_buffers, data, default=0)
+        return self.run_locked(self._fill_receive_buffers, data, default=0)
 
     def _fill_receive_buffers(self, data: bytes) -> int:
         queue = self.queue(RECEIVE_QUEUE)
@@ -81,5 +82,5 @@ class VirtioConsole(VirtioDevice):
             written = chain.write(self.memory, memoryview(data)[taken:])
             queue.push(chain, written)
             taken += written
-        self.transport.used_buffers(queue)
+        self.used_buffers(queue)
         return taken

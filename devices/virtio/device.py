@@ -1,26 +1,44 @@
-"""What a virtio device type implements, and what the transport offers it.
+"""What a virtio device type implements, and what it is handed to work with.
 
 A device type (block, network, ...) says what it is (`device_id`, queue
 sizes, feature bits, configuration space) and does the work of its queues.
 It never touches registers or interrupt lines: the transport
 (devices/virtio/mmio.py) negotiates, programs the queues, and calls
 
-    activate()              the driver set DRIVER_OK; queues and features are final
+    connect(run_locked)     once, when the transport is created
+    activate(activation)    the driver set DRIVER_OK: here are guest memory, the
+                            programmed queues, the negotiated features and the
+                            interrupt (Firecracker's `activate(mem, interrupt)`)
     queue_notify(index)     the driver made buffers available on a queue
     reset()                 the driver (or the device's own error) reset it
 
 always with the transport's lock held, so a device needs no locking of its
 own for those. Work a device starts itself (a packet arriving from the host,
-console input) goes through `transport.run_locked(...)`, which takes the same
-lock and turns a broken queue into NEEDS_RESET.
+console input) goes through `self.run_locked(...)`, which takes the same
+lock, runs the work only while the device is active and turns a broken queue
+into NEEDS_RESET.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-if TYPE_CHECKING:
-    from devices.virtio.mmio import VirtioMmioTransport
+from devices.virtio.queue import Virtqueue
+from vmm.memory import GuestMemory
+
+RunLocked = Callable[..., object]
+
+
+@dataclass(frozen=True)
+class Activation:
+    """What a device works with from DRIVER_OK until the next reset."""
+
+    memory: GuestMemory
+    queues: Sequence[Virtqueue]
+    driver_features: int
+    # The device put buffers on a queue's used ring: interrupt the driver if it asked for one.
+    used_buffers: Callable[[Virtqueue], None]
 
 
 class VirtioDevice:
@@ -28,10 +46,15 @@ class VirtioDevice:
     name: str = "virtio"
     queue_max_sizes: tuple[int, ...] = ()
 
-    transport: VirtioMmioTransport | None = None
+    activation: Activation | None = None
+    _run_locked: RunLocked | None = None
 
-    def attach(self, transport: VirtioMmioTransport) -> None:
-        self.transport = transport
+    def connect(self, run_locked: RunLocked) -> None:
+        """The transport's `run_locked(work, *args, default=None, inactive=None)`, for
+        work the device starts itself: runs `work(*args)` under the transport's lock if
+        the device is active (else calls `inactive()`, under the lock, and returns
+        `default`)."""
+        self._run_locked = run_locked
 
     def features(self) -> int:
         """Device-type feature bits offered (the transport adds the ring and version bits)."""
@@ -44,8 +67,9 @@ class VirtioDevice:
     def write_config(self, offset: int, data: bytes) -> None:
         """A driver write to the configuration space; most devices have nothing writable."""
 
-    def activate(self) -> None:
-        """DRIVER_OK: the queues and `transport.driver_features` are final."""
+    def activate(self, activation: Activation) -> None:
+        """DRIVER_OK: the queues and features are final. An override calls this first."""
+        self.activation = activation
 
     def queue_notify(self, index: int) -> None:
         """The driver made buffers available on queue `index`."""
@@ -56,14 +80,18 @@ class VirtioDevice:
     def close(self) -> None:
         """Release host resources (files, sockets) when the machine stops."""
 
-    # -- helpers -------------------------------------------------------------------
+    # -- for the device types: what activation handed over ---------------------------
 
     @property
-    def memory(self):
-        return self.transport.memory
+    def memory(self) -> GuestMemory:
+        return self.activation.memory
 
-    def queue(self, index: int):
-        return self.transport.queues[index]
+    def queue(self, index: int) -> Virtqueue:
+        return self.activation.queues[index]
 
-    def negotiated(self, feature_bit: int) -> bool:
-        return bool(self.transport.driver_features >> feature_bit & 1)
+    def used_buffers(self, queue: Virtqueue) -> None:
+        self.activation.used_buffers(queue)
+
+    def run_locked(self, work: Callable[..., object], *args: object, default: object = None,
+                   inactive: Callable[[], object] | None = None) -> object:
+        return self._run_locked(work, *args, default=default, inactive=inactive)

@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 from devices.log_once import LogOnce
 from devices.virtio import constants as c
-from devices.virtio.device import VirtioDevice
+from devices.virtio.device import Activation, VirtioDevice
 from devices.virtio.queue import Virtqueue, VirtqueueError
 from vmm.bus import IrqLine
 from vmm.memory import GuestMemory
@@ -109,7 +109,7 @@ class VirtioMmioTransport:
         self.errors = 0  # device-fatal errors (NEEDS_RESET) since the machine started
         self._odd = LogOnce(log, f"virtio-mmio {self.name}")
         self._reset_state()
-        device.attach(self)
+        device.connect(self.run_locked)
 
     def _reset_state(self) -> None:
         self.status = 0
@@ -272,7 +272,8 @@ class VirtioMmioTransport:
             value &= ~c.STATUS_DRIVER_OK
         self.status = value
         if value & c.STATUS_DRIVER_OK and not old & c.STATUS_DRIVER_OK and not value & c.STATUS_NEEDS_RESET:
-            self._guarded(self.device.activate)
+            self._guarded(self.device.activate,
+                          Activation(self.memory, tuple(self.queues), self.driver_features, self.used_buffers))
 
     def _features_acceptable(self) -> bool:
         unknown = self.driver_features & ~self.device_features
@@ -301,14 +302,18 @@ class VirtioMmioTransport:
                 return
             self._guarded(self.device.queue_notify, index)
 
-    def run_locked(self, work: Callable[..., object], *args: object, default: object = None) -> object:
+    def run_locked(self, work: Callable[..., object], *args: object, default: object = None,
+                   inactive: Callable[[], object] | None = None) -> object:
         """Run device work that the device started itself (host input), if the device is active.
 
         Returns what `work` returned, or `default` when the device is not
-        active or the work broke a queue.
+        active (after calling `inactive()`, still under the lock) or the work
+        broke a queue.
         """
         with self.lock:
             if not self.active:
+                if inactive is not None:
+                    inactive()
                 return default
             return self._guarded(work, *args, default=default)
 

@@ -20,7 +20,7 @@ import os
 
 from devices.log_once import LogOnce
 from devices.virtio import constants as c
-from devices.virtio.device import VirtioDevice
+from devices.virtio.device import Activation, RunLocked, VirtioDevice
 from devices.virtio.net_backends import MAX_FRAME, NET_HEADER_SIZE, NetBackend
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,8 @@ class VirtioNet(VirtioDevice):
         self._odd = LogOnce(log, "virtio-net")
         self.rx_packets = self.tx_packets = self.rx_dropped = 0
 
-    def attach(self, transport) -> None:
-        super().attach(transport)
+    def connect(self, run_locked: RunLocked) -> None:
+        super().connect(run_locked)
         if self.loop is not None:
             self.backend.start(self.loop, self._backend_ready)
 
@@ -62,8 +62,9 @@ class VirtioNet(VirtioDevice):
         # mac[6], then status (meaningful only with VIRTIO_NET_F_STATUS).
         return self.mac + bytes(2)
 
-    def activate(self) -> None:
-        self.backend.set_offloads(self.transport.driver_features)
+    def activate(self, activation: Activation) -> None:
+        super().activate(activation)
+        self.backend.set_offloads(activation.driver_features)
         self.backend.resume_receive()
 
     def reset(self) -> None:
@@ -89,18 +90,14 @@ class VirtioNet(VirtioDevice):
             else:
                 self._odd("tx-length", "transmit chain of %d bytes dropped", length)
             queue.push(chain, 0)
-        self.transport.used_buffers(queue)
+        self.used_buffers(queue)
 
     # -- host to guest --------------------------------------------------------------
 
     def _backend_ready(self) -> None:
         """On the I/O thread: the backend may have packets."""
-        transport = self.transport
-        with transport.lock:
-            if not transport.active:
-                self.backend.pause_receive()  # resumed by activate() after the next reset
-                return
-            transport.run_locked(self._receive)
+        # Not active: pause; activate() after the next reset resumes.
+        self.run_locked(self._receive, inactive=self.backend.pause_receive)
 
     def _receive(self) -> None:
         queue = self.queue(RECEIVE_QUEUE)
@@ -130,7 +127,7 @@ class VirtioNet(VirtioDevice):
                 self.rx_packets += 1
             delivered = True
         if delivered:
-            self.transport.used_buffers(queue)
+            self.used_buffers(queue)
 
     def close(self) -> None:
         self.backend.close()

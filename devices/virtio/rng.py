@@ -35,4 +35,4 @@ class VirtioRng(VirtioDevice):
             written = chain.write(self.memory, self.source(length)) if length else 0
             self.bytes_served += written
             queue.push(chain, written)
-        self.transport.used_buffers(queue)
+        self.used_buffers(queue)

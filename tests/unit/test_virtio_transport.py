@@ -32,7 +32,8 @@ class EchoDevice(VirtioDevice):
     def write_config(self, offset: int, data: bytes) -> None:
         self.config_writes.append((offset, data))
 
-    def activate(self) -> None:
+    def activate(self, activation) -> None:
+        super().activate(activation)
         self.activations += 1
 
     def reset(self) -> None:
@@ -43,7 +44,7 @@ class EchoDevice(VirtioDevice):
         while (chain := queue.pop()) is not None:
             written = chain.write(self.memory, chain.read(self.memory))
             queue.push(chain, written)
-        self.transport.used_buffers(queue)
+        self.used_buffers(queue)
 
 
 def setup():
