@@ -84,10 +84,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from devices.ioapic import PINS as IOAPIC_PINS
 from devices.ioapic import IoApic
 from devices.lapic import DEFAULT_BUS_HZ, ApicBus, ApicMessage, LocalApic
-from devices.pic import CASCADE_IRQ, PicPair
+from devices.pic import PicPair
 from devices.pit import Pit
 from vmm import layout
 from vmm.bus import Bus, BusDevice, IrqLine
@@ -96,11 +95,6 @@ log = logging.getLogger(__name__)
 
 MAX_CPUS = 254  # xAPIC IDs are 8 bits and 0xFF is the broadcast ID
 ISA_IRQS = 16
-
-
-def isa_irq_to_ioapic_pin(irq: int) -> int:
-    """The MADT interrupt source override: the timer's IRQ0 is I/O APIC pin 2."""
-    return 2 if irq == 0 else irq
 
 
 class _Critical:
@@ -281,7 +275,7 @@ class InterruptRouter:
         # Counts changes of next_deadline(): a caller that compares it before and
         # after a device access knows whether the access moved a timer.
         self.deadline_changes = 0
-        self._gsi_sources = [0] * IOAPIC_PINS  # asserted lines per GSI
+        self._gsi_sources = [0] * layout.IOAPIC_PINS  # asserted lines per GSI
 
         host = _Host(self)
         self.lapics = [LocalApic(index, host, clock, lapic_bus_hz) for index in range(cpus)]
@@ -300,7 +294,7 @@ class InterruptRouter:
     def irq_line(self, gsi: int) -> IrqLine:
         """A line for a device: ISA IRQ `gsi` for 0-15 (IRQ0 lands on I/O APIC pin 2),
         I/O APIC pin `gsi` for 16-23. Lines on the same GSI are wire-ORed."""
-        if gsi == CASCADE_IRQ or not 0 <= gsi < IOAPIC_PINS:
+        if gsi == layout.PIC_CASCADE_IRQ or not 0 <= gsi < layout.IOAPIC_PINS:
             raise ValueError(f"no device can be wired to interrupt {gsi}")
         return _Line(self, gsi)
 
@@ -312,7 +306,7 @@ class InterruptRouter:
             return
         if gsi < ISA_IRQS:
             self.pic.set_irq(gsi, after)
-            self.ioapic.set_level(isa_irq_to_ioapic_pin(gsi), after)
+            self.ioapic.set_level(layout.isa_irq_to_ioapic_pin(gsi), after)
         else:
             self.ioapic.set_level(gsi, after)
 

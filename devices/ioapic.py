@@ -28,10 +28,10 @@ from collections.abc import Callable
 
 from devices.lapic import EXTINT, FIXED, INIT, LOWEST_PRIORITY, NMI, STARTUP, ApicMessage
 from devices.log_once import LogOnce
+from vmm.layout import IOAPIC_PINS
 
 log = logging.getLogger(__name__)
 
-PINS = 24
 VERSION = 0x20
 
 REG_SELECT = 0x00
@@ -55,14 +55,14 @@ class IoApic:
         self._deliver = deliver
         self.ioapic_id = ioapic_id & 0xF
         self.select = 0
-        self.redirection = [ENTRY_MASKED] * PINS  # 64-bit entries, all masked at reset
+        self.redirection = [ENTRY_MASKED] * IOAPIC_PINS  # 64-bit entries, all masked at reset
         self.asserted = 0  # bit n: pin n is asserted
         self._odd = LogOnce(log, "I/O APIC")
 
     # -- pins --------------------------------------------------------------------
 
     def set_level(self, pin: int, high: bool) -> None:
-        if not 0 <= pin < PINS:
+        if not 0 <= pin < IOAPIC_PINS:
             raise ValueError(f"I/O APIC pin {pin} out of range")
         bit = 1 << pin
         was_high = bool(self.asserted & bit)
@@ -135,9 +135,9 @@ class IoApic:
         if index in (_ID, _ARBITRATION):
             return self.ioapic_id << 24
         if index == _VERSION:
-            return (PINS - 1) << 16 | VERSION
+            return (IOAPIC_PINS - 1) << 16 | VERSION
         pin, high = divmod(index - _FIRST_REDIRECTION, 2)
-        if index >= _FIRST_REDIRECTION and pin < PINS:
+        if index >= _FIRST_REDIRECTION and pin < IOAPIC_PINS:
             return (self.redirection[pin] >> (32 * high)) & 0xFFFF_FFFF
         return 0  # reserved registers read as zero
 
@@ -146,7 +146,7 @@ class IoApic:
             self.ioapic_id = (value >> 24) & 0xF
             return
         pin, high = divmod(index - _FIRST_REDIRECTION, 2)
-        if index < _FIRST_REDIRECTION or pin >= PINS:
+        if index < _FIRST_REDIRECTION or pin >= IOAPIC_PINS:
             return  # version, arbitration and reserved registers are read-only
         entry = self.redirection[pin]
         if high:

@@ -24,10 +24,10 @@ import logging
 from collections.abc import Callable
 
 from devices.log_once import LogOnce
+from vmm.layout import PIC_CASCADE_IRQ
 
 log = logging.getLogger(__name__)
 
-CASCADE_IRQ = 2  # the master input the slave's INT output drives
 SPURIOUS_IRQ = 7  # what a chip answers when the request vanished before INTA
 
 # ELCR bits that can be set: IRQ0 (PIT), IRQ1 (keyboard), IRQ2 (cascade),
@@ -95,7 +95,7 @@ class Pic8259:
 
     def set_cascade(self, high: bool) -> None:
         """Master only: IR2 mirrors the slave's INT output (a level, re-evaluated on every change)."""
-        bit = 1 << CASCADE_IRQ
+        bit = 1 << PIC_CASCADE_IRQ
         if high:
             self.irr |= bit
         else:
@@ -128,7 +128,7 @@ class Pic8259:
             in_service &= ~self.imr
         if self.is_master and self.special_fully_nested:
             # The slave may interrupt its own in-service request through IR2.
-            in_service &= ~(1 << CASCADE_IRQ)
+            in_service &= ~(1 << PIC_CASCADE_IRQ)
         blocking = self._highest(in_service)
         if blocking is None or self._rank(request) < self._rank(blocking):
             return request
@@ -137,7 +137,7 @@ class Pic8259:
     def acknowledge(self, irq: int) -> None:
         """The INTA cycle for `irq`: move it from IRR to ISR (or not, with automatic EOI)."""
         bit = 1 << irq
-        if not (self.elcr & bit) and not (self.is_master and irq == CASCADE_IRQ):
+        if not (self.elcr & bit) and not (self.is_master and irq == PIC_CASCADE_IRQ):
             self.irr &= ~bit
         if self.auto_eoi:
             if self.rotate_on_auto_eoi:
@@ -272,7 +272,7 @@ class PicPair:
 
     def set_irq(self, irq: int, high: bool) -> None:
         """Drive ISA IRQ `irq` (0-15). IRQ2 is the cascade and has no device."""
-        if irq == CASCADE_IRQ or not 0 <= irq < 16:
+        if irq == PIC_CASCADE_IRQ or not 0 <= irq < 16:
             raise ValueError(f"ISA IRQ {irq} cannot be driven on the 8259 pair")
         chip = self.master if irq < 8 else self.slave
         chip.set_input(irq & 7, high)
@@ -300,7 +300,7 @@ class PicPair:
         if irq is None:
             return self.master.vector_base + SPURIOUS_IRQ
         self.master.acknowledge(irq)
-        if irq == CASCADE_IRQ:
+        if irq == PIC_CASCADE_IRQ:
             slave_irq = self.slave.pending_irq()
             if slave_irq is None:
                 vector = self.slave.vector_base + SPURIOUS_IRQ

@@ -22,6 +22,20 @@ VIRTIO_MMIO_MAX_DEVICES = 8
 IOAPIC_BASE = 0xFEC0_0000
 LAPIC_BASE = 0xFEE0_0000
 
+# -- Interrupt wiring, as on a PC --------------------------------------------------
+IOAPIC_PINS = 24  # GSIs 0-23: ISA IRQs 0-15, then the virtio-mmio devices
+PIC_CASCADE_IRQ = 2  # the master 8259 input that the slave's output drives
+# ISA IRQ n reaches I/O APIC pin n, except the PIT's IRQ 0, which reaches pin 2 (pin 0
+# carries the 8259s' output): the MADT's one interrupt source override. KVM's GSI
+# routing (vmm/kvm) and the software CPU's router (devices/interrupts.py) follow it.
+TIMER_IRQ = 0
+TIMER_IOAPIC_PIN = 2
+
+
+def isa_irq_to_ioapic_pin(irq: int) -> int:
+    return TIMER_IOAPIC_PIN if irq == TIMER_IRQ else irq
+
+
 # `boot --flat`: a raw image is loaded here and entered at CS:IP = 0x1000:0000.
 FLAT_LOAD_ADDRESS = 0x10000
 FLAT_ENTRY_CS = 0x1000

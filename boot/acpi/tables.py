@@ -16,6 +16,8 @@ from vmm.layout import (
     ACPI_SLEEP_STATUS_PORT,
     IOAPIC_BASE,
     LAPIC_BASE,
+    TIMER_IOAPIC_PIN,
+    TIMER_IRQ,
 )
 
 OEM_ID = b"PYVMM "  # 6 bytes
@@ -122,15 +124,15 @@ def fadt(dsdt_address: int) -> bytes:
 
 
 def madt(cpus: int) -> bytes:
-    """One local APIC per vCPU (APIC id = processor UID = index), the I/O APIC, IRQ0 -> GSI 2."""
+    """One local APIC per vCPU (APIC id = processor UID = index), the I/O APIC, the timer's IRQ override."""
     if not 1 <= cpus <= MAX_XAPIC_CPUS:
         raise ValueError(f"the MADT describes 1-{MAX_XAPIC_CPUS} CPUs, not {cpus}")
     entries = [struct.pack("<BBBBI", MADT_LOCAL_APIC, 8, index, index, LOCAL_APIC_ENABLED)
                for index in range(cpus)]
     entries.append(struct.pack("<BBBBII", MADT_IO_APIC, 12, IOAPIC_ID, 0, IOAPIC_BASE, 0))
-    # The PIT's IRQ 0 reaches I/O APIC pin 2 (pin 0 is the 8259's cascade), as on PCs;
-    # flags 0: polarity and trigger conform to the ISA bus (active high, edge).
-    entries.append(struct.pack("<BBBBIH", MADT_INTERRUPT_OVERRIDE, 10, ISA_BUS, 0, 2, 0))
+    # The PIT's IRQ 0 reaches I/O APIC pin 2 (vmm/layout.py); flags 0: polarity
+    # and trigger conform to the ISA bus (active high, edge).
+    entries.append(struct.pack("<BBBBIH", MADT_INTERRUPT_OVERRIDE, 10, ISA_BUS, TIMER_IRQ, TIMER_IOAPIC_PIN, 0))
     # Every local APIC's LINT1 is wired to NMI, as firmware programs it.
     entries.append(struct.pack("<BBBHB", MADT_LOCAL_APIC_NMI, 6, ALL_PROCESSORS, 0, 1))
     body = struct.pack("<II", LAPIC_BASE, MADT_PCAT_COMPAT) + b"".join(entries)

@@ -12,6 +12,7 @@ import signal
 import struct
 import threading
 
+from devices import lapic as lapic_regs
 from vmm.accel import Accelerator, MachineIo, PlatformOptions, Vcpu, VirtualMachine
 from vmm.cpu_state import GPR_NAMES, CpuState, Segment
 from vmm.errors import GuestMemoryError, PyvmmError
@@ -33,7 +34,14 @@ from vmm.kvm import quirks
 from vmm.kvm import uapi as k
 from vmm.kvm.cpuid import cpuid_for_vcpu
 from vmm.kvm.fd import KvmSystem, VcpuFd, VmFd
-from vmm.layout import KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS
+from vmm.layout import (
+    IOAPIC_PINS,
+    KVM_IDENTITY_MAP_ADDRESS,
+    KVM_TSS_ADDRESS,
+    PIC_CASCADE_IRQ,
+    TIMER_IOAPIC_PIN,
+    isa_irq_to_ioapic_pin,
+)
 from vmm.memory import GuestMemory
 
 # A kick is this signal sent to the vCPU's thread: its only job is to make a
@@ -55,12 +63,6 @@ BOOT_MSRS = {
     0x1A0: 1,                              # IA32_MISC_ENABLE: fast strings
     0x2FF: (1 << 11) | 6,                  # MTRRdefType: enabled, write-back
 }
-
-APIC_LVT_LINT0 = 0x350
-APIC_LVT_LINT1 = 0x360
-APIC_LVT_MASKED = 1 << 16
-APIC_DELIVERY_EXTINT = 7
-APIC_DELIVERY_NMI = 4
 
 # kvm_run.exit_reason, and the io member of its union (direction, size, port, count, data_offset).
 _EXIT_REASON = struct.Struct("<I")
@@ -100,25 +102,21 @@ class KvmAccelerator(Accelerator):
         self.system.close()
 
 
-IOAPIC_PINS = 24
-
-
 def pc_gsi_routing() -> list[tuple[int, int, int]]:
     """GSI -> (irqchip, pin) as on a PC and as our MADT describes it.
 
-    ISA IRQs 0-15 reach the 8259 pair (IRQ 2 is the cascade) and the I/O
-    APIC; IRQ 0, the PIT, reaches I/O APIC pin 2, which is the MADT's
-    interrupt source override. KVM's default routing sends GSI 0 to pin 0,
-    where Linux, reading the MADT, never looks.
+    ISA IRQs 0-15 reach the 8259 pair (except the cascade input) and the I/O
+    APIC, IRQ 0 on pin 2 (vmm/layout.py). KVM's default routing sends GSI 0 to
+    pin 0, where Linux, reading the MADT, never looks.
     """
     routes = []
     for gsi in range(16):
-        if gsi != 2:
+        if gsi != PIC_CASCADE_IRQ:
             chip = k.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else k.KVM_IRQCHIP_PIC_SLAVE
             routes.append((gsi, chip, gsi % 8))
     for gsi in range(IOAPIC_PINS):
-        if gsi != 2:
-            routes.append((gsi, k.KVM_IRQCHIP_IOAPIC, 2 if gsi == 0 else gsi))
+        if gsi != TIMER_IOAPIC_PIN:  # that pin is the timer's IRQ 0
+            routes.append((gsi, k.KVM_IRQCHIP_IOAPIC, isa_irq_to_ioapic_pin(gsi)))
     return routes
 
 
@@ -280,9 +278,9 @@ class KvmVcpu(Vcpu):
         # Through-the-8259 interrupts arrive on LINT0 (ExtINT), NMIs on LINT1,
         # as the MP specification's virtual wire mode has it.
         lapic = self.fd.get_lapic()
-        for register, mode in ((APIC_LVT_LINT0, APIC_DELIVERY_EXTINT), (APIC_LVT_LINT1, APIC_DELIVERY_NMI)):
+        for register, mode in ((lapic_regs.REG_LVT_LINT0, lapic_regs.EXTINT), (lapic_regs.REG_LVT_LINT1, lapic_regs.NMI)):
             value = int.from_bytes(k.ffi.buffer(lapic.regs)[register : register + 4], "little")
-            value = (value & ~0x700 & ~APIC_LVT_MASKED) | (mode << 8)
+            value = (value & ~0x700 & ~lapic_regs.LVT_MASKED) | (mode << 8)
             k.ffi.buffer(lapic.regs)[register : register + 4] = value.to_bytes(4, "little")
         self.fd.set_lapic(lapic)
 
