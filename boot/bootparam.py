@@ -57,7 +57,6 @@ CAN_USE_HEAP = 1 << 7  # heap_end_ptr is valid
 
 # xloadflags
 XLF_KERNEL_64 = 1 << 0  # has the 64-bit entry point at load address + 0x200
-XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
 
 TYPE_OF_LOADER_UNDEFINED = 0xFF  # "a boot loader without an assigned id"
 VID_MODE_NORMAL = 0xFFFF
@@ -70,5 +69,4 @@ STARTUP_64_OFFSET = 0x200
 
 # Defaults the boot protocol gives for fields a kernel (or an ELF vmlinux) lacks.
 DEFAULT_INITRD_ADDR_MAX = 0x37FF_FFFF
-DEFAULT_CMDLINE_SIZE = 255  # protocol < 2.06
 X86_COMMAND_LINE_SIZE = 2048  # the kernel's COMMAND_LINE_SIZE on x86, NUL included

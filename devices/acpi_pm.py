@@ -18,8 +18,7 @@ from vmm.layout import (
     ACPI_SLP_TYP_S5,
 )
 
-SLEEP_CONTROL, SLEEP_STATUS, RESET = 0, 1, 2
-SLEEP_STATUS_WAK_STS = 1 << 7
+SLEEP_CONTROL, RESET = 0, 2  # offset 1, the sleep status register, reads 0: WAK_STS clear
 
 
 class AcpiPowerManagement:

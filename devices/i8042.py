@@ -35,7 +35,6 @@ COMMAND_OFFSET = 4  # status when read
 
 # Status register.
 STATUS_OBF = 0x01  # output buffer full: a byte waits at port 0x60
-STATUS_IBF = 0x02  # input buffer full: never, commands complete at once
 STATUS_SYS = 0x04  # system flag: self-test passed (firmware did it at power-on)
 STATUS_CMD = 0x08  # the last byte written went to the command port
 STATUS_UNLOCKED = 0x10  # keyboard not inhibited (Linux warns "Keylock active" if clear)
@@ -69,7 +68,6 @@ CMD_WRITE_KBD_BUFFER = 0xD2  # next data byte appears as if the keyboard sent it
 CMD_WRITE_AUX_BUFFER = 0xD3  # the AUX loopback: next data byte comes back as AUX data
 CMD_WRITE_AUX = 0xD4  # next data byte goes to the mouse
 CMD_PULSE_FIRST = 0xF0  # 0xF0-0xFF pulse output-port lines; bit 0 is the reset line
-CMD_RESET = 0xFE
 
 SELF_TEST_OK = 0x55
 INTERFACE_TEST_OK = 0x00

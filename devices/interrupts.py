@@ -9,7 +9,7 @@ CPU asks of them: "is there an interrupt for me, and which vector?".
 Wiring, as on a PC (and as QEMU routes GSIs for KVM):
   - ISA IRQ n (0-15, except the cascade IRQ2) drives 8259 input n AND I/O
     APIC pin n, except IRQ0, which is I/O APIC pin 2 (the MADT's
-    interrupt source override). GSIs 16-23 reach the I/O APIC only.
+    interrupt source override, vmm/layout.py). GSIs 16-23 reach the I/O APIC only.
   - The 8259's INT output reaches a CPU through its LINT0 in ExtINT mode
     (set on the BSP at reset, as firmware leaves it), or the BSP's INTR pin
     directly when its APIC is hardware-disabled.
@@ -17,64 +17,22 @@ Wiring, as on a PC (and as QEMU routes GSIs for KVM):
   - I/O APIC messages and IPIs travel over one `ApicBus`; a local APIC's EOI
     of a level-triggered vector comes back to the I/O APIC (remote IRR).
 
-Interface for the vCPU scheduler (all methods thread-safe; `cpu` is the vCPU
-index, which is also its APIC ID; times are in the clock's nanoseconds):
+How the software CPU (vmm/tcg/vm.py, vcpu.py) uses it: `attach` puts the
+controllers on the machine's buses; devices get lines from `irq_line`; before
+each slice of guest code a vCPU asks `has_nmi`/`take_nmi` and, when the guest
+can take one, `has_interrupt`/`acknowledge`; `next_deadline` bounds a slice or
+a halted vCPU's sleep, and `deadline_changes` tells whether a device access
+moved it. Every method is thread-safe; `cpu` is a vCPU index, which is also
+its APIC ID; times are in the clock's nanoseconds.
 
-    router = InterruptRouter(cpus, clock=time.monotonic_ns,
-                             wake=..., on_init=..., on_sipi=...)
-    router.attach(io.pio, io.mmio, current_cpu=None)
-        Registers the PIC (0x20, 0xA0), ELCR (0x4D0), PIT (0x40), port 0x61
-        and the I/O APIC (0xFEC00000) on the buses. Pass `current_cpu` (a
-        callable returning the index of the vCPU whose access is being
-        dispatched) to also register the LAPIC page at 0xFEE00000; otherwise
-        route that page yourself with `lapic_read`/`lapic_write`.
-    router.irq_line(n) -> IrqLine       for devices (VirtualMachine.irq_line)
-    router.lapic_read(cpu, offset, size) -> int
-    router.lapic_write(cpu, offset, size, value)
-        Accesses to the 4 KiB LAPIC page by vCPU `cpu` (offset from 0xFEE00000).
-    router.has_interrupt(cpu) -> bool
-        An external interrupt is ready for `cpu`. Ask only when the guest can
-        take one (RFLAGS.IF=1 and no STI/MOV SS shadow); it does not consume.
-        A halted vCPU with IF=1 is runnable when this is true (or has_nmi).
-    router.acknowledge(cpu) -> int | None
-        The INTA cycle: returns the vector to deliver through the IDT/IVT and
-        marks it in service (LAPIC ISR or 8259 ISR). None if nothing is
-        pending any more. A vector from the 8259 may be its spurious IRQ7/15
-        vector, which the guest expects to handle.
-    router.has_nmi(cpu) -> bool;  router.take_nmi(cpu) -> bool
-        NMI (from an NMI IPI or LINT1). NMIs ignore IF; the vCPU blocks
-        further NMIs until the guest's IRET.
-    router.deadline_changes -> int
-        Goes up whenever next_deadline() changes (read without the lock).
-    router.next_deadline() -> int | None
-        When the next timer interrupt is due (absolute clock time), or None
-        when no timer is armed. A halted vCPU sleeps at most until then; a
-        running one bounds its slice by it. It may already be in the past:
-        then the timer is due and the next `has_interrupt` delivers it.
-    router.update(now=None)
-        Delivers the timer interrupts that are due at `now` (default: the
-        clock). `has_interrupt` and `acknowledge` do this themselves, so
-        calling it is optional. Missed periods coalesce into one interrupt.
-    router.apic_base_msr(cpu) / set_apic_base_msr(cpu, value)   IA32_APIC_BASE
-    router.cr8(cpu) / set_cr8(cpu, value)                       CR8 <-> TPR
-    router.inject_nmi(cpu=None)        LINT1 on one or all CPUs (a host NMI)
-
-Callbacks (each may be None, and may be set later as attributes). They are
-called after the router's lock is released, on whichever thread caused the
-event (a device thread raising a line, or the vCPU thread writing the ICR):
-    wake()                 something became pending for some vCPU (an
-                           interrupt, an NMI, INIT or SIPI): end a sleep and
-                           re-check `has_interrupt`/`has_nmi` of halted vCPUs.
-                           Must be cheap and thread-safe (set an Event, say).
-                           Called once per burst of events.
-    wake_cpu(cpu)          the same, naming each vCPU concerned (for a
-                           scheduler with one sleeping thread per vCPU); called
-                           after wake(), once per vCPU per burst.
-    on_init(cpu)           `cpu` received INIT: reset it; its LAPIC is already
-                           reset. APs then wait for SIPI (BSP: see SDM).
-    on_sipi(cpu, vector)   `cpu`, waiting for SIPI, got one: start it in real
-                           mode at CS = vector << 8, IP = 0. Extra SIPIs to a
-                           running CPU are filtered out here.
+The router reports events through callbacks given to the constructor (each
+may be None). They run after the router's lock is released, on whichever
+thread caused the event (a device thread raising a line, or a vCPU writing
+the ICR): `wake()` and `wake_cpu(cpu)` when something became pending (an
+interrupt, NMI, INIT or SIPI) for some or for a named vCPU, once per burst;
+`on_init(cpu)` after `cpu`'s INIT (its local APIC is already reset);
+`on_sipi(cpu, vector)` when `cpu`, waiting for SIPI, got one (start it in
+real mode at CS = vector << 8).
 """
 
 from __future__ import annotations
@@ -330,6 +288,7 @@ class InterruptRouter:
     # -- the local APIC page -----------------------------------------------------
 
     def lapic_read(self, cpu: int, offset: int, size: int) -> int:
+        """A read of the 4 KiB local APIC page by vCPU `cpu`."""
         with self._critical:
             apic = self.lapics[cpu]
             deadline = apic.next_deadline()
@@ -339,6 +298,7 @@ class InterruptRouter:
             return value
 
     def lapic_write(self, cpu: int, offset: int, size: int, value: int) -> None:
+        """A write to the local APIC page by vCPU `cpu`."""
         with self._critical:
             apic = self.lapics[cpu]
             deadline = apic.next_deadline()
@@ -351,6 +311,8 @@ class InterruptRouter:
     # -- what a vCPU asks ----------------------------------------------------------
 
     def has_interrupt(self, cpu: int) -> bool:
+        """An external interrupt is ready for `cpu` (does not consume it). Ask only when
+        the guest can take one (RFLAGS.IF=1, no STI/MOV SS shadow)."""
         with self._critical:
             self._poll_timers()
             apic = self.lapics[cpu]
@@ -359,6 +321,9 @@ class InterruptRouter:
             return apic.highest_deliverable() is not None
 
     def acknowledge(self, cpu: int) -> int | None:
+        """The INTA cycle: the vector to deliver, now in service (local APIC ISR or 8259
+        ISR), or None if nothing is pending any more. An 8259 vector may be its
+        spurious IRQ7/15, which the guest expects to handle."""
         with self._critical:
             self._poll_timers()
             apic = self.lapics[cpu]
@@ -368,6 +333,7 @@ class InterruptRouter:
             return apic.acknowledge()
 
     def has_nmi(self, cpu: int) -> bool:
+        """An NMI (an NMI IPI, or LINT1) waits for `cpu`; NMIs ignore RFLAGS.IF."""
         with self._critical:
             return self.lapics[cpu].nmi_pending
 
@@ -376,6 +342,7 @@ class InterruptRouter:
             return self.lapics[cpu].take_nmi()
 
     def inject_nmi(self, cpu: int | None = None) -> None:
+        """LINT1 on one CPU, or all: a host-side NMI."""
         with self._critical:
             for apic in self.lapics if cpu is None else [self.lapics[cpu]]:
                 apic.lint1()
@@ -403,12 +370,15 @@ class InterruptRouter:
     # -- timers ------------------------------------------------------------------
 
     def next_deadline(self) -> int | None:
+        """When the next timer interrupt is due (it may be past: then it is due now), or None."""
         with self._critical:
             if self._deadline_dirty:
                 self._recompute_deadline()
             return self._deadline
 
     def update(self, now: int | None = None) -> None:
+        """Fire the timers due at `now` (default: the clock); missed periods coalesce.
+        `has_interrupt` and `acknowledge` do this themselves."""
         with self._critical:
             self._fire_timers(self.clock() if now is None else now)
 

@@ -45,7 +45,6 @@ _LATCH, _LSB, _MSB, _WORD = range(4)
 
 # Port 0x61 bits.
 SPEAKER_GATE2 = 0x01
-SPEAKER_DATA = 0x02
 SPEAKER_WRITABLE = 0x0F  # gate 2, speaker data, parity/IOCHK check disables
 SPEAKER_REFRESH = 0x10
 SPEAKER_OUT2 = 0x20

@@ -39,15 +39,14 @@ from vmm.bus import IrqLine
 
 # Register offsets from the base port.
 # Several registers share an offset; LCR.DLAB and the access direction pick one.
-RBR = THR = DLL = 0  # receive buffer (read) / transmit holding (write) / divisor low
-IER = DLM = 1  # interrupt enable / divisor high
+RBR = THR = 0  # receive buffer (read) / transmit holding (write); the divisor's low byte with DLAB
+IER = 1  # interrupt enable; the divisor's high byte with DLAB
 IIR = FCR = 2  # interrupt identification (read) / FIFO control (write)
 LCR = 3
 MCR = 4
 LSR = 5
 MSR = 6
 SCR = 7
-REGISTER_COUNT = 8
 
 # IER bits.
 IER_RDI = 0x01  # received data available (and character timeout)
@@ -402,11 +401,6 @@ class Uart16550:
             room += self._fifo_depth() - len(self._fifo)
         return room
 
-    def pending_input(self) -> int:
-        """Bytes received from the host that the guest has not read yet."""
-        with self._lock:
-            return len(self._fifo) + len(self._wire)
-
     def _take_room_notification(self) -> Callable[[], None] | None:
         # Tell a waiting host once the buffer is half empty, not after every
         # byte: each notification costs the console thread a wakeup.
@@ -414,10 +408,6 @@ class Uart16550:
             self._host_waiting = False
             return self._room_available
         return None
-
-    @property
-    def irq_level(self) -> bool:
-        return self._irq_level
 
     @property
     def divisor(self) -> int:

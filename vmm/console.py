@@ -17,7 +17,7 @@ Input: a reader thread moves bytes from the input fd into the UART through
   injected `quit()` callback), Ctrl-A h prints help, Ctrl-A Ctrl-A sends a
   literal Ctrl-A. The terminal is read even while the guest is not taking
   input, so the escape always works; what the guest cannot take is kept up
-  to a bound and then dropped (counted), like a UART overrun.
+  to a bound and then dropped, like a UART overrun.
 - When stdin is a pipe or a file, its bytes go to the guest verbatim and
   none are lost: while the UART is full the thread stops reading, so the
   writer on the other end blocks. It resumes when the UART calls
@@ -166,7 +166,6 @@ class Console:
         self._receive: Callable[[bytes], int] | None = None
         self._pending = bytearray()  # input read but not yet taken by the guest
         self.max_pending = 0
-        self.dropped = 0  # terminal bytes dropped because the guest was not reading
         self._output_broken = False
         self._discarding = False  # stopping, and the output does not drain: give up on it
 
@@ -329,9 +328,7 @@ class Console:
                     self._quit()
                     return True
             room = TERMINAL_PENDING_LIMIT - len(self._pending)
-            if len(data) > room:
-                self.dropped += len(data) - room
-                data = data[:room]
+            data = data[:room]  # the rest is dropped: the guest is not reading
         self._pending += data
         self.max_pending = max(self.max_pending, len(self._pending))
         return True

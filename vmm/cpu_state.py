@@ -11,11 +11,8 @@ from dataclasses import dataclass, field
 
 # CR0 / CR4 / EFER bits used by the loaders.
 CR0_PE = 1 << 0
-CR0_MP = 1 << 1
 CR0_ET = 1 << 4
 CR0_NE = 1 << 5
-CR0_WP = 1 << 16
-CR0_AM = 1 << 18
 CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
 EFER_SCE = 1 << 0

@@ -7,7 +7,7 @@ to tell them apart should write values above 16.
 
 POWEROFF = 0  # the guest powered off (ACPI S5, debug-exit 0, HLT with nothing to wake it)
 ERROR = 1  # pyvmm could not start or run the guest: bad input or a host problem
-USAGE = 2  # the command line was wrong (click's own status)
+# 2: the command line was wrong (click's own status)
 TRIPLE_FAULT = 3  # the guest triple-faulted (KVM_EXIT_SHUTDOWN)
 GUEST_PANIC = 4  # the guest kernel reported a panic (pvpanic)
 EMULATION_FAILURE = 5  # the accelerator could not run a guest instruction

@@ -7,7 +7,7 @@ read, the loop answers with `Vcpu.complete_read(data)` before re-entering.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
@@ -73,15 +73,17 @@ class EntryFailure:
     rip: int | None = None
 
 
+SUBERROR_EMULATION = 1  # KVM_INTERNAL_ERROR_EMULATION: "could not emulate"
+
+
 @dataclass(slots=True)
 class EmulationFailure:
     """The accelerator could not execute a guest instruction."""
 
-    suberror: int
+    suberror: int  # KVM's internal-error suberror; the software CPU reports SUBERROR_EMULATION
     rip: int | None = None
     instruction: bytes = b""
     detail: str = ""
-    data: tuple[int, ...] = field(default_factory=tuple)
 
 
 @dataclass(slots=True)

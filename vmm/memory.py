@@ -150,8 +150,5 @@ class GuestMemory:
     def write_u16(self, address: int, value: int) -> None:
         self.write(address, value.to_bytes(2, "little"))
 
-    def write_u32(self, address: int, value: int) -> None:
-        self.write(address, value.to_bytes(4, "little"))
-
     def write_u64(self, address: int, value: int) -> None:
         self.write(address, value.to_bytes(8, "little"))

@@ -1,12 +1,19 @@
 """The exit loop: one host thread per vCPU, from `vcpu.run()` to the device model.
 
-    exit = vcpu.run()                    # blocks in the guest (KVM_RUN, or the software CPU)
-    IoOut / IoIn     -> machine.io.pio   # Bus.write / Bus.read -> device.write / device.read
-    MmioWrite / Read -> machine.io.mmio
+    exit = vcpu.run()                    # blocks in the guest (KVM_RUN, or a software-CPU slice)
+    IoOut / IoIn     -> io.pio           # Bus.write / Bus.read -> device.write / device.read
+    MmioWrite / Read -> io.mmio
+    Interrupted      -> look at the stop flag, run again
     everything else  -> stop the machine with the matching exit status
 
 Reads are answered with `vcpu.complete_read(data)` before the next `run()`.
-"""
+
+On KVM every port and MMIO access the kernel does not handle comes through
+here: this file, vmm/kvm/accel.py (`KvmVcpu.run`) and vmm/bus.py are the
+whole path. The software CPU never returns I/O exits: its engine's hooks call
+the same buses from inside emulation, on this same thread (vmm/tcg/vm.py ->
+vmm/tcg/io_dispatch.py -> vmm/bus.py), and `run()` returns only to stop or
+to be interrupted."""
 
 from __future__ import annotations
 

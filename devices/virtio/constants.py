@@ -6,7 +6,6 @@ STATUS_DRIVER = 2
 STATUS_DRIVER_OK = 4
 STATUS_FEATURES_OK = 8
 STATUS_NEEDS_RESET = 64
-STATUS_FAILED = 128
 
 # Reserved feature bits (6): what the transport and queues offer on behalf of every device.
 F_INDIRECT_DESC = 28

@@ -130,7 +130,6 @@ class TapBackend(NetBackend):
         self._loop = None
         self._ready: Ready | None = None
         self._reading = False
-        self.dropped = 0
 
     def _try_offloads(self, flags: int) -> bool:
         try:
@@ -183,7 +182,7 @@ class TapBackend(NetBackend):
         try:
             os.write(self.fd, packet)
         except OSError:  # the TAP is down, or its queue is full: as a NIC would, drop
-            self.dropped += 1
+            pass
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -210,7 +209,6 @@ class SocketBackend(NetBackend):
         self._writing = False
         self._loop = None
         self._ready: Ready | None = None
-        self.dropped = 0
         if mode == "listen":
             self._listen()
         elif mode == "connect":
@@ -377,8 +375,7 @@ class SocketBackend(NetBackend):
         frame = packet[NET_HEADER_SIZE:]
         with self._lock:
             if self._conn is None or len(self._outbound) + 4 + len(frame) > self.MAX_BUFFERED:
-                self.dropped += 1  # no peer, or the peer is not reading: the wire drops it
-                return
+                return  # no peer, or the peer is not reading: the wire drops it
             self._outbound += len(frame).to_bytes(4, "big") + frame
         self._flush()
 

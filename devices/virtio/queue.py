@@ -173,9 +173,6 @@ class Virtqueue:
     def _avail_idx(self) -> int:
         return self.memory.read_u16(self.driver_address + 2)
 
-    def has_available(self) -> bool:
-        return self._pending() > 0
-
     def _pending(self) -> int:
         pending = (self._avail_idx() - self.last_avail) & 0xFFFF
         if pending > self.size:

@@ -122,7 +122,7 @@ PD_TOP = 0xB000  # the 4th GiB, where the local and I/O APICs are
 GDT_BASE, TSS_BASE = 0x500, 0x600
 KERNEL_STACK, RSP0, IST1 = 0x7F000, 0x9F000, 0x8F000
 SUPERVISOR_ONLY_2M = 0x200000  # the one 2 MiB page ring 3 may not touch
-KERNEL_CS, KERNEL_DS, USER_DS, USER_CS, TSS_SELECTOR = 0x08, 0x10, 0x18, 0x20, 0x28
+KERNEL_CS, KERNEL_DS, USER_CS, TSS_SELECTOR = 0x08, 0x10, 0x20, 0x28  # 0x18: user data
 GDT = [
     0,
     0x00AF9A000000FFFF,  # 0x08 kernel code, 64-bit

@@ -9,6 +9,7 @@ import pytest
 from devices.uart import (
     FCR,
     FCR_CLEAR_RX,
+    FCR_CLEAR_TX,
     FCR_ENABLE_FIFO,
     IER,
     IER_MSI,
@@ -468,7 +469,7 @@ def test_linux_autoconfig_identifies_a_16550a(h: Harness) -> None:
 def test_linux_startup_sees_an_uart_and_a_working_thre_interrupt(h: Harness) -> None:
     # serial8250_clear_fifos, then the reads that clear pending state.
     h.w(FCR, FCR_ENABLE_FIFO)
-    h.w(FCR, FCR_ENABLE_FIFO | FCR_CLEAR_RX | 0x04)
+    h.w(FCR, FCR_ENABLE_FIFO | FCR_CLEAR_RX | FCR_CLEAR_TX)
     h.w(FCR, 0)
     for register in (LSR, RBR, IIR, MSR):
         h.r(register)

@@ -111,9 +111,6 @@ class FakeQueue:
     def set_used_event(self, value: int) -> None:
         self.memory.write_u16(self.avail + 4 + 2 * self.size, value)
 
-    def set_avail_flags(self, value: int) -> None:
-        self.memory.write_u16(self.avail, value)
-
 
 class FakeDriver:
     def __init__(self, transport: VirtioMmioTransport, memory: GuestMemory, irq: NullIrqLine | None = None) -> None:

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 
 from vmm.errors import PyvmmError
-from vmm.image.base import BlockDevice, CorruptImageError, ImageError
+from vmm.image.base import BlockDevice, CorruptImageError
 from vmm.image.qcow2 import Qcow2Image
 from vmm.image.qcow2_create import Qcow2Options, build_qcow2
 from vmm.image.qcow2_format import MAGIC
@@ -172,9 +172,3 @@ def create_image(path: str, fmt: str, size: int | None, *, backing_file: str | N
     finally:
         os.close(fd)
     return size
-
-
-def check_writable_path(path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ImageError(f"cannot create {path}: directory {directory} does not exist")

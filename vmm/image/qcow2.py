@@ -429,10 +429,6 @@ class Qcow2Image(Qcow2Writer, Qcow2Refcounts, BlockDevice):
     def file_size(self) -> int:
         return os.fstat(self._fd).st_size
 
-    @property
-    def dirty_flag(self) -> bool:
-        return self.header.dirty
-
 
 def _add_hole(holes: list[Hole], start: int, count: int) -> None:
     """Append a hole, merged into the previous one where they touch."""

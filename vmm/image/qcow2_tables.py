@@ -75,11 +75,6 @@ class RefcountBlock:
                 return None
         return next((i for i in range(start, end) if not self.get(i)), None)
 
-    def nonzero_indices(self) -> list[int]:
-        if self._values is not None:
-            return [i for i, v in enumerate(self._values) if v]
-        return [i for i in range(self.entries) if self.get(i)]
-
     def values(self) -> list[int]:
         if self._values is not None:
             return self._values.tolist()

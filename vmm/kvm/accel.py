@@ -349,10 +349,8 @@ class KvmVcpu(Vcpu):
         if reason == k.KVM_EXIT_FAIL_ENTRY:
             return EntryFailure(run.fail_entry.hardware_entry_failure_reason, self.registers()["rip"])
         if reason == k.KVM_EXIT_INTERNAL_ERROR:
-            internal = run.internal
-            data = tuple(internal.data[i] for i in range(min(internal.ndata, 16)))
             rip, instruction = self.instruction_bytes()
-            return EmulationFailure(internal.suberror, rip, instruction, data=data, detail=_emulation_advice())
+            return EmulationFailure(run.internal.suberror, rip, instruction, detail=_emulation_advice())
         return UnknownExit(reason)
 
     def complete_read(self, data: bytes) -> None:

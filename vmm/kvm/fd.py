@@ -232,9 +232,6 @@ class VcpuFd:
     def set_sregs(self, sregs) -> None:
         _ioctl(self.fd, ioctls.KVM_SET_SREGS, _ptr(sregs))
 
-    def get_fpu(self):
-        return self._get(ioctls.KVM_GET_FPU, "struct kvm_fpu")
-
     def set_fpu(self, fpu) -> None:
         _ioctl(self.fd, ioctls.KVM_SET_FPU, _ptr(fpu))
 
@@ -243,13 +240,6 @@ class VcpuFd:
 
     def set_lapic(self, lapic) -> None:
         _ioctl(self.fd, ioctls.KVM_SET_LAPIC, _ptr(lapic))
-
-    def get_mp_state(self) -> int:
-        return self._get(ioctls.KVM_GET_MP_STATE, "struct kvm_mp_state").mp_state
-
-    def set_mp_state(self, state: int) -> None:
-        value = ffi.new("struct kvm_mp_state *", {"mp_state": state})
-        _ioctl(self.fd, ioctls.KVM_SET_MP_STATE, _ptr(value))
 
     def set_cpuid(self, entries: list[tuple[int, ...]]) -> None:
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})

@@ -67,7 +67,6 @@ PAGE_FIND_PREFIX_SHA256 = "eb151619c318140008d58225af4b1549ce2ec66f5e81487d037c8
 # In notdirty_write: `cmp qword [rbp + 0x10], -1; je set_dirty` (is the TLB
 # entry's addr_code -1?), else fall through to `keep` (return, still watched).
 PATCH_OFFSET = 0x6D
-PATCHED_BYTES = bytes.fromhex("48837d10ff747c")
 KEEP_OFFSET = 0x74
 SET_DIRTY_OFFSET = 0xF0
 

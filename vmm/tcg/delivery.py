@@ -44,7 +44,7 @@ from vmm.tcg.qemu_env import (
     EnvView,
 )
 
-DE, DB, NMI, BP, OF, BR, UD, NM, DF = range(9)
+DE, NMI, DF = 0, 2, 8
 TS, NP, SS, GP, PF = 10, 11, 12, 13, 14
 AC = 17
 CP = 21

@@ -87,11 +87,6 @@ def parse_segment_descriptor(raw: bytes) -> SegmentDescriptor:
     return SegmentDescriptor(base=base, limit=limit, flags=high & FLAGS_MASK)
 
 
-def system_descriptor_base_high(raw16: bytes) -> int:
-    """Bits 32..63 of the base of a 16-byte (long mode) system descriptor: TSS or LDT."""
-    return struct.unpack_from("<I", raw16, 8)[0]
-
-
 def parse_gate32(raw: bytes) -> Gate:
     low, high = struct.unpack_from("<II", raw)
     return Gate(selector=low >> 16, offset=(low & 0xFFFF) | (high & 0xFFFF0000),

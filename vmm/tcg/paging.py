@@ -22,12 +22,9 @@ CR4_PAE = 1 << 5
 EFER_LMA = 1 << 10
 
 PTE_P = 1 << 0
-PTE_W = 1 << 1
 PTE_PS = 1 << 7
 
-PF_PRESENT = 1 << 0  # the fault was a protection violation, not a missing page
 PF_WRITE = 1 << 1
-PF_USER = 1 << 2
 
 ADDRESS_MASK_52 = 0x000F_FFFF_FFFF_F000
 

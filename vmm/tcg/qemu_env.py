@@ -49,10 +49,8 @@ SEGMENT_CACHE_SIZE = 24  # u32 selector, pad, u64 base, u32 limit, u32 flags
 
 # QEMU's segment register indices.
 R_ES, R_CS, R_SS, R_DS, R_FS, R_GS = range(6)
-SEGMENT_INDEX = {"es": R_ES, "cs": R_CS, "ss": R_SS, "ds": R_DS, "fs": R_FS, "gs": R_GS}
 
 # Descriptor-cache flag bits: bits 8..23 of a descriptor's high dword, in place.
-DESC_A = 1 << 8
 DESC_TYPE_SHIFT = 8
 DESC_S = 1 << 12
 DESC_DPL_SHIFT = 13

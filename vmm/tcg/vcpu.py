@@ -26,10 +26,16 @@ from typing import TYPE_CHECKING
 from vmm.accel import MachineIo, Vcpu
 from vmm.cpu_state import CpuState
 from vmm.errors import GuestMemoryError
-from vmm.exits import EmulationFailure, Exit, Hlt, Interrupted, Shutdown
+from vmm.exits import SUBERROR_EMULATION, EmulationFailure, Exit, Hlt, Interrupted, Shutdown
 from vmm.memory import GuestMemory
 from vmm.tcg.cpu_setup import load_cpu_state, read_registers
-from vmm.tcg.delivery import Event, InterruptDelivery, TripleFault, UnsupportedDelivery
+from vmm.tcg.delivery import (
+    VECTORS_WITH_ERROR_CODE,
+    Event,
+    InterruptDelivery,
+    TripleFault,
+    UnsupportedDelivery,
+)
 from vmm.tcg.device_writes import TranslationInvalidator
 from vmm.tcg.engine import Engine, UcError, x86
 from vmm.tcg.io_dispatch import IoDispatcher
@@ -57,7 +63,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KVM_INTERNAL_ERROR_EMULATION = 1  # the suberror KVM uses for "could not emulate"
 RFLAGS_IF = 1 << 9
 NMI_VECTOR = 2
 # With an interrupt pending while the guest has IF clear there is no
@@ -301,7 +306,7 @@ class TcgVcpu(Vcpu):
 
     def _emulation_failure(self, detail: str) -> EmulationFailure:
         rip = self.engine.reg(x86.UC_X86_REG_RIP)
-        return EmulationFailure(KVM_INTERNAL_ERROR_EMULATION, rip=self._linear_rip(rip),
+        return EmulationFailure(SUBERROR_EMULATION, rip=self._linear_rip(rip),
                                 instruction=self._instruction_bytes(rip), detail=detail)
 
     def _linear_rip(self, rip: int) -> int:
@@ -321,7 +326,7 @@ class TcgVcpu(Vcpu):
     def on_exception(self, vector: int) -> None:
         env = self.engine.context.save()
         software = env.exception_is_int
-        error_code = env.error_code if vector in _ERROR_CODE_VECTORS else None
+        error_code = env.error_code if vector in VECTORS_WITH_ERROR_CODE else None
         # Unicorn already moved RIP past `int n`; for faults it points at the instruction.
         self.deliver(Event(vector, error_code, software=software), self.engine.reg(x86.UC_X86_REG_RIP))
 
@@ -357,5 +362,3 @@ class TcgVcpu(Vcpu):
         except UnsupportedDelivery as err:
             self.stop_with(self._emulation_failure(str(err)))
 
-
-_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
