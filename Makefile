@@ -50,8 +50,12 @@ test-fast: install
 lint: install
 	$(PY) -m ruff check .
 
-bench: deps install
-	@for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+# Every benchmark beside its peer; all figures also land in build/bench.json.
+BENCH_JSON := build/bench.json
+bench: deps install test-assets
+	@mkdir -p build && rm -f $(BENCH_JSON)
+	@for b in bench/bench_*.py; do PYVMM_BENCH_JSON=$(BENCH_JSON) $(PY) $$b || exit 1; done
+	@echo "all figures: $(BENCH_JSON)"
 
 test-assets: install
 	$(PY) -m tests.assets

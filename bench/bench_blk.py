@@ -30,6 +30,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from bench.qemu_peer import tsc_cmdline  # noqa: E402
+from bench.report import figure, python_env, skipped  # noqa: E402
 from tests.assets import find_linux_assets  # noqa: E402
 from tests.boot.virtio_guest import overlay_initrd, script_output  # noqa: E402
 
@@ -65,7 +66,8 @@ def guest_figures(output: str) -> dict[str, float]:
 
 
 def run(command: list[str]) -> dict[str, float]:
-    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT, cwd=REPO)
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT, cwd=REPO,
+                            env=python_env())
     stdout = result.stdout.decode(errors="replace")
     try:
         return guest_figures(script_output(stdout))
@@ -77,10 +79,10 @@ def run(command: list[str]) -> dict[str, float]:
 def main() -> None:
     assets = find_linux_assets()
     if assets is None:
-        print("bench_blk: skipped: Linux test assets are absent (run `make test-assets`)")
+        skipped("virtio-blk", "Linux test assets are absent (run `make test-assets`)")
         return
     if shutil.which("cc") is None:
-        print("bench_blk: skipped: no C compiler for the random-read helper (apt-get install gcc libc6-dev)")
+        skipped("virtio-blk", "no C compiler for the random-read helper (apt-get install gcc libc6-dev)")
         return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -107,15 +109,9 @@ def main() -> None:
     for kind, unit, what in (("seq-write", "MB/s", f"sequential write, dd bs=1M oflag=direct, {note}"),
                              ("seq-read", "MB/s", f"sequential read, dd bs=1M iflag=direct, {note}"),
                              ("rand-read", "IOPS", f"random 4 KiB reads, O_DIRECT, {IOPS_COUNT} reads")):
-        line = f"virtio-blk {what} ({accel}): pyvmm {pyvmm.get(kind, 0):.1f} {unit}"
-        if qemu is not None:
-            peer = qemu.get(kind, 0)
-            ratio = f"{pyvmm.get(kind, 0) / peer:.2f}x" if peer else "n/a"
-            line += f", qemu microvm {peer:.1f} {unit}, ratio {ratio}"
-        else:
-            line += " (qemu-system-x86_64 not installed: apt-get install qemu-system-x86)"
-        print(line)
-
+        figure(f"virtio-blk {what} ({accel})", unit, pyvmm.get(kind, 0), "QEMU microvm",
+               qemu.get(kind, 0) if qemu is not None else None, lower_is_better=False,
+               missing="" if qemu is not None else "apt-get install qemu-system-x86")
 
 if __name__ == "__main__":
     main()

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.qemu_peer import tsc_cmdline  # noqa: E402
+from bench.report import figure, python_env  # noqa: E402
 from tests.assets import MARKER, find_linux_assets  # noqa: E402
 from vmm.kvm import quirks  # noqa: E402
 
@@ -40,7 +41,7 @@ def time_to_marker(command: list[str]) -> tuple[float, str]:
     """Seconds from spawning `command` until MARKER appears on its stdout; then stop it."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+                               stderr=subprocess.STDOUT, start_new_session=True, env=python_env())
     output = b""
     selector = selectors.DefaultSelector()
     selector.register(process.stdout, selectors.EVENT_READ)
@@ -71,9 +72,18 @@ def time_to_marker(command: list[str]) -> tuple[float, str]:
             process.wait()
 
 
-def median_time(command: list[str]) -> tuple[float, str]:
-    runs = [time_to_marker(command) for _ in range(REPEATS)]
-    return statistics.median(t for t, _ in runs), runs[-1][1]
+def median_times(commands: dict[str, list[str]]) -> tuple[dict[str, float], str]:
+    """Each command's median time to the marker, the commands run in turn REPEATS times;
+    and the output of the first command's last run."""
+    samples: dict[str, list[float]] = {name: [] for name in commands}
+    first_output = ""
+    for _ in range(REPEATS):
+        for index, (name, command) in enumerate(commands.items()):
+            seconds, output = time_to_marker(command)
+            samples[name].append(seconds)
+            if index == 0:
+                first_output = output
+    return {name: statistics.median(times) for name, times in samples.items()}, first_output
 
 
 def main() -> None:
@@ -85,28 +95,25 @@ def main() -> None:
     common = ["--kernel", str(assets.kernel), "--initrd", str(assets.initrd), "--cmdline", CMDLINE,
               "--memory", "512M"]
     pyvmm = [sys.executable, "-m", "vmm", "boot", "--accel", accel, "--stats", *common]
-    results = {}
-    direct, output = median_time(pyvmm)
-    timer = re.search(r"userspace reached ([0-9.]+) s", output)
-    results["pyvmm (host decompression)"] = direct
-    results["pyvmm (--guest-decompress)"] = median_time([*pyvmm, "--guest-decompress"])[0]
+    commands = {"host decompression": pyvmm, "--guest-decompress": [*pyvmm, "--guest-decompress"]}
     qemu = shutil.which("qemu-system-x86_64")
-    peer = None
     if qemu:
         # QEMU's default CPU model under TCG: with -cpu max this kernel fails
         # to calibrate its TSC against the PIT and hangs.
         cpu = ["-cpu", "host"] if accel == "kvm" else []
-        peer = median_time([qemu, "-M", "microvm,acpi=on,pit=on,rtc=on", "-accel", accel, *cpu, "-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
-                            "-serial", "stdio", "-kernel", str(assets.kernel), "-initrd", str(assets.initrd),
-                            "-append", CMDLINE + tsc_cmdline(accel)])[0]
-    print(f"boot to userspace ({accel}, {assets.kernel.name}, median of {REPEATS}):")
+        commands["QEMU"] = [qemu, "-M", "microvm,acpi=on,pit=on,rtc=on", "-accel", accel, *cpu, "-m", "512M",
+                            "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+                            "-kernel", str(assets.kernel), "-initrd", str(assets.initrd),
+                            "-append", CMDLINE + tsc_cmdline(accel)]
+    results, output = median_times(commands)
+    peer = results.pop("QEMU", None)
+    missing = "" if qemu else "apt-get install qemu-system-x86"
     for name, seconds in results.items():
-        ratio = f", ratio {seconds / peer:.2f}x QEMU" if peer else ""
-        print(f"  {name}: {seconds:.2f} s{ratio}")
+        figure(f"Linux boot to userspace ({accel}, {name})", "s", seconds, "QEMU microvm", peer,
+               missing=missing)
+    timer = re.search(r"userspace reached ([0-9.]+) s", output)
     if timer:
         print(f"  pyvmm boot-timer port (host decompression): {float(timer.group(1)):.2f} s")
-    print(f"  QEMU microvm: {peer:.2f} s" if peer else "  QEMU microvm: not installed (apt-get install qemu-system-x86)")
-
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
     python bench/bench_img.py
 
 Figures (one line each, with qemu-img's figure on the same files and the
-ratio pyvmm time / qemu-img time, so > 1 means pyvmm is slower):
+ratio, as bench/report.py prints it):
 
   - convert raw -> qcow2 of a 1 GiB sparse image with random data in a
     quarter of its 64 KiB clusters, and the result back qcow2 -> raw
@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.report import figure  # noqa: E402
 from vmm.image.convert import convert  # noqa: E402
 from vmm.image.open import open_image  # noqa: E402
 
@@ -83,21 +84,14 @@ def pyvmm_writes(path: Path) -> None:
         image.flush()
 
 
-def report(what: str, ours: float, theirs: float | None, unit: str = "s",
-           ops: int | None = None) -> None:
+def report(what: str, ours: float, theirs: float | None, ops: int | None = None) -> None:
+    """A time (seconds) or, given `ops`, a rate (ops/s), beside qemu-img's on the same files."""
+    missing = "" if theirs is not None else "apt-get install qemu-utils"
     if ops:
-        line = f"{what}: pyvmm {ops / ours:,.0f} ops/s"
-        if theirs is not None:
-            line += f", qemu-img {ops / theirs:,.0f} ops/s"
+        figure(what, "ops/s", ops / ours, "qemu-img", ops / theirs if theirs else None,
+               lower_is_better=False, missing=missing)
     else:
-        line = f"{what}: pyvmm {ours:.2f} {unit}"
-        if theirs is not None:
-            line += f", qemu-img {theirs:.2f} {unit}"
-    if theirs is not None:
-        line += f", ratio (pyvmm time / qemu-img time) {ours / theirs:.2f}"
-    else:
-        line += " (qemu-img not installed: apt-get install qemu-utils)"
-    print(line, flush=True)
+        figure(what, "s", ours, "qemu-img", theirs, missing=missing)
 
 
 def main() -> None:

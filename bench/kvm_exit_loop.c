@@ -1,8 +1,8 @@
 /* The peer for bench_exits.py: the smallest useful KVM exit loop in C.
  *
  * Loads a flat real-mode image at 0x10000, enters it at 1000:0000 and
- * handles port-I/O exits until the guest writes to port 0xf4, the same
- * contract as `pyvmm boot --flat`. No devices, no threads: this is the floor
+ * handles port-I/O and MMIO exits (a read gets zeros) until the guest writes
+ * to port 0xf4, the same contract as `pyvmm boot --flat`. No devices, no threads: this is the floor
  * a VMM's exit path cannot go below. */
 #include <fcntl.h>
 #include <linux/kvm.h>
@@ -44,6 +44,10 @@ int main(int argc, char **argv) {
     ioctl(vcpu, KVM_SET_REGS, &regs);
     for (;;) {
         if (ioctl(vcpu, KVM_RUN, 0) < 0) die("KVM_RUN");
+        if (run->exit_reason == KVM_EXIT_MMIO) {
+            if (!run->mmio.is_write) memset(run->mmio.data, 0, sizeof run->mmio.data);
+            continue;
+        }
         if (run->exit_reason != KVM_EXIT_IO) { fprintf(stderr, "exit %d\n", run->exit_reason); return 1; }
         if (run->io.port == 0xf4) return 0;
     }

@@ -9,6 +9,8 @@ size and byte order, in both directions.
 
 from __future__ import annotations
 
+from collections import deque
+
 TEST_DEVICE_SIZE = 0x1000
 SCRATCH_BYTES = 64
 
@@ -16,7 +18,9 @@ SCRATCH_BYTES = 64
 class ScratchDevice:
     def __init__(self) -> None:
         self.scratch = bytearray(SCRATCH_BYTES)
-        self.accesses: list[tuple[str, int, int]] = []  # (kind, offset, size), for host-side tests
+        # The last accesses (kind, offset, size), for host-side tests; bounded, so a
+        # guest looping over the device cannot grow pyvmm's memory.
+        self.accesses: deque[tuple[str, int, int]] = deque(maxlen=64)
 
     def read(self, offset: int, size: int) -> int:
         self.accesses.append(("read", offset, size))

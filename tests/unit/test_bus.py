@@ -13,7 +13,7 @@ def test_devices_receive_offsets_from_their_base():
     device = ScratchDevice()
     bus.register(0xD000_0000, 0x1000, device, "scratch")
     bus.write(0xD000_0008, 4, 0xDEADBEEF)
-    assert device.accesses == [("write", 8, 4)]
+    assert list(device.accesses) == [("write", 8, 4)]
     assert bus.read(0xD000_0008, 2) == 0xBEEF
     assert bus.ranges[0].accesses == 2
 
@@ -34,8 +34,8 @@ def test_adjacent_ranges_are_fine():
     bus.register(0x400, 8, ScratchDevice(), "above")
     bus.write(0x3F7, 1, 1)
     bus.write(0x3F8, 1, 2)
-    assert high.accesses == [("write", 7, 1)]
-    assert low.accesses == [("write", 0, 1)]
+    assert list(high.accesses) == [("write", 7, 1)]
+    assert list(low.accesses) == [("write", 0, 1)]
 
 
 @pytest.mark.parametrize("size", [1, 2, 4, 8])

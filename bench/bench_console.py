@@ -1,0 +1,93 @@
+"""Guest console output: `seq 1 100000` (about 590 KB) on the serial port, and through virtio-console.
+
+The Debian test kernel boots with the test initramfs and a script that runs
+`seq 1 100000` twice, once to ttyS0 (the 16550 UART) and once to hvc0
+(virtio-console), timing each with the guest's own clock. pyvmm runs it on
+the software CPU (`--console virtio` adds the virtio-console; the script's
+command line keeps the kernel console on ttyS0), QEMU as microvm on TCG
+with a virtio-serial device whose console shares stdio with the serial
+port. Every line must arrive intact on the host, both ways, or the run
+fails. Lines per second; the VMMs alternate, each figure is a median.
+PYVMM_BENCH_CONSOLE_LINES changes the count.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.qemu_peer import tsc_cmdline  # noqa: E402
+from bench.report import figure, python_env, skipped  # noqa: E402
+from tests.assets import find_linux_assets  # noqa: E402
+from tests.boot.virtio_guest import overlay_initrd, script_output  # noqa: E402
+
+LINES = int(os.environ.get("PYVMM_BENCH_CONSOLE_LINES", "100000"))
+REPEATS = int(os.environ.get("PYVMM_BENCH_BOOT_REPEATS", "3"))
+CMDLINE = "console=ttyS0 panic=-1 quiet"
+TIMEOUT = 900
+
+SCRIPT = """
+now() {{ cut -d' ' -f1 /proc/uptime; }}
+t0=$(now); seq 1 {lines} > /dev/ttyS0; t1=$(now)
+echo "console-time serial $t0 $t1"
+t0=$(now); seq 1 {lines} > /dev/hvc0; t1=$(now)
+echo "console-time virtio $t0 $t1"
+"""
+
+
+def lines_per_second(command: list[str]) -> dict[str, float]:
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT,
+                            cwd=REPO, env=python_env())
+    stdout = result.stdout.decode(errors="replace")
+    try:
+        output = script_output(stdout).replace("\r\n", "\n")
+    except AssertionError as err:
+        raise SystemExit(f"bench_console: {command[0]} failed (status {result.returncode}): {err}") from None
+    expected = "\n".join(str(n) for n in range(1, LINES + 1)) + "\n"
+    if output.count(expected) != 2:
+        raise SystemExit(f"bench_console: {command[0]}: the {LINES} lines did not all arrive intact twice")
+    figures = {}
+    for kind, start, end in re.findall(r"console-time (\w+) ([\d.]+) ([\d.]+)", output):
+        figures[kind] = LINES / max(float(end) - float(start), 0.01)  # /proc/uptime ticks in 10 ms
+    return figures
+
+
+def main() -> None:
+    assets = find_linux_assets()
+    if assets is None:
+        skipped("guest console output", "Linux test assets are absent (run `make test-assets`)")
+        return
+    qemu = shutil.which("qemu-system-x86_64")
+    with tempfile.TemporaryDirectory() as tmp:
+        initrd = overlay_initrd(assets, SCRIPT.format(lines=LINES), Path(tmp) / "initrd.img")
+        common = ["--kernel", str(assets.kernel), "--initrd", str(initrd), "--memory", "512M"]
+        pyvmm = [sys.executable, "-m", "vmm", "boot", "--accel", "tcg", *common[:4], "--cmdline", CMDLINE,
+                 *common[4:], "--console", "virtio"]
+        peer = [qemu, "-accel", "tcg", "-M", "microvm,acpi=on,pit=on,rtc=on", "-m", "512M", "-nodefaults",
+                "-no-user-config", "-nographic", "-no-reboot", "-kernel", str(assets.kernel),
+                "-initrd", str(initrd), "-append", CMDLINE + tsc_cmdline("tcg"),
+                "-chardev", "stdio,id=out,mux=on", "-serial", "chardev:out",
+                "-device", "virtio-serial-device", "-device", "virtconsole,chardev=out"] if qemu else None
+        ours, theirs = [], []
+        for _ in range(REPEATS):
+            ours.append(lines_per_second(pyvmm))
+            if peer:
+                theirs.append(lines_per_second(peer))
+    for kind, what in (("serial", "serial port (ttyS0)"), ("virtio", "virtio-console (hvc0)")):
+        mine = sorted(run[kind] for run in ours)[len(ours) // 2]
+        other = sorted(run[kind] for run in theirs)[len(theirs) // 2] if theirs else None
+        figure(f"guest console output, {LINES} lines on the {what} (tcg)", "lines/s", mine,
+               "QEMU microvm TCG", other, lower_is_better=False,
+               missing="" if qemu else "apt-get install qemu-system-x86")
+
+
+if __name__ == "__main__":
+    main()
