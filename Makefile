@@ -12,13 +12,20 @@ DEB_PACKAGES := binutils gcc make qemu-utils qemu-system-x86 acpica-tools e2fspr
 
 .PHONY: install deps demo demo-linux test test-fast lint bench test-assets clean
 
-install: $(VENV)/.installed
+# The KVM structures' C declarations are parsed once here, not at every start
+# (vmm/cffi_prebuilt.py); without this step pyvmm parses them at import.
+CFFI_PREBUILT := vmm/kvm/_uapi_prebuilt.py
+
+install: $(VENV)/.installed $(CFFI_PREBUILT)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
+
+$(CFFI_PREBUILT): vmm/kvm/uapi.py vmm/cffi_prebuilt.py $(VENV)/.installed
+	$(PY) -m vmm.cffi_prebuilt
 
 # System packages, installed only when missing (needs root, as apt-get does).
 deps:
@@ -61,4 +68,4 @@ test-assets: install
 	$(PY) -m tests.assets
 
 clean:
-	rm -rf build .pytest_cache
+	rm -rf build .pytest_cache $(CFFI_PREBUILT)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,11 @@ DEFAULT_CMDLINE = "console=ttyS0 reboot=acpi panic=-1"
 def parse_memory_size(text: str) -> int:
     """`--memory`: a size as `pyvmm img` reads it (vmm/image/sizes.py), except that a
     bare number means MiB, as with QEMU's -m, and `512MiB`/`512MB` read as `512M`."""
-    size = re.sub(r"(?<=[KMGTkmgt])i?[Bb]$", "", text.strip())
+    size = text.strip()
+    stem = size.removesuffix("B").removesuffix("b")
+    stem = stem.removesuffix("i") if stem != size else stem
+    if stem != size and stem[-1:] in tuple("KMGTkmgt"):
+        size = stem
     if size.isdigit():
         size += "M"
     return parse_size(size, "--memory")

@@ -1,8 +1,52 @@
-"""The cffi layouts match the kernel's uapi headers (sizes and offsets from linux/kvm.h, x86_64)."""
+"""The cffi layouts match the kernel's uapi headers (sizes and offsets from linux/kvm.h, x86_64),
+both as parsed ahead of time (vmm/cffi_prebuilt.py, what `make install` builds) and as parsed at
+import when nothing was built."""
+
+import sys
 
 import pytest
 
-from vmm.kvm.uapi import ffi
+from vmm import cffi_prebuilt
+from vmm.kvm.uapi import DECLARATIONS
+
+PREBUILT_NAME = "pyvmm_test_uapi_prebuilt"
+
+
+@pytest.fixture(scope="module")
+def prebuilt_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("prebuilt")
+    cffi_prebuilt.write(DECLARATIONS, PREBUILT_NAME, str(directory / f"{PREBUILT_NAME}.py"))
+    sys.path.insert(0, str(directory))
+    yield directory
+    sys.path.remove(str(directory))
+    sys.modules.pop(PREBUILT_NAME, None)
+
+
+@pytest.fixture(scope="module", params=["prebuilt", "in-line"])
+def ffi(request, prebuilt_dir):
+    if request.param == "in-line":
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(cffi_prebuilt.INLINE_ENV, "1")
+            loaded = cffi_prebuilt.load(DECLARATIONS, PREBUILT_NAME)
+        assert type(loaded).__module__ == "cffi.api"  # parsed here, by pycparser
+        return loaded
+    loaded = cffi_prebuilt.load(DECLARATIONS, PREBUILT_NAME)
+    assert loaded is sys.modules[PREBUILT_NAME].ffi
+    return loaded
+
+
+def test_a_prebuilt_module_from_other_declarations_is_not_used(prebuilt_dir, monkeypatch):
+    monkeypatch.delenv(cffi_prebuilt.INLINE_ENV, raising=False)
+    changed = DECLARATIONS + "struct added_later { int x; };"
+    loaded = cffi_prebuilt.load(changed, PREBUILT_NAME)
+    assert loaded is not sys.modules[PREBUILT_NAME].ffi
+    assert loaded.sizeof("struct added_later") == 4
+
+
+def test_a_missing_prebuilt_module_means_parsing_in_line(monkeypatch):
+    monkeypatch.delenv(cffi_prebuilt.INLINE_ENV, raising=False)
+    loaded = cffi_prebuilt.load(DECLARATIONS, "pyvmm_no_such_prebuilt_module")
+    assert loaded.sizeof("struct kvm_run") == 2352
 
 SIZES = {
     "struct kvm_regs": 144,
@@ -90,17 +134,17 @@ MEMBER_OFFSETS = [
 
 
 @pytest.mark.parametrize(("ctype", "size"), SIZES.items())
-def test_sizes(ctype, size):
+def test_sizes(ffi, ctype, size):
     assert ffi.sizeof(ctype) == size
 
 
 @pytest.mark.parametrize(("ctype", "field", "offset"), OFFSETS)
-def test_offsets(ctype, field, offset):
+def test_offsets(ffi, ctype, field, offset):
     assert ffi.offsetof(ctype, field) == offset
 
 
 @pytest.mark.parametrize(("member", "field", "offset"), MEMBER_OFFSETS)
-def test_kvm_run_union_members(member, field, offset):
+def test_kvm_run_union_members(ffi, member, field, offset):
     run = ffi.new("struct kvm_run *")
     base = int(ffi.cast("uintptr_t", ffi.addressof(run[0], member)))
     field_address = int(ffi.cast("uintptr_t", ffi.addressof(getattr(run, member), field)))

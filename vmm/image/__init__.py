@@ -38,7 +38,6 @@ from vmm.image.base import (
     ReadOnlyImageError,
     UnsupportedImageError,
 )
-from vmm.image.open import create_image, open_image
 
 __all__ = [
     "BlockDevice",
@@ -51,3 +50,13 @@ __all__ = [
     "create_image",
     "open_image",
 ]
+
+
+def __getattr__(name: str):
+    # Opening and creating images pulls in qcow2 and the rest of the library:
+    # imported on first use, so that `pyvmm boot` without a disk never loads it.
+    if name in ("create_image", "open_image"):
+        from vmm.image import open as image_open
+
+        return getattr(image_open, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

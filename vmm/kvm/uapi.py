@@ -2,14 +2,13 @@
 
 Layouts are pinned by tests/unit/test_kvm_uapi.py against the sizes and
 offsets the kernel headers give, so a typo here fails a test instead of
-corrupting an ioctl.
+corrupting an ioctl. `make install` parses the declarations ahead of time
+(vmm/cffi_prebuilt.py); without that they are parsed here, at import.
 """
 
-from cffi import FFI
+from vmm import cffi_prebuilt
 
-ffi = FFI()
-ffi.cdef(
-    """
+DECLARATIONS = """
     typedef uint8_t __u8; typedef uint16_t __u16; typedef uint32_t __u32; typedef uint64_t __u64;
     typedef int32_t __s32;
 
@@ -223,8 +222,9 @@ ffi.cdef(
     };
 
     int ioctl(int fd, unsigned long request, ...);
-    """
-)
+"""
+
+ffi = cffi_prebuilt.load(DECLARATIONS, "vmm.kvm._uapi_prebuilt")
 
 # libc, for ioctl: cffi releases the GIL around the call and reports EINTR
 # instead of retrying, which KVM_RUN needs.

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 from vmm.cpu_features import FeatureEdit, apply_feature_edits
 
@@ -110,6 +109,8 @@ class CpuidProfile:
         tsc, crystal = self.options.tsc_hz, self.options.apic_timer_hz
         if not tsc or not crystal or crystal > 0xFFFFFFFF or crystal % 1000:
             return None
+        from fractions import Fraction  # (its import costs more than the rest of this module)
+
         crystal_khz = crystal // 1000
         max_numerator = 0xFFFFFFFF // crystal_khz
         ratio = Fraction(tsc, crystal)

@@ -50,7 +50,9 @@ class EngineError(RuntimeError):
 
 
 class Engine:
-    def __init__(self) -> None:
+    def __init__(self, *, measure_tsc: bool = True) -> None:
+        """`measure_tsc`: measure the host TSC's rate (`tsc_hz`, else None), which takes
+        TSC_MEASURE_SECONDS once per process; only a guest told the rate needs it."""
         # Before anything is translated, in any engine of this process.
         self.code_page_tracking_patched = patch_code_page_tracking()
         self.uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
@@ -65,7 +67,7 @@ class Engine:
         self.context = self.new_context()
         self.context.save()
         check_layout(self.write_reg, self.write_msr, self.context, x86)
-        self.native_cpuid, self.tsc_hz = self._probe()
+        self.native_cpuid, self.tsc_hz = self._probe(measure_tsc)
         self.context.restore()  # forget the probes' register values
         self.stop_hook = StopHook(self.uc)
 
@@ -138,7 +140,7 @@ class Engine:
 
     _tsc_hz_cache: int | None = None
 
-    def _probe(self) -> tuple[dict, int]:
+    def _probe(self, measure_tsc: bool) -> tuple[dict, int | None]:
         from vmm.tcg.cpuid import PROBED_LEAVES
 
         page = 0
@@ -150,7 +152,7 @@ class Engine:
                 self.write_regs((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX), (leaf, subleaf))
                 self.start(page)
                 native[(leaf, subleaf)] = tuple(self.read_regs(CPUID_OUTPUTS))
-            if Engine._tsc_hz_cache is None:
+            if Engine._tsc_hz_cache is None and measure_tsc:
                 Engine._tsc_hz_cache = self._measure_tsc_hz(page + len(CPUID_HLT))
             return native, Engine._tsc_hz_cache
         finally:

@@ -48,7 +48,8 @@ class TcgVirtualMachine(VirtualMachine):
         self.memory = memory
         self.io = io
         self.platform = platform
-        self.engine = Engine()
+        # The guest learns the TSC's rate from CPUID 0x15, which needs a local APIC.
+        self.engine = Engine(measure_tsc=platform.irqchip)
         self.scheduler = CpuScheduler(self.engine)
         self.delivery = InterruptDelivery(self.engine, memory)
         self.cpuid = CpuidProfile(self.engine.native_cpuid, CpuidOptions(
