@@ -1,10 +1,15 @@
 """The host side of the serial console: the user's terminal (or a pipe) <-> the UART.
 
-Output: `Console.write(data)` is the UART's output writer. It writes straight
-to the output fd with os.write, unbuffered, finishing partial writes and
-waiting out EAGAIN when someone left the fd non-blocking. If the reader of
-our output goes away (EPIPE), guest output is dropped rather than killing
-the vCPU thread that happened to transmit.
+Output: `Console.write(data)` is the UART's (and virtio-console's) output
+writer. Once the console is started, output is gathered and written within
+OUTPUT_DELAY_SECONDS by an output thread, or at once by the writer when
+OUTPUT_BATCH bytes are waiting: a UART hands over one byte per guest `out`,
+and two system calls per byte were most of what a printing guest cost. The
+writer that fills a batch writes it itself, so a guest still waits while
+the host does not read. Writes finish partial writes and wait out EAGAIN
+when someone left the fd non-blocking. If the reader of our output goes
+away (EPIPE), guest output is dropped rather than killing the vCPU thread
+that happened to transmit. `stop()` writes what is left.
 
 Input: a reader thread moves bytes from the input fd into the UART through
 `receive(data) -> int` (how many bytes it took).
@@ -38,6 +43,7 @@ import select
 import selectors
 import termios
 import threading
+import time
 import tty
 from collections.abc import Callable
 
@@ -45,6 +51,10 @@ log = logging.getLogger(__name__)
 
 # How often a guest write blocked on a full pipe looks whether it should give up.
 OUTPUT_RECHECK_SECONDS = 0.2
+# Gathered output waits at most this long (a keystroke's echo too: well under
+# what a person notices), or until this many bytes are waiting.
+OUTPUT_DELAY_SECONDS = 0.002
+OUTPUT_BATCH = select.PIPE_BUF
 
 ESCAPE_KEY = 0x01  # Ctrl-A
 READ_CHUNK = 4096
@@ -175,11 +185,20 @@ class Console:
         self._stopping = False
         self._thread: threading.Thread | None = None
 
+        # Output gathered for the output thread; the lock also keeps writes in order.
+        self._output = bytearray()
+        self._output_lock = threading.Lock()
+        self._output_waiting = threading.Event()  # set when _output went from empty to not
+        self._output_thread: threading.Thread | None = None
+
     # -- lifecycle -----------------------------------------------------------
 
     def start(self, receive: Callable[[bytes], int]) -> None:
         """Enter raw mode (if interactive) and start feeding input to `receive`."""
         self._receive = receive
+        self._output_thread = threading.Thread(target=self._write_gathered_output, name="console-output",
+                                               daemon=True)
+        self._output_thread.start()
         if self._terminal is not None:
             if _in_background(self._input_fd):
                 # Changing or reading the terminal from a background job would
@@ -199,11 +218,16 @@ class Console:
         self._discarding = True
 
     def stop(self) -> None:
-        """Stop the input thread, wait for it, and give the terminal back."""
+        """Stop the input thread, wait for it, write what output is left, and give the terminal back."""
         self._stopping = True
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+        output_thread, self._output_thread = self._output_thread, None
+        if output_thread is not None:
+            self._output_waiting.set()
+            output_thread.join()
+        self.flush()
         self.restore()
         with self._wake_lock:
             if not self._wake_closed:
@@ -242,7 +266,36 @@ class Console:
     # -- output --------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Guest output to the host, all of it, unbuffered (the guest waits while the host does not read)."""
+        """Guest output to the host, all of it (the guest waits while the host does not read)."""
+        if self._output_broken:
+            return
+        with self._output_lock:
+            self._output += data
+            if self._output_thread is not None and len(self._output) < OUTPUT_BATCH:
+                if len(self._output) == len(data):
+                    self._output_waiting.set()  # the output thread writes it shortly
+                return
+            self._write_output()
+
+    def flush(self) -> None:
+        """Write the output gathered so far."""
+        with self._output_lock:
+            self._write_output()
+
+    def _write_gathered_output(self) -> None:
+        while self._output_thread is not None:
+            self._output_waiting.wait()
+            time.sleep(OUTPUT_DELAY_SECONDS)  # let a burst gather
+            self._output_waiting.clear()
+            try:
+                self.flush()
+            except Exception:
+                log.exception("console output thread failed")
+                return
+
+    def _write_output(self) -> None:
+        """Write all of self._output; the caller holds self._output_lock."""
+        data, self._output = self._output, bytearray()
         if self._output_broken:
             return
         view = memoryview(data)

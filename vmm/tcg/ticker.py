@@ -26,6 +26,7 @@ class Ticker:
         self._request_stop = request_stop
         self._cond = threading.Condition()
         self._stop_at: int | None = None  # time.monotonic_ns()
+        self._waking_at: int | None = None  # when the ticker thread wakes by itself (None: never)
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="tcg-ticker", daemon=True)
         self._thread.start()
@@ -35,7 +36,10 @@ class Ticker:
         with self._cond:
             if self._stop_at is None or when_ns < self._stop_at:
                 self._stop_at = when_ns
-                self._cond.notify()
+                # Slices re-arm the same timer deadline over and over: wake the
+                # thread only when it would sleep past the new alarm.
+                if self._waking_at is None or when_ns < self._waking_at:
+                    self._cond.notify()
 
     def disarm(self) -> None:
         with self._cond:
@@ -51,10 +55,12 @@ class Ticker:
         with self._cond:
             while not self._closing:
                 if self._stop_at is None:
+                    self._waking_at = None
                     self._cond.wait()
                     continue
                 delay = self._stop_at - time.monotonic_ns()
                 if delay > 0:
+                    self._waking_at = self._stop_at
                     self._cond.wait(delay / 1e9)
                     continue
                 self._stop_at = None
