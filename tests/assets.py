@@ -37,6 +37,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 try:
     import pytest
@@ -133,18 +134,24 @@ def _kernel_package(meta_deb: Path) -> str:
     return f"{name}={version}" if version else name
 
 
+def download_cloud_kernel(into: Path) -> tuple[Path, Path]:
+    """Debian's current cloud kernel package downloaded into `into` and unpacked
+    under into/root: (the unpacked tree, the .deb)."""
+    meta = _download(KERNEL_META_PACKAGE, into)
+    kernel_deb = _download(_kernel_package(meta), into)
+    _run(["dpkg-deb", "-x", str(kernel_deb), str(into / "root")])
+    return into / "root", kernel_deb
+
+
 def fetch_linux_assets(directory: Path | None = None) -> LinuxAssets:
     directory = directory or assets_dir()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MANIFEST).unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix="fetch-") as scratch_name:
         scratch = Path(scratch_name)
-        meta = _download(KERNEL_META_PACKAGE, scratch)
-        kernel_deb = _download(_kernel_package(meta), scratch)
+        tree, kernel_deb = download_cloud_kernel(scratch)
         busybox_deb = _download(BUSYBOX_PACKAGE, scratch)
-        tree = scratch / "root"
-        for deb in (kernel_deb, busybox_deb):
-            _run(["dpkg-deb", "-x", str(deb), str(tree)])
+        _run(["dpkg-deb", "-x", str(busybox_deb), str(tree)])
 
         kernels = sorted((tree / "boot").glob("vmlinuz-*"))
         if len(kernels) != 1:
@@ -235,10 +242,12 @@ export PS1='pyvmm# '
 
 
 class CpioWriter:
-    """A newc ("070701") cpio archive, the format the kernel unpacks as initramfs."""
+    """A newc ("070701") cpio archive, the format the kernel unpacks as initramfs.
 
-    def __init__(self) -> None:
-        self.out = io.BytesIO()
+    Built in memory, or written to `out` as it goes (large archives)."""
+
+    def __init__(self, out: BinaryIO | None = None) -> None:
+        self.out = out if out is not None else io.BytesIO()
         self.inode = 1
 
     def _entry(self, name: str, mode: int, data: bytes = b"", nlink: int = 1,
@@ -266,8 +275,9 @@ class CpioWriter:
         self._entry(name, 0o020600, rdev=(major, minor))
 
     def finish(self) -> bytes:
+        """End the archive; its bytes when built in memory (b"" when written to `out`)."""
         self._entry("TRAILER!!!", 0)
-        return self.out.getvalue()
+        return self.out.getvalue() if isinstance(self.out, io.BytesIO) else b""
 
 
 def module_dependencies(module: bytes) -> list[str]:
@@ -280,7 +290,7 @@ def module_dependencies(module: bytes) -> list[str]:
     return [name for name in value.split(",") if name]
 
 
-def _insmod_order(modules: dict[str, bytes]) -> list[str]:
+def insmod_order(modules: dict[str, bytes]) -> list[str]:
     """Module file names, each after the modules it depends on."""
     # The kernel spells module names with underscores; a file may use dashes (virtio-rng).
     by_name = {name.replace("-", "_"): name for name in modules}
@@ -324,7 +334,7 @@ def build_initramfs(busybox: Path, module_root: Path | None = None) -> tuple[byt
                 sys.exit(f"tests.assets: module {name}.ko not found under {module_root}")
             modules[name] = found[0].read_bytes()
     paths = []
-    for name in _insmod_order(modules):
+    for name in insmod_order(modules):
         path = f"lib/modules/{name}.ko"
         cpio.file(path, modules[name])
         paths.append("/" + path)

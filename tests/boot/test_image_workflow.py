@@ -39,7 +39,7 @@ def img(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_base_overlay_boot_and_check(linux_assets, tmp_path):
+def test_base_overlay_boot_and_check(linux_assets, linux_accel, tmp_path):
     mke2fs = need_tool("mke2fs", "e2fsprogs")
     qemu_img = need_tool("qemu-img", "qemu-utils")
     base, overlay = tmp_path / "base.qcow2", tmp_path / "overlay.qcow2"
@@ -47,13 +47,15 @@ def test_base_overlay_boot_and_check(linux_assets, tmp_path):
 
     img("create", "-f", "qcow2", str(base), "64M")
     status, stdout, stderr = run_guest(linux_assets, tmp_path, INSTALL.format(mke2fs=mke2fs),
-                                       "--disk", f"{base},format=qcow2", extra_files=extra)
+                                       "--disk", f"{base},format=qcow2", "--accel", linux_accel,
+                                       extra_files=extra)
     assert status == 0, stderr
     assert all(word in script_output(stdout) for word in ("mkfs-ok", "mount-ok", "umount-ok"))
 
     img("create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(overlay))
     base_before = base.read_bytes()
-    status, stdout, stderr = run_guest(linux_assets, tmp_path, USE_OVERLAY, "--disk", str(overlay))
+    status, stdout, stderr = run_guest(linux_assets, tmp_path, USE_OVERLAY, "--disk", str(overlay),
+                                       "--accel", linux_accel)
     assert status == 0, stderr
     out = script_output(stdout)
     assert "base-file=installed-in-the-base" in out and "umount-ok" in out

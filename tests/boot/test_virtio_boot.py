@@ -53,7 +53,7 @@ echo "hvc0-shell-exit=$?"
 """
 
 
-def test_disks_rng_and_a_shell_on_hvc0(linux_assets, tmp_path):
+def test_disks_rng_and_a_shell_on_hvc0(linux_assets, linux_accel, tmp_path):
     mke2fs = need_tool("mke2fs", "e2fsprogs")
     need_tool("debugfs", "e2fsprogs")
     e2fsck = need_tool("e2fsck", "e2fsprogs")
@@ -69,7 +69,7 @@ def test_disks_rng_and_a_shell_on_hvc0(linux_assets, tmp_path):
     status, stdout, stderr = run_guest(
         linux_assets, tmp_path, DISK_SCRIPT.format(mke2fs=mke2fs, ro_length=len(RO_CONTENT)),
         "--disk", f"{disk},format=raw,serial=vda-serial", "--disk", f"{ro_disk},readonly=on,serial=RO-DISK",
-        "--rng", "--console", "virtio", "--stats",
+        "--rng", "--console", "virtio", "--stats", "--accel", linux_accel,
         input=b"echo HVC-$((6*7))\nexit\n", extra_files=extra)
     out = script_output(stdout)
     assert status == 0, stderr
@@ -183,7 +183,7 @@ TELL_PEER = ("i=0; until echo done | nc {peer} 7000; do sleep 1; i=$((i+1)); [ $
              "echo told-peer")
 
 
-def test_two_guests_ping_each_other_over_the_socket_backend(linux_assets, tmp_path):
+def test_two_guests_ping_each_other_over_the_socket_backend(linux_assets, linux_accel, tmp_path):
     socket_path = tmp_path / "net.sock"
     scripts = {
         "a": PEER_SCRIPT.format(me="10.0.3.1", peer="10.0.3.2", handshake=WAIT_FOR_PEER),
@@ -195,7 +195,8 @@ def test_two_guests_ping_each_other_over_the_socket_backend(linux_assets, tmp_pa
     try:
         for name in ("a", "b"):
             initrd = overlay_initrd(linux_assets, scripts[name], tmp_path / f"initrd-{name}.img")
-            guests[name] = subprocess.Popen(pyvmm_command(linux_assets, initrd, "--net", nets[name]),
+            guests[name] = subprocess.Popen(pyvmm_command(linux_assets, initrd, "--net", nets[name],
+                                                          "--accel", linux_accel),
                                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, cwd=REPO)
             if name == "a":  # the listening side must exist before the other connects

@@ -14,7 +14,8 @@ import pytest
 from tests.guest.kernel.build import build_test_kernel
 from tests.helpers import GUEST_ASM, assemble, kvm_usable
 
-ACCELERATORS = ["kvm"] + (["tcg"] if importlib.util.find_spec("vmm.tcg") else [])
+# The `kvm` mark lets tests/nested select the KVM variants to run on a real KVM.
+ACCELERATORS = [pytest.param("kvm", marks=pytest.mark.kvm)] + (["tcg"] if importlib.util.find_spec("vmm.tcg") else [])
 
 
 @pytest.fixture(scope="session")

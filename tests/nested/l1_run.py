@@ -1,0 +1,153 @@
+"""Boot the L1 Linux under QEMU's software CPU and run one shell script inside it.
+
+L1 is QEMU's microvm with `-cpu max` (AMD SVM with nested paging, emulated),
+two vCPUs and 3 GiB. Its /init loads kvm-amd (so /dev/kvm is a real KVM),
+runs the script with its output on the console and in /results, and writes
+/results as a tar archive to a virtio-blk disk the host reads afterwards:
+no parsing of a console that the L1 kernel also writes to.
+
+Traps (PLATFORM.md, "A real KVM, nested"): without `tsc_early_khz=` about
+4 L1 boots in 6 hang calibrating the TSC; without `pit=on` microvm under TCG
+hangs in about half the boots.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.assets import find_linux_assets
+from tests.nested import l1_image
+from tests.nested.l1_image import MODULES, RESULTS
+
+RESULTS_DISK_MIB = 64
+L1_MEMORY = "3G"
+
+INIT = f"""#!/bin/sh
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for module in $(cat {MODULES}/order); do insmod $module || echo "pyvmm-l1: insmod $module failed"; done
+echo "pyvmm-l1: $(nproc) CPUs, $(grep -c svm /proc/cpuinfo) with svm, /dev/kvm: $(ls -l /dev/kvm 2>&1)"
+{{ sh /run.sh; echo $? > {RESULTS}/status; }} 2>&1 | tee {RESULTS}/output.txt
+tar -cf /dev/vda -C {RESULTS} .
+sync
+echo "pyvmm-l1: done"
+poweroff -f
+"""
+
+
+@dataclass
+class L1Result:
+    status: int | None          # the script's exit status; None if it never finished
+    files: dict[str, bytes]     # what the script left in /results (output.txt: its output)
+    console: str                # everything L1 printed on its serial console
+
+
+def host_tsc_khz() -> int | None:
+    """The host CPU's rate as /proc/cpuinfo states it, for L1's tsc_early_khz=."""
+    try:
+        match = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(float(match.group(1)) * 1000) if match else None
+
+
+def qemu_command(kernel: Path, initrd: Path, results_disk: Path) -> list[str]:
+    append = "console=ttyS0 panic=-1"
+    if khz := host_tsc_khz():
+        append += f" tsc_early_khz={khz}"
+    return ["qemu-system-x86_64", "-accel", "tcg,thread=multi,tb-size=1024", "-cpu", "max",
+            "-M", "microvm,acpi=on,pit=on,rtc=on", "-smp", "2", "-m", L1_MEMORY,
+            "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
+            "-drive", f"id=results,file={results_disk},format=raw,if=none",
+            "-device", "virtio-blk-device,drive=results"]
+
+
+def run_in_l1(script: str, repo: Path, timeout: float, work: Path,
+              echo: Callable[[str], None] | None = None, extra_files: dict[str, bytes] | None = None) -> L1Result:
+    """Boot L1 with `script` as /run.sh (cwd /), wait at most `timeout` seconds, collect /results.
+
+    `echo` gets each console line as it comes. QEMU is killed on every way out.
+    """
+    assets = find_linux_assets()
+    if assets is None:
+        raise RuntimeError("the Linux test assets are missing: run `make test-assets`")
+    kernel = l1_image.l1_kernel()
+    base = l1_image.build_base(kernel, assets)
+    initrd = l1_image.initramfs(base, l1_image.payload(repo, INIT, {"/run.sh": script.encode(),
+                                                                    **(extra_files or {})}),
+                                work / "l1-initrd.cpio")
+    results_disk = work / "l1-results.img"
+    with open(results_disk, "wb") as f:
+        f.truncate(RESULTS_DISK_MIB << 20)
+
+    lines: list[str] = []
+    process = subprocess.Popen(qemu_command(kernel.kernel, initrd, results_disk), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def pump() -> None:
+        for raw in process.stdout:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            lines.append(line)
+            if echo:
+                echo(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        lines.append(f"pyvmm-l1: timed out after {timeout:.0f} s; QEMU killed")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        reader.join(timeout=10)
+        process.stdout.close()
+        initrd.unlink(missing_ok=True)
+    console = "\n".join(lines)
+    files = read_results(results_disk)
+    results_disk.unlink(missing_ok=True)
+    status = files.get("status")
+    return L1Result(int(status) if status and status.strip().isdigit() else None, files, console)
+
+
+def read_results(disk: Path) -> dict[str, bytes]:
+    """The files L1 wrote to the results disk (none if it never got that far)."""
+    try:
+        with tarfile.open(disk, "r:") as archive:
+            return {member.name.removeprefix("./"): archive.extractfile(member).read()
+                    for member in archive.getmembers() if member.isfile()}
+    except tarfile.ReadError:
+        return {}
+
+
+def main() -> int:
+    """`python -m tests.nested.l1_run 'SHELL COMMANDS'`: run commands in L1, console on stdout."""
+    import sys
+
+    from tests.helpers import REPO
+
+    with tempfile.TemporaryDirectory() as work:
+        started = time.monotonic()
+        result = run_in_l1(sys.argv[1], REPO, float(os.environ.get("PYVMM_L1_TIMEOUT", "600")), Path(work),
+                           echo=print)
+        print(f"L1 run: status {result.status}, {time.monotonic() - started:.1f} s")
+    return 0 if result.status == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
