@@ -10,7 +10,7 @@ PYVMM  := $(VENV)/bin/pyvmm
 DEB_PACKAGES := binutils gcc make qemu-utils qemu-system-x86 acpica-tools e2fsprogs \
                 busybox-static cpio iproute2 python3-venv
 
-.PHONY: install deps demo demo-linux test test-fast lint bench test-assets clean
+.PHONY: install deps demo demo-linux test test-fast test-kvm test-kvm-ci lint bench bench-kvm test-assets clean
 
 # The KVM structures' C declarations are parsed once here, not at every start
 # (vmm/cffi_prebuilt.py); without this step pyvmm parses them at import.
@@ -50,6 +50,15 @@ demo-linux: deps install test-assets
 test: deps install test-assets
 	$(PY) -m pytest -q
 
+# The KVM tests on a real KVM: inside an L1 Linux on QEMU's software CPU, whose
+# kvm-amd is real (tests/nested/). Uses both cores for a while; -s shows L1's
+# console as it runs. test-kvm-ci is the subset CI runs.
+test-kvm: deps install test-assets
+	PYVMM_KVM_TIER=full $(PY) -m pytest -q -s tests/nested
+
+test-kvm-ci: deps install test-assets
+	PYVMM_KVM_TIER=ci $(PY) -m pytest -q -s tests/nested
+
 # Unit tests only: no /dev/kvm, no kernel, seconds.
 test-fast: install
 	$(PY) -m pytest -q tests/unit
@@ -63,6 +72,10 @@ bench: deps install test-assets
 	@mkdir -p build && rm -f $(BENCH_JSON)
 	@for b in bench/bench_*.py; do PYVMM_BENCH_JSON=$(BENCH_JSON) $(PY) $$b || exit 1; done
 	@echo "all figures: $(BENCH_JSON)"
+
+# Boot time on a real KVM, pyvmm beside QEMU, inside the same L1 (minutes).
+bench-kvm: deps install test-assets
+	$(PY) bench/bench_nested_kvm.py
 
 test-assets: install
 	$(PY) -m tests.assets

@@ -34,6 +34,14 @@ def kvm_usable() -> str | None:
     return None
 
 
+def host_is_qemu_tcg() -> bool:
+    """True on a machine whose CPU is QEMU's software CPU (the nested tier's L1)."""
+    try:
+        return "QEMU TCG CPU" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def assemble(source: Path, output_dir: Path, *, bits: int = 32, link_address: int = 0) -> Path:
     """Assemble a flat guest with GNU as into a raw binary linked at `link_address`.
 

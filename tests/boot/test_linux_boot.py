@@ -14,6 +14,7 @@ import pytest
 
 from tests.assets import MARKER
 from tests.boot.session import PROMPT, GuestSession
+from tests.helpers import host_is_qemu_tcg
 
 # Each CPU runs a busy loop pinned to it and reports where it ran (field 39 of
 # /proc/PID/stat is the CPU the task last ran on).
@@ -62,6 +63,12 @@ def test_boots_to_a_shell_and_powers_off(boot_linux, linux_accel, cpus, tmp_path
     clocksource = guest.run("cat /sys/devices/system/clocksource/clocksource0/current_clocksource").strip()
     if linux_accel == "kvm":
         assert clocksource == "kvm-clock"  # KVM offers it (CPUID 0x40000001), Linux prefers it
+    warnings = guest.run("dmesg | grep WARNING:").splitlines()
+    if linux_accel == "kvm" and host_is_qemu_tcg():
+        # Not pyvmm's fault: QEMU 7.2's emulated SVM does not intercept XSETBV, so a
+        # guest of a KVM nested in it finds XCR0 other than it set (PLATFORM.md).
+        warnings = [line for line in warnings if "fpu__init_system_xstate" not in line]
+    assert warnings == []
     guest.send("poweroff")
     status, stderr = guest.wait()
     assert status == 0, stderr

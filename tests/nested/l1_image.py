@@ -64,6 +64,9 @@ STDLIB_EXCLUDE = re.compile(r"^(test|idlelib|tkinter|turtledemo|ensurepip|lib2to
 # Parts of the checkout L1 needs.
 CHECKOUT = ("vmm", "devices", "boot", "tests", "bench", "pyproject.toml")
 
+# What QEMU's microvm loads from its data directory (seen with strace).
+QEMU_FIRMWARE = ("bios-microvm.bin", "linuxboot_dma.bin")
+
 # ldd as a shell script needs bash; the dynamic loader answers the same question.
 LDD = "#!/bin/sh\nexec /lib64/ld-linux-x86-64.so.2 --list \"$@\"\n"
 
@@ -267,14 +270,29 @@ def base_tree(kernel: L1Kernel, assets: LinuxAssets) -> Tree:
     return tree
 
 
-def build_base(kernel: L1Kernel, assets: LinuxAssets, cache: Path | None = None) -> Path:
-    """The cached base archive for this machine's Python, venv, tools and assets."""
-    tree = base_tree(kernel, assets)
+def qemu_tree() -> Tree:
+    """QEMU for microvm on KVM, for the benchmark's peer: the binary, its libraries, its firmware."""
+    tree = Tree()
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        raise RuntimeError("qemu-system-x86_64 is not installed: apt-get install qemu-system-x86")
+    tree.host_file(qemu)
+    share = Path(os.path.realpath(qemu)).parent.parent / "share" / "qemu"
+    for firmware in QEMU_FIRMWARE:
+        tree.host_file(str(share / firmware))
+    for library in sorted(libraries(tree.elf_files())):
+        tree.host_file(library)
+    return tree
+
+
+def cached_archive(name: str, tree: Tree, cache: Path | None = None) -> Path:
+    """`tree` as a newc archive in the cache, named by the hash of its contents (only
+    the newest of each name is kept)."""
     directory = (cache or assets_dir()) / "l1"
-    path = directory / f"base-{tree.digest()[:16]}.cpio"
+    path = directory / f"{name}-{tree.digest()[:16]}.cpio"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob("base-*.cpio"):
+        for stale in directory.glob(f"{name}-*.cpio"):
             stale.unlink()
         temporary = path.with_suffix(".tmp")
         with open(temporary, "wb") as out:
@@ -310,10 +328,12 @@ def python_in_l1() -> str:
     return os.path.realpath(sys._base_executable)
 
 
-def initramfs(base: Path, extra: bytes, destination: Path) -> Path:
-    """The cached base followed by the per-run archive."""
-    with open(destination, "wb") as out, open(base, "rb") as source:
-        shutil.copyfileobj(source, out, 1 << 20)
+def initramfs(archives: list[Path], extra: bytes, destination: Path) -> Path:
+    """The cached archives followed by the per-run one."""
+    with open(destination, "wb") as out:
+        for archive in archives:
+            with open(archive, "rb") as source:
+                shutil.copyfileobj(source, out, 1 << 20)
         out.write(extra)
     return destination
 

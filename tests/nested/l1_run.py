@@ -27,9 +27,15 @@ from pathlib import Path
 
 from tests.assets import find_linux_assets
 from tests.nested import l1_image
-from tests.nested.l1_image import MODULES, RESULTS
+from tests.nested.l1_image import ASSETS, MODULES, RESULTS, SITE, SRC, python_in_l1
 
 RESULTS_DISK_MIB = 64
+# Run scripts start with this: the checkout as cwd, its code and the venv's
+# packages importable, the L2 assets where tests/assets.py looks.
+PYTHON = python_in_l1()
+IN_CHECKOUT = f"""cd {SRC}
+export PYTHONPATH={SRC}:{SITE} PYVMM_ASSETS={ASSETS}
+"""
 L1_MEMORY = "3G"
 
 INIT = f"""#!/bin/sh
@@ -39,6 +45,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for module in $(cat {MODULES}/order); do insmod $module || echo "pyvmm-l1: insmod $module failed"; done
+echo "pyvmm-l1: $(grep -m1 'model name' /proc/cpuinfo)"
 echo "pyvmm-l1: $(nproc) CPUs, $(grep -c svm /proc/cpuinfo) with svm, /dev/kvm: $(ls -l /dev/kvm 2>&1)"
 {{ sh /run.sh; echo $? > {RESULTS}/status; }} 2>&1 | tee {RESULTS}/output.txt
 tar -cf /dev/vda -C {RESULTS} .
@@ -77,18 +84,20 @@ def qemu_command(kernel: Path, initrd: Path, results_disk: Path) -> list[str]:
 
 
 def run_in_l1(script: str, repo: Path, timeout: float, work: Path,
-              echo: Callable[[str], None] | None = None, extra_files: dict[str, bytes] | None = None) -> L1Result:
+              echo: Callable[[str], None] | None = None, with_qemu: bool = False) -> L1Result:
     """Boot L1 with `script` as /run.sh (cwd /), wait at most `timeout` seconds, collect /results.
 
-    `echo` gets each console line as it comes. QEMU is killed on every way out.
+    `echo` gets each console line as it comes; `with_qemu` packs QEMU too (for
+    the benchmark's peer). QEMU is killed on every way out.
     """
     assets = find_linux_assets()
     if assets is None:
         raise RuntimeError("the Linux test assets are missing: run `make test-assets`")
     kernel = l1_image.l1_kernel()
-    base = l1_image.build_base(kernel, assets)
-    initrd = l1_image.initramfs(base, l1_image.payload(repo, INIT, {"/run.sh": script.encode(),
-                                                                    **(extra_files or {})}),
+    archives = [l1_image.cached_archive("base", l1_image.base_tree(kernel, assets))]
+    if with_qemu:
+        archives.append(l1_image.cached_archive("qemu", l1_image.qemu_tree()))
+    initrd = l1_image.initramfs(archives, l1_image.payload(repo, INIT, {"/run.sh": script.encode()}),
                                 work / "l1-initrd.cpio")
     results_disk = work / "l1-results.img"
     with open(results_disk, "wb") as f:

@@ -19,8 +19,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from tests.helpers import REPO
-from tests.nested.l1_image import ASSETS, RESULTS, SITE, SRC, python_in_l1
-from tests.nested.l1_run import run_in_l1
+from tests.nested.l1_image import RESULTS
+from tests.nested.l1_run import IN_CHECKOUT, PYTHON, run_in_l1
 
 FULL = ("tests/boot", "tests/guest/test_flat_guests.py", "tests/guest/test_kvm_entry.py")
 CI_SUBSET = (
@@ -51,10 +51,10 @@ INNER = inner_tests(os.environ.get("PYVMM_KVM_TIER", "ci"))
 
 
 def inner_script(tests: list[str]) -> str:
-    return f"""cd {SRC}
-export PYTHONPATH={SRC}:{SITE} PYVMM_ASSETS={ASSETS} PYVMM_NO_SKIP=1
-{python_in_l1()} -m vmm check
-exec {python_in_l1()} -m pytest -p no:cacheprovider -v -rfE --durations=0 --junitxml={RESULTS}/junit.xml \\
+    return f"""{IN_CHECKOUT}
+export PYVMM_NO_SKIP=1
+{PYTHON} -m vmm check
+exec {PYTHON} -m pytest -p no:cacheprovider -v -rfE --durations=0 --junitxml={RESULTS}/junit.xml \\
     {" ".join(shlex.quote(test) for test in tests)}
 """
 
