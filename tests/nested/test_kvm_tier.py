@@ -32,6 +32,7 @@ CI_SUBSET = (
 # Wall-clock bound for the whole L1 run: boot, then generously per test.
 L1_BOOT_SECONDS = 300
 SECONDS_PER_TEST = 300
+MONITOR_SECONDS = 180
 
 
 def inner_tests(tier: str) -> list[str]:
@@ -51,11 +52,20 @@ INNER = inner_tests(os.environ.get("PYVMM_KVM_TIER", "ci"))
 
 
 def inner_script(tests: list[str]) -> str:
+    # The monitor writes to the console directly: on the script's stdout it would
+    # keep the pipe to L1's `tee` open after pytest ends.
     return f"""{IN_CHECKOUT}
 export PYVMM_NO_SKIP=1
 {PYTHON} -m vmm check
-exec {PYTHON} -m pytest -p no:cacheprovider -v -rfE --durations=0 --junitxml={RESULTS}/junit.xml \\
+# What L1 is busy with, now and then: a test that hangs shows its processes here.
+(while sleep {MONITOR_SECONDS}; do echo "pyvmm-l1: uptime $(cut -d' ' -f1 /proc/uptime) s"; top -b -n1 | head -12; done) \\
+    >/dev/console 2>&1 &
+monitor=$!
+{PYTHON} -m pytest -p no:cacheprovider -v -rfE --durations=0 --junitxml={RESULTS}/junit.xml \\
     {" ".join(shlex.quote(test) for test in tests)}
+status=$?
+kill $monitor
+exit $status
 """
 
 
