@@ -238,6 +238,13 @@ def base_tree(kernel: L1Kernel, assets: LinuxAssets) -> Tree:
     for directory in ("/dev", "/proc", "/sys", "/tmp", "/root", RESULTS):
         tree.entries[directory] = ("dir", None, 0o755)
     tree.entries["/tmp"] = ("dir", None, 0o1777)
+    for top in ("/bin", "/sbin", "/lib", "/lib64"):  # merged /usr: busybox --install needs them all
+        if os.path.islink(top):
+            target = os.path.normpath(os.path.join("/", os.readlink(top)))
+            tree.entries[top] = ("symlink", os.readlink(top), 0o777)
+            tree.entries.setdefault(target, ("dir", None, 0o755))
+        else:
+            tree.entries.setdefault(top, ("dir", None, 0o755))
     busybox = shutil.which("busybox")
     if busybox is None:
         raise RuntimeError("busybox is not installed: apt-get install busybox-static")
