@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from vmm.bus import Bus, IrqLine
 from vmm.cpu_features import FeatureEdit
 from vmm.cpu_state import CpuState
+from vmm.errors import PyvmmError
 from vmm.exits import Exit
+from vmm.guest_debug import DebugSupport, GuestDebug
 from vmm.memory import GuestMemory
 
 
@@ -79,6 +81,20 @@ class Vcpu(ABC):
     def registers(self) -> dict[str, int]:
         """General registers, rip, rflags, cr0/cr3/cr4 and efer, for diagnostics."""
 
+    # For the gdb stub (vmm/gdb/): called on the vCPU's own thread, between runs.
+
+    def set_guest_debug(self, debug: GuestDebug) -> None:
+        """Single-step and the breakpoints and watchpoints to report as `DebugTrap` exits."""
+        raise PyvmmError("this accelerator cannot be debugged")
+
+    def debug_registers(self) -> dict[str, int | None]:
+        """Every register named in vmm/gdb/registers.py the accelerator can give."""
+        raise PyvmmError("this accelerator cannot be debugged")
+
+    def write_debug_registers(self, values: dict[str, int]) -> None:
+        """Change registers by those names; raises PyvmmError naming one that cannot be written."""
+        raise PyvmmError("this accelerator cannot be debugged")
+
     @abstractmethod
     def close(self) -> None: ...
 
@@ -105,6 +121,10 @@ class VirtualMachine(ABC):
     def irq_eventfd(self, gsi: int) -> int | None:
         """An eventfd, owned by the VM, whose every write is an edge on edge-triggered `gsi`
         (raised and lowered inside the accelerator, no exit). None if unsupported."""
+        return None
+
+    def debug_support(self) -> DebugSupport | None:
+        """What the gdb stub can ask of this accelerator's vCPUs; None if nothing."""
         return None
 
     @abstractmethod

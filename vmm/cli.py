@@ -19,6 +19,7 @@ from vmm.accel_select import ACCELERATORS
 from vmm.config import DEFAULT_CMDLINE, MachineConfig, parse_memory_size
 from vmm.cpu_features import parse_feature_edits
 from vmm.errors import PyvmmError
+from vmm.gdb.options import gdb_options, gdb_spec
 from vmm.virtio_options import VirtioSpecs, parse_console, parse_disk, parse_net
 
 
@@ -76,10 +77,11 @@ def cli(verbose: int) -> None:
 @click.option("--virtio-cmdline", is_flag=True,
               help="Also list the virtio devices as virtio_mmio.device= kernel parameters "
                    "(for kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI).")
+@gdb_options
 def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Path | None, memory: str,
          cpus: int, accel: str, cpu_features: str, guest_decompress: bool, stats: bool,
          disks: tuple[str, ...], nets: tuple[str, ...], console_kind: str, rng: bool,
-         virtio_cmdline: bool) -> None:
+         virtio_cmdline: bool, gdb: str | None, gdb_default: bool, paused: bool) -> None:
     """Boot a guest; exits with the guest's status (see the README)."""
     from vmm.machine import run_machine
 
@@ -89,7 +91,8 @@ def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Pa
             kernel=kernel, initrd=initrd, cmdline=cmdline, guest_decompress=guest_decompress,
             cpu_features=parse_feature_edits(cpu_features), stats=stats,
             virtio=VirtioSpecs(disks=[parse_disk(d) for d in disks], nets=[parse_net(n) for n in nets],
-                               console=parse_console(console_kind), rng=rng, cmdline_devices=virtio_cmdline))
+                               console=parse_console(console_kind), rng=rng, cmdline_devices=virtio_cmdline),
+            gdb=gdb_spec(gdb, gdb_default, paused))
         with _stop_on_signals():
             status = run_machine(config)
     except PyvmmError as err:

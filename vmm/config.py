@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vmm.cpu_features import FeatureEdit
 from vmm.errors import PyvmmError
+from vmm.gdb.options import GdbSpec
 from vmm.image.sizes import parse_size
 from vmm.virtio_options import VirtioSpecs
 
@@ -50,6 +51,8 @@ class MachineConfig:
     stats: bool = False
     # --disk, --net, --console virtio, --rng (vmm/virtio_options.py).
     virtio: VirtioSpecs = field(default_factory=VirtioSpecs)
+    # --gdb / -s / -S (vmm/gdb/options.py): None without a debugger.
+    gdb: GdbSpec | None = None
 
     @property
     def is_linux(self) -> bool:

@@ -87,11 +87,21 @@ class EmulationFailure:
 
 
 @dataclass(slots=True)
+class DebugTrap:
+    """The vCPU stopped for the debugger (vmm/guest_debug.py): after a single step ("step"), at
+    an instruction breakpoint ("break"), at an int3 the debugger placed ("int3"), or after an
+    access to a watched address ("write", "read", "access"; `address` is the watched one)."""
+
+    kind: str
+    address: int = 0
+
+
+@dataclass(slots=True)
 class UnknownExit:
     reason: int
 
 
 Exit = (
     IoOut | IoIn | MmioWrite | MmioRead | Hlt | Shutdown | SystemEvent | Interrupted
-    | EntryFailure | EmulationFailure | UnknownExit
+    | EntryFailure | EmulationFailure | DebugTrap | UnknownExit
 )

@@ -64,6 +64,7 @@ class Machine:
         self.userspace_reached: float | None = None
         self.virtio: VirtioDevices | None = None
         self.accel_name = "none"
+        self.gdb = None  # vmm.gdb.server.GdbServer with --gdb
 
     # -- building ------------------------------------------------------------
 
@@ -87,6 +88,10 @@ class Machine:
             self.stop.add_kicker(vcpu.kick)
         # The other vCPUs wait for INIT/SIPI from the boot CPU, as on a PC.
         self.vcpus[0].set_state(boot_state)
+        if config.gdb is not None:
+            from vmm.gdb.server import open_gdb_stub
+
+            self.gdb = open_gdb_stub(config.gdb, self.vm, self.vcpus, self.memory, self.stop)
 
     def _add_devices(self, irqchip: bool) -> None:
         pio, stop = self.io.pio, self.stop
@@ -169,8 +174,10 @@ class Machine:
         self.console.start(virtio_console.receive if virtio_console else self.uart.receive)
         if self.virtio:
             self.virtio.start()
+        if self.gdb is not None:
+            self.gdb.start()
         for vcpu in self.vcpus:
-            thread = VcpuThread(vcpu, self.io, self.stop)
+            thread = VcpuThread(vcpu, self.io, self.stop, self.gdb.debugger if self.gdb else None)
             self.threads.append(thread)
             thread.start()
         self.stop.wait()
@@ -193,6 +200,9 @@ class Machine:
         self.console.stop()
         if self.virtio is not None and not any(thread.is_alive() for thread in self.threads):
             self.virtio.close()  # flushes the disks
+        if self.gdb is not None:
+            self.gdb.close()
+            self.gdb = None
         if any(thread.is_alive() for thread in self.threads):
             return  # a stuck thread may still use the VM and memory; the process exit frees them
         if self.vm is not None:

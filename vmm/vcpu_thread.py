@@ -3,7 +3,9 @@
     exit = vcpu.run()                    # blocks in the guest (KVM_RUN, or a software-CPU slice)
     IoOut / IoIn     -> io.pio           # Bus.write / Bus.read -> device.write / device.read
     MmioWrite / Read -> io.mmio
-    Interrupted      -> look at the stop flag, run again
+    Interrupted      -> look at the stop flag, run again (or, with a debugger stopping the VM,
+                        park: vmm/gdb/debugger.py)
+    DebugTrap        -> the debugger
     everything else  -> stop the machine with the matching exit status
 
 Reads are answered with `vcpu.complete_read(data)` before the next `run()`.
@@ -24,6 +26,7 @@ from collections import Counter
 from vmm import exit_status
 from vmm.accel import MachineIo, Vcpu
 from vmm.exits import (
+    DebugTrap,
     EmulationFailure,
     EntryFailure,
     Hlt,
@@ -50,11 +53,12 @@ def describe_emulation_failure(index: int, failure: EmulationFailure) -> str:
 
 
 class VcpuThread(threading.Thread):
-    def __init__(self, vcpu: Vcpu, io: MachineIo, stop: StopController) -> None:
+    def __init__(self, vcpu: Vcpu, io: MachineIo, stop: StopController, debugger=None) -> None:
         super().__init__(name=f"vcpu{vcpu.index}", daemon=True)
         self.vcpu = vcpu
         self.io = io
         self.stop = stop
+        self.debugger = debugger  # vmm.gdb.debugger.Debugger when --gdb was given
         self.exit_counts: Counter[str] = Counter()
 
     def run(self) -> None:
@@ -67,7 +71,7 @@ class VcpuThread(threading.Thread):
             self.vcpu.thread_done()
 
     def _loop(self) -> None:
-        vcpu, pio, mmio, stop = self.vcpu, self.io.pio, self.io.mmio, self.stop
+        vcpu, pio, mmio, stop, debugger = self.vcpu, self.io.pio, self.io.mmio, self.stop, self.debugger
         counts = self.exit_counts
         while not stop.stopping:
             exit = vcpu.run()
@@ -89,7 +93,10 @@ class VcpuThread(threading.Thread):
             elif kind is MmioRead:
                 vcpu.complete_read(mmio.read(exit.address, exit.size).to_bytes(exit.size, "little"))
             elif kind is Interrupted:
-                continue
+                if debugger is not None:
+                    debugger.interrupted(vcpu)
+            elif kind is DebugTrap and debugger is not None:
+                debugger.trapped(vcpu, exit)
             else:
                 self._stop_for(exit)
                 return

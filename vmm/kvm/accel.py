@@ -30,6 +30,8 @@ from vmm.exits import (
     SystemEvent,
     UnknownExit,
 )
+from vmm.guest_debug import DebugSupport, GuestDebug
+from vmm.kvm import debug as guest_debug
 from vmm.kvm import quirks
 from vmm.kvm import uapi as k
 from vmm.kvm.cpuid import cpuid_for_vcpu
@@ -196,7 +198,8 @@ class KvmVm(VirtualMachine):
             raise
 
     def create_vcpu(self, index: int) -> KvmVcpu:
-        vcpu = KvmVcpu(index, self.fd.create_vcpu(index), self.memory)
+        block_irq = bool(self.fd.system.check_extension(k.KVM_CAP_SET_GUEST_DEBUG2) & k.KVM_GUESTDBG_BLOCKIRQ)
+        vcpu = KvmVcpu(index, self.fd.create_vcpu(index), self.memory, step_blocks_irq=block_irq)
         self._vcpus.append(vcpu)
         # A guest that enables long mode itself needs CPUID set first, or
         # its wrmsr to EFER faults.
@@ -206,6 +209,9 @@ class KvmVm(VirtualMachine):
         if self.platform.irqchip:
             vcpu.set_firmware_state()
         return vcpu
+
+    def debug_support(self) -> DebugSupport | None:
+        return guest_debug.debug_support(self.fd.system)
 
     def irq_line(self, gsi: int) -> KvmIrqLine:
         if not self.platform.irqchip:
@@ -250,7 +256,7 @@ class KvmVm(VirtualMachine):
 
 
 class KvmVcpu(Vcpu):
-    def __init__(self, index: int, fd: VcpuFd, memory: GuestMemory) -> None:
+    def __init__(self, index: int, fd: VcpuFd, memory: GuestMemory, step_blocks_irq: bool = False) -> None:
         self.index = index
         self.fd = fd
         self.memory = memory
@@ -259,6 +265,8 @@ class KvmVcpu(Vcpu):
         self._thread_ident: int | None = None
         self._thread_lock = threading.Lock()  # a kick never signals a thread that has ended
         self._pending_read: tuple[int, int] | None = None  # (offset into kvm_run page, length)
+        self._debug = GuestDebug()  # what the gdb stub asked for (vmm/kvm/debug.py)
+        self._step_blocks_irq = step_blocks_irq
 
     # -- state ---------------------------------------------------------------
 
@@ -354,10 +362,34 @@ class KvmVcpu(Vcpu):
             return SystemEvent(_SYSTEM_EVENTS.get(run.system_event.type, f"type {run.system_event.type}"))
         if reason == k.KVM_EXIT_FAIL_ENTRY:
             return EntryFailure(run.fail_entry.hardware_entry_failure_reason, self.registers()["rip"])
+        if reason == k.KVM_EXIT_DEBUG:
+            return self._debug_exit()
         if reason == k.KVM_EXIT_INTERNAL_ERROR:
             rip, instruction = self.instruction_bytes()
             return EmulationFailure(run.internal.suberror, rip, instruction, detail=_emulation_advice())
         return UnknownExit(reason)
+
+    # -- the gdb stub ---------------------------------------------------------
+
+    def set_guest_debug(self, debug: GuestDebug) -> None:
+        if debug != self._debug:
+            self.fd.set_guest_debug(*guest_debug.guest_debug_request(debug, self._step_blocks_irq))
+            self._debug = debug
+
+    def _debug_exit(self) -> Exit:
+        trap = guest_debug.trap_from_exit(self._run, self._debug)
+        if trap is not None:
+            return trap
+        # The guest's own #BP or #DB while debugging is on: hand it back.
+        control, debugreg = guest_debug.guest_debug_request(self._debug, self._step_blocks_irq)
+        self.fd.set_guest_debug(control | guest_debug.reinjection(self._run), debugreg)
+        return Interrupted()
+
+    def debug_registers(self) -> dict[str, int | None]:
+        return guest_debug.read_debug_registers(self.fd)
+
+    def write_debug_registers(self, values: dict[str, int]) -> None:
+        guest_debug.write_debug_registers(self.fd, values)
 
     def complete_read(self, data: bytes) -> None:
         offset, length = self._pending_read

@@ -257,6 +257,10 @@ class VcpuFd:
             failed = list(msrs)[written]
             raise PyvmmError(f"KVM_SET_MSRS: KVM refused MSR {failed:#x}")
 
+    def set_guest_debug(self, control: int, debugreg: list[int]) -> None:
+        request = ffi.new("struct kvm_guest_debug *", {"control": control, "debugreg": debugreg})
+        _ioctl(self.fd, ioctls.KVM_SET_GUEST_DEBUG, _ptr(request))
+
     def translate(self, linear_address: int) -> int | None:
         request = ffi.new("struct kvm_translation *", {"linear_address": linear_address})
         _ioctl(self.fd, ioctls.KVM_TRANSLATE, _ptr(request))

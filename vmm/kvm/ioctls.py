@@ -66,5 +66,6 @@ KVM_SET_LAPIC = _iow(0x8F, "struct kvm_lapic_state")
 KVM_SET_CPUID2 = _iow(0x90, "struct kvm_cpuid2")
 KVM_GET_MP_STATE = _ior(0x98, "struct kvm_mp_state")
 KVM_SET_MP_STATE = _iow(0x99, "struct kvm_mp_state")
+KVM_SET_GUEST_DEBUG = _iow(0x9B, "struct kvm_guest_debug")
 
 NAMES = {value: name for name, value in globals().items() if name.startswith("KVM_")}

@@ -37,6 +37,20 @@ def can_run_linux() -> tuple[bool, str]:
     return True, ""
 
 
+def guest_debug_refusals() -> str:
+    """What this host's KVM_SET_GUEST_DEBUG cannot do, as one line for the user ("" if nothing).
+
+    Measured on kvm_pvm: single-step and execute breakpoints in DR0-DR3 stop the
+    guest; write watchpoints in the same registers never do (its instruction
+    emulator does not check data breakpoints); int3 in ring 0 fails to emulate.
+    """
+    if is_kvm_pvm():
+        return ("this host's KVM (kvm_pvm) cannot run int3 in guest ring 0 and does not stop on data "
+                "watchpoints: breakpoints use the 4 debug registers, and gdb needs "
+                "'set can-use-hw-watchpoints 0' for watchpoints")
+    return ""
+
+
 def cpuid_edits() -> list[FeatureEdit]:
     """CPUID features to hide from guests on this host."""
     if is_kvm_pvm():

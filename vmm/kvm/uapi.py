@@ -196,6 +196,12 @@ DECLARATIONS = """
         __u8  pad[5];
     };
 
+    struct kvm_guest_debug {
+        __u32 control;
+        __u32 pad;
+        __u64 debugreg[8];   /* struct kvm_guest_debug_arch: DR0-DR7 */
+    };
+
     struct kvm_run {
         __u8 request_interrupt_window;
         __u8 immediate_exit;
@@ -210,6 +216,7 @@ DECLARATIONS = """
             struct { __u64 hardware_exit_reason; } hw;
             struct { __u64 hardware_entry_failure_reason; __u32 cpu; } fail_entry;
             struct { __u32 exception; __u32 error_code; } ex;
+            struct { __u32 exception; __u32 pad; __u64 pc; __u64 dr6; __u64 dr7; } debug;
             struct { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; } io;
             struct { __u64 phys_addr; __u8 data[8]; __u32 len; __u8 is_write; } mmio;
             struct { __u32 suberror; __u32 ndata; __u64 data[16]; } internal;
@@ -261,6 +268,19 @@ KVM_CAP_IRQFD = 32
 KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_TSC_DEADLINE_TIMER = 72
+KVM_CAP_SET_GUEST_DEBUG = 23
+KVM_CAP_GUEST_DEBUG_HW_BPS = 119
+KVM_CAP_GUEST_DEBUG_HW_WPS = 120
+KVM_CAP_SET_GUEST_DEBUG2 = 195
+
+# kvm_guest_debug.control (linux/kvm.h, asm/kvm.h).
+KVM_GUESTDBG_ENABLE = 0x1
+KVM_GUESTDBG_SINGLESTEP = 0x2
+KVM_GUESTDBG_USE_SW_BP = 0x10000
+KVM_GUESTDBG_USE_HW_BP = 0x20000
+KVM_GUESTDBG_INJECT_DB = 0x40000
+KVM_GUESTDBG_INJECT_BP = 0x80000
+KVM_GUESTDBG_BLOCKIRQ = 0x100000
 
 KVM_PIT_SPEAKER_DUMMY = 1
 KVM_IRQ_ROUTING_IRQCHIP = 1

@@ -60,7 +60,8 @@ class Engine:
         # With "exits" enabled and none registered, emu_start's `until` address is
         # ignored: the guest runs until a hook, HLT or an error stops it.
         self.uc.ctl_exits_enabled(True)
-        self.per_access_exit_checks = not _skip_exit_checks_after_accesses(self.handle)
+        self._no_exit_request = _skip_exit_checks_after_accesses(self.handle)
+        self.per_access_exit_checks = self._no_exit_request is None
         self._one = ctypes.c_uint64()
         self._one_ref = ctypes.byref(self._one)
         self._batches: dict[tuple[int, ...], tuple] = {}
@@ -121,6 +122,14 @@ class Engine:
 
     def write_msr(self, index: int, value: int) -> None:
         self.uc.msr_write(index, value & 0xFFFFFFFFFFFFFFFF)
+
+    def stop_precisely(self, enabled: bool) -> None:
+        """While debugging: let a hook's `emu_stop` end emulation before the next instruction
+        rather than at the end of the block (Unicorn's own default; see the module docstring).
+        Takes effect for code translated from now on, so the translation cache is dropped."""
+        if self._no_exit_request is not None:
+            self._no_exit_request.value = not enabled
+        self.uc.ctl_flush_tb()
 
     def flush_tlb(self) -> None:
         """Needed after CR3 or paging state changed behind QEMU's back (context restore)."""
@@ -196,18 +205,20 @@ class Engine:
 _CHECK_PROLOGUE = re.compile(rb"\x48\x8b\xb7(?P<uc>.{4})\x80\xbe(?P<flag>.{4})\x00", re.DOTALL)
 
 
-def _skip_exit_checks_after_accesses(handle) -> bool:
-    """Set uc->no_exit_request before anything is translated; False if the code is not as expected."""
+def _skip_exit_checks_after_accesses(handle) -> ctypes.c_bool | None:
+    """Set uc->no_exit_request before anything is translated and return it; None if the code
+    is not as expected."""
     function = getattr(uclib, "check_exit_request_x86_64", None)
     address = ctypes.cast(function, ctypes.c_void_p).value if function is not None else None
     if not address:
-        return False
+        return None
     match = _CHECK_PROLOGUE.match(ctypes.string_at(address, 14))
     if match is None:
-        return False
+        return None
     offset = int.from_bytes(match["flag"], "little")
-    ctypes.c_bool.from_address(ctypes.cast(handle, ctypes.c_void_p).value + offset).value = True
-    return True
+    flag = ctypes.c_bool.from_address(ctypes.cast(handle, ctypes.c_void_p).value + offset)
+    flag.value = True
+    return flag
 
 
 __all__ = ["Engine", "EngineError", "UcError", "x86"]

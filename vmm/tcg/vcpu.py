@@ -27,8 +27,10 @@ from vmm.accel import MachineIo, Vcpu
 from vmm.cpu_state import CpuState
 from vmm.errors import GuestMemoryError
 from vmm.exits import SUBERROR_EMULATION, EmulationFailure, Exit, Hlt, Interrupted, Shutdown
+from vmm.guest_debug import GuestDebug
 from vmm.memory import GuestMemory
 from vmm.tcg.cpu_setup import load_cpu_state, read_registers
+from vmm.tcg.debug import TcgDebugHooks, read_debug_registers, write_debug_registers
 from vmm.tcg.delivery import (
     VECTORS_WITH_ERROR_CODE,
     Event,
@@ -39,7 +41,7 @@ from vmm.tcg.delivery import (
 from vmm.tcg.device_writes import TranslationInvalidator
 from vmm.tcg.engine import Engine, UcError, x86
 from vmm.tcg.io_dispatch import IoDispatcher
-from vmm.tcg.paging import PageFault, PagingMode, read_linear
+from vmm.paging import PageFault, PagingMode, read_linear
 from vmm.tcg.qemu_env import (
     HF2_NMI_MASK,
     HF_INHIBIT_IRQ,
@@ -84,6 +86,7 @@ class SharedCpu:
     memory: GuestMemory
     io: MachineIo
     pristine: ContextBuffer  # the reset state every new vCPU starts from
+    debug_hooks: TcgDebugHooks  # the gdb stub's breakpoints, watchpoints and single-step
 
 
 class TcgVcpu(Vcpu):
@@ -110,6 +113,10 @@ class TcgVcpu(Vcpu):
         self._masked_interrupt = False  # one was pending but IF was clear at the last slice start
         self._in_guest = False  # inside emu_start
         self._slice_thread = 0  # the thread running this vCPU's slices
+        # The gdb stub's state for this vCPU (vmm/tcg/debug.py).
+        self.debug_step = False
+        self.step_done = False
+        self.breakpoint_to_skip: int | None = None
 
     # -- the Vcpu interface ---------------------------------------------------------
 
@@ -183,6 +190,17 @@ class TcgVcpu(Vcpu):
         with self._owning_cpu():
             return read_registers(self.engine)
 
+    def set_guest_debug(self, debug: GuestDebug) -> None:
+        self.shared.debug_hooks.apply(self, debug)
+
+    def debug_registers(self) -> dict[str, int | None]:
+        with self._owning_cpu():
+            return read_debug_registers(self.engine)
+
+    def write_debug_registers(self, values: dict[str, int]) -> None:
+        with self._owning_cpu():
+            write_debug_registers(self.engine, values)
+
     def close(self) -> None:
         self.scheduler.forget(self.context)
         self.context.free()
@@ -237,7 +255,7 @@ class TcgVcpu(Vcpu):
         self._slice_thread = threading.get_ident()
         self.shared.invalidator.start_owning()
         try:
-            if self.router is not None:
+            if self.router is not None and not self.debug_step:  # a step never lands in a handler
                 self._take_interrupt()
             # Armed after clearing the stop request, so that no alarm is lost.
             self._arm_ticker()
@@ -303,6 +321,12 @@ class TcgVcpu(Vcpu):
         self._pending_exit = exit
         self.engine.stop_hook.request()
         self.engine.uc.emu_stop()
+
+    def stop_after_block(self, exit: Exit) -> None:
+        """From a hook inside an access: make run() return `exit` once this block is done."""
+        if self._pending_exit is None:
+            self._pending_exit = exit
+        self.engine.stop_hook.request()
 
     def _emulation_failure(self, detail: str) -> EmulationFailure:
         rip = self.engine.reg(x86.UC_X86_REG_RIP)

@@ -25,7 +25,10 @@ from vmm.accel import MachineIo, PlatformOptions, VirtualMachine
 from vmm.bus import IrqLine, NullIrqLine
 from vmm.layout import MMIO_HOLE_END, MMIO_HOLE_START
 from vmm.memory import GuestMemory
+from vmm.guest_debug import DebugSupport
 from vmm.tcg.cpuid import CpuidOptions, CpuidProfile
+from vmm.tcg.debug import SUPPORT as DEBUG_SUPPORT
+from vmm.tcg.debug import TcgDebugHooks
 from vmm.tcg.delivery import InterruptDelivery
 from vmm.tcg.device_writes import TranslationInvalidator
 from vmm.tcg.engine import Engine
@@ -70,7 +73,7 @@ class TcgVirtualMachine(VirtualMachine):
         self._pristine.save()
         self._map_memory()
         self.shared = SharedCpu(self.engine, self.scheduler, self.delivery, self.invalidator, self.ticker,
-                                self.router, memory, io, self._pristine)
+                                self.router, memory, io, self._pristine, TcgDebugHooks(self.engine, self.scheduler))
         self._install_hooks()
 
     # -- the VirtualMachine interface -------------------------------------------------
@@ -86,6 +89,9 @@ class TcgVirtualMachine(VirtualMachine):
         if self.router is None:
             return NullIrqLine()
         return self.router.irq_line(gsi)
+
+    def debug_support(self) -> DebugSupport:
+        return DEBUG_SUPPORT
 
     def close(self) -> None:
         self.memory.device_write_listener = None

@@ -20,7 +20,8 @@ HERE = Path(__file__).resolve().parent
 SETUP_SECTS = 1  # boot sector + one setup sector before the protected-mode code
 LOAD_ADDRESS = 0x100000
 
-CFLAGS = ["-m64", "-O2", "-ffreestanding", "-fno-pic", "-fno-pie", "-fno-stack-protector",
+# -g: tests/guest/test_gdb.py debugs testkernel.elf by its symbols and line numbers.
+CFLAGS = ["-m64", "-O2", "-g", "-ffreestanding", "-fno-pic", "-fno-pie", "-fno-stack-protector",
           "-mno-red-zone", "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables", "-nostdlib",
           "-static", "-no-pie", "-Wl,--build-id=none", "-Wl,-z,noexecstack"]
 

@@ -191,10 +191,14 @@ extern char ap_trampoline[], ap_trampoline_end[], ap_cr3[], ap_stack[];
 static u8 ap_stacks[MAX_CPUS][4096] __attribute__((aligned(16)));
 static volatile int aps_started;
 
+static int gdb_mode;
+void gdb_ap_work(void);
+
 void ap_main(void) {
     u32 id = mmio_read32(LAPIC + 0x20) >> 24;
     say("smp: cpu with apic id %d is up\n", (u64)id);
     __atomic_add_fetch(&aps_started, 1, __ATOMIC_SEQ_CST);
+    if (gdb_mode) gdb_ap_work();
     for (;;) __asm__ volatile("cli; hlt");
 }
 
@@ -592,10 +596,55 @@ static int has_word(const char *text, const char *word) {
     return 0;
 }
 
+/* ---- a program for the debugger (tests/guest/test_gdb.py) -------------- */
+
+/* Built with -g: gdb finds these by name, with their locals. noinline keeps
+ * each a function to break on; volatile keeps values in memory. */
+volatile u64 gdb_watched;   /* the watchpoint's variable */
+volatile int gdb_release;   /* set from gdb to end the spin */
+volatile u64 gdb_spins;     /* counts while the BSP spins */
+
+__attribute__((noinline)) void gdb_checkpoint(void) { __asm__ volatile(""); }
+
+__attribute__((noinline)) u64 gdb_compute(u64 seed) {
+    volatile u64 local = seed * 3;
+    gdb_checkpoint();       /* stopped here, `local` is 15 */
+    local = local + 7;
+    return local;
+}
+
+__attribute__((noinline)) void gdb_report(u64 value) { say("gdb: value %d\n", value); }
+
+__attribute__((noinline)) void gdb_bump(void) { gdb_watched = gdb_watched + 1; }
+
+__attribute__((noinline)) void gdb_ap_work(void) { say("gdb: ap working\n"); }
+
+/* testkernel=gdb: compute, report, bump a watched variable twice; with
+ * gdb.spin (and --cpus 2, the AP calls gdb_ap_work) spin until gdb sets
+ * gdb_release; exit with status 33 through the debug-exit port. */
+static void gdb_program(u64 boot_params, const char *cmdline) {
+    gdb_mode = 1;
+    say("gdb: start\n");
+    gdb_report(gdb_compute(5));
+    gdb_bump();
+    gdb_bump();
+    say("gdb: watched %d\n", gdb_watched);
+    if (has_word(cmdline, "gdb.spin")) {
+        report_acpi(boot_params);   /* the MADT's CPUs, for start_other_cpus */
+        start_other_cpus();
+        say("gdb: spinning\n");
+        while (!gdb_release) gdb_spins++;
+        say("gdb: released\n");
+    }
+    say("gdb: done\n");
+    power_off_via_debug_exit(33);
+}
+
 /* ---- main -------------------------------------------------------------- */
 
 void kmain(u64 boot_params) {
     u64 cmdline = BP_U32(boot_params, 0x228) | ((u64)BP_U32(boot_params, 0x0c8) << 32);
+    if (has_word((const char *)cmdline, "testkernel=gdb")) gdb_program(boot_params, (const char *)cmdline);
     if (has_word((const char *)cmdline, "testkernel=cpu")) {
         report_acpi(boot_params);   /* finds the I/O APIC and the sleep register */
         cpu_tests((const char *)cmdline);
