@@ -67,7 +67,6 @@ class Debugger(Target):
         self._running = True  # vCPUs may run; False while stopping or stopped
         self._parked: set[int] = set()
         self._released: set[int] = set()  # parked vCPUs told to leave
-        self._actions: dict[int, str] = {}  # the last resume: vCPU index -> "c" or "s"
         self._requests: dict[int, deque[_Request]] = {v.index: deque() for v in vcpus}
         self._event: StopEvent | None = None
         self._reported = True  # the current stop was handed to take_stop()
@@ -127,9 +126,6 @@ class Debugger(Target):
                 self._cond.wait()
             self._released.discard(index)
             self._parked.discard(index)
-            debug = self._guest_debug(index)
-        if not self.stop_controller.stopping:
-            vcpu.set_guest_debug(debug)
 
     def _all_stopped(self) -> None:
         """The last vCPU parked (lock held): take the int3s out, tell the gdb thread."""
@@ -174,12 +170,16 @@ class Debugger(Target):
             return self._event
 
     def resume(self, actions: dict[int, str]) -> None:
-        self._insert_int3(actions)  # reads the vCPU's registers: before taking the lock
+        self._insert_int3(actions)
+        # Each vCPU's debug state is set on its own thread while every vCPU is still
+        # parked: the software CPU's hooks are shared by all of them.
+        for vcpu in self.vcpus:
+            debug = self._guest_debug(actions.get(vcpu.index + 1))
+            self._on_vcpu(vcpu.index + 1, lambda vcpu=vcpu, debug=debug: vcpu.set_guest_debug(debug))
         with self._cond:
-            self._actions = {thread - 1: action for thread, action in actions.items()}
             self._running = True
             self._event = None
-            self._released = set(self._actions)
+            self._released = {thread - 1 for thread in actions}
             self._cond.notify_all()
 
     def detach(self) -> None:
@@ -188,7 +188,10 @@ class Debugger(Target):
             if self._running:
                 return
             self._points.clear()
-        self.resume(dict.fromkeys(self.threads(), "c"))
+        try:
+            self.resume(dict.fromkeys(self.threads(), "c"))
+        except Refused:
+            pass  # the VM is stopping: nothing to resume
 
     def _vm_stopping(self) -> None:
         """A StopController kicker: the VM is ending; wake parked vCPUs and the gdb thread."""
@@ -200,13 +203,13 @@ class Debugger(Target):
         except OSError:
             pass  # closed: nobody listens any more
 
-    def _guest_debug(self, index: int) -> GuestDebug:
-        """What vCPU `index` must watch for on this run (lock held)."""
+    def _guest_debug(self, action: str | None) -> GuestDebug:
+        """What a vCPU resumed with `action` ("c", "s" or None: stays stopped) must watch for."""
         points = tuple(DebugPoint(BREAK if kind in ("software", "hardware") else _WATCH_KINDS[kind], address,
                                   length)
                        for kind, address, length in self._points
                        if not (kind == "software" and self.support.int3))
-        return GuestDebug(step=self._actions.get(index) == "s", points=points,
+        return GuestDebug(step=action == "s", points=points,
                           int3_at=frozenset(self._int3_saved))
 
     # -- software breakpoints written into guest code (KVM) ------------------------------------
@@ -268,6 +271,8 @@ class Debugger(Target):
         return PagingMode(regs["cr0"], regs["cr3"], regs["cr4"], regs["efer"])
 
     def _translate(self, mode: PagingMode, address: int, length: int = 1) -> int:
+        if mode.long and mode.enabled and (address >> 47) not in (0, 0x1FFFF):
+            raise PageFault(address, 0)  # not canonical: the CPU would fault on it too
         physical = translate(self.memory, mode, address)
         if not self.memory.contains(physical, length):
             raise GuestMemoryError(f"no RAM at {physical:#x}")

@@ -51,7 +51,7 @@ def parse_gdb_address(text: str) -> GdbAddress:
     if not sep:
         host = ""
     host = host.strip("[]") or DEFAULT_HOST
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port (printed with -S)
         raise PyvmmError(f"--gdb {text}: expected tcp:[HOST]:PORT or unix:PATH")
     return GdbAddress(host=host, port=int(port))
 

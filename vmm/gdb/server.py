@@ -19,14 +19,14 @@ import sys
 import threading
 
 from vmm import exit_status
+from vmm.accel import Vcpu, VirtualMachine
 from vmm.errors import PyvmmError
 from vmm.gdb.debugger import Debugger
-from vmm.accel import Vcpu, VirtualMachine
 from vmm.gdb.options import GdbAddress, GdbSpec
-from vmm.lifecycle import StopController
-from vmm.memory import GuestMemory
 from vmm.gdb.packets import Ack, Interrupt, Packet, PacketReader, frame
 from vmm.gdb.session import ERROR_ARGUMENT, PACKET_SIZE, Session
+from vmm.lifecycle import StopController
+from vmm.memory import GuestMemory
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,16 @@ class GdbServer:
         if self.debugger.support.notice:
             print(f"pyvmm: gdb: {self.debugger.support.notice}", file=sys.stderr, flush=True)
         if self.debugger.paused_at_start:
-            print(f"pyvmm: gdb: waiting for a debugger on {self.address} (-S: the guest starts when it continues)",
-                  file=sys.stderr, flush=True)
+            print(f"pyvmm: gdb: waiting for a debugger on {self.bound_address} "
+                  "(-S: the guest starts when it continues)", file=sys.stderr, flush=True)
         self._thread.start()
+
+    @property
+    def bound_address(self) -> GdbAddress:
+        """Where it listens (a TCP port 0 asks the kernel for a free one)."""
+        if self.address.path is not None:
+            return self.address
+        return GdbAddress(host=self.address.host, port=self.listener.getsockname()[1])
 
     def close(self) -> None:
         """Stop serving (from the main thread, at shutdown) and release the socket."""

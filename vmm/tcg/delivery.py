@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 from vmm.errors import GuestMemoryError
 from vmm.memory import GuestMemory
+from vmm.paging import PageFault, PagingMode, read_linear, write_linear
 from vmm.tcg import descriptors as desc
 from vmm.tcg.engine import Engine, x86
-from vmm.paging import PageFault, PagingMode, read_linear, write_linear
 from vmm.tcg.qemu_env import (
     OFF_EFER,
     OFF_EIP,

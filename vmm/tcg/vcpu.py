@@ -29,6 +29,7 @@ from vmm.errors import GuestMemoryError
 from vmm.exits import SUBERROR_EMULATION, EmulationFailure, Exit, Hlt, Interrupted, Shutdown
 from vmm.guest_debug import GuestDebug
 from vmm.memory import GuestMemory
+from vmm.paging import PageFault, PagingMode, read_linear
 from vmm.tcg.cpu_setup import load_cpu_state, read_registers
 from vmm.tcg.debug import TcgDebugHooks, read_debug_registers, write_debug_registers
 from vmm.tcg.delivery import (
@@ -41,7 +42,6 @@ from vmm.tcg.delivery import (
 from vmm.tcg.device_writes import TranslationInvalidator
 from vmm.tcg.engine import Engine, UcError, x86
 from vmm.tcg.io_dispatch import IoDispatcher
-from vmm.paging import PageFault, PagingMode, read_linear
 from vmm.tcg.qemu_env import (
     HF2_NMI_MASK,
     HF_INHIBIT_IRQ,

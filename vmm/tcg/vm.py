@@ -23,9 +23,9 @@ import logging
 from devices.interrupts import InterruptRouter
 from vmm.accel import MachineIo, PlatformOptions, VirtualMachine
 from vmm.bus import IrqLine, NullIrqLine
+from vmm.guest_debug import DebugSupport
 from vmm.layout import MMIO_HOLE_END, MMIO_HOLE_START
 from vmm.memory import GuestMemory
-from vmm.guest_debug import DebugSupport
 from vmm.tcg.cpuid import CpuidOptions, CpuidProfile
 from vmm.tcg.debug import SUPPORT as DEBUG_SUPPORT
 from vmm.tcg.debug import TcgDebugHooks

@@ -198,7 +198,7 @@ void ap_main(void) {
     u32 id = mmio_read32(LAPIC + 0x20) >> 24;
     say("smp: cpu with apic id %d is up\n", (u64)id);
     __atomic_add_fetch(&aps_started, 1, __ATOMIC_SEQ_CST);
-    if (gdb_mode) gdb_ap_work();
+    if (gdb_mode) gdb_ap_work();   /* a breakpoint there stops both CPUs */
     for (;;) __asm__ volatile("cli; hlt");
 }
 
@@ -617,7 +617,16 @@ __attribute__((noinline)) void gdb_report(u64 value) { say("gdb: value %d\n", va
 
 __attribute__((noinline)) void gdb_bump(void) { gdb_watched = gdb_watched + 1; }
 
-__attribute__((noinline)) void gdb_ap_work(void) { say("gdb: ap working\n"); }
+volatile int gdb_ap_done;
+
+/* On the AP, once the BSP spins (gdb_spins counts up while it is not stopped). */
+__attribute__((noinline)) void gdb_ap_busy(void) { say("gdb: ap working\n"); }
+
+__attribute__((noinline)) void gdb_ap_work(void) {
+    while (!gdb_spins) pause();
+    gdb_ap_busy();
+    gdb_ap_done = 1;
+}
 
 /* testkernel=gdb: compute, report, bump a watched variable twice; with
  * gdb.spin (and --cpus 2, the AP calls gdb_ap_work) spin until gdb sets
@@ -635,6 +644,7 @@ static void gdb_program(u64 boot_params, const char *cmdline) {
         say("gdb: spinning\n");
         while (!gdb_release) gdb_spins++;
         say("gdb: released\n");
+        if (cpu_count > 1) while (!gdb_ap_done) pause();
     }
     say("gdb: done\n");
     power_off_via_debug_exit(33);
