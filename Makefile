@@ -6,9 +6,10 @@ PYVMM  := $(VENV)/bin/pyvmm
 
 # Debian packages the tests and benchmarks use: binutils assembles the test
 # guests; qemu-utils is the disk-image reference; acpica-tools disassembles
-# our ACPI tables; the rest build and inspect the Linux test guests.
+# our ACPI tables; gdb drives the gdb stub's tests; the rest build and inspect the
+# Linux test guests.
 DEB_PACKAGES := binutils gcc make qemu-utils qemu-system-x86 acpica-tools e2fsprogs \
-                busybox-static cpio iproute2 python3-venv
+                busybox-static cpio iproute2 python3-venv gdb
 
 .PHONY: install deps demo demo-linux test test-fast test-kvm test-kvm-ci lint bench bench-kvm test-assets clean
 

@@ -47,12 +47,15 @@ def parse_gdb_address(text: str) -> GdbAddress:
             raise PyvmmError("--gdb unix:PATH needs a path")
         return GdbAddress(path=path)
     rest = text[len("tcp:"):] if text.startswith("tcp:") else text
-    host, sep, port = rest.rpartition(":")
-    if not sep:
-        host = ""
-    host = host.strip("[]") or DEFAULT_HOST
-    if not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port (printed with -S)
+    host, _, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # an IPv6 address
+    elif ":" in host:
+        host = "?"  # not a host: refused below
+    # Port 0: any free port (printed with -S).
+    if not port.isdigit() or not 0 <= int(port) < 65536 or host == "?" or any(c in host for c in "[]/ "):
         raise PyvmmError(f"--gdb {text}: expected tcp:[HOST]:PORT or unix:PATH")
+    host = host or DEFAULT_HOST
     return GdbAddress(host=host, port=int(port))
 
 

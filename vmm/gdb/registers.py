@@ -108,14 +108,16 @@ def encode(values: Mapping[str, int | None], numbers: range | list[int] | None =
 
 
 def decode_all(hex_data: bytes) -> dict[str, int]:
-    """A `G` packet's registers by name; raises ValueError when it is not one."""
-    data = bytes.fromhex(hex_data.decode("ascii"))
-    if len(data) != G_PACKET_SIZE:
-        raise ValueError(f"G packet of {len(data)} bytes, expected {G_PACKET_SIZE}")
+    """A `G` packet's registers by name, leaving out those sent as `xx` (unknown);
+    raises ValueError when it is not a G packet."""
+    if len(hex_data) != 2 * G_PACKET_SIZE:
+        raise ValueError(f"G packet of {len(hex_data) // 2} bytes, expected {G_PACKET_SIZE}")
     values, offset = {}, 0
     for reg in REGISTERS:
-        values[reg.name] = int.from_bytes(data[offset:offset + reg.size], "little")
-        offset += reg.size
+        field = hex_data[offset:offset + 2 * reg.size]
+        offset += 2 * reg.size
+        if field != b"xx" * reg.size:
+            values[reg.name] = int.from_bytes(bytes.fromhex(field.decode("ascii")), "little")
     return values
 
 

@@ -187,8 +187,11 @@ class Session:
             values = registers.decode_all(rest)
         except ValueError as err:
             raise BadPacket(str(err)) from None
+        # gdb sends every register back; only those that changed are written, and
+        # none the target could not give in the first place.
         current = self.target.registers(self.general_thread)
-        changed = {name: value for name, value in values.items() if current.get(name) != value}
+        changed = {name: value for name, value in values.items()
+                   if current.get(name) is not None and current[name] != value}
         self.target.write_registers(self.general_thread, changed)
         return b"OK"
 
