@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import subprocess
 
 import pytest
 
@@ -193,3 +194,22 @@ def test_malformed_packets_get_error_replies_and_the_stub_keeps_serving(debugged
     assert vm.wait() == EXIT_STATUS
     assert "gdb: done" in vm.guest_output()
     assert b"refused a second debugger" in vm.stderr + vm.session.process.stderr.read()
+
+
+def symbol(elf, name: str) -> int:
+    table = subprocess.run(["nm", str(elf)], check=True, capture_output=True, text=True).stdout
+    return next(int(line.split()[0], 16) for line in table.splitlines() if line.endswith(f" {name}"))
+
+
+def test_a_debugger_that_vanishes_while_the_guest_runs_leaves_it_running_without_breakpoints(debugged, elf):
+    vm = debugged()
+    client = RawClient(vm.port)
+    bump = symbol(elf, "gdb_bump")
+    assert client.ask(b"qSupported:hwbreak+").startswith(b"PacketSize=")
+    assert client.ask(b"Z1,%x,1" % bump) == b"OK"
+    client.send(frame(b"vCont;c"))
+    assert client.reply().payload == b"T05thread:1;hwbreak:;"  # the first of the two calls
+    client.send(frame(b"vCont;c"))
+    client.socket.close()  # gone without z1 or D: the second call must not stop the guest
+    assert vm.wait() == EXIT_STATUS
+    assert "gdb: watched 2" in vm.guest_output()

@@ -183,12 +183,11 @@ class Debugger(Target):
             self._cond.notify_all()
 
     def detach(self) -> None:
-        """gdb went away: forget every breakpoint and let all vCPUs run."""
-        with self._cond:
-            if self._running:
-                return
-            self._points.clear()
+        """gdb went away (detached, or vanished while the guest ran): forget every breakpoint,
+        and let all vCPUs run without any debug state."""
+        self._points.clear()
         try:
+            self.stop()  # a no-op when stopped; otherwise nothing may trap while the state goes
             self.resume(dict.fromkeys(self.threads(), "c"))
         except Refused:
             pass  # the VM is stopping: nothing to resume

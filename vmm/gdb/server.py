@@ -24,7 +24,7 @@ from vmm.errors import PyvmmError
 from vmm.gdb.debugger import Debugger
 from vmm.gdb.options import GdbAddress, GdbSpec
 from vmm.gdb.packets import Ack, Interrupt, Packet, PacketReader, frame
-from vmm.gdb.session import ERROR_ARGUMENT, PACKET_SIZE, Session
+from vmm.gdb.session import ERROR_ARGUMENT, ERROR_REFUSED, PACKET_SIZE, Session
 from vmm.lifecycle import StopController
 from vmm.memory import GuestMemory
 
@@ -180,7 +180,7 @@ class GdbServer:
                 if running:
                     log.info("gdb: packet while the guest runs ignored: %r", event.payload[:40])
                     continue
-                reply = ERROR_ARGUMENT if event.oversized else session.handle(event.payload)
+                reply = ERROR_ARGUMENT if event.oversized else self._handle(session, event.payload)
                 if session.killed:
                     debugger.stop_controller.request_stop(exit_status.INTERRUPTED, "killed by the debugger")
                     return "done"
@@ -190,6 +190,15 @@ class GdbServer:
                 send(reply)
                 if session.detached:
                     return "done"
+
+
+    @staticmethod
+    def _handle(session: Session, payload: bytes) -> bytes | None:
+        try:
+            return session.handle(payload)
+        except Exception:  # noqa: BLE001 - a bug here must not leave gdb and a paused guest hanging
+            log.exception("gdb: handling %r failed", payload[:40])
+            return ERROR_REFUSED
 
 
 def _listen(address: GdbAddress) -> socket.socket:
