@@ -85,7 +85,14 @@ class Debugger(Target):
                 vcpu.kick()
 
     def close(self) -> None:
-        os.close(self.wake_fd)
+        with self._cond:
+            os.close(self.wake_fd)
+            self.wake_fd = -1  # a late vCPU thread must not write to a reused descriptor
+
+    def _wake_gdb_thread(self) -> None:
+        """Lock held."""
+        if self.wake_fd >= 0:
+            os.eventfd_write(self.wake_fd, 1)
 
     # -- on the vCPU threads (vmm/vcpu_thread.py) ------------------------------------------
 
@@ -131,7 +138,7 @@ class Debugger(Target):
         """The last vCPU parked (lock held): take the int3s out, tell the gdb thread."""
         self._remove_int3()
         if self._event is not None and not self._reported:
-            os.eventfd_write(self.wake_fd, 1)
+            self._wake_gdb_thread()
 
     # -- stopping and resuming -----------------------------------------------------------
 
@@ -197,10 +204,7 @@ class Debugger(Target):
         with self._cond:
             self._ended = self.stop_controller.status
             self._cond.notify_all()
-        try:
-            os.eventfd_write(self.wake_fd, 1)
-        except OSError:
-            pass  # closed: nobody listens any more
+            self._wake_gdb_thread()
 
     def _guest_debug(self, action: str | None) -> GuestDebug:
         """What a vCPU resumed with `action` ("c", "s" or None: stays stopped) must watch for."""
