@@ -17,6 +17,8 @@ import subprocess
 import pytest
 
 from tests.guest.gdb_driver import DebuggedVm
+from tests.guest.test_cli_errors import assert_one_line_error
+from tests.helpers import run_pyvmm
 from vmm.gdb.packets import Ack, Packet, PacketReader, frame
 from vmm.gdb.registers import G_PACKET_SIZE
 
@@ -213,3 +215,38 @@ def test_a_debugger_that_vanishes_while_the_guest_runs_leaves_it_running_without
     client.socket.close()  # gone without z1 or D: the second call must not stop the guest
     assert vm.wait() == EXIT_STATUS
     assert "gdb: watched 2" in vm.guest_output()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gdb", "tcp:localhost:http"], b"expected tcp:[HOST]:PORT or unix:PATH"),
+    (["-S"], b"-S/--paused waits for a debugger"),
+    (["-s", "--gdb", "tcp::1"], b"exclude each other"),
+    (["--gdb", "tcp:192.0.2.1:1234"], b"cannot listen"),  # an address this host does not have
+])
+def test_bad_gdb_options_are_one_line_errors(guest, args, message):
+    result = run_pyvmm("boot", "--flat", str(guest("hello")), "--accel", "tcg", *args)
+    assert_one_line_error(result, message)
+
+
+def test_a_port_in_use_is_one_line_error(guest):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = run_pyvmm("boot", "--flat", str(guest("hello")), "--accel", "tcg", "--gdb", f"tcp::{port}")
+    assert_one_line_error(result, f"--gdb tcp:127.0.0.1:{port}: cannot listen".encode())
+
+
+def test_an_existing_unix_socket_path_is_refused_not_replaced(guest, tmp_path):
+    path = tmp_path / "gdb.sock"
+    path.write_text("precious")
+    result = run_pyvmm("boot", "--flat", str(guest("hello")), "--accel", "tcg", "--gdb", f"unix:{path}")
+    assert_one_line_error(result, b"exists already")
+    assert path.read_text() == "precious"
+
+
+def test_without_a_debugger_attaching_the_guest_just_runs(guest, tmp_path):
+    path = tmp_path / "gdb.sock"
+    result = run_pyvmm("boot", "--flat", str(guest("hello")), "--accel", "tcg", "--gdb", f"unix:{path}")
+    assert result.returncode == 42, result.stderr
+    assert not path.exists()  # removed when pyvmm ended

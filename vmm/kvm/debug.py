@@ -13,6 +13,7 @@ condition (0 execute, 1 write, 3 read or write) and 18+4n the length
 
 from __future__ import annotations
 
+from vmm.cpu_state import GPR_NAMES
 from vmm.errors import PyvmmError
 from vmm.exits import DebugTrap
 from vmm.guest_debug import ACCESS, BREAK, WRITE, DebugSupport, GuestDebug
@@ -79,8 +80,7 @@ def reinjection(run) -> int:
 
 # -- registers -------------------------------------------------------------------
 
-_GENERAL = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
-            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip")
+_GENERAL = (*GPR_NAMES, "rip")
 _SEGMENTS = ("cs", "ss", "ds", "es", "fs", "gs")
 _CONTROL = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")
 

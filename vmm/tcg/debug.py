@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from vmm.cpu_state import GPR_NAMES
 from vmm.errors import PyvmmError
 from vmm.exits import DebugTrap
 from vmm.guest_debug import ACCESS, BREAK, READ, WRITE, DebugPoint, DebugSupport, GuestDebug
@@ -112,8 +113,7 @@ class TcgDebugHooks:
 
 # -- registers, by the names of vmm/gdb/registers.py ----------------------------------------
 
-_GENERAL = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
-            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip")
+_GENERAL = (*GPR_NAMES, "rip")
 _IDS = {name: getattr(x86, f"UC_X86_REG_{name.upper()}") for name in _GENERAL}
 _IDS.update(eflags=x86.UC_X86_REG_EFLAGS, cs=x86.UC_X86_REG_CS, ss=x86.UC_X86_REG_SS, ds=x86.UC_X86_REG_DS,
             es=x86.UC_X86_REG_ES, fs=x86.UC_X86_REG_FS, gs=x86.UC_X86_REG_GS, fs_base=x86.UC_X86_REG_FS_BASE,
