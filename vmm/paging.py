@@ -5,7 +5,8 @@ and TSS and pushes the interrupt frame itself, at linear addresses. It
 walks the guest's page tables the way the CPU would for a supervisor access
 (32-bit, PAE and 4-level paging) and reports a fault as `PageFault` with the
 architectural error code, so the caller can turn it into the right
-exception.
+exception. The gdb stub translates the debugger's addresses with it too, on
+either accelerator (vmm/gdb/debugger.py).
 
 Accessed and dirty bits are not updated: the structures touched here (IDT,
 GDT, TSS, kernel stacks) are kernel mappings, which Linux creates with both
