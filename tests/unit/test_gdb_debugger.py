@@ -133,6 +133,8 @@ def test_debug_registers_run_out_and_memory_faults(machine):
     with pytest.raises(Refused, match="4 debug registers"):
         debugger.add_point("write", 0x2000, 4)
     assert debugger.add_point("software", CODE + 8, 1)  # int3 takes no register
+    with pytest.raises(MemoryFault):
+        debugger.add_point("software", 1 << 30, 1)  # int3 needs RAM under it
     assert not debugger.add_point("read", 0x2000, 4)  # not offered by this accelerator
     debugger.remove_point("hardware", CODE, 1)
     with pytest.raises(Refused, match="aligned"):

@@ -320,6 +320,11 @@ class Debugger(Target):
         if point in self._points:
             return True
         uses_slot = not (kind == "software" and support.int3)
+        if not uses_slot:
+            try:  # int3 goes into guest code: the address must be mapped now, as with QEMU on KVM
+                self._translate(self._paging(1), address)
+            except (PageFault, GuestMemoryError):
+                raise MemoryFault() from None
         if uses_slot and support.slots is not None:
             used = sum(1 for k, _, _ in self._points if not (k == "software" and support.int3))
             if used >= support.slots:
