@@ -26,7 +26,7 @@ DR7_FIXED = 0x600  # GE and the reserved bit 10, as QEMU and the SDM's reset val
 DR6_BS = 1 << 14  # single step
 CONDITION = {BREAK: 0, WRITE: 1, ACCESS: 3}
 LENGTH = {1: 0, 2: 1, 4: 3, 8: 2}
-DB_VECTOR, BP_VECTOR = 1, 3
+BP_VECTOR = 3  # #BP; the other exception KVM_EXIT_DEBUG reports is #DB (1)
 
 
 def debug_support(system) -> DebugSupport | None:

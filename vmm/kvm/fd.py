@@ -232,6 +232,9 @@ class VcpuFd:
     def set_sregs(self, sregs) -> None:
         _ioctl(self.fd, ioctls.KVM_SET_SREGS, _ptr(sregs))
 
+    def get_fpu(self):
+        return self._get(ioctls.KVM_GET_FPU, "struct kvm_fpu")
+
     def set_fpu(self, fpu) -> None:
         _ioctl(self.fd, ioctls.KVM_SET_FPU, _ptr(fpu))
 
