@@ -166,6 +166,7 @@ def _exit(exception: int, pc: int = 0, dr6: int = 0):
 
 
 def test_debug_exits_are_decoded_and_the_guests_own_go_back():
+    assert k.KVM_EXIT_DEBUG == 4  # linux/kvm.h
     debug = GuestDebug(step=True, points=(DebugPoint(BREAK, 0x1000), DebugPoint(WRITE, 0x2000, 4)),
                        int3_at=frozenset({0x5000}))
     assert kvm_debug.trap_from_exit(_exit(1, 0x1234, 0x4000), debug) == DebugTrap("step", 0x1234)

@@ -239,6 +239,7 @@ libc = ffi.dlopen(None)
 
 # kvm_run.exit_reason values.
 KVM_EXIT_IO = 2
+KVM_EXIT_DEBUG = 4
 KVM_EXIT_HLT = 5
 KVM_EXIT_MMIO = 6
 KVM_EXIT_SHUTDOWN = 8
