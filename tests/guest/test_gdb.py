@@ -250,3 +250,15 @@ def test_without_a_debugger_attaching_the_guest_just_runs(guest, tmp_path):
     result = run_pyvmm("boot", "--flat", str(guest("hello")), "--accel", "tcg", "--gdb", f"unix:{path}")
     assert result.returncode == 42, result.stderr
     assert not path.exists()  # removed when pyvmm ended
+
+
+def test_detach_lets_the_guest_run_and_kill_ends_the_vm(debugged):
+    detached = debugged()
+    client = RawClient(detached.port)
+    assert client.ask(b"D") == b"OK"
+    assert detached.wait() == EXIT_STATUS
+    killed = debugged()
+    client = RawClient(killed.port)
+    client.send(frame(b"k"))
+    assert killed.wait() == 130
+    assert b"killed by the debugger" in killed.session.process.stderr.read()
