@@ -299,12 +299,17 @@ def cached_archive(name: str, tree: Tree, cache: Path | None = None) -> Path:
     path = directory / f"{name}-{tree.digest()[:16]}.cpio"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
+        # Written under a name of its own and renamed: two runs may build it at once.
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            with open(temporary, "wb") as out:
+                tree.write(out)
+            temporary.rename(path)
+        finally:
+            temporary.unlink(missing_ok=True)
         for stale in directory.glob(f"{name}-*.cpio"):
-            stale.unlink()
-        temporary = path.with_suffix(".tmp")
-        with open(temporary, "wb") as out:
-            tree.write(out)
-        temporary.rename(path)
+            if stale != path:
+                stale.unlink(missing_ok=True)
     return path
 
 
