@@ -10,9 +10,7 @@ return:
 
 - all ones where the answer must be "no device here", so a driver's probe
   fails at its first check: COM2-COM4 (the 8250 driver's IER test), the
-  parallel ports, the VGA CRT controller, and PCI configuration mechanism #1
-  (0xcf8-0xcff: Linux reads back its 0x80000000 address and, seeing all ones,
-  decides there is no PCI type-1 access, nor type 2);
+  parallel ports and the VGA CRT controller;
 - zero for chips that exist on every PC and that nobody reads back in
   earnest: the two 8237 DMA controllers and their page registers, the 0xed
   delay port (`io_delay=0xed`), the math coprocessor's 0xf0/0xf1.
@@ -24,7 +22,9 @@ uses, so it reaches the machine's `reset()` callback.
 Deliberately absent: the 8259 PICs (0x20, 0xa0, ELCR 0x4d0), the 8254 PIT
 (0x40) and port B (0x61), which KVM's in-kernel irqchip handles, or
 devices/pic.py and pit.py do on the software CPU; 0x80 (POST code) and 0xf4
-(debug exit), which the machine registers itself; and every port another
+(debug exit), which the machine registers itself; 0xcf8-0xcff, absent PCI
+configuration ports around the reset control register (devices/reset_control.py);
+and every port another
 pyvmm device owns. The port numbers live here rather than in vmm/layout.py
 because each one is meaningful only next to its reason for being quiet.
 """
@@ -81,7 +81,6 @@ QUIET_PORTS: tuple[QuietRange, ...] = (
     QuietRange(0x3B4, 0x02, "mda-crtc", ALL_ONES),
     QuietRange(0x3D4, 0x02, "vga-crtc", ALL_ONES),
     QuietRange(0x3E8, 0x08, "com3", ALL_ONES),
-    QuietRange(0xCF8, 0x08, "pci-config", ALL_ONES),  # no PCI host bridge
 )
 
 SYSTEM_CONTROL_A_PORT = 0x92

@@ -9,8 +9,8 @@ POWEROFF = 0  # the guest powered off (ACPI S5, debug-exit 0, HLT with nothing t
 ERROR = 1  # pyvmm could not start or run the guest: bad input or a host problem
 # 2: the command line was wrong (click's own status)
 TRIPLE_FAULT = 3  # the guest triple-faulted (KVM_EXIT_SHUTDOWN)
-GUEST_PANIC = 4  # the guest kernel reported a panic (pvpanic)
+GUEST_PANIC = 4  # the guest kernel panicked: pvpanic, or a warm reset after it (vmm/guest_reset.py)
 EMULATION_FAILURE = 5  # the accelerator could not run a guest instruction
 ENTRY_FAILURE = 6  # the accelerator refused to enter the guest (bad vCPU state)
-RESET = 7  # the guest asked for a reboot; pyvmm does not restart guests
+RESET = 7  # the guest reset the machine (a reboot); pyvmm does not restart guests
 INTERRUPTED = 130  # Ctrl-C, SIGTERM or the Ctrl-A x escape

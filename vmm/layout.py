@@ -20,6 +20,12 @@ VIRTIO_MMIO_IRQ_BASE = 16
 VIRTIO_MMIO_MAX_DEVICES = 8
 
 IOAPIC_BASE = 0xFEC0_0000
+# A PC's firmware flash ends at 4 GiB: the CPU leaves reset at 0xFFFFFFF0
+# (CS base 0xFFFF0000, IP 0xFFF0). Firmware copied below 1 MiB answers at
+# F000:FFF0 = 0xFFFF0, where real-mode code (Linux's reboot=bios) jumps.
+FIRMWARE_AREA_END = 0x1_0000_0000
+RESET_VECTOR = 0xFFFF_FFF0
+REAL_MODE_RESET_VECTOR = 0xF_FFF0
 LAPIC_BASE = 0xFEE0_0000
 
 # -- Interrupt wiring, as on a PC --------------------------------------------------
@@ -74,6 +80,10 @@ FW_CFG_PORT = 0x510
 # Boot-timer port: the guest's initramfs writes here (via /dev/port) on
 # reaching userspace. 0x510 is QEMU's fw_cfg, so keep clear of it.
 BOOT_TIMER_PORT = 0x520
+# The chipset's reset control register (Intel's RST_CNT), inside the PCI
+# configuration mechanism's ports 0xcf8-0xcff (devices/reset_control.py).
+PCI_CONFIG_PORT = 0xCF8
+RESET_CONTROL_PORT = 0xCF9
 
 # -- Linux boot (boot/): structures the loader writes below 1 MiB ----------------
 # The same low-memory places Firecracker uses, all below the EBDA and clear of
@@ -93,7 +103,7 @@ HIGH_MEMORY_START = 0x10_0000
 # The RSDP sits at the bottom of the BIOS area so the kernel's legacy scan of
 # 0xE0000-0xFFFFF finds it; the other ACPI tables follow it, below 1 MiB.
 ACPI_RSDP_ADDRESS = 0xE_0000
-ACPI_TABLES_END = 0x10_0000
+ACPI_TABLES_END = 0xF_F000  # the last page holds the reset vector (boot/reset_stub.py)
 # Hardware-reduced ACPI registers, in port I/O space (described by the FADT).
 # Power-off: the guest writes (ACPI_SLP_TYP_S5 << 2) | ACPI_SLEEP_CONTROL_SLP_EN
 # = 0x34 to the sleep control register. Reboot: ACPI_RESET_VALUE to the reset register.

@@ -16,6 +16,8 @@ from collections import Counter
 from boot.acpi import build_acpi_tables
 from boot.firmware import add_machine_facts
 from boot.linux import load_linux
+from boot.reboot_params import add_reboot_params
+from boot.reset_stub import install_reset_stub
 from devices.acpi_pm import AcpiPowerManagement
 from devices.boot_timer import BootTimer, process_start_time
 from devices.debug_exit import DebugExit
@@ -24,6 +26,7 @@ from devices.fw_cfg import FwCfg
 from devices.i8042 import I8042
 from devices.legacy import SilentDevice, register_legacy_ports
 from devices.pvpanic import PvPanic
+from devices.reset_control import PciConfigPortsWithResetControl
 from devices.rtc import CmosRtc
 from devices.testdev import TEST_DEVICE_SIZE, ScratchDevice
 from devices.uart import Uart16550
@@ -35,6 +38,7 @@ from vmm.config import DEFAULT_CMDLINE, MachineConfig
 from vmm.console import Console
 from vmm.cpu_state import CpuState
 from vmm.errors import PyvmmError
+from vmm.guest_reset import GuestResets
 from vmm.lifecycle import StopController
 from vmm.memory import GuestMemory
 from vmm.vcpu_thread import VcpuThread
@@ -71,6 +75,8 @@ class Machine:
     def build(self) -> None:
         config = self.config
         self.memory = GuestMemory(config.memory)
+        self.resets = GuestResets(self.stop, self.memory)
+        self._install_firmware()
         self.accel, accel_notice = open_accelerator(config)
         self.accel_name = self.accel.name
         # Linux gets a PC's interrupt controllers and timer; a flat guest
@@ -93,19 +99,21 @@ class Machine:
 
             self.gdb = open_gdb_stub(config.gdb, self.vm, self.vcpus, self.memory, self.stop)
 
+    def _install_firmware(self) -> None:
+        """What sits at the reset vector. pyvmm loads no firmware: a stub that resets the machine."""
+        install_reset_stub(self.memory)
+
     def _add_devices(self, irqchip: bool) -> None:
-        pio, stop = self.io.pio, self.stop
+        pio, stop, resets = self.io.pio, self.stop, self.resets
 
         def irq(gsi: int):
             return self.vm.irq_line(gsi) if irqchip else NullIrqLine()
 
-        def reset() -> None:
-            stop.request_stop(exit_status.RESET, "the guest asked for a reset")
-
         self.uart = Uart16550(irq(layout.COM1_IRQ), self.console.write,
                               room_available=self.console.room_available)
         pio.register(layout.COM1_PORT, 8, self.uart, "com1")
-        i8042 = I8042(reset, kbd_irq=irq(layout.I8042_KEYBOARD_IRQ), aux_irq=irq(layout.I8042_AUX_IRQ))
+        i8042 = I8042(lambda: resets.reset("the i8042's reset line"),
+                      kbd_irq=irq(layout.I8042_KEYBOARD_IRQ), aux_irq=irq(layout.I8042_AUX_IRQ))
         pio.register(layout.I8042_DATA_PORT, 1, i8042.data_port, "i8042-data")
         pio.register(layout.I8042_COMMAND_PORT, 1, i8042.command_port, "i8042-cmd")
         low_ram = sum(r.size for r in self.memory.regions if r.guest_address < layout.MMIO_HOLE_START)
@@ -116,13 +124,16 @@ class Machine:
         pio.register(layout.BOOT_TIMER_PORT, 1, BootTimer(self.started, on_mark=self._userspace_reached),
                      "boot-timer")
         pio.register(layout.ACPI_SLEEP_CONTROL_PORT, 3, AcpiPowerManagement(
-            power_off=lambda: stop.request_stop(exit_status.POWEROFF, ""), reset=reset), "acpi-pm")
+            power_off=lambda: stop.request_stop(exit_status.POWEROFF, ""),
+            reset=lambda: resets.reset("the ACPI reset register")), "acpi-pm")
         pio.register(layout.DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug-exit")
         pio.register(layout.POST_CODE_PORT, 1, SilentDevice(), "post-code")
         self.fw_cfg = FwCfg(self.memory)
         add_machine_facts(self.fw_cfg, self.memory.size, self.config.cpus)
         pio.register(layout.FW_CFG_PORT, FW_CFG_PORT_COUNT, self.fw_cfg, "fw_cfg")
-        register_legacy_ports(pio, reset)
+        pio.register(layout.PCI_CONFIG_PORT, 8, PciConfigPortsWithResetControl(
+            lambda: resets.reset("the reset control register 0xcf9")), "pci-config")
+        register_legacy_ports(pio, lambda: resets.reset("port 0x92's fast reset"))
         if self.config.virtio.count:
             self.virtio = add_virtio_devices(self.io, self.memory, self.vm, self.config.virtio, irqchip=irqchip,
                                              console_writer=self.console.write,
@@ -164,7 +175,9 @@ class Machine:
         config = self.config
         rsdp = build_acpi_tables(self.memory, config.cpus,
                                  virtio_devices=self.virtio.windows if self.virtio else ())
-        return load_linux(self.memory, config.kernel, config.initrd, self.kernel_cmdline(), rsdp,
+        params = add_reboot_params(self.kernel_cmdline())
+        self.resets.warm_reset_means_panic = params.warm_reset_means_panic
+        return load_linux(self.memory, config.kernel, config.initrd, params.cmdline, rsdp,
                           direct=not config.guest_decompress)
 
     # -- running -------------------------------------------------------------
@@ -177,7 +190,8 @@ class Machine:
         if self.gdb is not None:
             self.gdb.start()
         for vcpu in self.vcpus:
-            thread = VcpuThread(vcpu, self.io, self.stop, self.gdb.debugger if self.gdb else None)
+            thread = VcpuThread(vcpu, self.io, self.stop, self.gdb.debugger if self.gdb else None,
+                                triple_fault=self.resets.triple_fault)
             self.threads.append(thread)
             thread.start()
         self.stop.wait()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 
 from vmm import exit_status
 from vmm.accel import MachineIo, Vcpu
@@ -53,12 +54,15 @@ def describe_emulation_failure(index: int, failure: EmulationFailure) -> str:
 
 
 class VcpuThread(threading.Thread):
-    def __init__(self, vcpu: Vcpu, io: MachineIo, stop: StopController, debugger=None) -> None:
+    def __init__(self, vcpu: Vcpu, io: MachineIo, stop: StopController, debugger=None,
+                 triple_fault: Callable[[int], None] | None = None) -> None:
         super().__init__(name=f"vcpu{vcpu.index}", daemon=True)
         self.vcpu = vcpu
         self.io = io
         self.stop = stop
         self.debugger = debugger  # vmm.gdb.debugger.Debugger when --gdb was given
+        # Called with the vCPU index (vmm/guest_reset.py decides the status).
+        self.triple_fault = triple_fault or self._stop_for_triple_fault
         self.exit_counts: Counter[str] = Counter()
 
     def run(self) -> None:
@@ -101,13 +105,16 @@ class VcpuThread(threading.Thread):
                 self._stop_for(exit)
                 return
 
+    def _stop_for_triple_fault(self, index: int) -> None:
+        self.stop.request_stop(exit_status.TRIPLE_FAULT, f"vCPU {index}: the guest triple-faulted")
+
     def _stop_for(self, exit) -> None:
         index = self.vcpu.index
         match exit:
             case Hlt():
                 self.stop.request_stop(exit_status.POWEROFF, "")
             case Shutdown():
-                self.stop.request_stop(exit_status.TRIPLE_FAULT, f"vCPU {index}: the guest triple-faulted")
+                self.triple_fault(index)
             case SystemEvent(kind="shutdown"):
                 self.stop.request_stop(exit_status.POWEROFF, "")
             case SystemEvent(kind="reset"):
