@@ -69,6 +69,11 @@ class Vcpu(ABC):
     def kick(self) -> None:
         """From any thread: make the current or next `run` return `Interrupted` promptly."""
 
+    def pause(self) -> None:
+        """From any thread: make `run` return `Interrupted` soon, at a point where the guest
+        loses nothing (a kick may drop the accesses the guest makes until it takes effect)."""
+        self.kick()
+
     def thread_done(self) -> None:  # noqa: B027 - optional: only KVM's kick signals a thread
         """The thread that called `run` is about to end: nothing may signal it any more."""
 
@@ -94,6 +99,11 @@ class Vcpu(ABC):
     def write_debug_registers(self, values: dict[str, int]) -> None:
         """Change registers by those names; raises PyvmmError naming one that cannot be written."""
         raise PyvmmError("this accelerator cannot be debugged")
+
+    @abstractmethod
+    def code_at_rip(self) -> tuple[int, bytes]:
+        """From the thread that calls `run`, between runs: the linear address of the next
+        instruction (CS base + RIP) and up to 15 bytes of code there (b"" if unreadable)."""
 
     @abstractmethod
     def close(self) -> None: ...

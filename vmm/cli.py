@@ -18,13 +18,13 @@ from vmm import exit_status
 from vmm.accel_select import ACCELERATORS
 from vmm.config import DEFAULT_CMDLINE, MachineConfig, parse_memory_size
 from vmm.cpu_features import parse_feature_edits
-from vmm.errors import PyvmmError
+from vmm.errors import PyvmmError, one_line
 from vmm.gdb.options import gdb_options, gdb_spec
 from vmm.virtio_options import VirtioSpecs, parse_console, parse_disk, parse_net
 
 
 def fail(message: str, status: int = exit_status.ERROR) -> None:
-    click.echo(f"pyvmm: {message}", err=True)
+    click.echo(f"pyvmm: {one_line(message)}", err=True)
     sys.exit(status)
 
 
@@ -77,11 +77,13 @@ def cli(verbose: int) -> None:
 @click.option("--virtio-cmdline", is_flag=True,
               help="Also list the virtio devices as virtio_mmio.device= kernel parameters "
                    "(for kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI).")
+@click.option("--timeout", type=float, metavar="SECONDS",
+              help="Stop the guest after SECONDS and exit with status 124, as timeout(1) does.")
 @gdb_options
 def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Path | None, memory: str,
          cpus: int, accel: str, cpu_features: str, guest_decompress: bool, stats: bool,
          disks: tuple[str, ...], nets: tuple[str, ...], console_kind: str, rng: bool,
-         virtio_cmdline: bool, gdb: str | None, gdb_default: bool, paused: bool) -> None:
+         virtio_cmdline: bool, timeout: float | None, gdb: str | None, gdb_default: bool, paused: bool) -> None:
     """Boot a guest; exits with the guest's status (see the README)."""
     from vmm.machine import run_machine
 
@@ -89,7 +91,7 @@ def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Pa
         config = MachineConfig(
             memory=parse_memory_size(memory), cpus=cpus, accel=accel, flat=flat,
             kernel=kernel, initrd=initrd, cmdline=cmdline, guest_decompress=guest_decompress,
-            cpu_features=parse_feature_edits(cpu_features), stats=stats,
+            cpu_features=parse_feature_edits(cpu_features), stats=stats, timeout=timeout,
             virtio=VirtioSpecs(disks=[parse_disk(d) for d in disks], nets=[parse_net(n) for n in nets],
                                console=parse_console(console_kind), rng=rng, cmdline_devices=virtio_cmdline),
             gdb=gdb_spec(gdb, gdb_default, paused))

@@ -53,6 +53,8 @@ class MachineConfig:
     virtio: VirtioSpecs = field(default_factory=VirtioSpecs)
     # --gdb / -s / -S (vmm/gdb/options.py): None without a debugger.
     gdb: GdbSpec | None = None
+    # Stop the VM with exit_status.TIMED_OUT after this many seconds (--timeout).
+    timeout: float | None = None
 
     @property
     def is_linux(self) -> bool:
@@ -65,6 +67,8 @@ class MachineConfig:
             raise PyvmmError(f"--memory {self.memory >> 30}G is more than pyvmm supports (1T)")
         if self.memory % 4096:
             raise PyvmmError("--memory must be a multiple of 4K")
+        if self.timeout is not None and not 0 < self.timeout < 1e9:
+            raise PyvmmError(f"--timeout must be a positive number of seconds (got {self.timeout:g})")
         if self.cpus < 1:
             raise PyvmmError(f"--cpus must be at least 1 (got {self.cpus})")
         if self.cpus > MAX_CPUS:

@@ -7,6 +7,17 @@ surface as ordinary exceptions.
 """
 
 
+# Control characters a file name (or a name read from an image) may hold,
+# escaped so that a message stays one line on the user's terminal.
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {
+    ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+
+
+def one_line(message: str) -> str:
+    """`message` with control characters escaped: what the CLI prints after `pyvmm: `."""
+    return message.translate(_CONTROL_ESCAPES)
+
+
 class PyvmmError(Exception):
     """A failure the user can understand and act on; the message is one line."""
 

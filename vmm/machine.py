@@ -41,6 +41,7 @@ from vmm.errors import PyvmmError
 from vmm.guest_reset import GuestResets
 from vmm.lifecycle import StopController
 from vmm.memory import GuestMemory
+from vmm.stuck_vcpu import LOOK_INTERVAL, StuckVcpuWatch
 from vmm.vcpu_thread import VcpuThread
 from vmm.virtio_setup import VirtioDevices, add_virtio_devices
 
@@ -69,6 +70,7 @@ class Machine:
         self.virtio: VirtioDevices | None = None
         self.accel_name = "none"
         self.gdb = None  # vmm.gdb.server.GdbServer with --gdb
+        self.stuck_watch = StuckVcpuWatch(self._notice)
 
     # -- building ------------------------------------------------------------
 
@@ -194,8 +196,31 @@ class Machine:
                                 triple_fault=self.resets.triple_fault)
             self.threads.append(thread)
             thread.start()
-        self.stop.wait()
+        self._wait_for_stop()
         return self.stop.status
+
+    def _wait_for_stop(self) -> None:
+        """Until the machine stops or --timeout runs out; meanwhile each vCPU looks
+        once a second whether it is stuck (vmm/stuck_vcpu.py)."""
+        timeout = self.config.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        watch = self.stuck_watch
+        while True:
+            wait = LOOK_INTERVAL if deadline is None else min(LOOK_INTERVAL, deadline - time.monotonic())
+            if self.stop.wait(max(wait, 0.0)):
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                self.stop.request_stop(exit_status.TIMED_OUT, f"the guest was still running after --timeout "
+                                                              f"{timeout:g} s; stopped it")
+                return
+            for thread in self.threads:
+                thread.request_look(watch.look)
+
+    def _notice(self, message: str) -> None:
+        """One line on stderr while the guest runs (the terminal may be in raw mode)."""
+        end = "\r\n" if self.console.raw_mode_active else "\n"
+        sys.stderr.write(f"pyvmm: {message}{end}")
+        sys.stderr.flush()
 
     def shutdown(self) -> None:
         """Stop every vCPU thread and release host resources; safe to call more than once."""
@@ -219,6 +244,9 @@ class Machine:
             self.gdb = None
         if any(thread.is_alive() for thread in self.threads):
             return  # a stuck thread may still use the VM and memory; the process exit frees them
+        if self.stop.status == exit_status.TIMED_OUT:
+            for vcpu in self.vcpus:  # a guest that ran out of time: was it stuck somewhere?
+                self.stuck_watch.look(vcpu)
         if self.vm is not None:
             self.vm.close()
             self.vm = None

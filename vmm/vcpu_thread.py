@@ -63,6 +63,7 @@ class VcpuThread(threading.Thread):
         self.debugger = debugger  # vmm.gdb.debugger.Debugger when --gdb was given
         # Called with the vCPU index (vmm/guest_reset.py decides the status).
         self.triple_fault = triple_fault or self._stop_for_triple_fault
+        self.look: Callable[[Vcpu], None] | None = None  # set with request_look (vmm/stuck_vcpu.py)
         self.exit_counts: Counter[str] = Counter()
 
     def run(self) -> None:
@@ -97,6 +98,9 @@ class VcpuThread(threading.Thread):
             elif kind is MmioRead:
                 vcpu.complete_read(mmio.read(exit.address, exit.size).to_bytes(exit.size, "little"))
             elif kind is Interrupted:
+                look, self.look = self.look, None
+                if look is not None:
+                    look(vcpu)
                 if debugger is not None:
                     debugger.interrupted(vcpu)
             elif kind is DebugTrap and debugger is not None:
@@ -104,6 +108,11 @@ class VcpuThread(threading.Thread):
             else:
                 self._stop_for(exit)
                 return
+
+    def request_look(self, look: Callable[[Vcpu], None]) -> None:
+        """From any thread: pause the vCPU and have it call look(vcpu) on its thread."""
+        self.look = look
+        self.vcpu.pause()
 
     def _stop_for_triple_fault(self, index: int) -> None:
         self.stop.request_stop(exit_status.TRIPLE_FAULT, f"vCPU {index}: the guest triple-faulted")

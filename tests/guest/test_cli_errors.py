@@ -60,3 +60,9 @@ def test_kvm_device_that_is_not_kvm(guest, tmp_path):
 def test_check_reports_missing_kvm(tmp_path):
     result = run_pyvmm("check", env={"PYVMM_KVM_DEVICE": str(tmp_path / "kvm")})
     assert b"kvm: unavailable" in result.stdout
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf"])
+def test_bad_timeouts(guest, seconds):
+    result = run_pyvmm("boot", "--flat", str(guest("hello")), "--timeout", seconds)
+    assert_one_line_error(result, b"timeout")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, run_pyvmm
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -64,3 +64,27 @@ def wait_until_pipe_is_full(fd: int) -> None:
         previous = queued
         time.sleep(0.2)
     raise AssertionError("the guest's output never filled the pipe")
+
+
+def test_timeout_stops_a_spinning_guest_with_status_124(guest, accel):
+    result = run_pyvmm("boot", "--flat", str(guest("spin")), "--accel", accel, "--timeout", "1.5", timeout=60)
+    assert result.returncode == 124
+    assert result.stdout == b"spinning\n"
+    assert result.stderr == b"pyvmm: the guest was still running after --timeout 1.5 s; stopped it\n"
+
+
+def test_a_guest_that_ends_in_time_keeps_its_own_status(guest, accel):
+    result = run_pyvmm("boot", "--flat", str(guest("hello")), "--accel", accel, "--timeout", "60", timeout=60)
+    assert result.returncode == 42
+
+
+def test_a_vcpu_spinning_at_the_reset_vector_is_reported_once(guest, accel):
+    # The guest needs microseconds to get there; whatever the timing, the
+    # stuck vCPU is reported by the time --timeout stops it, and only once.
+    result = run_pyvmm("boot", "--flat", str(guest("reset_vector_spin")), "--accel", accel, "--timeout", "3",
+                       timeout=60)
+    assert result.returncode == 124
+    assert result.stderr.decode().splitlines() == [
+        "pyvmm: vCPU 0 is spinning at the reset vector (RIP 0xffff0): the guest looks stuck",
+        "pyvmm: the guest was still running after --timeout 3 s; stopped it",
+    ]

@@ -50,6 +50,9 @@ class ScriptedVcpu(Vcpu):
     def registers(self):
         return {}
 
+    def code_at_rip(self):
+        return 0, b""
+
     def close(self):
         pass
 

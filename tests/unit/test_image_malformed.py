@@ -225,6 +225,40 @@ def test_refcount_overflow_while_packing_compressed_data_starts_a_new_cluster(tm
         assert image.read(0, 8 * 4096) == b"".join(bytes([i]) * 4096 for i in range(8))
 
 
+def test_backing_file_name_holding_a_nul_byte_is_refused(tmp_path):
+    # Found by the qcow2 fuzzer (tests/fuzz/): `img convert` ended in a
+    # traceback (ValueError: embedded null byte). The reduced input: an
+    # overlay whose 10-byte backing name has a NUL in the middle.
+    make(tmp_path / "base.qcow2", data=False)
+    overlay = make(tmp_path / "overlay.qcow2", data=False, backing_file="base.qcow2", backing_format="qcow2")
+    with open(overlay, "rb") as f:
+        offset, length = struct.unpack_from(">QI", f.read(20), 8)
+    assert length == len(b"base.qcow2")
+    patch(overlay, offset, "10s", b"ba\0e.qcow2")
+    before = digest(overlay)
+    for args in (["convert", "-O", "raw", overlay, str(tmp_path / "out.raw")], ["info", overlay],
+                 ["check", overlay]):
+        proc = run_cli(*args)
+        assert_one_line_error(proc)
+        assert "backing file name holds a NUL byte" in proc.stderr
+    assert digest(overlay) == before
+    assert not (tmp_path / "out.raw").exists()
+
+
+def test_backing_file_name_ending_in_a_newline_is_reported_on_one_line(tmp_path):
+    # Found by the qcow2 fuzzer: the "not found" error printed the name as
+    # it is, and its newline split the message in two lines.
+    make(tmp_path / "base.qcow2", data=False)
+    overlay = make(tmp_path / "overlay.qcow2", data=False, backing_file="base.qcow2", backing_format="qcow2")
+    with open(overlay, "rb") as f:
+        offset = struct.unpack_from(">Q", f.read(16), 8)[0]
+    patch(overlay, offset, "10s", b"base.qcow\n")
+    proc = run_cli("info", "--backing-chain", overlay)
+    assert_one_line_error(proc)
+    assert "backing file 'base.qcow\\n' not found (looked for " in proc.stderr
+    assert proc.stderr.rstrip("\n").endswith("base.qcow\\n)")
+
+
 def test_backing_chain_loops_are_refused(tmp_path):
     a = make(tmp_path / "a.qcow2", data=False)
     make(tmp_path / "b.qcow2", data=False, backing_file="a.qcow2", backing_format="qcow2")

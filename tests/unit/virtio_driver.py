@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from devices.virtio import constants as c
 from devices.virtio import mmio as r
+from devices.virtio.blk import VirtioBlock
 from devices.virtio.mmio import VirtioMmioTransport
 from devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 from vmm.bus import NullIrqLine
@@ -187,3 +188,35 @@ def make_transport(device, memory_size: int = MEMORY_SIZE):
     irq = NullIrqLine()
     transport = VirtioMmioTransport(device, memory, irq)
     return transport, FakeDriver(transport, memory, irq), memory, irq
+
+
+class BlkDriver:
+    """Issues virtio-blk requests the way Linux's virtio_blk lays them out."""
+
+    def __init__(self, device: VirtioBlock, indirect: bool = False, accept: int | None = None) -> None:
+        self.device = device
+        self.transport, self.driver, self.memory, self.irq = make_transport(device)
+        (self.queue,) = self.driver.start(1, accept=accept)
+        self.indirect = indirect
+
+    def request(self, kind: int, sector: int = 0, out: bytes = b"", in_length: int = 0) -> tuple[int, bytes, int]:
+        """Returns (status, data read, used length)."""
+        heap = self.driver.heap
+        header = heap.alloc(16, data=struct.pack("<IIQ", kind, 0, sector))
+        buffers = [Buffer(header, 16)]
+        if out:
+            buffers.append(Buffer(heap.alloc(len(out), data=out), len(out)))
+        data = heap.alloc(in_length) if in_length else None
+        if in_length:
+            buffers.append(Buffer(data, in_length, writable=True))
+        status = heap.alloc(1, data=b"\xff")
+        buffers.append(Buffer(status, 1, writable=True))
+        head = self.queue.add(buffers, indirect=self.indirect)
+        used = self.queue.take_used()
+        assert used and used[-1][0] == head
+        read = self.memory.read(data, in_length) if in_length else b""
+        self.driver.heap.next = 0x20_0000  # requests are synchronous: reuse the buffer space
+        return self.memory.read_u8(status), read, used[-1][1]
+
+    def config(self, offset: int, size: int) -> int:
+        return self.driver.config(offset, size)

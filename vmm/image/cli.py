@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import click
 
-from vmm.errors import PyvmmError
+from vmm.errors import PyvmmError, one_line
 from vmm.image.convert import compare, convert
 from vmm.image.info import format_info_human, image_info, snapshot_table
 from vmm.image.open import FORMATS, atomic_output, create_image, open_image
@@ -39,11 +39,11 @@ def _fails_with(status: int | None = None) -> Callable:
             try:
                 return command(*args, **kwargs)
             except PyvmmError as err:
-                click.echo(f"pyvmm: {err}", err=True)
+                click.echo(f"pyvmm: {one_line(str(err))}", err=True)
                 sys.exit(status if status is not None else err.exit_status)
             except OSError as err:
                 where = f"{err.filename}: " if err.filename else ""
-                click.echo(f"pyvmm: {where}{err.strerror or err}", err=True)
+                click.echo(f"pyvmm: {one_line(f'{where}{err.strerror or err}')}", err=True)
                 sys.exit(status if status is not None else 1)
             except KeyboardInterrupt:
                 click.echo("pyvmm: interrupted", err=True)

@@ -231,6 +231,8 @@ def _parse_extensions(name: str, hdr: Header, data: bytes) -> None:
         if hdr.backing_file_offset + hdr.backing_file_size > end:
             raise CorruptImageError(f"{name}: backing file name lies outside the header cluster")
         raw = data[hdr.backing_file_offset : hdr.backing_file_offset + hdr.backing_file_size]
+        if b"\0" in raw:  # no file can have that name; the OS would refuse it
+            raise CorruptImageError(f"{name}: backing file name holds a NUL byte")
         hdr.backing_file = raw.decode("utf-8", errors="replace")
         end = min(end, hdr.backing_file_offset)
     pos = hdr.header_length

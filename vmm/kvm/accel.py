@@ -313,19 +313,26 @@ class KvmVcpu(Vcpu):
             regs = self.registers()
         except PyvmmError:
             return None, b""
+        return regs["rip"], self._code_at(regs["cs_base"] + regs["rip"], length)
+
+    def code_at_rip(self) -> tuple[int, bytes]:
+        regs = self.registers()
         linear = regs["cs_base"] + regs["rip"]
+        return linear, self._code_at(linear, 15)
+
+    def _code_at(self, linear: int, length: int) -> bytes:
         try:
             physical = self.fd.translate(linear)
         except PyvmmError:
             physical = None
         if physical is None:
-            return regs["rip"], b""
+            return b""
         # Stop at the page end: the next page may map elsewhere.
         length = min(length, 4096 - (physical & 0xFFF))
         try:
-            return regs["rip"], self.memory.read(physical, length)
+            return self.memory.read(physical, length)
         except GuestMemoryError:
-            return regs["rip"], b""
+            return b""
 
     # -- running -------------------------------------------------------------
 

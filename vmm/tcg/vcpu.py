@@ -101,6 +101,7 @@ class TcgVcpu(Vcpu):
         self.context.copy_from(shared.pristine)
         self.turn = self.scheduler.condition()  # on the scheduler's lock
         self.kick_pending = False
+        self.pause_pending = False  # run() returns Interrupted between two slices
         self.halted = False
         self._pending_exit: Exit | None = None
         self.router = shared.router
@@ -129,8 +130,8 @@ class TcgVcpu(Vcpu):
     def run(self) -> Exit:
         while True:
             with self.scheduler.lock:
-                if self.kick_pending:
-                    self.kick_pending = False
+                if self.kick_pending or self.pause_pending:
+                    self.kick_pending = self.pause_pending = False
                     return Interrupted()
             if self.router is None and self.halted:
                 self.halted = False  # KVM semantics: running again continues after the HLT
@@ -155,6 +156,16 @@ class TcgVcpu(Vcpu):
         with self.scheduler.lock:
             self.kick_pending = True
             self.turn.notify()
+            running = self.scheduler.owner is self
+        if running:
+            self.engine.stop_hook.request()
+
+    def pause(self) -> None:
+        # Not a kick: after a kick the port accesses the rest of the translated
+        # block makes are dropped (vmm/tcg/vm.py), which only a stop may do. The
+        # slice ends at the next block boundary, as for a timer.
+        with self.scheduler.lock:
+            self.pause_pending = True
             running = self.scheduler.owner is self
         if running:
             self.engine.stop_hook.request()
@@ -200,6 +211,11 @@ class TcgVcpu(Vcpu):
     def write_debug_registers(self, values: dict[str, int]) -> None:
         with self._owning_cpu():
             write_debug_registers(self.engine, values)
+
+    def code_at_rip(self) -> tuple[int, bytes]:
+        with self._owning_cpu():
+            rip = self.engine.reg(x86.UC_X86_REG_RIP)
+            return self._linear_rip(rip), self._instruction_bytes(rip)
 
     def close(self) -> None:
         self.scheduler.forget(self.context)
