@@ -4,20 +4,27 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYVMM  := $(VENV)/bin/pyvmm
 
-# Debian packages the tests and benchmarks use: binutils assembles the test
+# Debian packages pyvmm needs at run time: a Python that can make the venv
+# (pip brings the rest). make install and make demo need nothing more.
+RUNTIME_PACKAGES := python3-venv
+# What the tests and benchmarks use as well: binutils assembles the test
 # guests; qemu-utils is the disk-image reference; acpica-tools disassembles
-# our ACPI tables; gdb drives the gdb stub's tests; the rest build and inspect the
-# Linux test guests.
-DEB_PACKAGES := binutils gcc make qemu-utils qemu-system-x86 acpica-tools e2fsprogs \
-                busybox-static cpio iproute2 python3-venv gdb
+# our ACPI tables; gdb drives the gdb stub's tests; the rest build and inspect
+# the Linux test guests, and QEMU is the peer the benchmarks measure against.
+TEST_PACKAGES := binutils gcc make qemu-utils qemu-system-x86 acpica-tools e2fsprogs \
+                 busybox-static cpio iproute2 gdb
 
-.PHONY: install deps demo demo-linux test test-fast test-kvm test-kvm-ci lint bench bench-kvm test-assets clean
+# Cases per fuzz test for make fuzz (the suite runs a few from a fixed seed).
+FUZZ_EXAMPLES ?= 5000
+
+.PHONY: install deps deps-runtime demo demo-linux test test-fast test-kvm test-kvm-ci lint bench bench-kvm \
+        fuzz test-assets clean
 
 # The KVM structures' C declarations are parsed once here, not at every start
 # (vmm/cffi_prebuilt.py); without this step pyvmm parses them at import.
 CFFI_PREBUILT := vmm/kvm/_uapi_prebuilt.py
 
-install: $(VENV)/.installed $(CFFI_PREBUILT)
+install: deps-runtime $(VENV)/.installed $(CFFI_PREBUILT)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,20 +36,29 @@ $(CFFI_PREBUILT): vmm/kvm/uapi.py vmm/cffi_prebuilt.py $(VENV)/.installed
 	$(PY) -m vmm.cffi_prebuilt
 
 # System packages, installed only when missing (needs root, as apt-get does).
-deps:
-	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+define install_missing
+	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
+endef
 
-# Set everything up and boot a tiny guest that prints on the serial console.
-demo: deps install
-	$(PY) -m tests.helpers build tests/guest/asm/hello.S
+deps-runtime:
+	$(call install_missing,$(RUNTIME_PACKAGES))
+
+deps: deps-runtime
+	$(call install_missing,$(TEST_PACKAGES))
+
+# Set up pyvmm and boot a tiny guest that prints on the serial console. The
+# guest's bytes come from Python (no assembler needed, tests/guest/hello_image.py).
+demo: install
+	$(PY) -m tests.guest.hello_image build/hello.bin
 	$(PYVMM) boot --flat build/hello.bin; status=$$?; echo "guest exited with status $$status"; [ $$status -eq 42 ]
 
 # Boot Debian's cloud kernel with the test initramfs to a shell on this terminal
-# (Ctrl-A x or `poweroff` to leave).
+# (Ctrl-A x or `poweroff` to leave). Building the test initramfs takes the test
+# packages (deps).
 demo-linux: deps install test-assets
 	$(PYVMM) boot --kernel $$($(PY) -c 'from tests.assets import find_linux_assets as f; print(f().kernel)') \
 		--initrd $$($(PY) -c 'from tests.assets import find_linux_assets as f; print(f().initrd)') \
@@ -80,6 +96,12 @@ bench-kvm: deps install test-assets
 
 test-assets: install
 	$(PY) -m tests.assets
+
+# Long fuzzing runs from a new seed each time (a failure names its seed and
+# case; PYVMM_FUZZ_SEED=S FUZZ_EXAMPLES=N make fuzz replays it).
+fuzz: install
+	@seed=$${PYVMM_FUZZ_SEED:-$$(date +%s)}; echo "fuzzing with PYVMM_FUZZ_SEED=$$seed, $(FUZZ_EXAMPLES) cases per test"; \
+	PYVMM_FUZZ_SEED=$$seed PYVMM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:logging -k fuzz tests/unit tests/fuzz
 
 clean:
 	rm -rf build .pytest_cache $(CFFI_PREBUILT)

@@ -108,7 +108,10 @@ class TapBackend(NetBackend):
         try:
             self.fd = os.open(tun_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as err:
-            hint = " (load the tun module)" if err.errno == errno.ENOENT else ""
+            hint = {
+                errno.ENOENT: " (load the tun module)",
+                errno.EACCES: " (TAP networking needs root or CAP_NET_ADMIN; --net socket=... needs neither)",
+            }.get(err.errno, "")
             raise PyvmmError(f"--net tap={name}: cannot open {tun_path}: {err.strerror}{hint}") from None
         try:
             request = struct.pack(f"{IFNAMSIZ}sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
@@ -117,7 +120,7 @@ class TapBackend(NetBackend):
         except OSError as err:
             os.close(self.fd)
             hint = {
-                errno.EPERM: " (needs CAP_NET_ADMIN, or a TAP device made for your user: "
+                errno.EPERM: " (needs root or CAP_NET_ADMIN, or a TAP device made for your user: "
                              f"ip tuntap add {name} mode tap user $USER)",
                 errno.EBUSY: " (another program is attached to it)",
                 errno.EINVAL: " (is it a TUN device, or multi-queue?)",

@@ -22,3 +22,9 @@ def test_make_demo_boots_the_hello_guest():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Hello from real mode" in result.stdout
     assert "guest exited with status 42" in result.stdout
+
+
+def test_the_demo_guest_built_in_python_is_hello_s_as_gnu_as_assembles_it(guest):
+    from tests.guest.hello_image import hello_image
+
+    assert hello_image() == guest("hello").read_bytes()

@@ -3,12 +3,13 @@
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from boot import bootparam as bp
 from boot.bzimage import NotALinuxKernel, parse_bzimage
 from tests.assets import linux_assets, make_bzimage  # noqa: F401 - linux_assets is a fixture
+from tests.fuzzing import fuzz_settings
 from vmm.errors import PyvmmError
 
 PAYLOAD = b"compressed-vmlinux-stand-in" * 10
@@ -104,7 +105,7 @@ def test_not_a_kernel_is_a_pyvmm_error():
 VALID = make_bzimage(PAYLOAD)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(300)
 @given(st.integers(min_value=0, max_value=len(VALID)))
 def test_fuzz_truncation_never_crashes(length):
     try:
@@ -116,7 +117,7 @@ def test_fuzz_truncation_never_crashes(length):
         assert length >= parsed.setup_size + parsed.kernel_size
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(500)
 @given(st.lists(st.tuples(st.integers(min_value=0x1F0, max_value=0x26F), st.integers(0, 255)),
                 min_size=1, max_size=8))
 def test_fuzz_corrupted_header_never_crashes(changes):
@@ -134,7 +135,7 @@ def test_fuzz_corrupted_header_never_crashes(changes):
     assert parsed.init_size > 0 and parsed.kernel_alignment & (parsed.kernel_alignment - 1) == 0
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz_settings(200)
 @given(st.binary(max_size=4096))
 def test_fuzz_random_bytes_never_crash(data):
     with pytest.raises(PyvmmError):

@@ -3,12 +3,13 @@
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from boot.bzimage import NotALinuxKernel
 from boot.vmlinux import is_elf, load_vmlinux, parse_vmlinux
 from tests.assets import make_vmlinux
+from tests.fuzzing import fuzz_settings
 from vmm.errors import PyvmmError
 from vmm.memory import GuestMemory
 
@@ -92,7 +93,7 @@ def test_is_elf():
 VALID = make_vmlinux([(0x100_0000, b"\x90" * 64, 0x1000), (0x110_0000, b"D" * 64, 64)], 0x100_0000)
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(st.integers(0, len(VALID)), st.lists(st.tuples(st.integers(0, 64 + 2 * 56 - 1), st.integers(0, 255)),
                                             max_size=6))
 def test_fuzz_truncated_or_corrupted_elf_never_crashes(length, changes):

@@ -20,11 +20,10 @@ uses them, with the machine's devices wired to the router's lines.
 from __future__ import annotations
 
 import calendar
-import os
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from devices.acpi_pm import AcpiPowerManagement
@@ -38,9 +37,11 @@ from devices.legacy import QUIET_PORTS, SilentDevice, SystemControlPortA
 from devices.pic import PicPair
 from devices.pit import Pit
 from devices.pvpanic import PvPanic
+from devices.reset_control import PciConfigPortsWithResetControl
 from devices.rtc import CENTURY, STATUS_B, YEAR, CmosRtc
 from devices.testdev import TEST_DEVICE_SIZE, ScratchDevice
 from devices.uart import Uart16550
+from tests.fuzzing import fuzz_settings
 from vmm import layout
 from vmm.bus import Bus, NullIrqLine
 
@@ -51,15 +52,8 @@ START_NS = 1_700_000_000 * 10**9  # the fake clock starts in 2023, in ns since t
 # there: that would make these device tests need Unicorn).
 LAPIC_TIMER_HZ = 25_000_000
 
-# PYVMM_FUZZ_EXAMPLES=5000 makes a longer, randomised hunt (CI keeps the short, fixed run).
-HUNT_EXAMPLES = int(os.environ.get("PYVMM_FUZZ_EXAMPLES", "0"))
-FUZZ = settings(
-    max_examples=HUNT_EXAMPLES or 25,
-    deadline=None,
-    derandomize=not HUNT_EXAMPLES,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+# PYVMM_FUZZ_EXAMPLES=5000 makes a longer, randomised hunt (tests/fuzzing.py).
+FUZZ = fuzz_settings(25)
 
 
 class FakeClock:
@@ -156,6 +150,7 @@ def small_port_rig() -> Rig:
         ("debug-exit", DebugExit(calls("stop")), 1),
         ("post-code", SilentDevice(), 1),
         ("port-a", SystemControlPortA(calls("reset")), 1),
+        ("pci-config", PciConfigPortsWithResetControl(calls("reset")), 8),
     ]
     ranges += [(q.name, SilentDevice(q.read_value), q.size) for q in QUIET_PORTS]
     return Rig(ranges, clock)

@@ -6,12 +6,13 @@ import os
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from devices.virtio import blk
 from devices.virtio import constants as c
 from devices.virtio.blk import VirtioBlock
+from tests.fuzzing import fuzz_settings
 from tests.unit.virtio_driver import BlkDriver, Buffer, make_transport
 from vmm.image.open import create_image, open_image
 
@@ -205,8 +206,7 @@ def test_without_event_idx_every_request_interrupts(raw_path):
             d.driver.ack_interrupt()
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.function_scoped_fixture])
+@fuzz_settings(200)
 @given(
     descriptors=st.lists(st.tuples(st.integers(0, (1 << 24) + 8192), st.integers(0, 1 << 16),
                                    st.integers(0, 7), st.integers(0, 20)), min_size=16, max_size=16),

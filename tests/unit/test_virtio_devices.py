@@ -21,7 +21,7 @@ from devices.virtio.net_backends import (
     TapBackend,
 )
 from devices.virtio.rng import VirtioRng
-from tests.unit.virtio_driver import Buffer, make_transport
+from tests.unit.virtio_driver import Buffer, FakeBackend, make_transport
 from vmm.errors import PyvmmError
 
 # -- virtio-rng ---------------------------------------------------------------------
@@ -105,37 +105,6 @@ def test_console_config_has_one_port():
 
 
 # -- virtio-net with a fake backend ------------------------------------------------------
-
-
-class FakeBackend(NetBackend):
-    def __init__(self, offloads: int = 0) -> None:
-        self.offload_features = offloads
-        self.incoming: list[bytes] = []
-        self.sent: list[bytes] = []
-        self.paused = True
-        self.offloads = None
-        self.ready = None
-
-    def start(self, loop, ready):
-        self.ready = ready
-
-    def receive(self):
-        return self.incoming.pop(0) if self.incoming else None
-
-    def send(self, packet):
-        self.sent.append(packet)
-
-    def pause_receive(self):
-        self.paused = True
-
-    def resume_receive(self):
-        self.paused = False
-
-    def set_offloads(self, guest_features):
-        self.offloads = guest_features
-
-    def close(self):
-        pass
 
 
 class NetHarness:

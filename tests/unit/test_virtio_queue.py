@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from devices.virtio.queue import (
@@ -16,6 +16,7 @@ from devices.virtio.queue import (
     Virtqueue,
     VirtqueueError,
 )
+from tests.fuzzing import fuzz_settings
 from vmm.memory import GuestMemory
 
 SIZE = 8
@@ -187,7 +188,7 @@ descriptors = st.tuples(
 )
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(400)
 @given(
     table=st.lists(descriptors, min_size=SIZE, max_size=SIZE),
     indirect_table=st.lists(descriptors, min_size=0, max_size=SIZE + 2),

@@ -14,6 +14,7 @@ from devices.virtio import constants as c
 from devices.virtio import mmio as r
 from devices.virtio.blk import VirtioBlock
 from devices.virtio.mmio import VirtioMmioTransport
+from devices.virtio.net_backends import NetBackend
 from devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 from vmm.bus import NullIrqLine
 from vmm.memory import GuestMemory
@@ -220,3 +221,34 @@ class BlkDriver:
 
     def config(self, offset: int, size: int) -> int:
         return self.driver.config(offset, size)
+
+
+class FakeBackend(NetBackend):
+    def __init__(self, offloads: int = 0) -> None:
+        self.offload_features = offloads
+        self.incoming: list[bytes] = []
+        self.sent: list[bytes] = []
+        self.paused = True
+        self.offloads = None
+        self.ready = None
+
+    def start(self, loop, ready):
+        self.ready = ready
+
+    def receive(self):
+        return self.incoming.pop(0) if self.incoming else None
+
+    def send(self, packet):
+        self.sent.append(packet)
+
+    def pause_receive(self):
+        self.paused = True
+
+    def resume_receive(self):
+        self.paused = False
+
+    def set_offloads(self, guest_features):
+        self.offloads = guest_features
+
+    def close(self):
+        pass
