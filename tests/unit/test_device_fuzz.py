@@ -20,15 +20,19 @@ uses them, with the machine's devices wired to the router's lines.
 from __future__ import annotations
 
 import calendar
+import struct
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from boot.firmware import add_machine_facts
 from devices.acpi_pm import AcpiPowerManagement
 from devices.boot_timer import BootTimer
 from devices.debug_exit import DebugExit
+from devices.fw_cfg import PORT_COUNT as FW_CFG_PORT_COUNT
+from devices.fw_cfg import FwCfg
 from devices.i8042 import I8042
 from devices.interrupts import InterruptRouter
 from devices.ioapic import IoApic
@@ -44,6 +48,7 @@ from devices.uart import Uart16550
 from tests.fuzzing import fuzz_settings
 from vmm import layout
 from vmm.bus import Bus, NullIrqLine
+from vmm.memory import GuestMemory
 
 SIZES = (1, 2, 4, 8)
 JUST_OUTSIDE = 8  # how far past a range's end accesses may land
@@ -303,7 +308,29 @@ def router_rig() -> Rig:
     return Rig(ranges, clock, [line, switch_cpu, vcpu, receive], hints, pairs)
 
 
-RIGS = [uart_rig, i8042_rig, rtc_rig, small_port_rig, scratch_rig, pic_pit_rig, ioapic_rig, lapic_rig, router_rig]
+# fw_cfg: the keys that exist, the file directory, the write bit; DMA
+# descriptors at FW_CFG_DMA (big-endian) that the host side writes.
+FW_CFG_DMA = 0x1000
+FW_CFG_HINTS = (0x00, 0x01, 0x03, 0x05, 0x19, 0x20, 0x21, 0x4000, 0x8002, 0xFFFF,
+                int.from_bytes(FW_CFG_DMA.to_bytes(4, "big"), "little"))  # the address as a DMA register write
+
+
+def fw_cfg_rig() -> Rig:
+    memory = GuestMemory(1 << 20)  # freed with the rig
+    fw_cfg = FwCfg(memory)
+    add_machine_facts(fw_cfg, memory.size, 2)
+
+    def descriptor(arg: int) -> None:
+        control = (arg & 0xFFFF) << 16 | (arg >> 16) & 0x1F  # a key, then SELECT/READ/SKIP/WRITE/ERROR bits
+        length = (arg >> 8) & 0xFFFF if arg & 1 else arg & 0xFFFF_FFFF
+        address = (arg * 4099) % (2 << 20)  # inside and past guest RAM
+        memory.write(FW_CFG_DMA, struct.pack(">IIQ", control, length, address))
+
+    return Rig([("fw_cfg", fw_cfg, FW_CFG_PORT_COUNT)], FakeClock(), [descriptor], hints=FW_CFG_HINTS)
+
+
+RIGS = [uart_rig, i8042_rig, rtc_rig, small_port_rig, scratch_rig, pic_pit_rig, ioapic_rig, lapic_rig, router_rig,
+        fw_cfg_rig]
 
 
 # -- the strategies -------------------------------------------------------------------
