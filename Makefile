@@ -101,7 +101,7 @@ test-assets: install
 # case; PYVMM_FUZZ_SEED=S FUZZ_EXAMPLES=N make fuzz replays it).
 fuzz: install
 	@seed=$${PYVMM_FUZZ_SEED:-$$(date +%s)}; echo "fuzzing with PYVMM_FUZZ_SEED=$$seed, $(FUZZ_EXAMPLES) cases per test"; \
-	PYVMM_FUZZ_SEED=$$seed PYVMM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:logging -k fuzz tests/unit tests/fuzz
+	PYVMM_FUZZ_SEED=$$seed PYVMM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -k fuzz tests/unit tests/fuzz
 
 clean:
 	rm -rf build .pytest_cache $(CFFI_PREBUILT)
