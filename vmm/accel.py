@@ -103,7 +103,8 @@ class Vcpu(ABC):
     @abstractmethod
     def code_at_rip(self) -> tuple[int, bytes]:
         """From the thread that calls `run`, between runs: the linear address of the next
-        instruction (CS base + RIP) and up to 15 bytes of code there (b"" if unreadable)."""
+        instruction (CS base + RIP) and up to 15 bytes of code there (b"" if unreadable, or
+        if the vCPU runs no code: not started yet, or halted)."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -14,15 +14,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vmm.layout import REAL_MODE_RESET_VECTOR, RESET_VECTOR
+from vmm.layout import REAL_MODE_RESET_VECTOR
 
 LOOK_INTERVAL = 1.0  # seconds between looks
 ZERO_CODE_RUN = 8  # this many zero bytes at RIP: no compiler emits that as code
 
 
 def stuck_at(linear_rip: int, code: bytes) -> str | None:
-    """Where a vCPU with this next instruction is stuck, in words, or None if it looks fine."""
-    if linear_rip in (REAL_MODE_RESET_VECTOR, RESET_VECTOR):
+    """Where a vCPU with this next instruction is stuck, in words, or None if it looks fine.
+
+    Only F000:FFF0, where real-mode code jumps to reset, counts as the reset
+    vector: 0xFFFFFFF0 is where every vCPU sits before it is started (an AP
+    waiting for its SIPI) and where firmware starts.
+    """
+    if linear_rip == REAL_MODE_RESET_VECTOR:
         return "spinning at the reset vector"
     if len(code) >= ZERO_CODE_RUN and not any(code[:ZERO_CODE_RUN]):
         return "executing an all-zero page"

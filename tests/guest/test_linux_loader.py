@@ -36,6 +36,7 @@ def test_loader_hands_over_what_linux_needs(test_kernel, initrd, accel, cpus):
     assert "header HdrS" in out
     # The user's command line, then what the host's KVM needs, then pyvmm's reboot parameters.
     assert re.search(r"^cmdline: console=ttyS0 pyvmm\.test=1( noxsave)? panic=-1 reboot=panic_warm$", out, re.M)
+    assert b"looks stuck" not in result.stderr  # APs waiting for their SIPI are not stuck
     # The e820 map: low RAM, the reserved EBDA/BIOS area, RAM from 1 MiB to the end.
     assert "e820: 0000000000000000-000000000009fbff type 1" in out
     assert "e820: 000000000009fc00-00000000000fffff type 2" in out

@@ -215,6 +215,8 @@ class TcgVcpu(Vcpu):
     def code_at_rip(self) -> tuple[int, bytes]:
         with self._owning_cpu():
             rip = self.engine.reg(x86.UC_X86_REG_RIP)
+            if not self.started or self.halted:  # runs no code: an AP waiting for SIPI, or HLT
+                return self._linear_rip(rip), b""
             return self._linear_rip(rip), self._instruction_bytes(rip)
 
     def close(self) -> None:
