@@ -14,12 +14,12 @@ from vmm.virtio_options import VirtioSpecs
 MAX_MEMORY = 1 << 40  # 1 TiB: more than any host pyvmm runs on; catches typos like 512G0
 MAX_CPUS = 64  # xAPIC IDs and the MADT would allow 255; 64 is what is tested
 
-# The serial console; reboot through the FADT's reset register (without
-# reboot=, Linux on a machine with no firmware tables behind ACPI walks its
-# list of reboot methods and hangs before reaching it, on QEMU's microvm as
-# here; Firecracker's default command line says reboot=k for the same reason);
-# and on a panic pyvmm hears of it through pvpanic and the guest reboots at
-# once rather than hanging.
+# The serial console; reboot through the FADT's reset register, the quickest
+# way out (without any reboot=, Linux on a hardware-reduced ACPI machine tries
+# EFI, then jumps to the reset vector, where pyvmm's reset stub ends the VM
+# too); and on a panic pyvmm hears of it through pvpanic and the guest reboots
+# at once rather than hanging. boot/reboot_params.py adds reboot=panic_warm to
+# this and to the user's command lines.
 DEFAULT_CMDLINE = "console=ttyS0 reboot=acpi panic=-1"
 
 
