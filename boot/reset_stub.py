@@ -10,7 +10,7 @@ are there forever.
 
 When pyvmm boots a kernel directly there is no firmware, so it puts this
 stub at both places: it asks the chipset for a reset through the reset
-control register (port 0xcf9, devices/reset_control.py), which ends the VM
+control register (port 0xcf9, devices/legacy.py), which ends the VM
 with the reboot status, as any other reset does. A machine that loads
 firmware puts the firmware there instead.
 
@@ -28,15 +28,20 @@ The stub assembles to the same instructions in 16-, 32- and 64-bit code
 
 from __future__ import annotations
 
-from devices.reset_control import FULL_RST, RST_CPU, SYS_RST
-from vmm.layout import REAL_MODE_RESET_VECTOR, RESET_CONTROL_PORT, RESET_VECTOR
+from devices.legacy import (
+    RESET_CONTROL_FULL_RST,
+    RESET_CONTROL_PORT,
+    RESET_CONTROL_RST_CPU,
+    RESET_CONTROL_SYS_RST,
+)
+from vmm.layout import FIRMWARE_AREA_END, REAL_MODE_RESET_VECTOR, RESET_VECTOR
 from vmm.memory import GuestMemory
 
 RESET_STUB = bytes([
     0xFA,                                    # cli
     0xB2, RESET_CONTROL_PORT & 0xFF,         # mov dl, 0xf9
     0xB6, RESET_CONTROL_PORT >> 8,           # mov dh, 0x0c
-    0xB0, FULL_RST | RST_CPU | SYS_RST,      # mov al, 0x0e
+    0xB0, RESET_CONTROL_FULL_RST | RESET_CONTROL_RST_CPU | RESET_CONTROL_SYS_RST,  # mov al, 0x0e
     0xEE,                                    # out dx, al
     0xF4,                                    # hlt
     0xEB, 0xFD,                              # jmp back to the hlt
@@ -45,7 +50,10 @@ PAGE = 0x1000
 
 
 def install_reset_stub(memory: GuestMemory) -> None:
-    """Put the stub at F000:FFF0 in low RAM and at 0xFFFFFFF0 in a one-page firmware area."""
+    """Put the stub at F000:FFF0 in low RAM and at 0xFFFFFFF0, in a one-page firmware area
+    (before the accelerator maps memory)."""
     memory.write(REAL_MODE_RESET_VECTOR, RESET_STUB)
-    memory.add_firmware_area(PAGE)
-    memory.write(RESET_VECTOR, RESET_STUB)
+    page = bytearray(PAGE)
+    offset = RESET_VECTOR - (FIRMWARE_AREA_END - PAGE)
+    page[offset:offset + len(RESET_STUB)] = RESET_STUB
+    memory.add_firmware(FIRMWARE_AREA_END - PAGE, bytes(page))

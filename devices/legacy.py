@@ -10,21 +10,22 @@ return:
 
 - all ones where the answer must be "no device here", so a driver's probe
   fails at its first check: COM2-COM4 (the 8250 driver's IER test), the
-  parallel ports and the VGA CRT controller;
+  parallel ports, the VGA CRT controller, and PCI configuration mechanism #1
+  (0xcf8-0xcff but 0xcf9: Linux reads back its 0x80000000 address and, seeing all ones,
+  decides there is no PCI type-1 access, nor type 2);
 - zero for chips that exist on every PC and that nobody reads back in
   earnest: the two 8237 DMA controllers and their page registers, the 0xed
   delay port (`io_delay=0xed`), the math coprocessor's 0xf0/0xf1.
 
 Port 0x92, "system control port A", gets a small model: bit 1 is the A20
 gate (always on), bit 0 written as 1 is the "fast reset" some boot code
-uses, so it reaches the machine's `reset()` callback.
+uses, so it reaches the machine's `reset()` callback. So does a reset
+through port 0xcf9, the chipset's reset control register.
 
 Deliberately absent: the 8259 PICs (0x20, 0xa0, ELCR 0x4d0), the 8254 PIT
 (0x40) and port B (0x61), which KVM's in-kernel irqchip handles, or
 devices/pic.py and pit.py do on the software CPU; 0x80 (POST code) and 0xf4
-(debug exit), which the machine registers itself; 0xcf8-0xcff, absent PCI
-configuration ports around the reset control register (devices/reset_control.py);
-and every port another
+(debug exit), which the machine registers itself; and every port another
 pyvmm device owns. The port numbers live here rather than in vmm/layout.py
 because each one is meaningful only next to its reason for being quiet.
 """
@@ -81,6 +82,9 @@ QUIET_PORTS: tuple[QuietRange, ...] = (
     QuietRange(0x3B4, 0x02, "mda-crtc", ALL_ONES),
     QuietRange(0x3D4, 0x02, "vga-crtc", ALL_ONES),
     QuietRange(0x3E8, 0x08, "com3", ALL_ONES),
+    # No PCI host bridge: configuration mechanism #1 around the reset control register.
+    QuietRange(0xCF8, 0x01, "pci-config", ALL_ONES),  # a dword access at 0xcf8 lands here
+    QuietRange(0xCFA, 0x06, "pci-config-2", ALL_ONES),
 )
 
 SYSTEM_CONTROL_A_PORT = 0x92
@@ -102,6 +106,34 @@ class SystemControlPortA:
             self._reset()
 
 
+RESET_CONTROL_PORT = 0xCF9
+RESET_CONTROL_SYS_RST = 0x02
+RESET_CONTROL_RST_CPU = 0x04
+RESET_CONTROL_FULL_RST = 0x08
+
+
+class ResetControlRegister:
+    """Port 0xcf9, the chipset's reset control register: writing RST_CPU resets the machine.
+
+    Linux's `reboot=pci` writes SYS_RST then SYS_RST | RST_CPU here, and so does
+    SeaBIOS before its last resort (int3 with no interrupt table, a triple fault);
+    pyvmm's reset stub (boot/reset_stub.py) writes FULL_RST | RST_CPU | SYS_RST.
+    """
+
+    def __init__(self, reset: Callable[[], None]) -> None:
+        self._reset = reset
+        self._value = 0
+
+    def read(self, offset: int, size: int) -> int:
+        return self._value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if value & RESET_CONTROL_RST_CPU:
+            self._reset()
+        else:
+            self._value = value & RESET_CONTROL_SYS_RST
+
+
 class PortBus(Protocol):
     def register(self, base: int, size: int, device: BusDevice, name: str) -> None: ...
 
@@ -111,3 +143,4 @@ def register_legacy_ports(bus: PortBus, reset: Callable[[], None]) -> None:
     for entry in QUIET_PORTS:
         bus.register(entry.base, entry.size, SilentDevice(entry.read_value), entry.name)
     bus.register(SYSTEM_CONTROL_A_PORT, 1, SystemControlPortA(reset), "port-a")
+    bus.register(RESET_CONTROL_PORT, 1, ResetControlRegister(reset), "reset-control")

@@ -80,10 +80,6 @@ FW_CFG_PORT = 0x510
 # Boot-timer port: the guest's initramfs writes here (via /dev/port) on
 # reaching userspace. 0x510 is QEMU's fw_cfg, so keep clear of it.
 BOOT_TIMER_PORT = 0x520
-# The chipset's reset control register (Intel's RST_CNT), inside the PCI
-# configuration mechanism's ports 0xcf8-0xcff (devices/reset_control.py).
-PCI_CONFIG_PORT = 0xCF8
-RESET_CONTROL_PORT = 0xCF9
 
 # -- Linux boot (boot/): structures the loader writes below 1 MiB ----------------
 # The same low-memory places Firecracker uses, all below the EBDA and clear of

@@ -26,7 +26,6 @@ from devices.fw_cfg import FwCfg
 from devices.i8042 import I8042
 from devices.legacy import SilentDevice, register_legacy_ports
 from devices.pvpanic import PvPanic
-from devices.reset_control import PciConfigPortsWithResetControl
 from devices.rtc import CmosRtc
 from devices.testdev import TEST_DEVICE_SIZE, ScratchDevice
 from devices.uart import Uart16550
@@ -133,9 +132,7 @@ class Machine:
         self.fw_cfg = FwCfg(self.memory)
         add_machine_facts(self.fw_cfg, self.memory.size, self.config.cpus)
         pio.register(layout.FW_CFG_PORT, FW_CFG_PORT_COUNT, self.fw_cfg, "fw_cfg")
-        pio.register(layout.PCI_CONFIG_PORT, 8, PciConfigPortsWithResetControl(
-            lambda: resets.reset("the reset control register 0xcf9")), "pci-config")
-        register_legacy_ports(pio, lambda: resets.reset("port 0x92's fast reset"))
+        register_legacy_ports(pio, lambda: resets.reset("a chipset reset register, port 0x92 or 0xcf9"))
         if self.config.virtio.count:
             self.virtio = add_virtio_devices(self.io, self.memory, self.vm, self.config.virtio, irqchip=irqchip,
                                              console_writer=self.console.write,

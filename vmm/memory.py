@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from vmm.errors import GuestMemoryError, PyvmmError
-from vmm.layout import FIRMWARE_AREA_END, HIGH_RAM_START, MMIO_HOLE_START
+from vmm.layout import HIGH_RAM_START, MMIO_HOLE_START
 
 # Untouched guest RAM then costs the host nothing and does not count against
 # overcommit. (The constant reached the mmap module only in Python 3.12.)
@@ -56,33 +56,36 @@ class GuestMemory:
             raise PyvmmError(f"guest memory must be at least 1M, got {size} bytes")
         if size % 4096:
             raise PyvmmError(f"guest memory must be a multiple of 4K, got {size} bytes")
-        self.size = size  # RAM only: the firmware area is not counted
+        self.size = size
         self.regions: list[MemoryRegion] = []
         for address, length in ram_layout(size):
-            self._add_region(address, length)
+            try:
+                mapping = mmap.mmap(
+                    -1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+                )
+            except OSError as err:
+                self.close()
+                raise PyvmmError(f"cannot allocate {length} bytes of guest memory: {err.strerror}") from None
+            self.regions.append(MemoryRegion(address, length, mapping))
+        self._starts = [r.guest_address for r in self.regions]
         # Low RAM starts at 0 and takes nearly every access: checked first.
         self._low, self._low_end = self.regions[0], self.regions[0].size
 
-    def _add_region(self, address: int, length: int) -> MemoryRegion:
-        try:
-            mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
-        except OSError as err:
-            self.close()
-            raise PyvmmError(f"cannot allocate {length} bytes of guest memory: {err.strerror}") from None
-        region = MemoryRegion(address, length, mapping)
-        self.regions.append(region)
-        self.regions.sort(key=lambda r: r.guest_address)
-        self._starts = [r.guest_address for r in self.regions]
-        return region
+    def add_firmware(self, address: int, data: bytes) -> None:
+        """Map `data` (a firmware image) at `address`, outside RAM: below 4 GiB, in the MMIO hole's top.
 
-    def add_firmware_area(self, size: int) -> int:
-        """Back the top `size` bytes below 4 GiB with memory, where a PC's firmware flash sits
-        (the CPU leaves reset at 0xFFFFFFF0); return its guest address. Call before the
-        accelerator maps the memory: it maps every region. The e820 map reports it reserved."""
-        if size <= 0 or size % 4096 or any(r.guest_address >= MMIO_HOLE_START and r.end <= FIRMWARE_AREA_END
-                                            for r in self.regions):
-            raise ValueError(f"firmware area of {size:#x} bytes: not page-sized, or there is one already")
-        return self._add_region(FIRMWARE_AREA_END - size, size).guest_address
+        Call before the accelerator maps memory. The region is writable like RAM
+        (firmware never writes its own high copy; a guest that does only changes itself).
+        """
+        size = (len(data) + 4095) & ~4095
+        if size == 0 or address % 4096 or any(
+                address < region.end and region.guest_address < address + size for region in self.regions):
+            raise PyvmmError(f"firmware of {len(data)} bytes does not fit at {address:#x}")
+        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mapping[: len(data)] = data
+        self.regions.append(MemoryRegion(address, size, mapping))
+        self.regions.sort(key=lambda region: region.guest_address)
+        self._starts = [r.guest_address for r in self.regions]
 
     def close(self) -> None:
         for region in self.regions:

@@ -18,9 +18,9 @@ REBOOTS = {  # reboot= value: exit status, what pyvmm says on stderr
     "acpi": (7, "through the ACPI reset register"),
     "kbd": (7, "through the i8042's reset line"),
     "triple": (3, "the guest triple-faulted"),
-    "pci": (7, "through the reset control register 0xcf9"),
-    "bios": (7, "through the reset control register 0xcf9"),  # the reset stub at F000:FFF0
-    "efi": (7, "through the reset control register 0xcf9"),  # no EFI: falls back to bios
+    "pci": (7, "through a chipset reset register, port 0x92 or 0xcf9"),
+    "bios": (7, "through a chipset reset register, port 0x92 or 0xcf9"),  # the reset stub at F000:FFF0
+    "efi": (7, "through a chipset reset register, port 0x92 or 0xcf9"),  # no EFI: falls back to bios
     None: (7, "through the ACPI reset register"),
 }
 

@@ -17,8 +17,8 @@ from tests.helpers import run_pyvmm
 RESETS = {  # port, value, what pyvmm names on stderr
     "acpi": (0x602, 0x42, "the ACPI reset register"),
     "i8042": (0x64, 0xFE, "the i8042's reset line"),
-    "cf9": (0xCF9, 0x06, "the reset control register 0xcf9"),  # Linux's reboot=pci writes 0x02, then 0x06
-    "port92": (0x92, 0x01, "port 0x92's fast reset"),
+    "cf9": (0xCF9, 0x06, "a chipset reset register, port 0x92 or 0xcf9"),  # Linux's reboot=pci writes 0x02, then 0x06
+    "port92": (0x92, 0x01, "a chipset reset register, port 0x92 or 0xcf9"),
 }
 
 

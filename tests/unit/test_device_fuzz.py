@@ -37,11 +37,10 @@ from devices.i8042 import I8042
 from devices.interrupts import InterruptRouter
 from devices.ioapic import IoApic
 from devices.lapic import LocalApic, NullLapicHost
-from devices.legacy import QUIET_PORTS, SilentDevice, SystemControlPortA
+from devices.legacy import QUIET_PORTS, ResetControlRegister, SilentDevice, SystemControlPortA
 from devices.pic import PicPair
 from devices.pit import Pit
 from devices.pvpanic import PvPanic
-from devices.reset_control import PciConfigPortsWithResetControl
 from devices.rtc import CENTURY, STATUS_B, YEAR, CmosRtc
 from devices.testdev import TEST_DEVICE_SIZE, ScratchDevice
 from devices.uart import Uart16550
@@ -155,7 +154,7 @@ def small_port_rig() -> Rig:
         ("debug-exit", DebugExit(calls("stop")), 1),
         ("post-code", SilentDevice(), 1),
         ("port-a", SystemControlPortA(calls("reset")), 1),
-        ("pci-config", PciConfigPortsWithResetControl(calls("reset")), 8),
+        ("reset-control", ResetControlRegister(calls("reset")), 1),
     ]
     ranges += [(q.name, SilentDevice(q.read_value), q.size) for q in QUIET_PORTS]
     return Rig(ranges, clock)

@@ -41,7 +41,7 @@ def bus_and_resets():
 
 def test_quiet_ranges_do_not_overlap_each_other_or_owned_ports(bus_and_resets) -> None:
     bus, _ = bus_and_resets
-    assert len(bus.ranges) == len(OWNED) + len(QUIET_PORTS) + 1
+    assert len(bus.ranges) == len(OWNED) + len(QUIET_PORTS) + 2  # port A, reset control
 
 
 def test_no_quiet_port_is_unclaimed_after_registration(bus_and_resets) -> None:

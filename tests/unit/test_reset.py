@@ -7,7 +7,8 @@ import pytest
 
 from boot.reboot_params import BIOS_RESET_FLAG_ADDRESS, WARM_RESET_FLAG, add_reboot_params
 from boot.reset_stub import RESET_STUB, install_reset_stub
-from devices.reset_control import RESET_CONTROL_OFFSET, PciConfigPortsWithResetControl
+from devices.legacy import ResetControlRegister
+from vmm.errors import PyvmmError
 from vmm.guest_reset import GuestResets
 from vmm.layout import REAL_MODE_RESET_VECTOR, RESET_VECTOR
 from vmm.lifecycle import StopController
@@ -16,22 +17,14 @@ from vmm.memory import GuestMemory
 
 def test_linux_reboot_pci_sequence_resets_on_the_second_write():
     resets = []
-    device = PciConfigPortsWithResetControl(lambda: resets.append(1))
-    cf9 = device.read(RESET_CONTROL_OFFSET, 1)
-    device.write(RESET_CONTROL_OFFSET, 1, cf9 | 0x02)
-    assert resets == [] and device.read(RESET_CONTROL_OFFSET, 1) == 0x02
-    device.write(RESET_CONTROL_OFFSET, 1, cf9 | 0x06)
+    device = ResetControlRegister(lambda: resets.append(1))
+    cf9 = device.read(0, 1)
+    device.write(0, 1, cf9 | 0x02)
+    assert resets == [] and device.read(0, 1) == 0x02
+    device.write(0, 1, cf9 | 0x06)
     assert resets == [1]
-
-
-def test_pci_configuration_ports_answer_as_absent():
-    resets = []
-    device = PciConfigPortsWithResetControl(lambda: resets.append(1))
-    device.write(0, 4, 0x8000_0000)  # Linux's type-1 probe
-    assert device.read(0, 4) == 0xFFFF_FFFF
-    device.write(RESET_CONTROL_OFFSET, 2, 0xFFFF)  # not a byte write to 0xcf9
-    assert device.read(2, 1) == 0xFF
-    assert resets == []
+    device.write(0, 1, RESET_STUB[RESET_STUB.index(0xB0) + 1])  # the stub's value resets too
+    assert resets == [1, 1]
 
 
 def test_the_stub_sits_at_both_reset_vectors():
@@ -41,8 +34,8 @@ def test_the_stub_sits_at_both_reset_vectors():
         assert memory.read(REAL_MODE_RESET_VECTOR, len(RESET_STUB)) == RESET_STUB
         assert memory.read(RESET_VECTOR, len(RESET_STUB)) == RESET_STUB
         assert len(RESET_STUB) <= 16  # it must fit below 1 MiB and below 4 GiB
-        with pytest.raises(ValueError):
-            memory.add_firmware_area(0x1000)  # only one firmware area
+        with pytest.raises(PyvmmError):
+            memory.add_firmware(RESET_VECTOR & ~0xFFF, b"\x90")  # firmware may not overlap firmware
     finally:
         memory.close()
 

@@ -150,9 +150,9 @@ class TcgVirtualMachine(VirtualMachine):
         low_ram_end = self.memory.regions[0].end
         mmio_start = min(max(low_ram_end, 0), MMIO_HOLE_START)
         mmio_start = (mmio_start + PAGE - 1) & ~(PAGE - 1)
-        # The window stops where the firmware area (memory, at the top of the hole) starts.
-        mmio_end = min([r.guest_address for r in self.memory.regions if r.guest_address >= mmio_start]
-                       + [MMIO_HOLE_END])
+        # Firmware mapped at the top of the hole (GuestMemory.add_firmware) ends the MMIO window.
+        mmio_end = min([r.guest_address for r in self.memory.regions[1:] if r.guest_address < MMIO_HOLE_END],
+                       default=MMIO_HOLE_END)
         self._map_mmio_window(mmio_start, mmio_end)
 
     def _map_mmio_window(self, start: int, end: int) -> None:
