@@ -35,9 +35,11 @@ $(VENV)/.installed: pyproject.toml
 $(CFFI_PREBUILT): vmm/kvm/uapi.py vmm/cffi_prebuilt.py $(VENV)/.installed
 	$(PY) -m vmm.cffi_prebuilt
 
-# System packages, installed only when missing (needs root, as apt-get does).
+# System packages, installed only when missing (needs root, as apt-get does);
+# on a system without dpkg, installing them is left to the user.
 define install_missing
-	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@command -v dpkg >/dev/null || exit 0; \
+	missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
