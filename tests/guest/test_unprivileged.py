@@ -49,6 +49,21 @@ def _copy_runtime(into: Path) -> None:
             shutil.copy2(origin, site / origin.name)
 
 
+def _private_directory() -> Path:
+    """A directory `nobody` can enter, on a file system that honours device nodes (not nodev)."""
+    for parent in ("/tmp", "/var/tmp"):
+        home = Path(tempfile.mkdtemp(prefix="pyvmm-unprivileged-", dir=parent))
+        probe = home / "probe"
+        os.mknod(probe, stat.S_IFCHR | 0o600, os.stat("/dev/kvm").st_rdev)
+        try:
+            os.close(os.open(probe, os.O_RDWR))
+            probe.unlink()
+            return home
+        except OSError:
+            shutil.rmtree(home)
+    pytest.fail("no file system under /tmp or /var/tmp lets a device node open (mounted nodev?)")
+
+
 @pytest.fixture(scope="module")
 def unprivileged():
     if os.geteuid() != 0:
@@ -58,7 +73,7 @@ def unprivileged():
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv is not installed: apt-get install util-linux")
     user = pwd.getpwnam(USER)
-    home = Path(tempfile.mkdtemp(prefix="pyvmm-unprivileged-", dir="/tmp"))
+    home = _private_directory()
     try:
         home.chmod(0o755)
         _copy_runtime(home)
