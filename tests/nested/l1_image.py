@@ -156,8 +156,8 @@ class Tree:
                 cpio.symlink(name, source)
             elif kind == "file":
                 cpio.file(name, _content(source), mode)
-            else:  # pyc: compiled from the source file shipped at `source`
-                cpio.file(name, _pyc(_content(sources[source]), source), mode)
+            elif compiled := _pyc(_content(sources[source]), source):  # from the .py shipped at `source`
+                cpio.file(name, compiled, mode)
         cpio.finish()
 
 
@@ -179,7 +179,7 @@ def _pyc(source: bytes, path_in_l1: str) -> bytes:
             py_compile.compile(py, cfile=pyc, dfile=path_in_l1, doraise=True,
                                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
         except py_compile.PyCompileError:
-            return b""  # a file that is not valid Python here (a template, a py2 leftover)
+            return b""  # not valid Python here (a template, a py2 leftover): no .pyc, as compileall does
         return Path(pyc).read_bytes()
 
 
