@@ -38,6 +38,7 @@ from vmm.console import Console
 from vmm.cpu_state import CpuState
 from vmm.errors import PyvmmError
 from vmm.guest_reset import GuestResets
+from vmm.host_memory import release_freed_heap
 from vmm.lifecycle import StopController
 from vmm.memory import GuestMemory
 from vmm.stuck_vcpu import LOOK_INTERVAL, StuckVcpuWatch
@@ -95,6 +96,7 @@ class Machine:
             self.stop.add_kicker(vcpu.kick)
         # The other vCPUs wait for INIT/SIPI from the boot CPU, as on a PC.
         self.vcpus[0].set_state(boot_state)
+        release_freed_heap()  # the kernel's decompression buffers, gone but still resident
         if config.gdb is not None:
             from vmm.gdb.server import open_gdb_stub
 
