@@ -114,3 +114,25 @@ def python_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
+
+
+def markdown_table(data: dict) -> str:
+    """The figures of one run as the README's table."""
+    rows = ["| figure | pyvmm | peer | ratio |", "| --- | --- | --- | --- |"]
+    for entry in data["figures"]:
+        if "skipped" in entry:
+            rows.append(f"| {entry['name']} | not measured: {entry['skipped']} | | |")
+            continue
+        unit = entry["unit"]
+        peer = (f"{entry['peer']} {entry['peer_value']:,.2f} {unit}" if entry["peer_value"] is not None
+                else f"{entry['peer']} missing: {entry['missing']}")
+        ratio = (f"{entry['ratio']:.2f}x ({'lower' if entry['lower_is_better'] else 'higher'} is better)"
+                 if entry["ratio"] is not None else "")
+        rows.append(f"| {entry['name']} | {entry['pyvmm']:,.2f} {unit} | {peer} | {ratio} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(markdown_table(json.loads(Path(sys.argv[1]).read_text())))

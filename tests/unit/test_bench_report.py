@@ -2,7 +2,7 @@
 
 import json
 
-from bench.report import figure, interleaved, skipped
+from bench.report import figure, interleaved, markdown_table, skipped
 
 
 def test_figures_of_one_run_land_in_one_json_file(tmp_path, monkeypatch, capsys):
@@ -22,6 +22,10 @@ def test_figures_of_one_run_land_in_one_json_file(tmp_path, monkeypatch, capsys)
     assert data["figures"][0]["ratio"] == 1.5 and data["figures"][2]["ratio"] is None
     assert data["figures"][2]["missing"] == "apt-get install qemu-system-x86"
     assert data["host"]["cpus"] >= 1
+    table = markdown_table(data).splitlines()
+    assert table[2] == "| pio exit | 12.00 us/exit | C loop 8.00 us/exit | 1.50x (lower is better) |"
+    assert table[4] == "| memory | 50.00 MiB | QEMU missing: apt-get install qemu-system-x86 |  |"
+    assert table[5] == "| kvm boot | not measured: no /dev/kvm | | |"
 
 
 def test_interleaved_alternates_and_keeps_medians():
