@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import termios
 import threading
 import time
@@ -384,3 +385,40 @@ def _read_all(fd: int) -> bytes:
         chunks.append(chunk)
     os.close(fd)
     return b"".join(chunks)
+
+
+def test_single_bytes_are_gathered_yet_arrive_unprompted_and_in_order():
+    # A UART's bytes wait for the output thread (no stop, no further write needed);
+    # a longer write goes out at once, after them.
+    read_fd, write_fd = os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    console = Console(lambda: None, input_fd=null, output_fd=write_fd, raw=False)
+    console.start(lambda data: len(data))
+    try:
+        for byte in b"spinning\n":
+            console.write(bytes([byte]))
+        received = b""
+        while len(received) < len(b"spinning\n") and select.select([read_fd], [], [], 30)[0]:
+            received += os.read(read_fd, 64)  # what the output thread wrote, unprompted
+        assert received == b"spinning\n"
+        console.write(b"a")
+        console.write(b"bc")
+        assert os.read(read_fd, 64) == b"abc"
+    finally:
+        console.stop()
+        os.close(null)
+        os.close(write_fd)
+        os.close(read_fd)
+
+
+def test_stop_writes_what_was_gathered():
+    read_fd, write_fd = os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    console = Console(lambda: None, input_fd=null, output_fd=write_fd, raw=False)
+    console.start(lambda data: len(data))
+    for byte in b"last words":
+        console.write(bytes([byte]))
+    console.stop()
+    os.close(write_fd)
+    os.close(null)
+    assert _read_all(read_fd) == b"last words"

@@ -212,6 +212,8 @@ def test_eventfd_path_serves_kicks_on_the_io_thread(disk):
         # KVM would signal the ioeventfd instead of exiting for the QueueNotify write.
         os.eventfd_write(vm.notifiers[(window.base + r.QUEUE_NOTIFY, 0)], 1)
         assert wait_for(lambda: memory.read_u8(status) == blk.S_OK)
+        # The status byte is written before the used ring and the interrupt: wait for the edge too.
+        assert wait_for(lambda: _readable(irqfd))
         assert os.eventfd_read(irqfd) == 1  # one edge, through the irqfd
         driver.ack_interrupt()
         assert not _readable(irqfd)  # everything acknowledged: no further edge
