@@ -94,7 +94,7 @@ bench: deps install test-assets
 
 # Boot time on a real KVM, pyvmm beside QEMU, inside the same L1 (minutes).
 bench-kvm: deps install test-assets
-	$(PY) bench/bench_nested_kvm.py
+	$(PY) bench/nested_kvm.py
 
 test-assets: install
 	$(PY) -m tests.assets
