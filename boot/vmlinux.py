@@ -101,13 +101,13 @@ def parse_vmlinux(data: bytes | memoryview, source: str = "kernel") -> Vmlinux:
     if not segments:
         raise fail("no loadable segments")
 
-    entry = _physical_entry(e_entry, segments)
+    entry = physical_entry(e_entry, segments)
     if entry is None:
         raise fail(f"entry point {e_entry:#x} is outside every loadable segment")
     return Vmlinux(data=data, entry=entry, segments=tuple(segments))
 
 
-def _physical_entry(e_entry: int, segments: list[Segment]) -> int | None:
+def physical_entry(e_entry: int, segments: list[Segment]) -> int | None:
     for seg in segments:
         if seg.physical_address <= e_entry < seg.end:
             return e_entry

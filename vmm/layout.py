@@ -90,6 +90,10 @@ BOOT_STACK_POINTER = 0x8FF0
 BOOT_PML4_ADDRESS = 0x9000
 BOOT_PDPT_ADDRESS = 0xA000
 BOOT_PD_ADDRESS = 0xB000  # four page directories (0xB000-0xEFFF) map the first 4 GiB
+# A multiboot kernel's information structure, memory map, module list and
+# strings (boot/multiboot.py), between the GDT and where a zero page would be.
+MULTIBOOT_INFO_ADDRESS = 0x1000
+MULTIBOOT_INFO_SIZE = 0x6000
 CMDLINE_ADDRESS = 0x20000
 CMDLINE_MAX_SIZE = 0x10000  # room reserved for the command line, NUL included
 # From the EBDA up to 1 MiB (EBDA, VGA hole, option ROMs, BIOS) real firmware

@@ -16,6 +16,7 @@ from collections import Counter
 from boot.acpi import build_acpi_tables
 from boot.firmware import add_machine_facts
 from boot.linux import load_linux
+from boot.multiboot import load_multiboot
 from boot.reboot_params import add_reboot_params
 from boot.reset_stub import install_reset_stub
 from devices.acpi_pm import AcpiPowerManagement
@@ -87,7 +88,7 @@ class Machine:
                                    cpu_features=config.cpu_features)
         self.vm = self.accel.create_vm(self.memory, self.io, platform)
         self._add_devices(platform.irqchip)
-        boot_state = self._load_linux() if config.is_linux else self._load_flat()
+        boot_state = self._load_kernel() if config.is_linux else self._load_flat()
         if accel_notice:
             print(f"pyvmm: {accel_notice}", file=sys.stderr, flush=True)
         for index in range(config.cpus):
@@ -172,10 +173,15 @@ class Machine:
                 cmdline = " ".join([cmdline, *self.virtio.cmdline_fragments()])
         return cmdline
 
-    def _load_linux(self) -> CpuState:
+    def _load_kernel(self) -> CpuState:
+        """A multiboot kernel (by its header), else Linux; either way with the ACPI tables."""
         config = self.config
         rsdp = build_acpi_tables(self.memory, config.cpus,
                                  virtio_devices=self.virtio.windows if self.virtio else ())
+        modules = [config.initrd] if config.initrd is not None else []
+        state = load_multiboot(self.memory, config.kernel, config.cmdline or "", modules)
+        if state is not None:
+            return state
         params = add_reboot_params(self.kernel_cmdline())
         self.resets.warm_reset_means_panic = params.warm_reset_means_panic
         return load_linux(self.memory, config.kernel, config.initrd, params.cmdline, rsdp,
