@@ -18,7 +18,7 @@ TEST_PACKAGES := binutils gcc make qemu-utils qemu-system-x86 acpica-tools e2fsp
 FUZZ_EXAMPLES ?= 5000
 
 .PHONY: install deps deps-runtime demo demo-linux test test-fast test-kvm test-kvm-ci lint bench bench-kvm \
-        fuzz test-assets clean
+        fuzz test-assets kvm-unit-tests clean
 
 # The KVM structures' C declarations are parsed once here, not at every start
 # (vmm/cffi_prebuilt.py); without this step pyvmm parses them at import.
@@ -95,6 +95,12 @@ bench: deps install test-assets
 # Boot time on a real KVM, pyvmm beside QEMU, inside the same L1 (minutes).
 bench-kvm: deps install test-assets
 	$(PY) bench/nested_kvm.py
+
+# kvm-unit-tests (x86), built from the shared tarball in ~/.cache/pyvmm-kut, on
+# pyvmm beside QEMU, software CPU and KVM (tens of minutes; ARGS="--accel tcg
+# emulator realmode" narrows it). Results in build/kvm-unit-tests.json.
+kvm-unit-tests: deps install
+	$(PY) -m tests.conformance.kut $(ARGS)
 
 test-assets: install
 	$(PY) -m tests.assets

@@ -13,8 +13,9 @@ e820 map), the command line, the modules (each `--initrd` file, page
 aligned after the kernel) and the boot loader's name.
 
 Every address in the header or the program headers is checked: the image must
-lie in RAM above 1 MiB, where nothing of pyvmm's lives (below it are the boot
-GDT, this information structure, the command line and the ACPI tables).
+lie in RAM below 4 GiB and clear of what pyvmm places below 1 MiB (the entry
+GDT, this information structure, the command line, the BIOS area with the
+ACPI tables); kvm-unit-tests' real-mode test, for one, loads at 0x8000.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from vmm.layout import (
     BOOT_GDT_ADDRESS,
     CMDLINE_ADDRESS,
     CMDLINE_MAX_SIZE,
+    EBDA_START,
     HIGH_MEMORY_START,
     MULTIBOOT_INFO_ADDRESS,
     MULTIBOOT_INFO_SIZE,
@@ -80,6 +82,7 @@ MAX_PROGRAM_HEADERS = 64
 # them from the table): code at 0x10 and data at 0x18, as Linux's 32-bit entry.
 ENTRY_CS = 0x10
 ENTRY_DS = 0x18
+ENTRY_GDT_SIZE = 4 * 8
 PAGE_SIZE = 4096
 
 
@@ -181,15 +184,23 @@ def _segments_from_elf(data: bytes) -> tuple[list[Segment], int]:
     return segments, entry
 
 
+def pyvmm_structures() -> list[tuple[str, int, int]]:
+    """(name, start, end) of what pyvmm places in guest RAM for a multiboot kernel: the image must avoid them."""
+    return [("the entry GDT", BOOT_GDT_ADDRESS, BOOT_GDT_ADDRESS + ENTRY_GDT_SIZE),
+            ("the multiboot information", MULTIBOOT_INFO_ADDRESS, MULTIBOOT_INFO_ADDRESS + MULTIBOOT_INFO_SIZE),
+            ("the command line", CMDLINE_ADDRESS, CMDLINE_ADDRESS + CMDLINE_MAX_SIZE),
+            ("the BIOS area and ACPI tables", EBDA_START, HIGH_MEMORY_START)]
+
+
 def _check_in_ram(memory: GuestMemory, segments: list[Segment]) -> None:
     for seg in segments:
-        if seg.physical_address < HIGH_MEMORY_START:
-            raise ValueError(f"a segment at {seg.physical_address:#x}-{seg.end:#x} lies below 1 MiB, "
-                             f"over pyvmm's boot structures (GDT, multiboot information, command line, "
-                             f"ACPI tables)")
         if seg.end > 1 << 32 or not memory.contains(seg.physical_address, seg.memory_size):
             raise ValueError(f"a segment at {seg.physical_address:#x}-{seg.end:#x} lies outside guest RAM "
                              f"({memory.size >> 20} MiB; RAM below 4 GiB ends at {memory.regions[0].end:#x})")
+        for name, start, end in pyvmm_structures():
+            if seg.physical_address < end and start < seg.end:
+                raise ValueError(f"a segment at {seg.physical_address:#x}-{seg.end:#x} overlaps {name} "
+                                 f"pyvmm places at {start:#x}-{end:#x}")
     ordered = sorted(segments, key=lambda s: s.physical_address)
     for first, second in pairwise(ordered):
         if second.physical_address < first.end:

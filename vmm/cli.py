@@ -66,6 +66,9 @@ def cli(verbose: int) -> None:
               help="Add or remove CPUID features, e.g. -avx,+x2apic.")
 @click.option("--guest-decompress", is_flag=True,
               help="Let a bzImage decompress itself in the guest instead of on the host.")
+@click.option("--test-devices", is_flag=True,
+              help="QEMU's pc-testdev (ports 0xe0-0xeb, IRQ lines at 0x2000, memory at 0xff000000), "
+                   "for kvm-unit-tests.")
 @click.option("--stats", is_flag=True, help="Print exit, device and boot-time figures when the VM stops.")
 @click.option("--disk", "disks", multiple=True, metavar="PATH[,format=raw|qcow2][,readonly=on][,serial=ID]",
               help="A virtio-blk disk (repeatable).")
@@ -83,7 +86,8 @@ def cli(verbose: int) -> None:
 def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Path | None, memory: str,
          cpus: int, accel: str, cpu_features: str, guest_decompress: bool, stats: bool,
          disks: tuple[str, ...], nets: tuple[str, ...], console_kind: str, rng: bool,
-         virtio_cmdline: bool, timeout: float | None, gdb: str | None, gdb_default: bool, paused: bool) -> None:
+         virtio_cmdline: bool, timeout: float | None, gdb: str | None, gdb_default: bool, paused: bool,
+         test_devices: bool) -> None:
     """Boot a guest; exits with the guest's status (see the README)."""
     from vmm.machine import run_machine
 
@@ -92,6 +96,7 @@ def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Pa
             memory=parse_memory_size(memory), cpus=cpus, accel=accel, flat=flat,
             kernel=kernel, initrd=initrd, cmdline=cmdline, guest_decompress=guest_decompress,
             cpu_features=parse_feature_edits(cpu_features), stats=stats, timeout=timeout,
+            test_devices=test_devices,
             virtio=VirtioSpecs(disks=[parse_disk(d) for d in disks], nets=[parse_net(n) for n in nets],
                                console=parse_console(console_kind), rng=rng, cmdline_devices=virtio_cmdline),
             gdb=gdb_spec(gdb, gdb_default, paused))

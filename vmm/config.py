@@ -49,6 +49,8 @@ class MachineConfig:
     guest_decompress: bool = False
     cpu_features: list[FeatureEdit] = field(default_factory=list)
     stats: bool = False
+    # QEMU's pc-testdev, for kvm-unit-tests (devices/pc_testdev.py).
+    test_devices: bool = False
     # --disk, --net, --console virtio, --rng (vmm/virtio_options.py).
     virtio: VirtioSpecs = field(default_factory=VirtioSpecs)
     # --gdb / -s / -S (vmm/gdb/options.py): None without a debugger.
@@ -81,6 +83,8 @@ class MachineConfig:
             raise PyvmmError("--flat guests run on one vCPU (they have no interrupt controller to start others)")
         if self.kernel is None and self.virtio.count:
             raise PyvmmError("--disk, --net, --console virtio and --rng need --kernel")
+        if self.kernel is None and self.test_devices:
+            raise PyvmmError("--test-devices needs --kernel")
         if self.kernel is None and (self.initrd is not None or self.cmdline is not None):
             raise PyvmmError("--initrd and --cmdline need --kernel")
         for option, path in (("--flat", self.flat), ("--kernel", self.kernel), ("--initrd", self.initrd)):

@@ -26,6 +26,7 @@ from devices.fw_cfg import PORT_COUNT as FW_CFG_PORT_COUNT
 from devices.fw_cfg import FwCfg
 from devices.i8042 import I8042
 from devices.legacy import SilentDevice, register_legacy_ports
+from devices.pc_testdev import register_pc_testdev
 from devices.pvpanic import PvPanic
 from devices.rtc import CmosRtc
 from devices.testdev import TEST_DEVICE_SIZE, ScratchDevice
@@ -140,6 +141,8 @@ class Machine:
             self.virtio = add_virtio_devices(self.io, self.memory, self.vm, self.config.virtio, irqchip=irqchip,
                                              console_writer=self.console.write,
                                              console_room_available=self.console.room_available)
+        if self.config.test_devices:
+            register_pc_testdev(pio, self.io.mmio, irq)
         if self.config.flat is not None:
             self.io.mmio.register(layout.TEST_DEVICE_BASE, TEST_DEVICE_SIZE, ScratchDevice(), "scratch")
 

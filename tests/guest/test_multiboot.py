@@ -126,8 +126,10 @@ def raw_kernel(flags: int = 0x10000, *, checksum: int | None = None, load: int =
     (raw_kernel(load=0x40000000), b"outside guest RAM"),
     (raw_kernel(load=0xC0001000), b"outside guest RAM"),  # the MMIO hole
     (raw_kernel(bss_end=KERNEL_BASE + (1 << 30)), b"outside guest RAM"),
-    (raw_kernel(load=0x7000), b"below 1 MiB, over pyvmm's boot structures"),
-    (raw_kernel(load=0xE0000), b"below 1 MiB, over pyvmm's boot structures"),
+    (raw_kernel(load=0x6000), b"overlaps the multiboot information pyvmm places at 0x1000-0x7000"),
+    (raw_kernel(load=0x500), b"overlaps the entry GDT"),
+    (raw_kernel(load=0x1FFF0), b"overlaps the command line"),
+    (raw_kernel(load=0xE0000), b"overlaps the BIOS area and ACPI tables"),
     (raw_kernel(entry=0x200000), b"entry_addr 0x200000 is outside the loaded image"),
     (raw_kernel(load_end=KERNEL_BASE + 0x100000), b"load_end_addr"),
     (raw_kernel(0x10000 | 1 << 5), b"requires features pyvmm does not know (flags 0x20)"),
