@@ -89,6 +89,9 @@ class Event:
     error_code: int | None = None  # pushed only in protected and long mode
     software: bool = False  # `int n`, `int3`, `into`: privilege checked against the gate's DPL
     external: bool = False  # from the interrupt controller
+    # A software interrupt's own address: a fault while delivering it is a fault
+    # of the instruction, whose handler returns to the instruction (SDM 6.5).
+    instruction_rip: int | None = None
 
     @property
     def ext_bit(self) -> int:
@@ -126,6 +129,8 @@ class InterruptDelivery:
                     raise TripleFault() from None
                 if fault.cr2 is not None:
                     self.engine.write_reg(x86.UC_X86_REG_CR2, fault.cr2)
+                if event.instruction_rip is not None:
+                    return_rip = event.instruction_rip
                 if not event.software and not event.external and escalates(event.vector, fault.vector):
                     event = Event(DF, 0)
                 else:

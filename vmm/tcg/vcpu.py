@@ -370,7 +370,14 @@ class TcgVcpu(Vcpu):
         software = env.exception_is_int
         error_code = env.error_code if vector in VECTORS_WITH_ERROR_CODE else None
         # Unicorn already moved RIP past `int n`; for faults it points at the instruction.
-        self.deliver(Event(vector, error_code, software=software), self.engine.reg(x86.UC_X86_REG_RIP))
+        rip = self.engine.reg(x86.UC_X86_REG_RIP)
+        start = self._software_interrupt_start(rip, vector) if software else None
+        self.deliver(Event(vector, error_code, software=software, instruction_rip=start), rip)
+
+    def _software_interrupt_start(self, next_rip: int, vector: int) -> int:
+        """Where the `int n` (CD ib), `int3` (CC) or `into` (CE) that ends at `next_rip` starts."""
+        before = self._instruction_bytes(next_rip - 2)[:2]
+        return next_rip - 2 if before == bytes((0xCD, vector)) else next_rip - 1
 
     def on_invalid_instruction(self) -> bool:
         self.deliver(Event(6), self.engine.reg(x86.UC_X86_REG_RIP))
