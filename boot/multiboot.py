@@ -9,7 +9,8 @@ entry_addr, with header_addr placing the file). It is entered in 32-bit
 protected mode, paging off, interrupts off, flat 4 GiB code and data
 segments, EAX = 0x2BADB002 and EBX = the physical address of the multiboot
 information structure: lower and upper memory, the memory map (pyvmm's
-e820 map), the command line, the modules (each `--initrd` file, page
+e820 map), the command line (the kernel's file name, then `--cmdline`, as
+GRUB and QEMU give it), the modules (each `--initrd` file, page
 aligned after the kernel) and the boot loader's name.
 
 Every address in the header or the program headers is checked: the image must
@@ -324,5 +325,7 @@ def load_multiboot(memory: GuestMemory, kernel_path: Path, cmdline: str,
     ranges = _place_modules(memory, modules, kernel_end)
     for module, (start, _end) in zip(modules, ranges, strict=True):
         memory.write(start, module.data)
-    write_info(memory, cmdline, modules, ranges)
+    # GRUB and QEMU hand the kernel its own file name as the first word
+    # (kvm-unit-tests reads its arguments from argv[1] on).
+    write_info(memory, f"{kernel_path} {cmdline}".rstrip(" "), modules, ranges)
     return protected_mode_entry(memory, entry)

@@ -69,7 +69,7 @@ def run_test(tree: Path, test: KutTest, accel: str, logs: Path, timeout_scale: f
         if vmm == "qemu":
             command = qemu_command(tree, test, accel, env)
         else:
-            _, why_not = test.pyvmm_options()
+            _, why_not = test.pyvmm_options(accel)
             if why_not:
                 outcomes[vmm] = Outcome(NOT_APPLICABLE, why_not)
                 continue

@@ -26,8 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TARBALL = Path(os.environ.get("PYVMM_KUT_TARBALL",
-                              REPO.parent.parent / "shared" / "third_party" / "kvm-unit-tests-1da1819e.tar.gz"))
+TARBALL_NAME = "kvm-unit-tests-1da1819e.tar.gz"
+
+
+def _find_tarball() -> Path:
+    """$PYVMM_KUT_TARBALL, else ../shared/third_party/ beside the checkout (or beside a worktree's parent)."""
+    if "PYVMM_KUT_TARBALL" in os.environ:
+        return Path(os.environ["PYVMM_KUT_TARBALL"])
+    candidates = [base / "shared" / "third_party" / TARBALL_NAME for base in (REPO.parent, REPO.parent.parent)]
+    return next((path for path in candidates if path.is_file()), candidates[0])
+
+
+TARBALL = _find_tarball()
 CACHE = Path(os.environ.get("PYVMM_KUT_CACHE", Path.home() / ".cache" / "pyvmm-kut"))
 DEFAULT_TIMEOUT = 90.0  # scripts/runtime.bash, when the test names none
 DEFAULT_MEMORY_MIB = 128  # QEMU's default -m; pyvmm is given the same
@@ -38,6 +48,19 @@ QEMU_FEATURE_NAMES = {"tsc-deadline": "tsc_deadline_timer"}
 # CPU properties that are not CPUID features and change nothing pyvmm would
 # do differently (pyvmm always passes the host's physical address width).
 IGNORED_CPU_PROPERTIES = {"host-phys-bits", "migratable=no"}
+# QEMU options that change nothing the test checks: vmexit_ipi turns the PIT
+# off only so that KVM may use (x2)AVIC; pyvmm's PIT stays and is not used.
+IGNORED_QEMU_OPTIONS = {("-machine", "pit=off")}
+
+
+def pyvmm_cpu_vendor(accel: str) -> str:
+    """The CPUID vendor pyvmm's guest sees: the software CPU's own, else the host's."""
+    if accel == "tcg":
+        return "GenuineIntel"  # vmm/tcg/cpuid.py
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
+    return ""
 
 
 class SuiteUnavailable(Exception):
@@ -113,7 +136,7 @@ class KutTest:
                 return int(value[:-1]) * 1024 if value.lower().endswith("g") else int(value.rstrip("mM"))
         return DEFAULT_MEMORY_MIB
 
-    def pyvmm_options(self) -> tuple[list[str], str | None]:
+    def pyvmm_options(self, accel: str) -> tuple[list[str], str | None]:
         """pyvmm's options for the test's QEMU parameters, or (…, why pyvmm cannot run it)."""
         from vmm.cpu_features import FEATURES
 
@@ -123,13 +146,17 @@ class KutTest:
         while index < len(args):
             option, value = args[index], args[index + 1] if index + 1 < len(args) else ""
             index += 2
-            if option == "-m":
-                continue  # memory_mib()
+            if option == "-m" or (option, value) in IGNORED_QEMU_OPTIONS:
+                continue  # -m: memory_mib()
             if option != "-cpu":
                 return options, f"needs QEMU option {option} {value}"
             edits = []
             for prop in value.split(",")[1:]:
                 if prop in IGNORED_CPU_PROPERTIES:
+                    continue
+                if prop.startswith("vendor="):
+                    if prop != f"vendor={pyvmm_cpu_vendor(accel)}":
+                        return options, f"needs CPU {prop} (pyvmm's guest sees {pyvmm_cpu_vendor(accel)})"
                     continue
                 if prop[:1] not in "+-":
                     return options, f"needs CPU property {prop}"
@@ -198,7 +225,7 @@ def qemu_command(tree: Path, test: KutTest, accel: str, env: Path) -> list[str]:
 
 
 def pyvmm_command(tree: Path, test: KutTest, accel: str, env: Path, python: str) -> list[str]:
-    options, _ = test.pyvmm_options()
+    options, _ = test.pyvmm_options(accel)
     return [python, "-m", "vmm", "boot", "--accel", accel, "--test-devices", "--kernel", str(tree / "x86" / test.file),
             "--cpus", str(test.smp), "--memory", f"{test.memory_mib()}M", *options, "--initrd", str(env),
             *(["--cmdline", test.test_args] if test.test_args else [])]

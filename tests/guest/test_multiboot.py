@@ -82,7 +82,7 @@ def test_kernel_is_handed_what_the_specification_promises(multiboot_kernels, acc
     assert int(info["mem_lower"], 16) == 639  # KiB below the EBDA
     assert int(info["mem_upper"], 16) == (MEMORY_MIB - 1) * 1024  # KiB from 1 MiB up
     assert int(info["mods_count"], 16) == 1
-    assert lines[2] == "cmdline=console=none a=b  c"
+    assert lines[2] == f"cmdline={multiboot_kernels[kind]} console=none a=b  c"  # argv[0] first, as GRUB
     assert lines[3] == "loader=pyvmm"
 
     mmap = [fields(line) for line in lines if line.startswith("mmap ")]
@@ -107,7 +107,7 @@ def test_no_cmdline_no_module(multiboot_kernels, accel):
     result = run_pyvmm("boot", "--kernel", str(multiboot_kernels["elf"]), "--accel", accel, timeout=60)
     assert result.returncode == EXIT_STATUS, result.stderr
     lines = result.stdout.decode().splitlines()
-    assert lines[2] == "cmdline="
+    assert lines[2] == f"cmdline={multiboot_kernels['elf']}"
     assert int(fields(lines[1])["mods_count"], 16) == 0
     assert not any(line.startswith("module ") for line in lines)
 

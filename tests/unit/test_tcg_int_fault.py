@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.tcg_support import LOAD_ADDRESS, SETGATE_MACRO, TcgMachine, assemble, long_mode_state
+from tests.unit.tcg_support import (
+    LOAD_ADDRESS,
+    SETGATE_MACRO,
+    TcgMachine,
+    assemble,
+    long_mode_state,
+)
 
 GUEST = SETGATE_MACRO + r"""
     .code64

