@@ -116,6 +116,8 @@ class KutTest:
             return f"{self.arch} only"
         if self.accel and self.accel != accel:
             return f"{self.accel} only"
+        if "-enable-kvm" in self.qemu_args() and accel != "kvm":
+            return "kvm only (-enable-kvm)"
         for condition in self.check:
             path, _, value = condition.partition("=")
             try:
@@ -141,7 +143,7 @@ class KutTest:
         from vmm.cpu_features import FEATURES
 
         options: list[str] = []
-        args = self.qemu_args()
+        args = [arg for arg in self.qemu_args() if arg != "-enable-kvm"]  # skip_reason() saw to it
         index = 0
         while index < len(args):
             option, value = args[index], args[index + 1] if index + 1 < len(args) else ""

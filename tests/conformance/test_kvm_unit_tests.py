@@ -8,8 +8,6 @@ the shared tarball into ~/.cache/pyvmm-kut (about a minute on two cores).
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from tests.conformance.kut import run_test
@@ -17,7 +15,9 @@ from tests.conformance.suite import PASS, SuiteUnavailable, build_suite, read_te
 from tests.helpers import kvm_usable
 
 REGRESSION_SET = {
-    "tcg": [],
+    "tcg": ["smptest", "smptest3", "memory", "setjmp", "tsc", "rmap_chain", "rdpru", "vmexit_cpuid",
+            "vmexit_mov_from_cr8", "vmexit_mov_to_cr8", "vmexit_inl_pmtimer", "vmexit_ipi", "vmexit_ipi_halt",
+            "vmexit_ple_round_robin", "vmexit_tscdeadline_immed", "vmexit_cr0_wp", "vmexit_cr4_pge"],
     "kvm": [],
 }
 
@@ -40,4 +40,3 @@ def test_passes_on_pyvmm(suite, accel, name, tmp_path):
     outcome = run_test(tree, tests[name], accel, tmp_path, timeout_scale=2.0, vmms=("pyvmm",))["pyvmm"]
     log = (tmp_path / f"{name}.pyvmm.log").read_text()
     assert outcome.result == PASS, f"{outcome.result}: {outcome.detail}\n{log[-3000:]}"
-    assert sys.executable  # runs pyvmm with this interpreter, from this checkout
