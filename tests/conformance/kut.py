@@ -45,7 +45,10 @@ def run_bounded(command: list[str], timeout: float, log: Path) -> tuple[int | No
     try:
         out, err = process.communicate(timeout=timeout)
         status = process.returncode
-    except subprocess.TimeoutExpired:
+    except BaseException as stopped:  # interrupted (Ctrl-C, SIGTERM): leave no VMM running
+        if not isinstance(stopped, subprocess.TimeoutExpired):
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
         os.killpg(process.pid, signal.SIGTERM)
         try:
             out, err = process.communicate(timeout=KILL_GRACE)
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="multiply every test's timeout (a loaded machine needs more)")
     parser.add_argument("--pyvmm-only", action="store_true", help="do not run QEMU")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so run_bounded cleans up
 
     tree = build_suite()
     tests = read_tests(tree)
