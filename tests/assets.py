@@ -14,8 +14,13 @@ Real assets (`python -m tests.assets`, or `make test-assets`):
   usual way). The kernel's virtio modules are in /lib/modules/, with
   /lib/modules/virtio.order listing them in dependency order for insmod.
 
+  The kernel package's module tree (/lib/modules/<version> as the package
+  ships it: no modules.dep) is kept too, in modules/<version>, for
+  `pyvmm run --modules`; a cache made before it existed gets it on demand.
+
 Pytest: `from tests.assets import linux_assets` gives a session fixture that
-skips (naming `make test-assets`) when the assets are absent.
+skips (naming `make test-assets`) when the assets are absent;
+`linux_module_tree` gives the module tree.
 
 Synthetic assets (`make_bzimage`, `make_vmlinux`, `compress_like_kernel`):
 small images built in memory that look like the real thing to the loader.
@@ -35,6 +40,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -101,6 +107,42 @@ if pytest is not None:
             pytest.skip(f"Linux test assets are absent from {assets_dir()}: run `make test-assets`")
         return assets
 
+    @pytest.fixture(scope="session")
+    def linux_module_tree(linux_assets) -> Path:
+        return find_module_tree(linux_assets) or fetch_module_tree(linux_assets)
+
+
+def module_tree_path(assets: LinuxAssets) -> Path:
+    return assets.kernel.parent / "modules" / assets.kernel_version
+
+
+def find_module_tree(assets: LinuxAssets) -> Path | None:
+    """The kernel's /lib/modules/<version> tree, when it has been unpacked into the cache."""
+    tree = module_tree_path(assets)
+    return tree if (tree / "modules.order").is_file() else None
+
+
+def fetch_module_tree(assets: LinuxAssets) -> Path:
+    """Download the kernel package named in the manifest again and keep its module tree."""
+    manifest = json.loads((assets.kernel.parent / MANIFEST).read_text())
+    name, version, _arch = manifest["kernel_package"].removesuffix(".deb").split("_")
+    with tempfile.TemporaryDirectory(dir=assets.kernel.parent, prefix="fetch-") as scratch_name:
+        scratch = Path(scratch_name)
+        deb = _download(f"{name}={urllib.parse.unquote(version)}", scratch)
+        _run(["dpkg-deb", "-x", str(deb), str(scratch / "root")])
+        _keep_module_tree(scratch / "root" / "lib" / "modules" / assets.kernel_version, assets)
+    return module_tree_path(assets)
+
+
+def _keep_module_tree(unpacked: Path, assets: LinuxAssets) -> None:
+    target = module_tree_path(assets)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        unpacked.rename(target)  # atomic: a concurrent fetch either wins or finds it done
+    except OSError:
+        if find_module_tree(assets) is None:
+            raise
+
 
 # -- fetching --------------------------------------------------------------------------
 
@@ -164,6 +206,8 @@ def fetch_linux_assets(directory: Path | None = None) -> LinuxAssets:
         initrd = directory / f"initramfs-{kernel_version}.cpio.gz"
         shutil.copyfile(kernels[0], kernel)
         initrd.write_bytes(initramfs)
+        shutil.rmtree(directory / "modules" / kernel_version, ignore_errors=True)
+        _keep_module_tree(module_root, LinuxAssets(kernel, initrd, kernel_version, ()))
     manifest = {"initramfs_version": INITRAMFS_VERSION, "kernel": kernel.name, "initrd": initrd.name, "kernel_version": kernel_version,
                 "modules": module_paths, "kernel_package": kernel_deb.name,
                 "busybox_package": busybox_deb.name}
@@ -449,8 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     assets = None if args.force else find_linux_assets()
     if assets is None:
         assets = fetch_linux_assets()
+    modules = find_module_tree(assets) or fetch_module_tree(assets)
     print(f"kernel: {assets.kernel}")
     print(f"initrd: {assets.initrd}")
+    print(f"modules: {modules}")
     return 0
 
 

@@ -20,7 +20,7 @@ from vmm.config import DEFAULT_CMDLINE, MachineConfig, parse_memory_size
 from vmm.cpu_features import parse_feature_edits
 from vmm.errors import PyvmmError, one_line
 from vmm.gdb.options import gdb_options, gdb_spec
-from vmm.virtio_options import VirtioSpecs, parse_console, parse_disk, parse_net
+from vmm.virtio_options import VirtioSpecs, parse_console, parse_disk, parse_fs, parse_net
 
 
 def fail(message: str, status: int = exit_status.ERROR) -> None:
@@ -77,6 +77,8 @@ def cli(verbose: int) -> None:
 @click.option("--console", "console_kind", default="serial", show_default=True, metavar="serial|virtio",
               help="Connect the terminal to the serial port (ttyS0) or to virtio-console (hvc0).")
 @click.option("--rng", is_flag=True, help="A virtio-rng device fed from the host's random source.")
+@click.option("--fs", "filesystems", multiple=True, metavar="DIR,tag=TAG[,readonly=on]",
+              help="Share a host directory over virtio-fs (repeatable); the guest mounts TAG.")
 @click.option("--virtio-cmdline", is_flag=True,
               help="Also list the virtio devices as virtio_mmio.device= kernel parameters "
                    "(for kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI).")
@@ -87,7 +89,8 @@ def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Pa
          cpus: int, accel: str, cpu_features: str, guest_decompress: bool, stats: bool,
          disks: tuple[str, ...], nets: tuple[str, ...], console_kind: str, rng: bool,
          virtio_cmdline: bool, timeout: float | None, gdb: str | None, gdb_default: bool, paused: bool,
-         test_devices: bool) -> None:
+         test_devices: bool,
+         filesystems: tuple[str, ...]) -> None:
     """Boot a guest; exits with the guest's status (see the README)."""
     from vmm.machine import run_machine
 
@@ -98,7 +101,8 @@ def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Pa
             cpu_features=parse_feature_edits(cpu_features), stats=stats, timeout=timeout,
             test_devices=test_devices,
             virtio=VirtioSpecs(disks=[parse_disk(d) for d in disks], nets=[parse_net(n) for n in nets],
-                               console=parse_console(console_kind), rng=rng, cmdline_devices=virtio_cmdline),
+                               console=parse_console(console_kind), rng=rng, cmdline_devices=virtio_cmdline,
+                               filesystems=[parse_fs(f) for f in filesystems]),
             gdb=gdb_spec(gdb, gdb_default, paused))
         with _stop_on_signals():
             status = run_machine(config)

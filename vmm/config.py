@@ -51,7 +51,7 @@ class MachineConfig:
     stats: bool = False
     # QEMU's pc-testdev, for kvm-unit-tests (devices/pc_testdev.py).
     test_devices: bool = False
-    # --disk, --net, --console virtio, --rng (vmm/virtio_options.py).
+    # --disk, --net, --fs, --console virtio, --rng (vmm/virtio_options.py).
     virtio: VirtioSpecs = field(default_factory=VirtioSpecs)
     # --gdb / -s / -S (vmm/gdb/options.py): None without a debugger.
     gdb: GdbSpec | None = None
@@ -82,7 +82,7 @@ class MachineConfig:
         if self.flat is not None and self.cpus > 1:
             raise PyvmmError("--flat guests run on one vCPU (they have no interrupt controller to start others)")
         if self.kernel is None and self.virtio.count:
-            raise PyvmmError("--disk, --net, --console virtio and --rng need --kernel")
+            raise PyvmmError("--disk, --net, --fs, --console virtio and --rng need --kernel")
         if self.kernel is None and self.test_devices:
             raise PyvmmError("--test-devices needs --kernel")
         if self.kernel is None and (self.initrd is not None or self.cmdline is not None):

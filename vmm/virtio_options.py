@@ -5,6 +5,7 @@
     --net socket=listen:PATH|connect:PATH[,mac=..]
     --console virtio        the host console talks to hvc0 instead of ttyS0
     --rng                   virtio-rng fed from the host's random source
+    --fs DIR,tag=TAG[,readonly=on]                                (repeatable)
 
 Only parsing lives here, so the CLI and MachineConfig do not load the device
 models; vmm/virtio_setup.py builds the devices from these specs.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from devices.virtio.constants import BLK_ID_BYTES
+from devices.virtio.constants import BLK_ID_BYTES, FS_TAG_BYTES
 from vmm.errors import PyvmmError
 
 _TRUE = {"on", "yes", "true", "1"}
@@ -38,19 +39,27 @@ class NetSpec:
     mac: bytes | None = None  # None: random, 52:54:00:xx:xx:xx
 
 
+@dataclass(frozen=True)
+class FsSpec:
+    path: str
+    tag: str
+    readonly: bool = False
+
+
 @dataclass
 class VirtioSpecs:
     disks: list[DiskSpec] = field(default_factory=list)
     nets: list[NetSpec] = field(default_factory=list)
     console: bool = False  # --console virtio
     rng: bool = False
+    filesystems: list[FsSpec] = field(default_factory=list)
     # Also describe the devices on the kernel command line (virtio_mmio.device=),
     # for kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and without ACPI.
     cmdline_devices: bool = False
 
     @property
     def count(self) -> int:
-        return len(self.disks) + len(self.nets) + int(self.console) + int(self.rng)
+        return len(self.disks) + len(self.nets) + int(self.console) + int(self.rng) + len(self.filesystems)
 
 
 # -- option parsing ---------------------------------------------------------------------
@@ -122,6 +131,21 @@ def parse_net(text: str) -> NetSpec:
     if mode not in ("listen", "connect") or not sep or not path:
         raise PyvmmError(f"--net {text}: socket=listen:PATH or socket=connect:PATH")
     return NetSpec(socket_mode=mode, socket_path=path, mac=mac)
+
+
+def parse_fs(text: str) -> FsSpec:
+    """'DIR,tag=TAG[,readonly=on]' -> FsSpec."""
+    path, values = _options(text, "--fs")
+    if not path:
+        raise PyvmmError(f"--fs {text}: the directory comes first")
+    unknown = set(values) - {"tag", "readonly"}
+    if unknown:
+        raise PyvmmError(f"--fs {text}: unknown option {sorted(unknown)[0]!r} (known: tag, readonly)")
+    tag = values.get("tag", "")
+    if not tag or len(tag.encode()) > FS_TAG_BYTES or not tag.isprintable():
+        raise PyvmmError(f"--fs {text}: tag=TAG is needed, 1 to {FS_TAG_BYTES} printable bytes")
+    readonly = _flag(values["readonly"], "--fs", "readonly") if "readonly" in values else False
+    return FsSpec(path, tag, readonly)
 
 
 def parse_console(text: str) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from boot.acpi.dsdt import VirtioMmioWindow
 from devices.virtio import mmio as registers
 from devices.virtio.blk import VirtioBlock
 from devices.virtio.console import VirtioConsole
+from devices.virtio.fs import VirtioFs
 from devices.virtio.io_loop import IoLoop
 from devices.virtio.irqfd_line import IrqfdLine
 from devices.virtio.mmio import VirtioMmioTransport
@@ -34,7 +36,8 @@ from devices.virtio.rng import VirtioRng
 from vmm import layout
 from vmm.bus import IrqLine, NullIrqLine
 from vmm.errors import PyvmmError
-from vmm.virtio_options import DiskSpec, NetSpec, VirtioSpecs
+from vmm.fuse.server import FuseServer
+from vmm.virtio_options import DiskSpec, FsSpec, NetSpec, VirtioSpecs
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,16 @@ def _open_disk(spec: DiskSpec) -> VirtioBlock:
     return VirtioBlock(image, serial=spec.serial, readonly=spec.readonly)
 
 
+def _open_fs(spec: FsSpec) -> VirtioFs:
+    if not os.path.isdir(spec.path):
+        raise PyvmmError(f"--fs {spec.path}: no such directory")
+    try:
+        server = FuseServer(spec.path, readonly=spec.readonly, name=f"virtio-fs {spec.tag}")
+    except OSError as err:
+        raise PyvmmError(f"--fs {spec.path}: {err.strerror}") from None
+    return VirtioFs(server, spec.tag)
+
+
 def add_virtio_devices(io, memory, vm, specs: VirtioSpecs, *, irqchip: bool,
                        console_writer: Callable[[bytes], object] | None = None,
                        console_room_available: Callable[[], object] = lambda: None) -> VirtioDevices:
@@ -128,6 +141,10 @@ def add_virtio_devices(io, memory, vm, specs: VirtioSpecs, *, irqchip: bool,
             devices.append(("virtio-console", result.console))
         if specs.rng:
             devices.append(("virtio-rng", VirtioRng()))
+        if specs.filesystems:
+            raise_open_file_limit()
+        for n, fs in enumerate(specs.filesystems):
+            devices.append((f"virtio-fs{n}", _open_fs(fs)))
         for index, (name, device) in enumerate(devices):
             base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE
             gsi = layout.VIRTIO_MMIO_IRQ_BASE + index
@@ -142,6 +159,14 @@ def add_virtio_devices(io, memory, vm, specs: VirtioSpecs, *, irqchip: bool,
         loop.stop()
         raise
     return result
+
+
+def raise_open_file_limit() -> None:
+    """Let the process hold as many fds as the hard limit allows: the FUSE server
+    keeps one for every host file the guest has looked up and not forgotten."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _irq_line(vm, gsi: int, irqchip: bool) -> IrqLine:

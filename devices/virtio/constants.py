@@ -17,6 +17,7 @@ DEVICE_NET = 1
 DEVICE_BLOCK = 2
 DEVICE_CONSOLE = 3
 DEVICE_RNG = 4
+DEVICE_FS = 26
 
 # InterruptStatus bits of virtio-mmio.
 INTERRUPT_VRING = 1
@@ -28,3 +29,5 @@ def bit(n: int) -> int:
 
 # virtio-blk: the length of the device ID (its serial) returned by GET_ID.
 BLK_ID_BYTES = 20
+# virtio-fs: the length of the tag in the configuration space.
+FS_TAG_BYTES = 36

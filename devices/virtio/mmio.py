@@ -197,6 +197,8 @@ class VirtioMmioTransport:
             self.queue_sel = value
         elif offset in (QUEUE_NUM, QUEUE_READY) or offset in _QUEUE_ADDRESS_REGISTERS:
             self._write_queue_register(offset, value)
+        elif offset == SHM_SEL:
+            pass  # every region reads as absent (virtio-fs asks for its DAX window)
         else:
             self._odd(f"write-{offset:#x}", "write of %#x to read-only or unknown register %#x ignored",
                       value, offset)

@@ -9,7 +9,7 @@ test inside an L1 Linux whose KVM is real (tests/nested/).
 
 import pytest
 
-from tests.assets import linux_assets  # noqa: F401 - a fixture for every boot test
+from tests.assets import linux_assets, linux_module_tree  # noqa: F401 - fixtures for every boot test
 from tests.conftest import HOST_LIMITATION
 from tests.helpers import kvm_usable
 

@@ -105,6 +105,7 @@ LSEEK = 46
 COPY_FILE_RANGE = 47
 SYNCFS = 50
 
+XATTR_OPERATIONS = frozenset({SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR})
 # Operations the kernel sends without waiting for a reply.
 NO_REPLY = frozenset({FORGET, BATCH_FORGET})
 
