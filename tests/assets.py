@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import bz2
 import gzip
-import io
 import json
 import lzma
 import os
@@ -43,7 +42,6 @@ import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 try:
     import pytest
@@ -51,6 +49,7 @@ except ImportError:  # `python -m tests.assets` works without pytest
     pytest = None
 
 from boot import bootparam as bp
+from boot.cpio import CpioWriter  # noqa: F401 - tests build initramfs overlays with it
 
 try:
     from vmm.layout import BOOT_TIMER_PORT
@@ -283,45 +282,6 @@ INITTAB = """::respawn:-/bin/cttyhack /bin/sh -l
 PROFILE = """export PATH=/bin
 export PS1='pyvmm# '
 """
-
-
-class CpioWriter:
-    """A newc ("070701") cpio archive, the format the kernel unpacks as initramfs.
-
-    Built in memory, or written to `out` as it goes (large archives)."""
-
-    def __init__(self, out: BinaryIO | None = None) -> None:
-        self.out = out if out is not None else io.BytesIO()
-        self.inode = 1
-
-    def _entry(self, name: str, mode: int, data: bytes = b"", nlink: int = 1,
-               rdev: tuple[int, int] = (0, 0)) -> None:
-        encoded = name.encode() + b"\0"
-        fields = (self.inode, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1],
-                  len(encoded), 0)
-        self.inode += 1
-        header = b"070701" + b"".join(b"%08X" % value for value in fields)
-        self.out.write(header + encoded)
-        self.out.write(b"\0" * (-(len(header) + len(encoded)) % 4))
-        self.out.write(data)
-        self.out.write(b"\0" * (-len(data) % 4))
-
-    def directory(self, name: str) -> None:
-        self._entry(name, 0o040755, nlink=2)
-
-    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        self._entry(name, 0o100000 | mode, data)
-
-    def symlink(self, name: str, target: str) -> None:
-        self._entry(name, 0o120777, target.encode())
-
-    def char_device(self, name: str, major: int, minor: int) -> None:
-        self._entry(name, 0o020600, rdev=(major, minor))
-
-    def finish(self) -> bytes:
-        """End the archive; its bytes when built in memory (b"" when written to `out`)."""
-        self._entry("TRAILER!!!", 0)
-        return self.out.getvalue() if isinstance(self.out, io.BytesIO) else b""
 
 
 def module_dependencies(module: bytes) -> list[str]:

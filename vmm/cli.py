@@ -147,6 +147,43 @@ class _stop_on_signals:
             machine.stop.request_stop(exit_status.INTERRUPTED, f"stopped by {signal.Signals(signum).name}")
 
 
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.option("--kernel", "-k", type=click.Path(path_type=Path, dir_okay=False),
+              help="Linux kernel [default: /boot/vmlinuz-$(uname -r)].")
+@click.option("--modules", type=click.Path(path_type=Path, file_okay=False),
+              help="The kernel's module tree [default: /lib/modules/<its version>].")
+@click.option("--cpus", default=1, show_default=True, type=int, help="Number of vCPUs.")
+@click.option("--memory", "-m", default="512M", show_default=True, help="Guest RAM (K, M, G suffixes).")
+@click.option("--accel", type=click.Choice(ACCELERATORS), default="auto", show_default=True,
+              help="CPU accelerator.")
+@click.option("--rw", "writable", multiple=True, metavar="DIR",
+              help="Share DIR writable at the same path (repeatable); everything else is read-only.")
+@click.option("--env", "env", multiple=True, metavar="NAME=VALUE", help="Set a variable for the command (repeatable).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop the guest after SECONDS and exit with status 124.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def run(ctx: click.Context, kernel: Path | None, modules: Path | None, cpus: int, memory: str, accel: str,
+        writable: tuple[str, ...], env: tuple[str, ...], timeout: float | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND in a fresh kernel that sees this host's files; exits with its status.
+
+    Without a command, an interactive shell. 124: --timeout expired; 125: the
+    guest could not run the command; 126/127: not executable / not found.
+    """
+    from vmm.run.runner import CANNOT_RUN, RunOptions, run_command
+
+    verbose = ctx.find_root().params.get("verbose", 0) > 0
+    try:
+        options = RunOptions(command=list(command), kernel=kernel, modules=modules, cpus=cpus,
+                             memory=parse_memory_size(memory), accel=accel, writable=list(writable),
+                             env=list(env), timeout=timeout, verbose=verbose)
+        with _stop_on_signals():
+            status = run_command(options)
+    except PyvmmError as err:
+        fail(str(err), CANNOT_RUN)
+    sys.exit(status)
+
+
 @cli.command()
 def check() -> None:
     """Report what this host offers pyvmm."""

@@ -153,12 +153,15 @@ class Console:
         output_fd: int = 1,
         raw: bool | None = None,
         keep_signals: bool = False,
+        notice_fd: int = 2,
     ) -> None:
         """`raw`: put the input terminal in raw mode and honour Ctrl-A escapes;
-        by default, exactly when the input fd is a terminal."""
+        by default, exactly when the input fd is a terminal. `notice_fd`: where
+        pyvmm's own one-line notices go (stderr, or pyvmm run's log)."""
         self._quit = quit
         self._input_fd = input_fd
         self._output_fd = output_fd
+        self._notice_fd = notice_fd
         # stdout stays blocking (it is shared with the shell that started us),
         # so writes wait for room with poll() first: a write that blocked in
         # the kernel could not be interrupted by a stop. One poll object per
@@ -265,6 +268,9 @@ class Console:
                 pass  # the pipe is full of wake-ups already
 
     # -- output --------------------------------------------------------------
+
+    def notice(self, text: str) -> None:
+        os.write(self._notice_fd, f"pyvmm: {text}\n".encode())
 
     def write(self, data: bytes) -> None:
         """Guest output to the host, all of it (the guest waits while the host does not read)."""

@@ -91,7 +91,7 @@ class Machine:
         self._add_devices(platform.irqchip)
         boot_state = self._load_kernel() if config.is_linux else self._load_flat()
         if accel_notice:
-            print(f"pyvmm: {accel_notice}", file=sys.stderr, flush=True)
+            self.console.notice(accel_notice)
         for index in range(config.cpus):
             vcpu = self.vm.create_vcpu(index)
             self.vcpus.append(vcpu)
@@ -299,9 +299,20 @@ def current_machine() -> Machine | None:
 
 def run_machine(config: MachineConfig) -> int:
     """Build, run and tear down one machine; returns the exit status."""
+    status, reason = run_machine_quietly(config)
+    if reason:
+        print(f"pyvmm: {reason}", file=sys.stderr)
+    return status
+
+
+def run_machine_quietly(config: MachineConfig, console: Console | None = None) -> tuple[int, str]:
+    """The same, printing nothing of its own (but --stats); returns (status, why it stopped).
+
+    `console`: where the serial port goes (default: this terminal or pipe).
+    """
     global _current
     started = time.monotonic()
-    console = Console(quit=lambda: _current and _current.stop.request_stop(
+    console = console or Console(quit=lambda: _current and _current.stop.request_stop(
         exit_status.INTERRUPTED, "stopped by Ctrl-A x"))
     machine = _current = Machine(config, console)
     try:
@@ -312,8 +323,6 @@ def run_machine(config: MachineConfig) -> int:
         machine.shutdown()
         console.restore()
         _current = None
-    if reason:
-        print(f"pyvmm: {reason}", file=sys.stderr)
     if config.stats:
         print(machine.stats_report(time.monotonic() - started), file=sys.stderr)
-    return status
+    return status, reason

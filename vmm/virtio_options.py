@@ -53,13 +53,16 @@ class VirtioSpecs:
     console: bool = False  # --console virtio
     rng: bool = False
     filesystems: list[FsSpec] = field(default_factory=list)
+    # Devices built by the caller, as (name, VirtioDevice) (pyvmm run's stdio share).
+    prebuilt: list[tuple[str, object]] = field(default_factory=list)
     # Also describe the devices on the kernel command line (virtio_mmio.device=),
     # for kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and without ACPI.
     cmdline_devices: bool = False
 
     @property
     def count(self) -> int:
-        return len(self.disks) + len(self.nets) + int(self.console) + int(self.rng) + len(self.filesystems)
+        return (len(self.disks) + len(self.nets) + int(self.console) + int(self.rng) + len(self.filesystems)
+                + len(self.prebuilt))
 
 
 # -- option parsing ---------------------------------------------------------------------

@@ -145,6 +145,7 @@ def add_virtio_devices(io, memory, vm, specs: VirtioSpecs, *, irqchip: bool,
             raise_open_file_limit()
         for n, fs in enumerate(specs.filesystems):
             devices.append((f"virtio-fs{n}", _open_fs(fs)))
+        devices.extend(specs.prebuilt)
         for index, (name, device) in enumerate(devices):
             base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE
             gsi = layout.VIRTIO_MMIO_IRQ_BASE + index

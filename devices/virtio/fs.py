@@ -6,7 +6,10 @@ BATCH_FORGET), then the request queues; pyvmm has one. Every chain on either
 is one FUSE request: the device-readable part holds fuse_in_header and the
 operation's arguments (and a WRITE's data), the device-writable part takes
 fuse_out_header and the reply. The FUSE server (vmm/fuse/server.py) does the
-work; this device moves the bytes.
+work; this device moves the bytes. A request the server answers later (a
+read of input that has not arrived) keeps its chain until then; other
+requests, on any queue, are answered meanwhile (the guest matches replies to
+requests by their unique ID).
 
 The data of READ and WRITE never passes through a Python bytes object: a
 WRITE's data goes from guest pages to the host file with pwritev, a READ's
@@ -28,8 +31,8 @@ from devices.virtio import constants as c
 from devices.virtio.device import VirtioDevice
 from devices.virtio.queue import DescriptorChain
 from vmm.fuse import protocol as p
-from vmm.fuse.request import Reply, Request
-from vmm.fuse.server import FuseServer
+from vmm.fuse.request import Deferred, Reply, Request
+from vmm.fuse.session import FuseSession
 from vmm.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -62,13 +65,14 @@ class VirtioFs(VirtioDevice):
     name = "virtio-fs"
     queue_max_sizes = (QUEUE_SIZE,) * (1 + REQUEST_QUEUES)
 
-    def __init__(self, server: FuseServer, tag: str) -> None:
+    def __init__(self, server: FuseSession, tag: str) -> None:
         encoded = tag.encode()
         if not encoded or len(encoded) > TAG_BYTES:
             raise ValueError(f"virtio-fs tag {tag!r} must be 1 to {TAG_BYTES} bytes")
         self.server = server
         self.tag = encoded
         self._odd = LogOnce(log, f"virtio-fs {tag}")
+        self._generation = 0  # bumped by a reset: replies that come later are then dropped
 
     @property
     def requests(self) -> int:
@@ -85,8 +89,21 @@ class VirtioFs(VirtioDevice):
         queue = self.queue(index)
         while (chain := queue.pop()) is not None:
             reply = self.server.handle(ChainRequest(chain, self.memory))
+            if isinstance(reply, Deferred):
+                reply.then(lambda answer, chain=chain, generation=self._generation: self.transport.run_locked(
+                    self._answer_later, queue, chain, answer, generation))
+                continue
             queue.push(chain, 0 if reply is None else self._send(chain, reply))
         self.transport.used_buffers(queue)
+
+    def _answer_later(self, queue, chain: DescriptorChain, reply: Reply, generation: int) -> None:
+        if generation != self._generation:
+            return  # the driver reset the device meanwhile: the chain is no longer ours
+        queue.push(chain, self._send(chain, reply))
+        self.transport.used_buffers(queue)
+
+    def reset(self) -> None:
+        self._generation += 1
 
     def _send(self, chain: DescriptorChain, reply: Reply) -> int:
         """Write the reply into the chain's writable buffers; returns the bytes written."""

@@ -11,7 +11,8 @@ reads it with preadv straight into the guest's buffers. Tests use
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
@@ -73,3 +74,32 @@ class Reply:
         if self.file_data is not None:
             data = os.pread(self.file_data.fd, self.file_data.length, self.file_data.offset)
         return self.header(len(data)) + self.body + data
+
+
+class Deferred:
+    """A reply that comes later (a read of input that has not arrived yet).
+
+    The transport says where the reply goes with `then(callback)`; whoever
+    has the answer calls `resolve(reply)`, from any thread, before or after.
+    """
+
+    def __init__(self) -> None:
+        self.unique = 0
+        self._lock = threading.Lock()
+        self._callback: Callable[[Reply], object] | None = None
+        self._reply: Reply | None = None
+
+    def then(self, callback: Callable[[Reply], object]) -> None:
+        with self._lock:
+            self._callback = callback
+            reply = self._reply
+        if reply is not None:
+            callback(reply)
+
+    def resolve(self, error: int = 0, body: bytes = b"") -> None:
+        reply = Reply(self.unique, error, body)
+        with self._lock:
+            self._reply = reply
+            callback = self._callback
+        if callback is not None:
+            callback(reply)

@@ -22,9 +22,7 @@ operation on the host through file descriptors:
   and everything runs with pyvmm's own credentials (the uid/gid in a request
   are ignored).
 
-A malformed request (short header, a length past the buffer, arguments cut
-short, a name without its NUL, an unknown opcode) gets an error reply; no
-request can raise out of `handle`.
+Requests are parsed and answered by vmm/fuse/session.py.
 """
 
 from __future__ import annotations
@@ -34,19 +32,15 @@ import errno
 import logging
 import os
 import stat
-import struct
 import time
 
-from devices.log_once import LogOnce
 from vmm.fuse import protocol as p
 from vmm.fuse.nodes import FuseError, Handle, HandleTable, Node, NodeTable
-from vmm.fuse.request import FileRange, Reply, Request
+from vmm.fuse.request import FileRange
+from vmm.fuse.session import MAX_TRANSFER, Arguments, FuseSession
 
 log = logging.getLogger(__name__)
 
-# The most data one READ or WRITE moves (256 pages): what INIT tells the kernel.
-MAX_TRANSFER = 1 << 20
-MAX_PAGES = MAX_TRANSFER // 4096
 # How long the guest may cache names and attributes. A read-only share is
 # assumed not to change under the guest while it runs; a writable one is
 # changed by the guest itself, through this server, and by the host only rarely.
@@ -54,7 +48,6 @@ READONLY_CACHE_SECONDS = 60
 WRITABLE_CACHE_SECONDS = 1
 # Longest copy one COPY_FILE_RANGE carries out (the kernel asks again for the rest).
 MAX_COPY = 64 << 20
-NAME_MAX = 255
 
 # O_* flags of OPEN/CREATE passed on to the host; the rest (O_CREAT, O_EXCL,
 # O_NOCTTY, O_NONBLOCK, O_DIRECT, O_NOATIME, ...) are the guest's business.
@@ -75,47 +68,6 @@ def _check_libc(result: int) -> None:
         raise FuseError(ctypes.get_errno())
 
 
-class Arguments:
-    """The bytes after the header, read front to back; running short is EINVAL."""
-
-    def __init__(self, request: Request, offset: int, end: int) -> None:
-        self.request = request
-        self.offset = offset
-        self.end = end
-
-    @property
-    def remaining(self) -> int:
-        return self.end - self.offset
-
-    def take(self, layout: struct.Struct) -> tuple:
-        if self.remaining < layout.size:
-            raise FuseError(errno.EINVAL)
-        values = layout.unpack(self.request.read(self.offset, layout.size))
-        self.offset += layout.size
-        return values
-
-    def name(self) -> bytes:
-        """One NUL-terminated name: a single path component."""
-        data = self.request.read(self.offset, min(self.remaining, NAME_MAX + 1))
-        end = data.find(b"\0")
-        if end < 0:
-            raise FuseError(errno.EINVAL if len(data) <= NAME_MAX else errno.ENAMETOOLONG)
-        name = data[:end]
-        self.offset += end + 1
-        if not name or name in (b".", b"..") or b"/" in name:
-            raise FuseError(errno.EINVAL)
-        return name
-
-    def text(self, limit: int = 4096) -> bytes:
-        """A NUL-terminated string that may hold '/' (a symlink's target)."""
-        data = self.request.read(self.offset, min(self.remaining, limit + 1))
-        end = data.find(b"\0")
-        if end <= 0:
-            raise FuseError(errno.EINVAL if end == 0 or len(data) <= limit else errno.ENAMETOOLONG)
-        self.offset += end + 1
-        return data[:end]
-
-
 def _encode_rdev(rdev: int) -> int:
     """The host's dev_t as the kernel's new_encode_dev(), which FUSE carries in 32 bits."""
     major, minor = os.major(rdev), os.minor(rdev)
@@ -130,18 +82,18 @@ def _attr(st: os.stat_result) -> tuple:
             st.st_uid, st.st_gid, _encode_rdev(st.st_rdev), st.st_blksize, 0)
 
 
-class FuseServer:
+class FuseServer(FuseSession):
+    init_flags = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO
+                  | p.PARALLEL_DIROPS | p.MAX_PAGES | p.CACHE_SYMLINKS)
+
     def __init__(self, root: str, *, readonly: bool, name: str = "virtio-fs") -> None:
+        super().__init__(name)
         root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.root_path = root
         self.readonly = readonly
         self.nodes = NodeTable(root_fd, p.ROOT_ID)
         self.handles = HandleTable()
         self.cache_seconds = READONLY_CACHE_SECONDS if readonly else WRITABLE_CACHE_SECONDS
-        self.initialised = False
-        self.requests = 0
-        self.errors = 0
-        self._odd = LogOnce(log, name)
         self._operations = {
             p.LOOKUP: self._lookup, p.FORGET: self._forget, p.BATCH_FORGET: self._batch_forget,
             p.GETATTR: self._getattr, p.SETATTR: self._setattr, p.READLINK: self._readlink,
@@ -157,53 +109,12 @@ class FuseServer:
         }
 
     def close(self) -> None:
-        self.handles.close()
-        self.nodes.close()
+        self.forget_everything()
         os.close(self.nodes.root.fd)
 
-    # -- one request ---------------------------------------------------------------
-
-    def handle(self, request: Request) -> Reply | None:
-        """Carry out one request; the reply, or None for FORGET and BATCH_FORGET."""
-        self.requests += 1
-        if request.length < p.IN_HEADER.size:
-            self._odd("short", "request of %d bytes is shorter than a FUSE header", request.length)
-            self.errors += 1
-            return Reply(0, errno.EINVAL)
-        length, opcode, unique, nodeid, _uid, _gid, _pid, _extlen, _ = p.IN_HEADER.unpack(
-            request.read(0, p.IN_HEADER.size))
-        if not p.IN_HEADER.size <= length <= request.length:
-            self._odd("length", "request length %d does not fit its %d-byte buffer", length, request.length)
-            self.errors += 1
-            return None if opcode in p.NO_REPLY else Reply(unique, errno.EINVAL)
-        operation = self._operations.get(opcode)
-        if opcode in p.XATTR_OPERATIONS:
-            # No extended attributes; ENOSYS makes the kernel stop asking.
-            return Reply(unique, errno.ENOSYS)
-        if operation is None:
-            self._odd(f"opcode-{opcode}", "unsupported FUSE opcode %d", opcode)
-            return Reply(unique, errno.ENOSYS)
-        if not self.initialised and opcode != p.INIT:
-            return None if opcode in p.NO_REPLY else Reply(unique, errno.EIO)
-        args = Arguments(request, p.IN_HEADER.size, length)
-        try:
-            result = operation(nodeid, args)
-        except FuseError as err:
-            return self._failed(opcode, unique, err.errno)
-        except OSError as err:
-            return self._failed(opcode, unique, err.errno or errno.EIO)
-        except Exception:  # a bug must not take the VMM down with it; the guest sees EIO
-            log.exception("FUSE opcode %d failed", opcode)
-            return self._failed(opcode, unique, errno.EIO)
-        if opcode in p.NO_REPLY:
-            return None
-        if isinstance(result, FileRange):
-            return Reply(unique, file_data=result)
-        return Reply(unique, body=result or b"")
-
-    def _failed(self, opcode: int, unique: int, code: int) -> Reply | None:
-        self.errors += 1
-        return None if opcode in p.NO_REPLY else Reply(unique, code)
+    def forget_everything(self) -> None:
+        self.handles.close()
+        self.nodes.close()
 
     def _writable(self) -> None:
         if self.readonly:
@@ -239,25 +150,6 @@ class FuseServer:
         return p.ATTR_OUT.pack(self.cache_seconds, 0, 0, *_attr(st))
 
     # -- the session -----------------------------------------------------------------
-
-    def _init(self, nodeid: int, args: Arguments) -> bytes:
-        major, minor, max_readahead, flags = args.take(p.INIT_IN)
-        if major != p.KERNEL_VERSION:
-            # Only 7.x exists; a kernel speaking another major gets ours and retries or gives up.
-            return p.INIT_OUT.pack(p.KERNEL_VERSION, p.KERNEL_MINOR_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-        wanted = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO
-                  | p.PARALLEL_DIROPS | p.MAX_PAGES | p.CACHE_SYMLINKS)
-        self.handles.close()
-        self.nodes.close()
-        self.initialised = True
-        return p.INIT_OUT.pack(p.KERNEL_VERSION, min(minor, p.KERNEL_MINOR_VERSION), max_readahead,
-                               flags & wanted, 16, 12, MAX_TRANSFER, 1, MAX_PAGES, 0, 0)
-
-    def _destroy(self, nodeid: int, args: Arguments) -> bytes:
-        self.handles.close()
-        self.nodes.close()
-        self.initialised = False
-        return b""
 
     # -- names -----------------------------------------------------------------------
 

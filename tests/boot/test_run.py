@@ -1,0 +1,124 @@
+"""`pyvmm run` through the CLI on the Debian cloud kernel: statuses, exact stdio, files, escapes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def run(linux_assets, linux_module_tree):
+    def run(*args: str, input: bytes = b"", cwd=REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "vmm", "run", "--kernel", str(linux_assets.kernel),
+                   "--modules", str(linux_module_tree), *args]
+        # PYTHONPATH: the checkout under test, whatever the working directory.
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        return subprocess.run(command, input=input, capture_output=True, cwd=cwd, timeout=timeout, env=env)
+
+    return run
+
+
+def test_status_stdio_cwd_and_env_exactly(run):
+    script = 'pwd; echo "$GREETING"; cat; printf "to stderr\\n" >&2; exit 7'
+    result = run("--env", "GREETING=hello world", "--", "sh", "-c", script, input=b"binary\0\xff\nend")
+    assert result.returncode == 7, result.stderr
+    assert result.stdout == f"{REPO}\nhello world\n".encode() + b"binary\0\xff\nend"
+    assert result.stderr == b"to stderr\n"
+
+
+def test_success_prints_nothing_else_and_a_missing_command_is_127(run):
+    result = run("--", "true")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    result = run("--", "no-such-command-anywhere")
+    assert result.returncode == 127
+    assert b"no-such-command-anywhere" in result.stderr and result.stdout == b""
+
+
+def test_a_hundred_thousand_lines_arrive_intact(run):
+    result = run("--", "seq", "100000")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"".join(b"%d\n" % n for n in range(1, 100001))
+
+
+def test_timeout_stops_the_guest_with_124(run):
+    result = run("--timeout", "20", "--", "sleep", "1000")
+    assert result.returncode == 124
+    assert result.stderr.startswith(b"pyvmm: timed out")
+
+
+def test_a_large_file_written_through_rw_is_identical_on_the_host(run, tmp_path):
+    shared = tmp_path / "out"
+    shared.mkdir()
+    script = "dd if=/dev/urandom of=data bs=1M count=64 2>/dev/null && md5sum data"
+    result = run("--rw", str(shared), "--", "sh", "-c", script, cwd=shared)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0].decode() == hashlib.md5((shared / "data").read_bytes()).hexdigest()
+    assert (shared / "data").stat().st_size == 64 << 20
+
+
+ESCAPES = """
+mount -o remount,rw / 2>/dev/null
+echo changed >> README.md 2>/dev/null && echo WROTE-README
+rm -f pyproject.toml 2>/dev/null; [ -e pyproject.toml ] || echo REMOVED-PYPROJECT
+touch new-file-from-guest 2>/dev/null && echo CREATED-FILE
+ln README.md "$OUT/hard" 2>/dev/null && echo CROSS-SHARE-LINK
+mv README.md "$OUT/moved" 2>/dev/null; [ -e README.md ] || echo MOVED-README
+ln -s /etc/hostname "$OUT/escape"; echo through-link > "$OUT/escape" 2>/dev/null && echo WROTE-THROUGH-LINK
+mknod "$OUT/disk" b 8 0 2>/dev/null && echo MADE-DEVICE
+echo done
+"""
+
+
+def test_escapes_are_refused_and_the_host_is_unchanged(run, tmp_path):
+    shared = tmp_path / "out"
+    shared.mkdir()
+    watched = {name: (REPO / name).read_bytes() for name in ("README.md", "pyproject.toml")}
+    result = run("--rw", str(shared), "--env", f"OUT={shared}", "--", "sh", "-c", ESCAPES)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"done\n", result.stdout
+    assert {name: (REPO / name).read_bytes() for name in watched} == watched
+    assert not (REPO / "new-file-from-guest").exists()
+    assert os.readlink(shared / "escape") == "/etc/hostname"  # a symlink the guest made, not followed
+    assert not (shared / "disk").exists()
+
+
+def test_a_kernel_without_virtio_fs_is_named(run, tmp_path, linux_module_tree):
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    shutil.copy(linux_module_tree / "modules.builtin", modules)
+    (modules / "modules.order").write_text("kernel/drivers/virtio/virtio_mmio.ko\n")
+    result = run("--modules", str(modules), "--", "true")
+    assert result.returncode == 125
+    assert result.stderr.count(b"\n") == 1 and b"CONFIG_VIRTIO_FS" in result.stderr
+
+
+def test_a_guest_that_cannot_start_the_command_is_125(run, tmp_path, linux_module_tree):
+    # A module tree whose virtiofs.ko is damaged: the guest's /init cannot load it.
+    modules = tmp_path / "modules"
+    for line in (linux_module_tree / "modules.order").read_text().split():
+        if line.rsplit("/", 1)[-1] in ("virtio.ko", "virtio_ring.ko", "virtio_mmio.ko", "fuse.ko", "virtiofs.ko"):
+            (modules / line).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(linux_module_tree / line, modules / line)
+            with open(modules / "modules.order", "a") as order:
+                order.write(line + "\n")
+    (modules / "kernel/fs/fuse/virtiofs.ko").write_bytes(b"\x7fELF not really a module")
+    result = run("--modules", str(modules), "--", "true")
+    assert result.returncode == 125
+    assert result.stderr.startswith(b"pyvmm: the guest could not run the command: pyvmm-init: cannot load")
+
+
+def test_dogfood_unit_tests_from_the_read_only_checkout(run):
+    tests = ["tests/unit/test_fuse_server.py", "tests/unit/test_virtio_fs.py", "tests/unit/test_memory.py"]
+    result = run("--memory", "1G", "--env", "PYTHONDONTWRITEBYTECODE=1", "--",
+                 sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert b" passed" in result.stdout

@@ -1,0 +1,196 @@
+"""`pyvmm run`: one command in a fresh kernel, with the host's files, its output and its status.
+
+The guest sees the host's / read-only (virtio-fs, enforced by pyvmm's
+server), its own /proc, /sys, /dev and fresh tmpfs on /tmp, /run, /var/tmp,
+and each --rw directory writable at the same path. /init (built for this run)
+mounts all that and execs the host's /bin/sh with a short script that enters
+the host's working directory, runs the command with the stdio share
+(vmm/run/stdio_share.py) as its stdin, stdout and stderr, and writes its exit
+status there, which ends the run.
+
+The serial console carries only the kernel's log: to a file in the run's
+scratch directory, or to stderr with -v. Exit statuses: the command's own;
+124 when --timeout expired; 125 when the guest could not run it (one line on
+stderr says why); the shell's 126/127 when it is not executable or not found.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from devices.virtio.fs import VirtioFs
+from vmm import exit_status
+from vmm.config import MachineConfig
+from vmm.console import Console
+from vmm.errors import PyvmmError
+from vmm.machine import current_machine, run_machine_quietly
+from vmm.run.initramfs import ROOT_TAG, STDIO_DIR, STDIO_TAG, GuestPlan, build_initramfs
+from vmm.run.modules import default_kernel, guest_modules, kernel_release
+from vmm.run.stdio_share import StdioShare
+from vmm.virtio_options import FsSpec, VirtioSpecs
+
+TIMED_OUT = 124
+CANNOT_RUN = 125
+
+# The guest's kernel log goes to the serial port; `quiet` keeps it short.
+CMDLINE = "console=ttyS0 reboot=acpi panic=-1 quiet"
+# Host variables that name things of the host's session the guest cannot reach.
+_HOST_ONLY_VARIABLES = {"SSH_AUTH_SOCK", "SSH_AGENT_PID", "DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR",
+                        "DISPLAY", "WAYLAND_DISPLAY", "SHLVL", "OLDPWD", "PWD", "_"}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# Run by the host's /bin/sh as the guest's init: $1 is the working directory,
+# the rest the command. The command runs in a subshell, so that even a
+# builtin like `exit` leaves this shell to report its status.
+SCRIPT = f"""exec <{STDIO_DIR}/stdin >{STDIO_DIR}/stdout 2>{STDIO_DIR}/stderr
+cd -- "$1" 2>/dev/null || {{ echo "pyvmm: cannot enter $1 in the guest" >&2; echo {CANNOT_RUN} >{STDIO_DIR}/status; exit; }}
+shift
+("$@")
+echo $? >{STDIO_DIR}/status
+"""
+
+
+@dataclass
+class RunOptions:
+    command: list[str]
+    kernel: Path | None = None
+    modules: Path | None = None
+    cpus: int = 1
+    memory: int = 512 << 20
+    accel: str = "auto"
+    writable: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    timeout: float | None = None
+    verbose: bool = False
+
+
+def guest_environment(extra: list[str], cwd: str) -> list[bytes]:
+    """The host's environment as far as it makes sense in the guest, then --env NAME=VALUE."""
+    env = {name: value for name, value in os.environb.items()
+           if _NAME.fullmatch(name.decode(errors="replace")) and name.decode() not in _HOST_ONLY_VARIABLES}
+    for item in extra:
+        name, sep, value = item.partition("=")
+        if not sep or not _NAME.fullmatch(name):
+            raise PyvmmError(f"--env {item}: expected NAME=VALUE")
+        env[name.encode()] = os.fsencode(value)
+    env[b"PWD"] = os.fsencode(cwd)
+    env.setdefault(b"PATH", b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    return [name + b"=" + value for name, value in env.items()]
+
+
+def _writable_shares(directories: list[str]) -> list[tuple[str, str]]:
+    shares = []
+    for n, directory in enumerate(directories):
+        path = os.path.realpath(directory)
+        if not os.path.isdir(path):
+            raise PyvmmError(f"--rw {directory}: no such directory")
+        if path == "/":
+            raise PyvmmError("--rw /: the host's root is shared read-only; give the directories to write")
+        shares.append((f"pyvmm-rw{n}", path))
+    return shares
+
+
+def _kernel_and_modules(options: RunOptions) -> tuple[Path, Path]:
+    kernel = options.kernel
+    if kernel is None:
+        kernel = default_kernel()
+        if not os.access(kernel, os.R_OK):
+            raise PyvmmError(f"no kernel: {kernel} is not readable here; give --kernel")
+    elif not kernel.is_file():
+        raise PyvmmError(f"--kernel {kernel}: no such file")
+    modules = options.modules or Path("/lib/modules") / kernel_release(kernel)
+    if not modules.is_dir():
+        raise PyvmmError(f"no modules for the kernel: {modules} is missing; give --modules DIR")
+    return kernel, modules
+
+
+def _last_init_message(log_path: Path) -> str:
+    """What the guest's /init or kernel said last about failing, from the console log."""
+    try:
+        text = log_path.read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+    for marker in ("pyvmm-init: ", "Kernel panic - not syncing: "):
+        found = text.rfind(marker)
+        if found >= 0:
+            return text[found:].splitlines()[0].strip()
+    return ""
+
+
+def run_command(options: RunOptions) -> int:
+    """Boot, run the command, and return the status pyvmm run exits with."""
+    cwd = os.getcwd()
+    kernel, modules = _kernel_and_modules(options)
+    shares = _writable_shares(options.writable)
+    command = options.command or [os.environ.get("SHELL", "/bin/sh"), "-i"]
+    plan = GuestPlan(
+        modules=guest_modules(modules), writable=shares,
+        argv=[b"/bin/sh", b"-c", SCRIPT.encode(), b"sh", os.fsencode(cwd), *map(os.fsencode, command)],
+        env=guest_environment(options.env, cwd))
+    scratch = Path(tempfile.mkdtemp(prefix="pyvmm-run-"))
+    try:
+        initrd = scratch / "initramfs.cpio"
+        initrd.write_bytes(build_initramfs(plan))
+        return _boot(options, kernel, initrd, shares, scratch / "console.log")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[str, str]], log_path: Path) -> int:
+    reported: list[int] = []
+    timed_out = threading.Event()
+
+    def stop(status: int, reason: str) -> None:
+        machine = current_machine()
+        if machine is not None:
+            machine.stop.request_stop(status, reason)
+
+    def on_status(status: int) -> None:
+        reported.append(status)
+        stop(status, "")
+
+    stdio = StdioShare(stdin_fd=0, stdout_fd=1, stderr_fd=2, on_status=on_status)
+    filesystems = [FsSpec("/", ROOT_TAG, readonly=True)] + [FsSpec(path, tag) for tag, path in shares]
+    config = MachineConfig(
+        memory=options.memory, cpus=options.cpus, accel=options.accel, kernel=kernel, initrd=initrd,
+        cmdline=CMDLINE if not options.verbose else CMDLINE.replace(" quiet", ""),
+        virtio=VirtioSpecs(filesystems=filesystems, prebuilt=[("pyvmm-io", VirtioFs(stdio, STDIO_TAG))]))
+    log_fd = 2 if options.verbose else os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    timer = None
+    if options.timeout is not None:
+        def expire() -> None:
+            timed_out.set()
+            stop(TIMED_OUT, f"timed out after {options.timeout:g} s")
+
+        timer = threading.Timer(options.timeout, expire)
+        timer.daemon = True
+        timer.start()
+    try:
+        console = Console(quit=lambda: None, input_fd=null_fd, output_fd=log_fd, raw=False, notice_fd=log_fd)
+        status, reason = run_machine_quietly(config, console)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        os.close(null_fd)
+        if log_fd != 2:
+            os.close(log_fd)
+    if reported:
+        return reported[0]
+    if timed_out.is_set():
+        print(f"pyvmm: {reason}", file=sys.stderr)
+        return TIMED_OUT
+    if status == exit_status.INTERRUPTED:
+        print(f"pyvmm: {reason}", file=sys.stderr)
+        return status
+    why = _last_init_message(log_path) if not options.verbose else ""
+    print(f"pyvmm: the guest could not run the command: {why or reason or 'it stopped without a status'}",
+          file=sys.stderr)
+    return CANNOT_RUN
