@@ -50,6 +50,7 @@ except ImportError:  # `python -m tests.assets` works without pytest
 
 from boot import bootparam as bp
 from boot.cpio import CpioWriter  # noqa: F401 - tests build initramfs overlays with it
+from vmm.run.modules import module_dependencies
 
 try:
     from vmm.layout import BOOT_TIMER_PORT
@@ -282,16 +283,6 @@ INITTAB = """::respawn:-/bin/cttyhack /bin/sh -l
 PROFILE = """export PATH=/bin
 export PS1='pyvmm# '
 """
-
-
-def module_dependencies(module: bytes) -> list[str]:
-    """The `depends=` list from a .ko's .modinfo section."""
-    start = module.find(b"\0depends=")
-    if start < 0:
-        return []
-    end = module.index(b"\0", start + 1)
-    value = module[start + len(b"\0depends=") : end].decode()
-    return [name for name in value.split(",") if name]
 
 
 def insmod_order(modules: dict[str, bytes]) -> list[str]:

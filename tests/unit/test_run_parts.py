@@ -1,0 +1,192 @@
+"""The pieces of `pyvmm run` that need no VM: module resolution, /init, the stdio share."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import struct
+import subprocess
+import threading
+
+import pytest
+
+from tests.assets import make_bzimage
+from tests.unit.fuse_client import FuseClient
+from vmm.errors import PyvmmError
+from vmm.fuse import protocol as p
+from vmm.fuse.request import BytesRequest, Deferred
+from vmm.run.init_program import InitProgram
+from vmm.run.modules import guest_modules, kernel_release
+from vmm.run.stdio_share import STATUS, STDERR, STDIN, STDOUT, StdioShare
+
+# -- modules ----------------------------------------------------------------------------------
+
+
+def fake_module(name: str, depends: str = "") -> bytes:
+    return b"\x7fELF" + f"\0name={name}\0depends={depends}\0".encode()
+
+
+def module_tree(root, modules: dict[str, str], *, builtin=(), with_dep: bool = False):
+    """modules: name -> its depends= value; laid out as a distribution package has them."""
+    order = []
+    for name, depends in modules.items():
+        path = f"kernel/drivers/{name}.ko"
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(fake_module(name, depends))
+        order.append(path)
+    (root / "modules.order").write_text("".join(line + "\n" for line in order))
+    (root / "modules.builtin").write_text("".join(f"kernel/fs/{name}.ko\n" for name in builtin))
+    if with_dep:
+        (root / "modules.dep").write_text("".join(
+            f"kernel/drivers/{name}.ko: " + " ".join(f"kernel/drivers/{d}.ko" for d in depends.split(",") if d) + "\n"
+            for name, depends in modules.items()))
+    return root
+
+
+DEBIAN_LIKE = {"virtio_mmio": "virtio,virtio_ring", "virtio": "", "virtio_ring": "", "fuse": "",
+               "virtiofs": "fuse,virtio,virtio_ring", "pvpanic": "", "pvpanic-mmio": "pvpanic"}
+
+
+@pytest.mark.parametrize("with_dep", [False, True])
+def test_modules_come_after_their_dependencies(tmp_path, with_dep):
+    order = [name for name, _ in guest_modules(module_tree(tmp_path, DEBIAN_LIKE, with_dep=with_dep))]
+    assert set(order) == {"virtio_mmio", "virtio", "virtio_ring", "fuse", "virtiofs", "pvpanic", "pvpanic_mmio"}
+    for name, depends in DEBIAN_LIKE.items():
+        for dependency in filter(None, depends.split(",")):
+            assert order.index(dependency) < order.index(name.replace("-", "_"))
+
+
+def test_built_in_modules_are_not_loaded(tmp_path):
+    tree = module_tree(tmp_path, {"virtio_mmio": "", "virtiofs": "fuse"}, builtin=("fuse",))
+    assert [name for name, _ in guest_modules(tree)] == ["virtio_mmio", "virtiofs"]
+
+
+def test_a_kernel_without_virtio_fs_is_named(tmp_path):
+    tree = module_tree(tmp_path, {"virtio_mmio": ""})
+    with pytest.raises(PyvmmError, match="CONFIG_VIRTIO_FS"):
+        guest_modules(tree)
+
+
+def test_a_missing_dependency_is_named(tmp_path):
+    tree = module_tree(tmp_path, {"virtio_mmio": "", "virtiofs": "fuse"})
+    with pytest.raises(PyvmmError, match="module fuse, needed by virtiofs, is missing"):
+        guest_modules(tree)
+
+
+def test_the_kernel_release_comes_from_the_bzimage_header(tmp_path):
+    image = bytearray(make_bzimage(b"payload"))
+    version = b"6.1.0-99-test (builder@example) #1 SMP\0"
+    where = 0x300  # inside the setup sectors
+    image[where + 0x200 : where + 0x200 + len(version)] = version
+    struct.pack_into("<H", image, 0x20E, where)
+    (tmp_path / "bzImage").write_bytes(image)
+    assert kernel_release(tmp_path / "bzImage") == "6.1.0-99-test"
+    (tmp_path / "vmlinux").write_bytes(b"\x7fELF" + bytes(4096))
+    with pytest.raises(PyvmmError, match="not a bzImage"):
+        kernel_release(tmp_path / "vmlinux")
+
+
+# -- /init ----------------------------------------------------------------------------------
+
+
+def run_init_sandboxed(tmp_path, program: InitProgram) -> subprocess.CompletedProcess:
+    """Run /init on the host in a user and PID namespace: its power-off can only end that namespace."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed: apt-get install util-linux")
+    path = tmp_path / "init"
+    path.write_bytes(program.build())
+    path.chmod(0o755)
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", str(path)],
+                            capture_output=True, timeout=30)
+    if b"unshare:" in result.stderr:
+        pytest.skip(f"host limitation: no user namespaces here ({result.stderr.decode().strip()})")
+    return result
+
+
+def test_init_execs_its_program_with_arguments_and_environment(tmp_path):
+    program = InitProgram(argv=[b"/bin/sh", b"-c", b'echo "$0 $1 $GREETING"', b"zero", b"one"],
+                          env=[b"GREETING=hello"])
+    result = run_init_sandboxed(tmp_path, program)
+    assert (result.returncode, result.stdout) == (0, b"zero one hello\n")
+
+
+def test_init_reports_a_failed_step_with_its_errno(tmp_path):
+    result = run_init_sandboxed(tmp_path, InitProgram(modules=["/no/such/module.ko"], argv=[b"/bin/true"]))
+    assert result.stderr == b"pyvmm-init: cannot open /no/such/module.ko (errno 002)\n"
+    assert result.returncode != 0
+
+
+# -- the stdio share ----------------------------------------------------------------------------
+
+
+class StdioHarness:
+    def __init__(self, stdin_data: bytes | None = None) -> None:
+        self.stdin_r, self.stdin_w = os.pipe()
+        self.out_r, self.out_w = os.pipe()
+        self.statuses: list[int] = []
+        self.share = StdioShare(stdin_fd=self.stdin_r, stdout_fd=self.out_w, stderr_fd=self.out_w,
+                                on_status=self.statuses.append)
+        self.client = FuseClient(self.share)
+        self.client.init()
+
+    def open(self, node: int, flags: int) -> int:
+        assert self.client.lookup({STDIN: b"stdin", STDOUT: b"stdout", STDERR: b"stderr",
+                                   STATUS: b"status"}[node])[0] == node
+        return self.client.open(node, flags)
+
+    def close(self) -> None:
+        for fd in (self.stdin_r, self.stdin_w, self.out_r, self.out_w):
+            os.close(fd)
+
+
+@pytest.fixture
+def stdio():
+    harness = StdioHarness()
+    yield harness
+    harness.close()
+
+
+def test_writes_to_stdout_reach_the_fd_unchanged(stdio):
+    fh = stdio.open(STDOUT, os.O_WRONLY)
+    data = bytes(range(256)) * 100
+    assert stdio.client.write(STDOUT, fh, 12345, data) == len(data)
+    assert os.read(stdio.out_r, 1 << 20) == data
+
+
+def test_a_status_write_reports_the_status(stdio):
+    fh = stdio.open(STATUS, os.O_WRONLY | os.O_TRUNC)
+    stdio.client.write(STATUS, fh, 0, b"42\n")
+    assert stdio.statuses == [42]
+    assert stdio.client.error(p.WRITE, STATUS, p.WRITE_IN.pack(fh, 0, 4, 0, 0, 0, 0), b"oops") == errno.EINVAL
+
+
+def test_streams_open_only_in_their_direction(stdio):
+    assert stdio.client.error(p.OPEN, STDIN, p.OPEN_IN.pack(os.O_WRONLY, 0)) == errno.EACCES
+    assert stdio.client.error(p.OPEN, STDOUT, p.OPEN_IN.pack(os.O_RDONLY, 0)) == errno.EACCES
+    assert stdio.client.error(p.OPEN, STDOUT, p.OPEN_IN.pack(os.O_RDWR, 0)) == errno.EACCES
+    assert stdio.client.error(p.LOOKUP, p.ROOT_ID, b"other\0") == errno.ENOENT
+
+
+def deferred_read(stdio, fh: int, unique: int):
+    header = p.IN_HEADER.pack(p.IN_HEADER.size + p.READ_IN.size, p.READ, unique, STDIN, 0, 0, 0, 0, 0)
+    deferred = stdio.share.handle(BytesRequest(header + p.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0)))
+    assert isinstance(deferred, Deferred)
+    answered, replies = threading.Event(), []
+    deferred.then(lambda reply: (replies.append(reply), answered.set()))
+    return answered, replies
+
+
+def test_a_read_of_stdin_waits_for_input_then_sees_end_of_file(stdio):
+    fh = stdio.open(STDIN, os.O_RDONLY)
+    answered, replies = deferred_read(stdio, fh, 77)
+    assert not answered.wait(0.2)  # nothing typed yet: no answer
+    os.write(stdio.stdin_w, b"typed\n")
+    assert answered.wait(10)
+    assert (replies[0].unique, replies[0].error, replies[0].body) == (77, 0, b"typed\n")
+    answered, replies = deferred_read(stdio, fh, 78)
+    os.close(stdio.stdin_w)
+    stdio.stdin_w = os.open(os.devnull, os.O_WRONLY)  # for close()
+    assert answered.wait(10)
+    assert (replies[0].unique, replies[0].body) == (78, b"")
+    assert stdio.client.read(STDIN, fh, 0, 4096) == b""  # and at once from then on
