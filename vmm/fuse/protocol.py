@@ -105,7 +105,10 @@ LSEEK = 46
 COPY_FILE_RANGE = 47
 SYNCFS = 50
 
-XATTR_OPERATIONS = frozenset({SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR})
+IOCTL = 39
+POLL = 40
+# Operations the server does without: ENOSYS makes the kernel stop sending them.
+UNSUPPORTED = frozenset({SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR, IOCTL, POLL, SYNCFS})
 # Operations the kernel sends without waiting for a reply.
 NO_REPLY = frozenset({FORGET, BATCH_FORGET})
 

@@ -104,9 +104,8 @@ class FuseSession:
             self.errors += 1
             return None if opcode in p.NO_REPLY else Reply(unique, errno.EINVAL)
         operation = self._operations.get(opcode)
-        if opcode in p.XATTR_OPERATIONS:
-            # No extended attributes; ENOSYS makes the kernel stop asking.
-            return Reply(unique, errno.ENOSYS)
+        if opcode in p.UNSUPPORTED and operation is None:
+            return Reply(unique, errno.ENOSYS)  # expected: the kernel then stops asking
         if operation is None:
             self._odd(f"opcode-{opcode}", "unsupported FUSE opcode %d", opcode)
             return Reply(unique, errno.ENOSYS)

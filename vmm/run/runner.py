@@ -16,12 +16,15 @@ stderr says why); the shell's 126/127 when it is not executable or not found.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +114,25 @@ def _kernel_and_modules(options: RunOptions) -> tuple[Path, Path]:
     return kernel, modules
 
 
+@contextmanager
+def _logging_to(fd: int) -> Iterator[None]:
+    """pyvmm's own log messages go where the kernel's go, never into the command's stderr."""
+    if fd == 2:
+        yield
+        return
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    stream = open(fd, "w", closefd=False, buffering=1)  # noqa: SIM115 - closed below
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("pyvmm: %(name)s: %(message)s"))
+    root.handlers = [handler]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+        stream.close()
+
+
 def _last_init_message(log_path: Path) -> str:
     """What the guest's /init or kernel said last about failing, from the console log."""
     try:
@@ -175,7 +197,8 @@ def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[st
         timer.start()
     try:
         console = Console(quit=lambda: None, input_fd=null_fd, output_fd=log_fd, raw=False, notice_fd=log_fd)
-        status, reason = run_machine_quietly(config, console)
+        with _logging_to(log_fd):
+            status, reason = run_machine_quietly(config, console)
     finally:
         if timer is not None:
             timer.cancel()
