@@ -43,6 +43,13 @@ def test_success_prints_nothing_else_and_a_missing_command_is_127(run):
     assert b"no-such-command-anywhere" in result.stderr and result.stdout == b""
 
 
+def test_a_working_directory_the_guest_cannot_see_is_125(run, tmp_path):
+    # /tmp is the guest's own tmpfs: a host directory there is not visible unless shared.
+    result = run("--", "true", cwd=tmp_path)
+    assert result.returncode == 125
+    assert result.stderr == f"pyvmm: cannot enter {tmp_path} in the guest\n".encode()
+
+
 def test_a_hundred_thousand_lines_arrive_intact(run):
     result = run("--", "seq", "100000")
     assert result.returncode == 0, result.stderr
