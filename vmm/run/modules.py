@@ -112,8 +112,13 @@ class ModuleTree:
             raise PyvmmError(f"--modules {self.root}: cannot read {path.name}: {err.strerror}") from None
 
 
-def guest_modules(root: Path) -> list[tuple[str, bytes]]:
-    """The modules the guest must load, in load order, as (name, contents)."""
+# An interactive shell runs on virtio-console's hvc0.
+TERMINAL = (("virtio_console", "CONFIG_VIRTIO_CONSOLE"),)
+
+
+def guest_modules(root: Path, *, terminal: bool = False) -> list[tuple[str, bytes]]:
+    """The modules the guest must load, in load order, as (name, contents);
+    `terminal`: also what an interactive shell's terminal needs."""
     tree = ModuleTree.open(root)
     order: list[str] = []
 
@@ -128,11 +133,12 @@ def guest_modules(root: Path) -> list[tuple[str, bytes]]:
             visit(dependency, path + (name,))
         order.append(name)
 
-    for name, option in REQUIRED:
+    required = REQUIRED + (TERMINAL if terminal else ())
+    for name, option in required:
         if name not in tree.builtin and name not in tree.files:
             raise PyvmmError(f"the kernel has no {name}: it needs {option}=y or =m "
                              f"(no {name}.ko under --modules {root}, and not built in)")
-    for name, _ in REQUIRED:
+    for name, _ in required:
         visit(name, ("pyvmm",))
     for name in OPTIONAL:
         if name in tree.files:

@@ -58,6 +58,16 @@ shift
 ("$@")
 echo $? >{STDIO_DIR}/status
 """
+# With no command on a terminal: the shell gets hvc0 (virtio-console, joined to
+# the host's terminal) as its controlling terminal, sized like the host's.
+TERMINAL_SCRIPT = f"""exec <{STDIO_DIR}/stdin >{STDIO_DIR}/stdout 2>{STDIO_DIR}/stderr
+cd -- "$1" 2>/dev/null || {{ echo "pyvmm: cannot enter $1 in the guest" >&2; echo {CANNOT_RUN} >{STDIO_DIR}/status; exit; }}
+shift
+stty rows "$PYVMM_ROWS" cols "$PYVMM_COLS" </dev/hvc0 2>/dev/null
+unset PYVMM_ROWS PYVMM_COLS
+if command -v setsid >/dev/null; then setsid -c "$@" </dev/hvc0 >/dev/hvc0 2>&1; else ("$@") </dev/hvc0 >/dev/hvc0 2>&1; fi
+echo $? >{STDIO_DIR}/status
+"""
 
 
 @dataclass
@@ -151,21 +161,28 @@ def run_command(options: RunOptions) -> int:
     cwd = os.getcwd()
     kernel, modules = _kernel_and_modules(options)
     shares = _writable_shares(options.writable)
+    terminal = not options.command and os.isatty(0) and os.isatty(1)
     command = options.command or [os.environ.get("SHELL", "/bin/sh"), "-i"]
+    env = options.env
+    if terminal:
+        size = os.get_terminal_size(1)
+        env = [*env, f"PYVMM_ROWS={size.lines}", f"PYVMM_COLS={size.columns}"]
+    script = TERMINAL_SCRIPT if terminal else SCRIPT
     plan = GuestPlan(
-        modules=guest_modules(modules), writable=shares,
-        argv=[b"/bin/sh", b"-c", SCRIPT.encode(), b"sh", os.fsencode(cwd), *map(os.fsencode, command)],
-        env=guest_environment(options.env, cwd))
+        modules=guest_modules(modules, terminal=terminal), writable=shares,
+        argv=[b"/bin/sh", b"-c", script.encode(), b"sh", os.fsencode(cwd), *map(os.fsencode, command)],
+        env=guest_environment(env, cwd))
     scratch = Path(tempfile.mkdtemp(prefix="pyvmm-run-"))
     try:
         initrd = scratch / "initramfs.cpio"
         initrd.write_bytes(build_initramfs(plan))
-        return _boot(options, kernel, initrd, shares, scratch / "console.log")
+        return _boot(options, kernel, initrd, shares, scratch / "console.log", terminal)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[str, str]], log_path: Path) -> int:
+def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[str, str]], log_path: Path,
+          terminal: bool) -> int:
     reported: list[int] = []
     timed_out = threading.Event()
 
@@ -180,10 +197,13 @@ def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[st
 
     stdio = StdioShare(stdin_fd=0, stdout_fd=1, stderr_fd=2, on_status=on_status)
     filesystems = [FsSpec("/", ROOT_TAG, readonly=True)] + [FsSpec(path, tag) for tag, path in shares]
+    cmdline = CMDLINE if not options.verbose else CMDLINE.replace(" quiet", "")
+    if terminal and not options.verbose:
+        cmdline += " loglevel=1"  # the serial port shares the terminal: only emergencies on it
     config = MachineConfig(
         memory=options.memory, cpus=options.cpus, accel=options.accel, kernel=kernel, initrd=initrd,
-        cmdline=CMDLINE if not options.verbose else CMDLINE.replace(" quiet", ""),
-        virtio=VirtioSpecs(filesystems=filesystems, prebuilt=[("pyvmm-io", VirtioFs(stdio, STDIO_TAG))]))
+        cmdline=cmdline, virtio=VirtioSpecs(filesystems=filesystems, console=terminal,
+                                            prebuilt=[("pyvmm-io", VirtioFs(stdio, STDIO_TAG))]))
     log_fd = 2 if options.verbose else os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     timer = None
@@ -196,7 +216,11 @@ def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[st
         timer.daemon = True
         timer.start()
     try:
-        console = Console(quit=lambda: None, input_fd=null_fd, output_fd=log_fd, raw=False, notice_fd=log_fd)
+        if terminal:
+            # The terminal, raw (Ctrl-A x quits), for hvc0 and the serial port alike.
+            console = Console(quit=lambda: stop(exit_status.INTERRUPTED, "stopped by Ctrl-A x"), notice_fd=log_fd)
+        else:
+            console = Console(quit=lambda: None, input_fd=null_fd, output_fd=log_fd, raw=False, notice_fd=log_fd)
         with _logging_to(log_fd):
             status, reason = run_machine_quietly(config, console)
     finally:
