@@ -37,7 +37,6 @@ from vmm.memory import GuestMemory
 
 log = logging.getLogger(__name__)
 
-HIPRIO_QUEUE = 0
 REQUEST_QUEUES = 1
 QUEUE_SIZE = 128
 TAG_BYTES = c.FS_TAG_BYTES
@@ -90,17 +89,17 @@ class VirtioFs(VirtioDevice):
         while (chain := queue.pop()) is not None:
             reply = self.server.handle(ChainRequest(chain, self.memory))
             if isinstance(reply, Deferred):
-                reply.then(lambda answer, chain=chain, generation=self._generation: self.transport.run_locked(
+                reply.then(lambda answer, chain=chain, generation=self._generation: self.run_locked(
                     self._answer_later, queue, chain, answer, generation))
                 continue
             queue.push(chain, 0 if reply is None else self._send(chain, reply))
-        self.transport.used_buffers(queue)
+        self.used_buffers(queue)
 
     def _answer_later(self, queue, chain: DescriptorChain, reply: Reply, generation: int) -> None:
         if generation != self._generation:
             return  # the driver reset the device meanwhile: the chain is no longer ours
         queue.push(chain, self._send(chain, reply))
-        self.transport.used_buffers(queue)
+        self.used_buffers(queue)
 
     def reset(self) -> None:
         self._generation += 1

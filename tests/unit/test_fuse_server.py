@@ -14,7 +14,7 @@ from vmm.fuse import protocol as p
 from vmm.fuse.server import FuseServer
 
 # Positions in the attr tuple (struct fuse_attr).
-INO, SIZE, MODE, NLINK = 0, 1, 9, 10
+INO, SIZE, MODE = 0, 1, 9
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_a_missing_name_is_a_negative_entry(ro):
 def test_lookup_in_a_subdirectory(ro):
     directory, attr = ro.lookup(b"dir")
     assert stat.S_ISDIR(attr[MODE])
-    inner, attr = ro.lookup(b"inner", directory)
+    _, attr = ro.lookup(b"inner", directory)
     assert attr[SIZE] == 6
 
 

@@ -121,7 +121,7 @@ def test_init_reports_a_failed_step_with_its_errno(tmp_path):
 
 
 class StdioHarness:
-    def __init__(self, stdin_data: bytes | None = None) -> None:
+    def __init__(self) -> None:
         self.stdin_r, self.stdin_w = os.pipe()
         self.out_r, self.out_w = os.pipe()
         self.statuses: list[int] = []

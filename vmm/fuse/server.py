@@ -89,7 +89,6 @@ class FuseServer(FuseSession):
     def __init__(self, root: str, *, readonly: bool, name: str = "virtio-fs") -> None:
         super().__init__(name)
         root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.root_path = root
         self.readonly = readonly
         self.nodes = NodeTable(root_fd, p.ROOT_ID)
         self.handles = HandleTable()

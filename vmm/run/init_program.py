@@ -60,7 +60,6 @@ class _Assembler:
     strings: dict[bytes, int] = field(default_factory=dict)
     fixups: list[tuple[int, str]] = field(default_factory=list)  # (rel32 position, label)
     labels: dict[str, int] = field(default_factory=dict)
-    data_items: list[tuple[int, bytes]] = field(default_factory=list)
 
     # Data is laid out first (its addresses go into the code as constants).
 
