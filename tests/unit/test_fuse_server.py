@@ -83,17 +83,31 @@ def test_requests_before_init_fail_with_eio(tree):
 # -- reading -------------------------------------------------------------------------------
 
 
-def test_lookup_getattr_open_read(ro, tree):
-    nodeid, attr = ro.lookup(b"file")
+def test_lookup_getattr_open_read(rw, tree):
+    nodeid, attr = rw.lookup(b"file")
     assert nodeid > p.ROOT_ID
     assert attr[SIZE] == 12 and stat.S_ISREG(attr[MODE]) and attr[INO] == os.stat(tree / "file").st_ino
-    assert ro.getattr(nodeid) == attr
-    fh = ro.open(nodeid, os.O_RDONLY)
-    assert ro.read(nodeid, fh, 0, 4096) == b"hello world\n"
-    assert ro.read(nodeid, fh, 6, 3) == b"wor"
-    assert ro.read(nodeid, fh, 100, 10) == b""
-    ro.release(nodeid, fh)
-    assert ro.error(p.READ, nodeid, p.READ_IN.pack(fh, 0, 10, 0, 0, 0, 0)) == errno.EBADF
+    assert rw.getattr(nodeid) == attr
+    fh = rw.open(nodeid, os.O_RDONLY)
+    assert rw.read(nodeid, fh, 0, 4096) == b"hello world\n"
+    assert rw.read(nodeid, fh, 6, 3) == b"wor"
+    assert rw.read(nodeid, fh, 100, 10) == b""
+    rw.release(nodeid, fh)
+    assert rw.error(p.READ, nodeid, p.READ_IN.pack(fh, 0, 10, 0, 0, 0, 0)) == errno.EBADF
+    assert rw.error(p.READ, nodeid, p.READ_IN.pack(0, 0, 10, 0, 0, 0, 0)) == errno.EBADF
+
+
+def test_a_read_only_share_reads_files_without_opening_them(ro):
+    nodeid, _ = ro.lookup(b"file")
+    # ENOSYS: the kernel stops sending OPEN and RELEASE, and reads with file handle 0.
+    assert ro.error(p.OPEN, nodeid, p.OPEN_IN.pack(os.O_RDONLY, 0)) == errno.ENOSYS
+    assert ro.read(nodeid, 0, 6, 100) == b"world\n"
+    dir_id, _ = ro.lookup(b"dir")
+    assert ro.error(p.READ, dir_id, p.READ_IN.pack(0, 0, 10, 0, 0, 0, 0)) == errno.EACCES
+    link_id, _ = ro.lookup(b"up")
+    assert ro.error(p.READ, link_id, p.READ_IN.pack(0, 0, 10, 0, 0, 0, 0)) == errno.ELOOP
+    ro.forget(nodeid)
+    assert ro.error(p.READ, nodeid, p.READ_IN.pack(0, 0, 10, 0, 0, 0, 0)) == errno.ESTALE
 
 
 def test_the_same_inode_gets_the_same_node_id(ro):
@@ -203,16 +217,19 @@ def test_file_handles_of_another_node_are_refused(ro):
     file_id, _ = ro.lookup(b"file")
     dir_id, _ = ro.lookup(b"dir")
     inner_id, _ = ro.lookup(b"inner", dir_id)
-    fh = ro.open(file_id, os.O_RDONLY)
-    assert ro.error(p.READ, inner_id, p.READ_IN.pack(fh, 0, 10, 0, 0, 0, 0)) == errno.EBADF
+    fh = p.OPEN_OUT.unpack(ro.ok(p.OPENDIR, dir_id, p.OPEN_IN.pack(0, 0)))[0]
+    assert ro.error(p.READDIR, inner_id, p.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0)) == errno.EBADF
     assert ro.error(p.READ, file_id, p.READ_IN.pack(fh + 100, 0, 10, 0, 0, 0, 0)) == errno.EBADF
+    assert ro.error(p.READ, dir_id, p.READ_IN.pack(fh, 0, 10, 0, 0, 0, 0)) == errno.EISDIR
 
 
-def test_host_device_nodes_are_not_opened(ro, tmp_path):
-    client = serve("/dev", readonly=True)
+@pytest.mark.parametrize("readonly", [True, False])
+def test_host_device_nodes_are_not_opened(readonly):
+    client = serve("/dev", readonly=readonly)
     nodeid, attr = client.lookup(b"null")
     assert stat.S_ISCHR(attr[MODE])
     assert client.error(p.OPEN, nodeid, p.OPEN_IN.pack(os.O_RDONLY, 0)) == errno.EACCES
+    assert client.error(p.READ, nodeid, p.READ_IN.pack(0, 0, 10, 0, 0, 0, 0)) in (errno.EACCES, errno.EBADF)
     client.server.close()
 
 
@@ -242,9 +259,8 @@ def test_a_read_only_share_refuses_every_change(ro, tree):
     ]
     for opcode, nodeid, body in changes:
         assert ro.error(opcode, nodeid, body) == errno.EROFS, opcode
-    fh = ro.open(file_id, os.O_RDONLY)
-    assert ro.error(p.WRITE, file_id, p.WRITE_IN.pack(fh, 0, 3, 0, 0, 0, 0), b"bad") == errno.EROFS
-    assert ro.error(p.FALLOCATE, file_id, p.FALLOCATE_IN.pack(fh, 0, 4096, 0, 0)) == errno.EROFS
+    assert ro.error(p.WRITE, file_id, p.WRITE_IN.pack(0, 0, 3, 0, 0, 0, 0), b"bad") == errno.EROFS
+    assert ro.error(p.FALLOCATE, file_id, p.FALLOCATE_IN.pack(0, 0, 4096, 0, 0)) == errno.EROFS
     assert snapshot(tree.parent) == before
 
 
@@ -260,7 +276,7 @@ def test_create_write_read_truncate(rw, tree):
     rw.ok(p.SETATTR, nodeid, setattr_in(p.FATTR_SIZE | p.FATTR_FH, fh=fh, size=3))
     assert rw.read(nodeid, fh, 0, 100) == b"abc"
     rw.ok(p.FSYNC, nodeid, p.FSYNC_IN.pack(fh, 0, 0))
-    rw.ok(p.FLUSH, nodeid, p.FLUSH_IN.pack(fh, 0, 0, 0))
+    assert rw.error(p.FLUSH, nodeid, p.RELEASE_IN.pack(fh, 0, 0, 0)) == errno.ENOSYS  # the kernel stops sending it
     rw.release(nodeid, fh)
     assert len(rw.server.handles) == 0
 

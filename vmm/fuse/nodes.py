@@ -37,6 +37,12 @@ class Node:
     key: tuple[int, int]  # (st_dev, st_ino) on the host
     mode: int  # the file type never changes, so it is safe to remember
     lookups: int = 0
+    reader: int | None = None  # opened for reading on a read-only share's first READ
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if self.reader is not None:
+            os.close(self.reader)
 
     @property
     def is_dir(self) -> bool:
@@ -90,12 +96,12 @@ class NodeTable:
         if node.lookups == 0:
             del self._nodes[nodeid]
             del self._by_key[node.key]
-            os.close(node.fd)
+            node.close()
 
     def close(self) -> None:
         for node in self._nodes.values():
             if node is not self.root:
-                os.close(node.fd)
+                node.close()
         self._nodes = {self.root.nodeid: self.root}
         self._by_key = {self.root.key: self.root}
 

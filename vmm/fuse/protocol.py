@@ -39,7 +39,6 @@ OPEN_IN = struct.Struct("<II")  # flags open_flags
 OPEN_OUT = struct.Struct("<QII")  # fh open_flags padding
 CREATE_IN = struct.Struct("<IIII")  # flags mode umask open_flags
 RELEASE_IN = struct.Struct("<QIIQ")  # fh flags release_flags lock_owner
-FLUSH_IN = struct.Struct("<QIIQ")  # fh unused padding lock_owner
 READ_IN = struct.Struct("<QQIIQII")  # fh offset size read_flags lock_owner flags padding
 WRITE_IN = struct.Struct("<QQIIQII")  # fh offset size write_flags lock_owner flags padding
 WRITE_OUT = struct.Struct("<II")  # size padding
@@ -107,7 +106,8 @@ SYNCFS = 50
 IOCTL = 39
 POLL = 40
 # Operations the server does without: ENOSYS makes the kernel stop sending them.
-UNSUPPORTED = frozenset({SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR, IOCTL, POLL, SYNCFS})
+# FLUSH: nothing is buffered in the server, and POSIX locks are the guest's own.
+UNSUPPORTED = frozenset({SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR, IOCTL, POLL, SYNCFS, FLUSH})
 # Operations the kernel sends without waiting for a reply.
 NO_REPLY = frozenset({FORGET, BATCH_FORGET})
 

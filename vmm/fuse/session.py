@@ -76,9 +76,8 @@ class Arguments:
 
 
 class FuseSession:
-    init_flags = 0  # the INIT flags the subclass supports (granted when the kernel offers them)
-
     def __init__(self, name: str) -> None:
+        self.init_flags = 0  # the INIT flags the subclass supports (granted when the kernel offers them)
         self.initialised = False
         self.requests = 0
         self.errors = 0

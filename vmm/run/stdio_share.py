@@ -105,7 +105,7 @@ class StdioShare(FuseSession):
             p.INIT: self._init, p.DESTROY: self._destroy, p.LOOKUP: self._lookup,
             p.FORGET: self._nothing, p.BATCH_FORGET: self._nothing, p.GETATTR: self._getattr,
             p.SETATTR: self._getattr, p.OPEN: self._open, p.READ: self._read, p.WRITE: self._write,
-            p.FLUSH: self._nothing, p.RELEASE: self._nothing, p.FSYNC: self._nothing,
+            p.RELEASE: self._nothing, p.FSYNC: self._nothing,
             p.ACCESS: self._nothing, p.STATFS: self._statfs,
         }
 
