@@ -33,6 +33,7 @@ from vmm import exit_status
 from vmm.config import MachineConfig
 from vmm.console import Console
 from vmm.errors import PyvmmError
+from vmm.layout import VIRTIO_MMIO_MAX_DEVICES
 from vmm.machine import current_machine, run_machine_quietly
 from vmm.run.initramfs import ROOT_TAG, STDIO_DIR, STDIO_TAG, GuestPlan, build_initramfs
 from vmm.run.modules import default_kernel, guest_modules, kernel_release
@@ -52,22 +53,22 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Run by the host's /bin/sh as the guest's init: $1 is the working directory,
 # the rest the command. The command runs in a subshell, so that even a
 # builtin like `exit` leaves this shell to report its status.
-SCRIPT = f"""exec <{STDIO_DIR}/stdin >{STDIO_DIR}/stdout 2>{STDIO_DIR}/stderr
+_PROLOGUE = f"""exec <{STDIO_DIR}/stdin >{STDIO_DIR}/stdout 2>{STDIO_DIR}/stderr
 cd -- "$1" 2>/dev/null || {{ echo "pyvmm: cannot enter $1 in the guest" >&2; echo {CANNOT_RUN} >{STDIO_DIR}/status; exit; }}
 shift
-("$@")
+"""
+SCRIPT = _PROLOGUE + f"""("$@")
 echo $? >{STDIO_DIR}/status
 """
 # With no command on a terminal: the shell gets hvc0 (virtio-console, joined to
 # the host's terminal) as its controlling terminal, sized like the host's.
-TERMINAL_SCRIPT = f"""exec <{STDIO_DIR}/stdin >{STDIO_DIR}/stdout 2>{STDIO_DIR}/stderr
-cd -- "$1" 2>/dev/null || {{ echo "pyvmm: cannot enter $1 in the guest" >&2; echo {CANNOT_RUN} >{STDIO_DIR}/status; exit; }}
-shift
-stty rows "$PYVMM_ROWS" cols "$PYVMM_COLS" </dev/hvc0 2>/dev/null
+TERMINAL_SCRIPT = _PROLOGUE + f"""stty rows "$PYVMM_ROWS" cols "$PYVMM_COLS" </dev/hvc0 2>/dev/null
 unset PYVMM_ROWS PYVMM_COLS
 if command -v setsid >/dev/null; then setsid -c "$@" </dev/hvc0 >/dev/hvc0 2>&1; else ("$@") </dev/hvc0 >/dev/hvc0 2>&1; fi
 echo $? >{STDIO_DIR}/status
 """
+# virtio-mmio slots left for --rw once the root, the stdio share and a terminal have theirs.
+MAX_WRITABLE = VIRTIO_MMIO_MAX_DEVICES - 3
 
 
 @dataclass
@@ -99,6 +100,8 @@ def guest_environment(extra: list[str], cwd: str) -> list[bytes]:
 
 
 def _writable_shares(directories: list[str]) -> list[tuple[str, str]]:
+    if len(directories) > MAX_WRITABLE:
+        raise PyvmmError(f"{len(directories)} --rw directories; pyvmm run shares at most {MAX_WRITABLE}")
     shares = []
     for n, directory in enumerate(directories):
         path = os.path.realpath(directory)
