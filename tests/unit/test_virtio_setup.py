@@ -17,7 +17,16 @@ from vmm.accel import MachineIo
 from vmm.bus import Bus, NullIrqLine
 from vmm.errors import PyvmmError
 from vmm.memory import GuestMemory
-from vmm.virtio_options import DiskSpec, NetSpec, VirtioSpecs, parse_console, parse_disk, parse_net
+from vmm.virtio_options import (
+    DiskSpec,
+    FsSpec,
+    NetSpec,
+    VirtioSpecs,
+    parse_console,
+    parse_disk,
+    parse_fs,
+    parse_net,
+)
 from vmm.virtio_setup import add_virtio_devices
 
 # -- parsing -----------------------------------------------------------------------------
@@ -42,6 +51,22 @@ def test_parse_disk():
 def test_parse_disk_errors(text, message):
     with pytest.raises(PyvmmError, match=message):
         parse_disk(text)
+
+
+def test_parse_fs():
+    assert parse_fs("/srv,tag=share") == FsSpec("/srv", "share")
+    assert parse_fs("rel/dir,tag=t,readonly=on") == FsSpec("rel/dir", "t", True)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("/srv", "tag=TAG is needed"),
+    ("/srv,tag=" + "x" * 37, "1 to 36"),
+    (",tag=a", "directory comes first"),
+    ("/srv,tag=a,cache=always", "unknown option 'cache'"),
+])
+def test_parse_fs_errors(text, message):
+    with pytest.raises(PyvmmError, match=message):
+        parse_fs(text)
 
 
 def test_parse_net():
@@ -228,3 +253,13 @@ def _readable(fd: int) -> bool:
         return False
     os.eventfd_write(fd, value)
     return True
+
+
+def test_a_shared_directory_is_a_virtio_fs_device(tmp_path):
+    devices, io, _ = build(SoftwareVm(), VirtioSpecs(filesystems=[FsSpec(str(tmp_path), "share", True)]))
+    try:
+        assert io.mmio.read(devices.windows[0].base + r.DEVICE_ID, 4) == 26
+    finally:
+        devices.close()
+    with pytest.raises(PyvmmError, match="no such directory"):
+        build(SoftwareVm(), VirtioSpecs(filesystems=[FsSpec(str(tmp_path / "nope"), "t")]))
