@@ -18,6 +18,7 @@ from vmm.fuse import protocol as p
 from vmm.fuse.request import BytesRequest, Deferred
 from vmm.run.init_program import InitProgram
 from vmm.run.modules import guest_modules, kernel_release
+from vmm.run.runner import guest_environment
 from vmm.run.stdio_share import STATUS, STDERR, STDIN, STDOUT, StdioShare
 
 # -- modules ----------------------------------------------------------------------------------
@@ -190,3 +191,20 @@ def test_a_read_of_stdin_waits_for_input_then_sees_end_of_file(stdio):
     assert answered.wait(10)
     assert (replies[0].unique, replies[0].body) == (78, b"")
     assert stdio.client.read(STDIN, fh, 0, 4096) == b""  # and at once from then on
+
+
+# -- the command's environment --------------------------------------------------------------------
+
+
+def test_the_guest_gets_the_host_environment_less_session_services(monkeypatch):
+    monkeypatch.setenv("KEEP_ME", "yes")
+    monkeypatch.setenv("SSH_AUTH_SOCK", "/run/user/0/agent")
+    env = dict(item.split(b"=", 1) for item in guest_environment(["KEEP_ME=overridden", "NEW=a=b"], "/work"))
+    assert env[b"KEEP_ME"] == b"overridden" and env[b"NEW"] == b"a=b" and env[b"PWD"] == b"/work"
+    assert b"SSH_AUTH_SOCK" not in env and b"PATH" in env
+
+
+@pytest.mark.parametrize("item", ["NOEQUALS", "1BAD=x", "=x", "A-B=x"])
+def test_bad_env_options_are_refused(item):
+    with pytest.raises(PyvmmError, match="NAME=VALUE"):
+        guest_environment([item], "/")
