@@ -14,9 +14,7 @@ Prints each figure with pyvmm's time over the peer's (below 1: pyvmm took less).
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,16 +25,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.qemu_peer import tsc_cmdline  # noqa: E402
+from bench.report import figure, interleaved, python_env  # noqa: E402
 from boot.cpio import CpioWriter  # noqa: E402
 from tests.assets import fetch_module_tree, find_linux_assets, find_module_tree  # noqa: E402
 from vmm.kvm import quirks  # noqa: E402
 
-REPEATS = int(os.environ.get("PYVMM_BENCH_REPEATS", "3"))
 TIMEOUT = 600
 MiB = 1 << 20
 
-# Each line: a name, then a command run with `sh -c` (in the guest and on the host)
-# whose last line of output is the seconds it took.
+# Each workload: a command run with `sh -c`, in the guest and on the host, timed where it runs.
 WORKLOADS = {
     "find over the checkout": 'find "$REPO" | wc -l >/dev/null',
     "git status over the checkout": 'git -C "$REPO" status --porcelain >/dev/null 2>&1',
@@ -73,27 +70,29 @@ def main() -> None:
     accel = "kvm" if os.path.exists("/dev/kvm") and quirks.can_run_linux()[0] else "tcg"
     run = [sys.executable, "-m", "vmm", "run", "--accel", accel, "--kernel", str(assets.kernel),
            "--modules", str(modules)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**python_env(), "PYTHONPATH": str(REPO)}
     # Not under /tmp: the guest has a tmpfs of its own there.
     (REPO / "build").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-run-", dir=REPO / "build") as name:
         scratch = Path(name)
-        pyvmm_true = statistics.median(wall_time([*run, "--", "true"], env=env, stdin=subprocess.DEVNULL)
-                                       for _ in range(REPEATS))
         qemu = shutil.which("qemu-system-x86_64")
-        peer = None
+        qemu_run = None
         if qemu:
             initrd = qemu_true_initrd(assets, scratch)
             cpu = ["-cpu", "host"] if accel == "kvm" else []
-            peer = statistics.median(wall_time(
-                [qemu, "-M", "microvm,acpi=on,pit=on,rtc=on", "-accel", accel, *cpu, "-m", "512M",
-                 "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
-                 "-kernel", str(assets.kernel), "-initrd", str(initrd),
-                 "-append", "console=ttyS0 panic=-1 quiet" + tsc_cmdline(accel)]) for _ in range(REPEATS))
-        print(f"pyvmm run -- true ({accel}, {assets.kernel.name}, median of {REPEATS}):")
-        print(f"  pyvmm run: {pyvmm_true:.2f} s" + (f", ratio {pyvmm_true / peer:.2f}x QEMU" if peer else ""))
-        print(f"  QEMU microvm, initramfs running true: {peer:.2f} s" if peer else
-              "  QEMU: not installed (apt-get install qemu-system-x86)")
+            qemu_command = [qemu, "-M", "microvm,acpi=on,pit=on,rtc=on", "-accel", accel, *cpu, "-m", "512M",
+                            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
+                            "-kernel", str(assets.kernel), "-initrd", str(initrd),
+                            "-append", "console=ttyS0 panic=-1 quiet" + tsc_cmdline(accel)]
+
+            def qemu_run() -> float:
+                return wall_time(qemu_command)
+
+        ours, theirs = interleaved(lambda: wall_time([*run, "--", "true"], env=env, stdin=subprocess.DEVNULL),
+                                   qemu_run)
+        figure(f"pyvmm run -- true, start to exit ({accel})", "s", ours,
+               "QEMU microvm booting an initramfs that runs true", theirs,
+               missing="apt-get install qemu-system-x86")
 
         work = {"REPO": str(REPO), "SCRATCH": str(scratch)}
         script = "; ".join(timed(command) for command in WORKLOADS.values())
@@ -103,15 +102,14 @@ def main() -> None:
         (scratch / "big").unlink()
         host = subprocess.run(["sh", "-c", script], env={**os.environ, **work}, capture_output=True,
                               timeout=TIMEOUT, check=True)
-        guest_ns = [int(n) for n in re.findall(rb"^\d+$", guest.stdout, re.MULTILINE)]
-        host_ns = [int(n) for n in re.findall(rb"^\d+$", host.stdout, re.MULTILINE)]
-        print("file work through virtio-fs, timed inside the guest, beside the host:")
+        guest_ns = [int(n) for n in guest.stdout.split()]
+        host_ns = [int(n) for n in host.stdout.split()]
         for name, in_guest, on_host in zip(WORKLOADS, guest_ns, host_ns, strict=True):
-            rate = ""
             if "256 MiB" in name:
-                rate = f" ({256 * MiB / (in_guest / 1e9) / 1e6:.0f} MB/s vs {256 * MiB / (on_host / 1e9) / 1e6:.0f} MB/s)"
-            print(f"  {name}: pyvmm {in_guest / 1e9:.3f} s, host {on_host / 1e9:.3f} s, "
-                  f"ratio {in_guest / on_host:.1f}x{rate}")
+                figure(f"virtio-fs {name}, in the guest ({accel})", "MB/s", 256 * MiB / in_guest * 1e3,
+                       "the host", 256 * MiB / on_host * 1e3, lower_is_better=False)
+            else:
+                figure(f"virtio-fs {name}, in the guest ({accel})", "s", in_guest / 1e9, "the host", on_host / 1e9)
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ def run(ctx: click.Context, kernel: Path | None, modules: Path | None, cpus: int
             status = run_command(options)
     except PyvmmError as err:
         fail(str(err), CANNOT_RUN)
-    sys.exit(status)
+    _exit_now(status)
 
 
 @cli.command()
