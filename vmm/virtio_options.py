@@ -44,6 +44,7 @@ class FsSpec:
     path: str
     tag: str
     readonly: bool = False
+    hidden: tuple[str, ...] = ()  # host directories shown empty (vmm/fuse/server.py)
 
 
 @dataclass

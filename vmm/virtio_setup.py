@@ -110,7 +110,7 @@ def _open_fs(spec: FsSpec) -> VirtioFs:
     if not os.path.isdir(spec.path):
         raise PyvmmError(f"--fs {spec.path}: no such directory")
     try:
-        server = FuseServer(spec.path, readonly=spec.readonly, name=f"virtio-fs {spec.tag}")
+        server = FuseServer(spec.path, readonly=spec.readonly, name=f"virtio-fs {spec.tag}", hidden=spec.hidden)
     except OSError as err:
         raise PyvmmError(f"--fs {spec.path}: {err.strerror}") from None
     return VirtioFs(server, spec.tag)

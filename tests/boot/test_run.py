@@ -84,6 +84,7 @@ ln README.md "$OUT/hard" 2>/dev/null && echo CROSS-SHARE-LINK
 mv README.md "$OUT/moved" 2>/dev/null; [ -e README.md ] || echo MOVED-README
 ln -s /etc/hostname "$OUT/escape"; echo through-link > "$OUT/escape" 2>/dev/null && echo WROTE-THROUGH-LINK
 mknod "$OUT/disk" b 8 0 2>/dev/null && echo MADE-DEVICE
+umount -l /proc /sys 2>/dev/null; ls /proc/1 >/dev/null 2>&1 && echo HOST-PROC-VISIBLE
 echo done
 """
 

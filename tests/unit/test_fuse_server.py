@@ -389,3 +389,12 @@ def test_random_requests_never_raise(tree):
         header = p.IN_HEADER.pack(max(0, length), opcode, rng.getrandbits(64), nodeid, 0, 0, 0, 0, 0)
         client.raw(header + body)  # any reply, no exception
     client.server.close()
+
+
+def test_hidden_directories_look_empty(tree):
+    client = FuseClient(FuseServer(str(tree), readonly=True, hidden=(str(tree / "dir"),)))
+    client.init()
+    dir_id, _ = client.lookup(b"dir")  # the directory itself is there
+    assert client.lookup(b"inner", dir_id)[0] == 0
+    assert [name for name, _, _ in client.readdir(dir_id, plus=True)] == [b".", b".."]
+    client.server.close()

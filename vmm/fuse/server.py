@@ -83,8 +83,18 @@ def _attr(st: os.stat_result) -> tuple:
 
 
 class FuseServer(FuseSession):
-    def __init__(self, root: str, *, readonly: bool, name: str = "virtio-fs") -> None:
+    def __init__(self, root: str, *, readonly: bool, name: str = "virtio-fs", hidden: tuple[str, ...] = ()) -> None:
+        """`hidden`: host directories whose contents the guest does not see (they
+        look empty): the host's /proc, /sys and /dev, which the guest replaces
+        with its own, are the host's processes and devices, not its files."""
         super().__init__(name)
+        self.hidden = set()
+        for path in hidden:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # nothing there to hide
+            self.hidden.add((st.st_dev, st.st_ino))
         # Without ATOMIC_O_TRUNC, an O_TRUNC open on a read-only share is a SETATTR
         # the server refuses, rather than an open the guest's cache believes emptied the file.
         self.init_flags = (p.ASYNC_READ | p.BIG_WRITES | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO
@@ -134,6 +144,8 @@ class FuseServer(FuseSession):
 
     def _entry(self, parent: Node, name: bytes) -> bytes:
         """Look `name` up in `parent`, count the lookup, and describe it (struct fuse_entry_out)."""
+        if parent.key in self.hidden:
+            raise FileNotFoundError(errno.ENOENT, "hidden")
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)
@@ -417,9 +429,10 @@ class FuseServer(FuseSession):
         if offset == 0 or not handle.entries:
             st = os.fstat(handle.fd)
             entries = [(b".", st.st_ino, stat.S_IFDIR >> 12), (b"..", st.st_ino, stat.S_IFDIR >> 12)]
-            with os.scandir(handle.fd) as scan:
-                for entry in scan:
-                    entries.append((os.fsencode(entry.name), entry.inode(), _dirent_type(entry)))
+            if handle.node.key not in self.hidden:
+                with os.scandir(handle.fd) as scan:
+                    for entry in scan:
+                        entries.append((os.fsencode(entry.name), entry.inode(), _dirent_type(entry)))
             handle.entries = entries
         return handle.entries
 

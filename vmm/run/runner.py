@@ -67,6 +67,9 @@ unset PYVMM_ROWS PYVMM_COLS
 if command -v setsid >/dev/null; then setsid -c "$@" </dev/hvc0 >/dev/hvc0 2>&1; else ("$@") </dev/hvc0 >/dev/hvc0 2>&1; fi
 echo $? >{STDIO_DIR}/status
 """
+# The host's processes, kernel and devices, not its files: the guest mounts its own
+# over these, and one that unmounts them finds them empty.
+HIDDEN = ("/proc", "/sys", "/dev")
 # virtio-mmio slots left for --rw once the root, the stdio share and a terminal have theirs.
 MAX_WRITABLE = VIRTIO_MMIO_MAX_DEVICES - 3
 
@@ -199,7 +202,7 @@ def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[st
         stop(status, "")
 
     stdio = StdioShare(stdin_fd=0, stdout_fd=1, stderr_fd=2, on_status=on_status)
-    filesystems = [FsSpec("/", ROOT_TAG, readonly=True)] + [FsSpec(path, tag) for tag, path in shares]
+    filesystems = [FsSpec("/", ROOT_TAG, readonly=True, hidden=HIDDEN)] + [FsSpec(path, tag) for tag, path in shares]
     cmdline = CMDLINE if not options.verbose else CMDLINE.replace(" quiet", "")
     if terminal and not options.verbose:
         cmdline += " loglevel=1"  # the serial port shares the terminal: only emergencies on it
