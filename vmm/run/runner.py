@@ -52,8 +52,12 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # Run by the host's /bin/sh as the guest's init: $1 is the working directory,
 # the rest the command. The command runs in a subshell, so that even a
-# builtin like `exit` leaves this shell to report its status.
-_PROLOGUE = f"""exec <{STDIO_DIR}/stdin >{STDIO_DIR}/stdout 2>{STDIO_DIR}/stderr
+# builtin like `exit` leaves this shell to report its status. Readahead of
+# 1 MiB (the largest FUSE READ, not the kernel's 128 KiB): a sequential read
+# through virtio-fs then costs an eighth of the requests (8x the throughput
+# measured on the software CPU).
+_PROLOGUE = f"""for f in /sys/class/bdi/*/read_ahead_kb; do echo 1024 >"$f"; done 2>/dev/null
+exec <{STDIO_DIR}/stdin >{STDIO_DIR}/stdout 2>{STDIO_DIR}/stderr
 cd -- "$1" 2>/dev/null || {{ echo "pyvmm: cannot enter $1 in the guest" >&2; echo {CANNOT_RUN} >{STDIO_DIR}/status; exit; }}
 shift
 """
