@@ -159,8 +159,8 @@ class _stop_on_signals:
 @click.option("--rw", "writable", multiple=True, metavar="DIR",
               help="Share DIR writable at the same path (repeatable); everything else is read-only.")
 @click.option("--env", "env", multiple=True, metavar="NAME=VALUE", help="Set a variable for the command (repeatable).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Stop the guest after SECONDS and exit with status 124.")
+@click.option("--timeout", type=float, metavar="SECONDS",
+              help="Stop the guest after SECONDS and exit with status 124, as timeout(1) does.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(ctx: click.Context, kernel: Path | None, modules: Path | None, cpus: int, memory: str, accel: str,

@@ -270,7 +270,9 @@ class Console:
     # -- output --------------------------------------------------------------
 
     def notice(self, text: str) -> None:
-        os.write(self._notice_fd, f"pyvmm: {text}\n".encode())
+        """One line of pyvmm's own (the terminal may be in raw mode)."""
+        end = "\r\n" if self.raw_mode_active else "\n"
+        os.write(self._notice_fd, f"pyvmm: {text}{end}".encode())
 
     def write(self, data: bytes) -> None:
         """Guest output to the host, all of it (the guest waits while the host does not read)."""

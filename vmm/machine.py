@@ -225,10 +225,8 @@ class Machine:
                 thread.request_look(watch.look)
 
     def _notice(self, message: str) -> None:
-        """One line on stderr while the guest runs (the terminal may be in raw mode)."""
-        end = "\r\n" if self.console.raw_mode_active else "\n"
-        sys.stderr.write(f"pyvmm: {message}{end}")
-        sys.stderr.flush()
+        """One line while the guest runs: on stderr, or where the console sends notices."""
+        self.console.notice(message)
 
     def shutdown(self) -> None:
         """Stop every vCPU thread and release host resources; safe to call more than once."""

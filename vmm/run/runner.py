@@ -22,7 +22,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,7 +39,6 @@ from vmm.run.modules import default_kernel, guest_modules, kernel_release
 from vmm.run.stdio_share import StdioShare
 from vmm.virtio_options import FsSpec, VirtioSpecs
 
-TIMED_OUT = 124
 CANNOT_RUN = 125
 
 # The guest's kernel log goes to the serial port; `quiet` keeps it short.
@@ -194,7 +192,6 @@ def run_command(options: RunOptions) -> int:
 def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[str, str]], log_path: Path,
           terminal: bool) -> int:
     reported: list[int] = []
-    timed_out = threading.Event()
 
     def stop(status: int, reason: str) -> None:
         machine = current_machine()
@@ -212,19 +209,10 @@ def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[st
         cmdline += " loglevel=1"  # the serial port shares the terminal: only emergencies on it
     config = MachineConfig(
         memory=options.memory, cpus=options.cpus, accel=options.accel, kernel=kernel, initrd=initrd,
-        cmdline=cmdline, virtio=VirtioSpecs(filesystems=filesystems, console=terminal,
+        cmdline=cmdline, timeout=options.timeout, virtio=VirtioSpecs(filesystems=filesystems, console=terminal,
                                             prebuilt=[("pyvmm-io", VirtioFs(stdio, STDIO_TAG))]))
     log_fd = 2 if options.verbose else os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    timer = None
-    if options.timeout is not None:
-        def expire() -> None:
-            timed_out.set()
-            stop(TIMED_OUT, f"timed out after {options.timeout:g} s")
-
-        timer = threading.Timer(options.timeout, expire)
-        timer.daemon = True
-        timer.start()
     try:
         if terminal:
             # The terminal, raw (Ctrl-A x quits), for hvc0 and the serial port alike.
@@ -234,17 +222,12 @@ def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[st
         with _logging_to(log_fd):
             status, reason = run_machine_quietly(config, console)
     finally:
-        if timer is not None:
-            timer.cancel()
         os.close(null_fd)
         if log_fd != 2:
             os.close(log_fd)
     if reported:
         return reported[0]
-    if timed_out.is_set():
-        print(f"pyvmm: {reason}", file=sys.stderr)
-        return TIMED_OUT
-    if status == exit_status.INTERRUPTED:
+    if status in (exit_status.TIMED_OUT, exit_status.INTERRUPTED):
         print(f"pyvmm: {reason}", file=sys.stderr)
         return status
     why = _last_init_message(log_path) if not options.verbose else ""
