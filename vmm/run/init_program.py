@@ -32,6 +32,7 @@ _HEADERS = _ELF_HEADER.size + _PROGRAM_HEADER.size
 SYS_WRITE = 1
 SYS_OPEN = 2
 SYS_CLOSE = 3
+SYS_IOCTL = 16
 SYS_EXECVE = 59
 SYS_CHDIR = 80
 SYS_MKDIR = 83
@@ -48,6 +49,7 @@ MS_NOEXEC = 8
 MS_MOVE = 8192
 EEXIST = 17
 O_CLOEXEC = 0o2000000
+TCSBRK = 0x5409  # with argument 1: tcdrain()
 _REBOOT_MAGIC = (0xFEE1DEAD, 672274793, 0x4321FEDC)  # LINUX_REBOOT_MAGIC1, MAGIC2, CMD_POWER_OFF
 # The registers of the first four arguments, as the REX.W B8+r "mov r64, imm64" opcodes.
 _ARGUMENT_REGISTERS = (b"\x48\xbf", b"\x48\xbe", b"\x48\xba", b"\x49\xba", b"\x49\xb8")
@@ -219,5 +221,8 @@ class InitProgram:
         asm.syscall(SYS_WRITE, 2, line, len(message) + 8)
         asm.syscall(SYS_WRITE, 2, buffer, 3)
         asm.syscall(SYS_WRITE, 2, asm.string(b")\n"), 2)
+        # The console (a serial port) sends what was written from interrupts,
+        # later: wait until it has, or the power-off cuts the message short.
+        asm.syscall(SYS_IOCTL, 2, TCSBRK, 1)
         asm.syscall(SYS_REBOOT, *_REBOOT_MAGIC, 0)
         asm.syscall(SYS_EXIT, 1)  # exit(1): the kernel panics, which ends the run too
