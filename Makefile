@@ -9,10 +9,14 @@ PYVMM  := $(VENV)/bin/pyvmm
 RUNTIME_PACKAGES := python3-venv
 # What the tests and benchmarks use as well: binutils assembles the test
 # guests; qemu-utils is the disk-image reference; acpica-tools disassembles
-# our ACPI tables; gdb drives the gdb stub's tests; the rest build and inspect
-# the Linux test guests, and QEMU is the peer the benchmarks measure against.
+# our ACPI tables; gdb drives the gdb stub's tests; seabios is the firmware the
+# disk-boot tests run (pyvmm finds it at run time, or is given --bios); syslinux,
+# syslinux-common, isolinux, mtools, dosfstools and xorriso build the bootable
+# test disks and ISOs; the rest build and inspect the Linux test guests, and
+# QEMU is the peer the benchmarks measure against.
 TEST_PACKAGES := binutils gcc make qemu-utils qemu-system-x86 acpica-tools e2fsprogs \
-                 busybox-static cpio iproute2 gdb
+                 busybox-static cpio iproute2 gdb seabios \
+                 syslinux syslinux-common isolinux mtools dosfstools xorriso
 
 # Cases per fuzz test for make fuzz (the suite runs a few from a fixed seed).
 FUZZ_EXAMPLES ?= 5000

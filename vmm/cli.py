@@ -20,7 +20,7 @@ from vmm.config import DEFAULT_CMDLINE, MachineConfig, parse_memory_size
 from vmm.cpu_features import parse_feature_edits
 from vmm.errors import PyvmmError, one_line
 from vmm.gdb.options import gdb_options, gdb_spec
-from vmm.virtio_options import VirtioSpecs, parse_console, parse_disk, parse_fs, parse_net
+from vmm.virtio_options import DiskSpec, VirtioSpecs, parse_console, parse_disk, parse_fs, parse_net
 
 
 def fail(message: str, status: int = exit_status.ERROR) -> None:
@@ -79,6 +79,13 @@ def cli(verbose: int) -> None:
 @click.option("--rng", is_flag=True, help="A virtio-rng device fed from the host's random source.")
 @click.option("--fs", "filesystems", multiple=True, metavar="DIR,tag=TAG[,readonly=on]",
               help="Share a host directory over virtio-fs (repeatable); the guest mounts TAG.")
+@click.option("--bios", type=click.Path(path_type=Path, dir_okay=False),
+              help="Firmware for a disk boot [default: Debian's /usr/share/seabios/bios-microvm.bin].")
+@click.option("--format", "disk_format", type=click.Choice(["raw", "qcow2"]),
+              help="Format of DISK [default: probed].")
+@click.option("--cdrom", type=click.Path(path_type=Path, dir_okay=False),
+              help="An ISO image, attached read-only after DISK; firmware boots isohybrid ISOs.")
+@click.argument("disk", required=False, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--virtio-cmdline", is_flag=True,
               help="Also list the virtio devices as virtio_mmio.device= kernel parameters "
                    "(for kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and no ACPI).")
@@ -88,19 +95,22 @@ def cli(verbose: int) -> None:
 def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Path | None, memory: str,
          cpus: int, accel: str, cpu_features: str, guest_decompress: bool, stats: bool,
          disks: tuple[str, ...], nets: tuple[str, ...], console_kind: str, rng: bool,
+         bios: Path | None, disk_format: str | None, cdrom: Path | None, disk: Path | None,
          virtio_cmdline: bool, timeout: float | None, gdb: str | None, gdb_default: bool, paused: bool,
          test_devices: bool,
          filesystems: tuple[str, ...]) -> None:
-    """Boot a guest; exits with the guest's status (see the README)."""
+    """Boot DISK through firmware, or a kernel (--kernel) or flat image (--flat) directly;
+    exits with the guest's status (see the README)."""
     from vmm.machine import run_machine
 
     try:
         config = MachineConfig(
             memory=parse_memory_size(memory), cpus=cpus, accel=accel, flat=flat,
-            kernel=kernel, initrd=initrd, cmdline=cmdline, guest_decompress=guest_decompress,
+            kernel=kernel, initrd=initrd, cmdline=cmdline, guest_decompress=guest_decompress, bios=bios,
             cpu_features=parse_feature_edits(cpu_features), stats=stats, timeout=timeout,
             test_devices=test_devices,
-            virtio=VirtioSpecs(disks=[parse_disk(d) for d in disks], nets=[parse_net(n) for n in nets],
+            virtio=VirtioSpecs(disks=boot_disks(disk, disk_format, cdrom) + [parse_disk(d) for d in disks],
+                               nets=[parse_net(n) for n in nets],
                                console=parse_console(console_kind), rng=rng, cmdline_devices=virtio_cmdline,
                                filesystems=[parse_fs(f) for f in filesystems]),
             gdb=gdb_spec(gdb, gdb_default, paused))
@@ -122,6 +132,22 @@ def _exit_now(status: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def boot_disks(disk: Path | None, disk_format: str | None, cdrom: Path | None) -> list[DiskSpec]:
+    """DISK and --cdrom, the first virtio-blk disks (vda, vdb). The firmware boots the ISO
+    first, as QEMU's `-boot d` would: the installer workflow, with DISK still vda."""
+    if disk_format is not None and disk is None:
+        raise PyvmmError("--format describes DISK, and no DISK was given")
+    specs = []
+    for option, path in (("DISK", disk), ("--cdrom", cdrom)):
+        if path is not None and not path.is_file():
+            raise PyvmmError(f"{option} {path}: no such file")
+    if disk is not None:
+        specs.append(DiskSpec(str(disk), disk_format, bootindex=1))
+    if cdrom is not None:
+        specs.append(DiskSpec(str(cdrom), "raw", readonly=True, bootindex=0))
+    return specs
 
 
 class _stop_on_signals:

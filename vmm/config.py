@@ -43,6 +43,8 @@ class MachineConfig:
     accel: str = "auto"
     flat: Path | None = None
     kernel: Path | None = None
+    # The firmware for a disk boot (no --kernel, no --flat); None: Debian's SeaBIOS.
+    bios: Path | None = None
     initrd: Path | None = None
     cmdline: str | None = None
     # Let a bzImage decompress itself in the guest instead of on the host.
@@ -60,7 +62,12 @@ class MachineConfig:
 
     @property
     def is_linux(self) -> bool:
-        return self.kernel is not None
+        """A PC for an operating system, booted directly (--kernel) or by firmware from a disk."""
+        return self.flat is None
+
+    @property
+    def boots_firmware(self) -> bool:
+        return self.kernel is None and self.flat is None
 
     def validate(self) -> None:
         if self.memory < 1 << 20:
@@ -75,14 +82,17 @@ class MachineConfig:
             raise PyvmmError(f"--cpus must be at least 1 (got {self.cpus})")
         if self.cpus > MAX_CPUS:
             raise PyvmmError(f"--cpus {self.cpus} is more than pyvmm supports ({MAX_CPUS})")
-        if self.flat is None and self.kernel is None:
-            raise PyvmmError("nothing to boot: give --kernel KERNEL or --flat IMAGE")
+        if self.boots_firmware and not self.virtio.disks:
+            raise PyvmmError("nothing to boot: give a DISK image, --cdrom ISO, --kernel KERNEL or --flat IMAGE")
+        if self.bios is not None and not self.boots_firmware:
+            raise PyvmmError("--bios boots a disk through firmware; it excludes --kernel and --flat")
         if self.flat is not None and self.kernel is not None:
             raise PyvmmError("--flat and --kernel exclude each other")
         if self.flat is not None and self.cpus > 1:
             raise PyvmmError("--flat guests run on one vCPU (they have no interrupt controller to start others)")
-        if self.kernel is None and self.virtio.count:
-            raise PyvmmError("--disk, --net, --fs, --console virtio and --rng need --kernel")
+        if self.flat is not None and self.virtio.count:
+            raise PyvmmError("--flat guests have no virtio devices (DISK, --disk, --cdrom, --net, --fs, "
+                             "--console virtio, --rng)")
         if self.kernel is None and self.test_devices:
             raise PyvmmError("--test-devices needs --kernel")
         if self.kernel is None and (self.initrd is not None or self.cmdline is not None):

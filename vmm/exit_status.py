@@ -13,5 +13,6 @@ GUEST_PANIC = 4  # the guest kernel panicked: pvpanic, or a warm reset after it 
 EMULATION_FAILURE = 5  # the accelerator could not run a guest instruction
 ENTRY_FAILURE = 6  # the accelerator refused to enter the guest (bad vCPU state)
 RESET = 7  # the guest reset the machine (a reboot); pyvmm does not restart guests
+NO_BOOTABLE_DEVICE = 8  # the firmware found nothing to boot on the disks ("No bootable device.")
 TIMED_OUT = 124  # --timeout ran out, as timeout(1) exits
 INTERRUPTED = 130  # Ctrl-C, SIGTERM or the Ctrl-A x escape

@@ -14,7 +14,14 @@ import time
 from collections import Counter
 
 from boot.acpi import build_acpi_tables
-from boot.firmware import add_machine_facts
+from boot.firmware import (
+    BootFailureWatch,
+    add_boot_files,
+    add_machine_facts,
+    map_bios,
+    read_bios,
+    reset_vector_state,
+)
 from boot.linux import load_linux
 from boot.multiboot import load_multiboot
 from boot.reboot_params import add_reboot_params
@@ -70,6 +77,7 @@ class Machine:
         self.vcpus = []
         self.userspace_reached: float | None = None
         self.virtio: VirtioDevices | None = None
+        self.boot_failure: BootFailureWatch | None = None  # booting a disk: the firmware's serial output
         self.accel_name = "none"
         self.gdb = None  # vmm.gdb.server.GdbServer with --gdb
         self.stuck_watch = StuckVcpuWatch(self._notice)
@@ -89,7 +97,10 @@ class Machine:
                                    cpu_features=config.cpu_features)
         self.vm = self.accel.create_vm(self.memory, self.io, platform)
         self._add_devices(platform.irqchip)
-        boot_state = self._load_kernel() if config.is_linux else self._load_flat()
+        if config.boots_firmware:
+            boot_state = self._load_firmware()
+        else:
+            boot_state = self._load_kernel() if config.is_linux else self._load_flat()
         if accel_notice:
             self.console.notice(accel_notice)
         for index in range(config.cpus):
@@ -105,8 +116,12 @@ class Machine:
             self.gdb = open_gdb_stub(config.gdb, self.vm, self.vcpus, self.memory, self.stop)
 
     def _install_firmware(self) -> None:
-        """What sits at the reset vector. pyvmm loads no firmware: a stub that resets the machine."""
-        install_reset_stub(self.memory)
+        """What sits at the reset vector: the firmware for a disk boot (before the accelerator
+        maps memory), else a stub that resets the machine."""
+        if self.config.boots_firmware:
+            map_bios(self.memory, read_bios(self.config.bios))
+        else:
+            install_reset_stub(self.memory)
 
     def _add_devices(self, irqchip: bool) -> None:
         pio, stop, resets = self.io.pio, self.stop, self.resets
@@ -114,7 +129,10 @@ class Machine:
         def irq(gsi: int):
             return self.vm.irq_line(gsi) if irqchip else NullIrqLine()
 
-        self.uart = Uart16550(irq(layout.COM1_IRQ), self.console.write,
+        # SeaBIOS says "No bootable device." on the serial port, then resets (run() tells).
+        if self.config.boots_firmware:
+            self.boot_failure = BootFailureWatch(self.console.write)
+        self.uart = Uart16550(irq(layout.COM1_IRQ), self.boot_failure or self.console.write,
                               room_available=self.console.room_available)
         pio.register(layout.COM1_PORT, 8, self.uart, "com1")
         i8042 = I8042(lambda: resets.reset("the i8042's reset line"),
@@ -176,6 +194,14 @@ class Machine:
                 cmdline = " ".join([cmdline, *self.virtio.cmdline_fragments()])
         return cmdline
 
+    def _load_firmware(self) -> CpuState:
+        # The disks come first among the virtio devices: disk n has window n.
+        disks = self.config.virtio.disks
+        by_bootindex = sorted((d.bootindex, n) for n, d in enumerate(disks) if d.bootindex is not None)
+        add_boot_files(self.fw_cfg, self.config.cpus, self.virtio.windows,
+                       boot_windows=[self.virtio.windows[n].base for _, n in by_bootindex])
+        return reset_vector_state()
+
     def _load_kernel(self) -> CpuState:
         """A multiboot kernel (by its header), else Linux; either way with the ACPI tables."""
         config = self.config
@@ -205,6 +231,11 @@ class Machine:
             self.threads.append(thread)
             thread.start()
         self._wait_for_stop()
+        if (self.boot_failure is not None and self.boot_failure.seen
+                and self.stop.status in (exit_status.RESET, exit_status.TRIPLE_FAULT)):
+            # The reset that follows the message (port 0xCF9; a triple fault is SeaBIOS's fallback).
+            self.stop.status = exit_status.NO_BOOTABLE_DEVICE
+            self.stop.reason = "the firmware found no bootable device"
         return self.stop.status
 
     def _wait_for_stop(self) -> None:

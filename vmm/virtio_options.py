@@ -29,6 +29,9 @@ class DiskSpec:
     format: str | None = None  # None: probe (a qcow2 header, else raw)
     readonly: bool = False
     serial: str = ""
+    # Where firmware tries it, lowest first (QEMU's bootindex); None: after those
+    # that have one, in virtio-mmio window order (SeaBIOS boots only the first disk).
+    bootindex: int | None = None
 
 
 @dataclass(frozen=True)

@@ -18,23 +18,24 @@ from vmm.memory import GuestMemory
 
 TABLE_ALIGNMENT = 16
 
-__all__ = ["VirtioMmioWindow", "build_acpi_tables", "layout_acpi_tables"]
+__all__ = ["VirtioMmioWindow", "build_acpi_tables", "lay_out_sdts", "layout_acpi_tables"]
 
 
 def _align(value: int) -> int:
     return (value + TABLE_ALIGNMENT - 1) & -TABLE_ALIGNMENT
 
 
-def layout_acpi_tables(cpus: int, virtio_devices: Iterable[tuple[int, int, int]] = (),
-                       base: int = ACPI_RSDP_ADDRESS) -> dict[int, bytes]:
-    """Every table, keyed by the guest-physical address it belongs at; the RSDP is at `base`."""
+def lay_out_sdts(cpus: int, virtio_devices: Iterable[tuple[int, int, int]] = (),
+                 start: int = 0) -> tuple[dict[int, bytes], int]:
+    """DSDT, FADT, MADT and XSDT placed one after another from `start`, keyed by address;
+    and the XSDT's address, for the RSDP."""
     windows = [VirtioMmioWindow(*w) for w in virtio_devices]
     try:
         madt_table = madt(cpus)
     except ValueError as err:
         raise PyvmmError(str(err)) from None
     tables: dict[int, bytes] = {}
-    address = _align(base + RSDP_SIZE)
+    address = _align(start)
     tables[dsdt_address := address] = dsdt(windows)
     address = _align(address + len(tables[dsdt_address]))
     tables[fadt_address := address] = fadt(dsdt_address)
@@ -42,6 +43,13 @@ def layout_acpi_tables(cpus: int, virtio_devices: Iterable[tuple[int, int, int]]
     tables[madt_address := address] = madt_table
     address = _align(address + len(madt_table))
     tables[xsdt_address := address] = xsdt([fadt_address, madt_address])
+    return tables, xsdt_address
+
+
+def layout_acpi_tables(cpus: int, virtio_devices: Iterable[tuple[int, int, int]] = (),
+                       base: int = ACPI_RSDP_ADDRESS) -> dict[int, bytes]:
+    """Every table, keyed by the guest-physical address it belongs at; the RSDP is at `base`."""
+    tables, xsdt_address = lay_out_sdts(cpus, virtio_devices, base + RSDP_SIZE)
     tables[base] = rsdp(xsdt_address)
     return tables
 

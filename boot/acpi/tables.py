@@ -32,11 +32,16 @@ RSDP_SIGNATURE = b"RSD PTR "
 RSDP_REVISION = 2  # ACPI 2.0+: has the XSDT address
 RSDP_SIZE = 36
 RSDP_V1_SIZE = 20  # the part the first checksum covers
+RSDP_CHECKSUM_OFFSET = 8
+RSDP_XSDT_OFFSET = 24
+RSDP_EXTENDED_CHECKSUM_OFFSET = 32
 
 # FADT (ACPI 6.0: revision 6, minor version 0, 276 bytes)
 FADT_REVISION = 6
 FADT_MINOR_REVISION = 0
 FADT_SIZE = 276
+FADT_DSDT_OFFSET = 40  # 32-bit
+FADT_X_DSDT_OFFSET = 140  # 64-bit
 FADT_FLAG_PWR_BUTTON = 1 << 4  # no fixed-hardware power button
 FADT_FLAG_SLP_BUTTON = 1 << 5  # no fixed-hardware sleep button
 FADT_FLAG_RESET_REG_SUP = 1 << 10
@@ -88,8 +93,8 @@ def sdt(signature: bytes, revision: int, body: bytes) -> bytes:
 def rsdp(xsdt_address: int) -> bytes:
     table = bytearray(struct.pack("<8sB6sBIIQB3x", RSDP_SIGNATURE, 0, OEM_ID, RSDP_REVISION,
                                   0, RSDP_SIZE, xsdt_address, 0))
-    table[8] = checksum(table[:RSDP_V1_SIZE])
-    table[32] = checksum(table)
+    table[RSDP_CHECKSUM_OFFSET] = checksum(table[:RSDP_V1_SIZE])
+    table[RSDP_EXTENDED_CHECKSUM_OFFSET] = checksum(table)
     return bytes(table)
 
 
@@ -109,14 +114,16 @@ def fadt(dsdt_address: int) -> bytes:
     def put(offset: int, fmt: str, *values) -> None:
         struct.pack_into("<" + fmt, body, offset - SDT_HEADER_SIZE, *values)
 
-    # FIRMWARE_CTRL and the 32-bit DSDT stay 0: X_DSDT holds the address.
+    # FIRMWARE_CTRL stays 0. The DSDT's address goes in both DSDT fields: Linux
+    # reads X_DSDT, SeaBIOS only the 32-bit one (it finds virtio-mmio disks there).
+    put(FADT_DSDT_OFFSET, "I", dsdt_address)
     put(109, "H", IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
     put(112, "I", FADT_FLAG_HW_REDUCED_ACPI | FADT_FLAG_RESET_REG_SUP
         | FADT_FLAG_PWR_BUTTON | FADT_FLAG_SLP_BUTTON)
     body[116 - SDT_HEADER_SIZE : 128 - SDT_HEADER_SIZE] = generic_address(ACPI_RESET_PORT)
     put(128, "B", ACPI_RESET_VALUE)
     put(131, "B", FADT_MINOR_REVISION)
-    put(140, "Q", dsdt_address)  # X_DSDT
+    put(FADT_X_DSDT_OFFSET, "Q", dsdt_address)
     body[244 - SDT_HEADER_SIZE : 256 - SDT_HEADER_SIZE] = generic_address(ACPI_SLEEP_CONTROL_PORT)
     body[256 - SDT_HEADER_SIZE : 268 - SDT_HEADER_SIZE] = generic_address(ACPI_SLEEP_STATUS_PORT)
     body[268 - SDT_HEADER_SIZE : 276 - SDT_HEADER_SIZE] = HYPERVISOR_VENDOR

@@ -19,10 +19,12 @@ PROMPT = b"pyvmm# "
 
 
 class GuestSession:
-    def __init__(self, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, timeout: float = 300, env: dict[str, str] | None = None,
+                 program: list[str] | None = None) -> None:
+        """`pyvmm boot ARGS...`, or `program` (a whole command line: the QEMU reference)."""
         self.timeout = timeout
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vmm", "boot", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            program or [sys.executable, "-m", "vmm", "boot", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, cwd=REPO, start_new_session=True, env={**os.environ, **(env or {})})
         self.output = b""
         self._consumed = 0

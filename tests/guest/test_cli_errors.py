@@ -66,3 +66,40 @@ def test_check_reports_missing_kvm(tmp_path):
 def test_bad_timeouts(guest, seconds):
     result = run_pyvmm("boot", "--flat", str(guest("hello")), "--timeout", seconds)
     assert_one_line_error(result, b"timeout")
+
+
+def test_missing_disk_image(tmp_path):
+    result = run_pyvmm("boot", str(tmp_path / "nope.qcow2"))
+    assert_one_line_error(result, b"DISK", b"nope.qcow2: no such file")
+
+
+def test_missing_bios(tmp_path):
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(1 << 20))
+    result = run_pyvmm("boot", "--bios", str(tmp_path / "bios.bin"), str(disk))
+    assert_one_line_error(result, b"--bios", b"bios.bin: no such file")
+
+
+def test_bios_that_is_not_a_firmware_image(tmp_path):
+    disk, bios = tmp_path / "disk.raw", tmp_path / "bios.bin"
+    disk.write_bytes(bytes(1 << 20))
+    bios.write_bytes(b"not firmware")
+    result = run_pyvmm("boot", "--bios", str(bios), str(disk))
+    assert_one_line_error(result, b"bios.bin", b"multiple of 4K")
+
+
+def test_format_without_a_disk():
+    result = run_pyvmm("boot", "--format", "qcow2")
+    assert_one_line_error(result, b"--format describes DISK")
+
+
+def test_bios_with_a_kernel(guest, tmp_path):
+    result = run_pyvmm("boot", "--bios", str(guest("hello")), "--kernel", str(guest("hello")))
+    assert_one_line_error(result, b"--bios", b"excludes --kernel")
+
+
+def test_flat_guest_with_a_disk(guest, tmp_path):
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(1 << 20))
+    result = run_pyvmm("boot", "--flat", str(guest("hello")), str(disk))
+    assert_one_line_error(result, b"--flat guests have no virtio devices")

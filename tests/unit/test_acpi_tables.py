@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from boot.acpi import build_acpi_tables, layout_acpi_tables
+from boot.acpi.table_loader import LOADER_FILE, RSDP_FILE, build_loader_files
 from boot.acpi.tables import checksum
 from vmm.errors import PyvmmError
 from vmm.layout import (
@@ -88,7 +89,8 @@ def test_fadt_is_hardware_reduced_with_sleep_and_reset_registers(memory):
     flags = struct.unpack_from("<I", fadt, 112)[0]
     assert flags & (1 << 20)  # HW_REDUCED_ACPI
     assert flags & (1 << 10)  # RESET_REG_SUP
-    assert struct.unpack_from("<I", fadt, 40)[0] == 0  # 32-bit DSDT unused: X_DSDT instead
+    # The DSDT in both fields (SeaBIOS reads the 32-bit one, Linux X_DSDT).
+    assert struct.unpack_from("<I", fadt, 40)[0] == struct.unpack_from("<Q", fadt, 140)[0] != 0
     assert struct.unpack_from("<H", fadt, 46)[0] == 0  # no SCI in hardware-reduced mode
 
     def gas(offset):
@@ -147,6 +149,60 @@ def test_dsdt_describes_devices_and_s5(memory):
 def test_too_many_tables_for_the_reserved_area(memory):
     with pytest.raises(PyvmmError, match="ACPI tables need"):
         build_acpi_tables(memory, cpus=1, virtio_devices=[(0xC000_0000, 0x1000, 5)] * 4000)
+
+
+# -- the table loader: what firmware (SeaBIOS) does with etc/table-loader ----------------
+
+
+def run_table_loader(memory, files, places):
+    """Execute the loader's commands like SeaBIOS's romfile_loader: `places` says where each
+    zone's allocation goes (the firmware's choice). Returns {file name: address}."""
+    addresses = {}
+    loader = files[LOADER_FILE]
+    for offset in range(0, len(loader), 128):
+        command = loader[offset : offset + 128]
+        kind = struct.unpack_from("<I", command)[0]
+        name = command[4:60].rstrip(b"\0").decode()
+        if kind == 1:  # ALLOCATE file, align, zone
+            align, zone = struct.unpack_from("<IB", command, 60)
+            address = places[zone]
+            assert address % align == 0
+            addresses[name] = address
+            memory.write(address, files[name])
+        elif kind == 2:  # ADD_POINTER dest, src, offset, size
+            source = command[60:116].rstrip(b"\0").decode()
+            where, size = struct.unpack_from("<IB", command, 116)
+            assert where + size <= len(files[name])
+            target = addresses[name] + where
+            value = int.from_bytes(memory.read(target, size), "little") + addresses[source]
+            memory.write(target, value.to_bytes(size, "little"))
+        elif kind == 3:  # ADD_CHECKSUM file, offset, start, length
+            where, start, length = struct.unpack_from("<III", command, 60)
+            base = addresses[name]
+            data = memory.read(base + start, length)
+            memory.write(base + where, bytes([(memory.read_u8(base + where) - sum(data)) & 0xFF]))
+        else:
+            raise AssertionError(f"unknown loader command {kind}")
+    return addresses
+
+
+def test_table_loader_gives_firmware_the_same_tables_wherever_it_puts_them(memory):
+    files = dict(build_loader_files(cpus=2, virtio_devices=VIRTIO).items())
+    addresses = run_table_loader(memory, files, {1: 0x80_0000, 2: 0xF_5A50})
+    assert find_rsdp_like_the_kernel(memory) == addresses[RSDP_FILE] == 0xF_5A50
+    rsdp = memory.read(addresses[RSDP_FILE], 36)
+    assert sum(rsdp[:20]) % 256 == 0 and sum(rsdp) % 256 == 0
+    loaded = walk(memory, addresses[RSDP_FILE])
+    assert set(loaded) == {b"XSDT", b"FACP", b"APIC", b"DSDT"}
+    for table in loaded.values():
+        assert sum(table) % 256 == 0
+    # SeaBIOS follows the FADT's 32-bit DSDT field; it leads to the same DSDT as X_DSDT.
+    fadt = loaded[b"FACP"]
+    assert struct.unpack_from("<I", fadt, 40)[0] == struct.unpack_from("<Q", fadt, 140)[0]
+    # The same tables a direct kernel boot gets, apart from where they sit.
+    direct = walk(memory, build_acpi_tables(memory, cpus=2, virtio_devices=VIRTIO))
+    for signature in (b"DSDT", b"APIC"):
+        assert loaded[signature] == direct[signature]
 
 
 # -- iasl: the reference disassembler/compiler must accept every table -------------------

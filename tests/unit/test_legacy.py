@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from devices.legacy import QUIET_PORTS, SYSTEM_CONTROL_A_PORT, SilentDevice, register_legacy_ports
+from devices.legacy import (
+    QUIET_PORTS,
+    RESET_CONTROL_PORT,
+    SYSTEM_CONTROL_A_PORT,
+    SilentDevice,
+    register_legacy_ports,
+)
 from vmm import layout
 from vmm.bus import Bus
 
@@ -78,4 +84,12 @@ def test_port_a_reports_a20_and_fast_reset_calls_reset(bus_and_resets) -> None:
     bus.write(SYSTEM_CONTROL_A_PORT, 1, 0x02)  # A20 only
     assert resets == []
     bus.write(SYSTEM_CONTROL_A_PORT, 1, 0x03)
+    assert resets == [1]
+
+
+def test_reset_control_register_resets_on_rst_cpu(bus_and_resets) -> None:
+    bus, resets = bus_and_resets
+    bus.write(RESET_CONTROL_PORT, 1, 0x02)  # SYS_RST alone: a full reset comes next, not yet
+    assert resets == [] and bus.read(RESET_CONTROL_PORT, 1) == 0x02
+    bus.write(RESET_CONTROL_PORT, 1, 0x06)  # Linux's reboot=pci, SeaBIOS's pci_reboot
     assert resets == [1]

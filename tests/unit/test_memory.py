@@ -62,3 +62,20 @@ def test_view_is_zero_copy():
 def test_bad_sizes(size):
     with pytest.raises(PyvmmError):
         GuestMemory(size)
+
+
+def test_firmware_maps_below_4g_beside_ram_and_may_not_overlap_it():
+    memory = GuestMemory(MMIO_HOLE_START + 2 * MiB)
+    image = bytes(range(256)) * 512  # 128 KiB
+    memory.add_firmware(HIGH_RAM_START - len(image), image)
+    assert memory.read(HIGH_RAM_START - 16, 16) == image[-16:]
+    assert memory.read(0x1000, 4) == bytes(4)  # RAM unchanged...
+    memory.write(HIGH_RAM_START, b"high")  # ...and high RAM still just above it
+    assert memory.read(HIGH_RAM_START, 4) == b"high"
+    assert not memory.contains(HIGH_RAM_START - 4, 8)  # regions are not one range
+    assert memory.size == MMIO_HOLE_START + 2 * MiB  # firmware is not RAM
+    with pytest.raises(PyvmmError):
+        memory.add_firmware(MiB, image)  # over low RAM
+    with pytest.raises(PyvmmError):
+        memory.add_firmware(HIGH_RAM_START - 2 * len(image) + 4096, image)  # over the firmware
+    memory.close()
