@@ -21,7 +21,7 @@ that code already translated picks the hooks up.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vmm.cpu_state import GPR_NAMES
 from vmm.errors import PyvmmError
@@ -33,7 +33,21 @@ from vmm.tcg.unicorn_lib import uc_const
 
 if TYPE_CHECKING:
     from vmm.tcg.scheduler import CpuScheduler
-    from vmm.tcg.vcpu import TcgVcpu
+
+
+class SteppedVcpu(Protocol):
+    """What these hooks use of a software-CPU vCPU (vmm/tcg/vcpu.py, which imports this file)."""
+
+    index: int
+    debug_step: bool
+    step_done: bool
+    breakpoint_to_skip: int | None
+
+    def registers(self) -> dict[str, int]: ...
+
+    def stop_with(self, exit: DebugTrap) -> None: ...
+
+    def stop_after_block(self, exit: DebugTrap) -> None: ...
 
 SUPPORT = DebugSupport(slots=None, watch_kinds=frozenset({WRITE, READ, ACCESS}), int3=False)
 
@@ -47,7 +61,7 @@ class TcgDebugHooks:
         self._stepping: set[int] = set()
         self._step_hook: int | None = None
 
-    def apply(self, vcpu: TcgVcpu, debug: GuestDebug) -> None:
+    def apply(self, vcpu: SteppedVcpu, debug: GuestDebug) -> None:
         """Called on `vcpu`'s thread while every vCPU is stopped."""
         vcpu.debug_step = debug.step
         vcpu.step_done = False
