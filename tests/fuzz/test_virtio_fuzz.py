@@ -1,7 +1,7 @@
 """A hostile guest driver against every virtio device, through the virtio-mmio register page.
 
 Each case builds one device (blk on a raw file, net on a fake backend,
-console, rng) behind its transport, sometimes brings it up the way Linux
+console, rng, fs serving a small directory tree) behind its transport, sometimes brings it up the way Linux
 does, then writes random descriptor tables and available rings (addresses
 anywhere in or past guest RAM, any lengths and flags, loops, indirect
 tables), and plays random register accesses: status changes, queue
@@ -9,7 +9,7 @@ selection and sizes, ring addresses, notifications of any queue, interrupt
 acknowledgements, config space reads and writes, resets mid-flight.
 
 Pass: no access raises, every read fits its size, the device's backing file
-is the only host file written. Seeded (tests/fuzzing.py).
+is the only host file written (fs serves its tree read-only: it stays as made). Seeded (tests/fuzzing.py).
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import pytest
 from devices.virtio import mmio as r
 from devices.virtio.blk import VirtioBlock
 from devices.virtio.console import VirtioConsole
+from devices.virtio.fs import VirtioFs
 from devices.virtio.net import VirtioNet
 from devices.virtio.rng import VirtioRng
 from tests.fuzzing import fuzz_cases, time_bound
 from tests.unit.virtio_driver import MEMORY_SIZE, FakeBackend, make_transport
+from vmm.fuse.server import FuseServer
 from vmm.image.open import open_image
 
 SUITE_CASES = 60
@@ -34,6 +36,9 @@ REGISTERS = [r.STATUS, r.QUEUE_SEL, r.QUEUE_NUM, r.QUEUE_READY, r.QUEUE_NOTIFY, 
              r.DEVICE_FEATURES_SEL, r.DRIVER_FEATURES, r.DRIVER_FEATURES_SEL, r.QUEUE_DESC_LOW,
              r.QUEUE_DESC_HIGH, r.QUEUE_DRIVER_LOW, r.QUEUE_DRIVER_HIGH, r.QUEUE_DEVICE_LOW,
              r.QUEUE_DEVICE_HIGH, r.CONFIG_GENERATION]
+# Queues a driver brings up, where more than one: net's rx/tx, console's port 0,
+# fs's hiprio queue and its request queue.
+QUEUES = {"net": 2, "console": 2, "fs": 2}
 
 
 def build(kind: str, tmp_path):
@@ -48,7 +53,28 @@ def build(kind: str, tmp_path):
         return VirtioNet(backend, mac=b"\x52\x54\x00\x01\x02\x03", loop=object()), lambda: None
     if kind == "console":
         return VirtioConsole(lambda data: None, room_available=lambda: None), lambda: None
+    if kind == "fs":
+        share = tmp_path / "share"
+        if not share.exists():
+            (share / "dir").mkdir(parents=True)
+            (share / "dir" / "file").write_bytes(FS_TREE["dir/file"])
+            (share / "link").symlink_to("/etc/passwd")
+        device = VirtioFs(FuseServer(str(share), readonly=True), "share")
+        return device, device.close
     return VirtioRng(source=lambda n: bytes(n)), lambda: None
+
+
+FS_TREE = {"dir": None, "dir/file": b"x" * 5000, "link": "/etc/passwd"}
+
+
+def tree_state(root) -> dict:
+    """Relative path -> file bytes, symlink target or None (a directory)."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        state[name] = (str(path.readlink()) if path.is_symlink() else
+                       None if path.is_dir() else path.read_bytes())
+    return state
 
 
 def hostile_value(rng, heap_queues) -> int:
@@ -70,7 +96,7 @@ def scribble_rings(memory, queue, rng) -> None:
     memory.write_u16(queue.avail + 2, rng.choice([len(heads), rng.getrandbits(16)]))
 
 
-@pytest.mark.parametrize("kind", ["blk", "net", "console", "rng"])
+@pytest.mark.parametrize("kind", ["blk", "net", "console", "rng", "fs"])
 def test_a_hostile_driver_never_breaks_a_device(kind, tmp_path):
     for label, rng in fuzz_cases(f"virtio-{kind}", SUITE_CASES):
         device, close = build(kind, tmp_path)
@@ -79,7 +105,7 @@ def test_a_hostile_driver_never_breaks_a_device(kind, tmp_path):
             with time_bound(CASE_BOUND, label):
                 queues = []
                 if rng.random() < 0.7:
-                    queues = driver.start(2 if kind in ("net", "console") else 1, size=rng.choice([1, 8, 64]))
+                    queues = driver.start(QUEUES.get(kind, 1), size=rng.choice([1, 8, 64]))
                 for queue in queues:
                     scribble_rings(memory, queue, rng)
                 addresses = [q.desc for q in queues] + [q.avail for q in queues] + [q.used for q in queues]
@@ -106,3 +132,5 @@ def test_a_hostile_driver_never_breaks_a_device(kind, tmp_path):
         finally:
             close()
             memory.close()
+    if kind == "fs":  # read-only: the guest changed nothing on the host
+        assert tree_state(tmp_path / "share") == FS_TREE
