@@ -25,7 +25,8 @@ from devices.virtio.fs import VirtioFs
 from devices.virtio.net import VirtioNet
 from devices.virtio.rng import VirtioRng
 from tests.fuzzing import fuzz_cases, time_bound
-from tests.unit.virtio_driver import MEMORY_SIZE, FakeBackend, make_transport
+from tests.unit.virtio_driver import MEMORY_SIZE, Buffer, FakeBackend, make_transport
+from vmm.fuse import protocol as fuse
 from vmm.fuse.server import FuseServer
 from vmm.image.open import open_image
 
@@ -77,6 +78,30 @@ def tree_state(root) -> dict:
     return state
 
 
+FUSE_OPCODES = [value for name, value in vars(fuse).items()
+                if name.isupper() and isinstance(value, int) and 0 < value < 64]
+
+
+def send_fuse_request(queue, rng) -> None:
+    """A chain shaped as Linux's virtio_fs sends it (FUSE header and arguments readable, reply
+    writable) with a random opcode, node, length field and arguments, so that the FUSE server is
+    reached; INIT now and then with a valid body, so later requests find a session."""
+    if rng.random() < 0.15:
+        opcode, body = fuse.INIT, fuse.INIT_IN.pack(7, 31, 65536, 0) + bytes(48)
+    else:
+        opcode, body = rng.choice(FUSE_OPCODES), rng.randbytes(rng.randrange(0, 200))
+    length = fuse.IN_HEADER.size + len(body) + rng.choice([0, 0, 0, -5, 7, rng.getrandbits(32)])
+    nodeid = rng.choice([fuse.ROOT_ID, 2, 3, rng.getrandbits(64)])
+    header = fuse.IN_HEADER.pack(length & 0xFFFF_FFFF, opcode, rng.getrandbits(64), nodeid, 0, 0, 0, 0, 0)
+    heap = queue.driver.heap
+    request = header + body
+    reply_room = rng.choice([0, 8, 16, 512, 4096])
+    buffers = [Buffer(heap.alloc(len(request), data=request), len(request))]
+    if reply_room:
+        buffers.append(Buffer(heap.alloc(reply_room), reply_room, writable=True))
+    queue.add(buffers, indirect=rng.random() < 0.3)
+
+
 def hostile_value(rng, heap_queues) -> int:
     return rng.choice([0, 1, 2, 0xFF, 0x100, 0x8000, 0xFFFF, 0xFFFF_FFFF, rng.getrandbits(32),
                        rng.randrange(MEMORY_SIZE), *heap_queues])
@@ -123,6 +148,8 @@ def test_a_hostile_driver_never_breaks_a_device(kind, tmp_path):
                         transport.write(offset, size, hostile_value(rng, addresses) & ((1 << (8 * size)) - 1))
                     if queues and rng.random() < 0.1:
                         scribble_rings(memory, rng.choice(queues), rng)
+                    if kind == "fs" and queues and rng.random() < 0.3:
+                        send_fuse_request(rng.choice(queues), rng)
                     if kind == "net" and rng.random() < 0.05:
                         device.backend.ready()  # the backend has packets: the device takes them if it can
         except AssertionError:
