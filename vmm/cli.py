@@ -187,10 +187,12 @@ class _stop_on_signals:
 @click.option("--env", "env", multiple=True, metavar="NAME=VALUE", help="Set a variable for the command (repeatable).")
 @click.option("--timeout", type=float, metavar="SECONDS",
               help="Stop the guest after SECONDS and exit with status 124, as timeout(1) does.")
+@gdb_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(ctx: click.Context, kernel: Path | None, modules: Path | None, cpus: int, memory: str, accel: str,
-        writable: tuple[str, ...], env: tuple[str, ...], timeout: float | None, command: tuple[str, ...]) -> None:
+        writable: tuple[str, ...], env: tuple[str, ...], timeout: float | None, gdb: str | None,
+        gdb_default: bool, paused: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND in a fresh kernel that sees this host's files; exits with its status.
 
     Without a command, an interactive shell. 124: --timeout expired; 125: the
@@ -202,7 +204,8 @@ def run(ctx: click.Context, kernel: Path | None, modules: Path | None, cpus: int
     try:
         options = RunOptions(command=list(command), kernel=kernel, modules=modules, cpus=cpus,
                              memory=parse_memory_size(memory), accel=accel, writable=list(writable),
-                             env=list(env), timeout=timeout, verbose=verbose)
+                             env=list(env), timeout=timeout, verbose=verbose,
+                             gdb=gdb_spec(gdb, gdb_default, paused))
         with _stop_on_signals():
             status = run_command(options)
     except PyvmmError as err:

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests.guest.gdb_driver import DebuggedVm
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
@@ -162,3 +163,16 @@ def test_without_a_command_a_shell_runs_on_the_terminal(linux_assets, linux_modu
         os.close(terminal)
     assert os.waitstatus_to_exitcode(wait_status) == 3, output
     assert b"\r\n42\r\n/dev/hvc0\r\n" in output, output
+
+
+def test_paused_for_gdb_then_continued_runs_the_command(linux_assets, linux_module_tree):
+    vm = DebuggedVm("--kernel", str(linux_assets.kernel), "--modules", str(linux_module_tree),
+                    "--", "sh", "-c", "echo debugged; exit 3", subcommand="run", timeout=600)
+    try:
+        gdb_output = vm.gdb_batch(["continue"], timeout=600)  # returns when the VM has ended
+        status = vm.wait()
+        stdout = vm.session.process.stdout.read()
+    finally:
+        vm.close()
+    assert "exited with code 03" in gdb_output, gdb_output
+    assert (status, stdout) == (3, b"debugged\n")

@@ -15,6 +15,7 @@ import selectors
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -33,9 +34,11 @@ def require_gdb() -> str:
 
 
 class DebuggedVm:
-    def __init__(self, *boot_args: str, timeout: float = 120) -> None:
+    def __init__(self, *args: str, timeout: float = 120, subcommand: str = "boot") -> None:
+        """`pyvmm SUBCOMMAND --gdb (any free port) -S ARGS...`: paused until a debugger continues it."""
         self.gdb = require_gdb()
-        self.session = GuestSession(*boot_args, "--gdb", "tcp:127.0.0.1:0", "-S", timeout=timeout)
+        self.session = GuestSession(timeout=timeout, program=[
+            sys.executable, "-m", "vmm", subcommand, "--gdb", "tcp:127.0.0.1:0", "-S", *args])
         self.stderr = b""
         self.port = self._read_port()
 

@@ -32,6 +32,7 @@ from vmm import exit_status
 from vmm.config import MachineConfig
 from vmm.console import Console
 from vmm.errors import PyvmmError
+from vmm.gdb.options import GdbSpec
 from vmm.layout import VIRTIO_MMIO_MAX_DEVICES
 from vmm.machine import current_machine, run_machine_quietly
 from vmm.run.initramfs import ROOT_TAG, STDIO_DIR, STDIO_TAG, GuestPlan, build_initramfs
@@ -88,6 +89,7 @@ class RunOptions:
     env: list[str] = field(default_factory=list)
     timeout: float | None = None
     verbose: bool = False
+    gdb: GdbSpec | None = None  # --gdb/-s/-S, as on pyvmm boot
 
 
 def guest_environment(extra: list[str], cwd: str) -> list[bytes]:
@@ -209,7 +211,7 @@ def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[st
         cmdline += " loglevel=1"  # the serial port shares the terminal: only emergencies on it
     config = MachineConfig(
         memory=options.memory, cpus=options.cpus, accel=options.accel, kernel=kernel, initrd=initrd,
-        cmdline=cmdline, timeout=options.timeout, virtio=VirtioSpecs(filesystems=filesystems, console=terminal,
+        cmdline=cmdline, timeout=options.timeout, gdb=options.gdb, virtio=VirtioSpecs(filesystems=filesystems, console=terminal,
                                             prebuilt=[("pyvmm-io", VirtioFs(stdio, STDIO_TAG))]))
     log_fd = 2 if options.verbose else os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
