@@ -25,13 +25,16 @@ pytestmark = pytest.mark.slow
 
 # The guest kernel's command line, in syslinux.cfg. The TSC rate is for QEMU's
 # guest (pyvmm's software CPU announces it in CPUID); both guests get it.
-APPEND = "console=ttyS0 reboot=acpi panic=-1"
+# `quiet`: kernel messages printed after init starts (the clocksource switch,
+# the virtio modules' notices) would otherwise land in the middle of the
+# shell's answers on the same serial console.
+APPEND = "console=ttyS0 reboot=acpi panic=-1 quiet"
 NO_BOOTABLE_DEVICE_STATUS = 8
 # The test initramfs carries the virtio modules without loading them (tests/assets.py).
 # (Commands stay shorter than a terminal line: GuestSession.run expects their echo unwrapped.)
 LOAD_VIRTIO = "for m in $(cat /lib/modules/virtio.order); do insmod $m; done"
-FIRMWARE_FAILURE_TIMEOUT = 60
-BOOT_TIMEOUT = 120  # seconds for any one step of a boot (about 5 s here)  # seconds for SeaBIOS to try every disk and give up
+FIRMWARE_FAILURE_TIMEOUT = 60  # seconds for SeaBIOS to try every disk and give up
+BOOT_TIMEOUT = 120  # seconds for any one step of a boot (about 5 s here)
 
 
 @pytest.fixture(scope="module")
