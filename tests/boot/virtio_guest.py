@@ -38,6 +38,10 @@ echo "{BEGIN}"
 sh /test.sh 2>&1
 echo "{END} $?"
 sync
+# The serial port sends from interrupts, after the write returned: setting the
+# console's own modes again waits (TCSADRAIN) until it has sent everything, or
+# the power-off could cut the end line short.
+stty -F /dev/console $(stty -F /dev/console -g)
 poweroff -f
 """
 
