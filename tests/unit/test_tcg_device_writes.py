@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
 from devices.virtio.queue import DescriptorChain
 from tests.unit.tcg_support import LOAD_ADDRESS, TcgMachine, assemble
 from vmm.cpu_state import CpuState
@@ -18,13 +16,6 @@ PRINT_AND_EXIT = """
     out %al, $0xf4
     hlt
 """
-
-
-@pytest.fixture
-def machine():
-    m = TcgMachine()
-    yield m
-    m.close()
 
 
 def run_from_the_start(machine) -> bytes:

@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-
-from tests.unit.tcg_support import TcgMachine, assemble
-
-
-@pytest.fixture
-def machine():
-    m = TcgMachine()
-    yield m
-    m.close()
+from tests.unit.tcg_support import assemble
 
 
 def test_the_pinned_unicorn_lets_the_per_access_exit_checks_be_skipped(machine):

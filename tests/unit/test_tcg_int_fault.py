@@ -4,12 +4,9 @@ so a handler that repairs the gate sees the interrupt taken when the instruction
 
 from __future__ import annotations
 
-import pytest
-
 from tests.unit.tcg_support import (
     LOAD_ADDRESS,
     SETGATE_MACRO,
-    TcgMachine,
     assemble,
     long_mode_state,
 )
@@ -47,13 +44,6 @@ int_handler:
 idtr: .word 256 * 16 - 1
       .quad IDT
 """
-
-
-@pytest.fixture
-def machine():
-    m = TcgMachine()
-    yield m
-    m.close()
 
 
 def test_fault_delivering_int_n_restarts_the_instruction(machine, tmp_path):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import struct
 
-import pytest
-
 from tests.unit.tcg_support import (
     IST1,
     KERNEL_CS,
@@ -15,7 +13,6 @@ from tests.unit.tcg_support import (
     SETGATE_MACRO,
     SUPERVISOR_ONLY_2M,
     USER_CS,
-    TcgMachine,
     assemble,
     long_mode_state,
 )
@@ -161,13 +158,6 @@ logptr: .quad LOG
 idtr:   .word 256 * 16 - 1
         .quad IDT
 """
-
-
-@pytest.fixture
-def machine():
-    m = TcgMachine()
-    yield m
-    m.close()
 
 
 def read_log(machine):

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
-from tests.unit.tcg_support import TcgMachine, assemble
+from tests.unit.tcg_support import assemble
 from vmm.exits import Hlt, Interrupted, Shutdown
-
-
-@pytest.fixture
-def machine():
-    m = TcgMachine()
-    yield m
-    m.close()
-
 
 PRINT = """
     .code16

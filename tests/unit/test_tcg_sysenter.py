@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.unit.tcg_support import (
     KERNEL_CS,
     LOAD_ADDRESS,
     SETGATE_MACRO,
-    TcgMachine,
     assemble,
     long_mode_state,
 )
@@ -55,13 +52,6 @@ done:
 idtr:   .word 256 * 16 - 1
         .quad IDT
 """
-
-
-@pytest.fixture
-def machine():
-    m = TcgMachine()
-    yield m
-    m.close()
 
 
 def run(machine, tmp_path, selector: int):
