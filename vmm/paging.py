@@ -15,12 +15,10 @@ bits already set.
 
 from __future__ import annotations
 
+from vmm.cpu_state import CR0_PG, CR4_PAE, EFER_LMA
 from vmm.memory import GuestMemory
 
-CR0_PG = 1 << 31
 CR4_PSE = 1 << 4
-CR4_PAE = 1 << 5
-EFER_LMA = 1 << 10
 
 PTE_P = 1 << 0
 PTE_PS = 1 << 7
