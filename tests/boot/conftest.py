@@ -12,6 +12,7 @@ import pytest
 from tests.assets import linux_assets, linux_module_tree  # noqa: F401 - fixtures for every boot test
 from tests.conftest import HOST_LIMITATION
 from tests.helpers import kvm_usable
+from tests.unprivileged import unprivileged  # noqa: F401 - pyvmm as `nobody`
 
 # The `kvm` mark lets tests/nested select exactly the KVM variants.
 LINUX_ACCELERATORS = ["tcg", pytest.param("kvm", marks=pytest.mark.kvm)]

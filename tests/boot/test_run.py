@@ -176,3 +176,22 @@ def test_paused_for_gdb_then_continued_runs_the_command(linux_assets, linux_modu
         vm.close()
     assert "exited with code 03" in gdb_output, gdb_output
     assert (status, stdout) == (3, b"debugged\n")
+
+
+def test_an_ordinary_user_runs_a_command_and_owns_what_it_writes(unprivileged, linux_assets, linux_module_tree):
+    # As a CI job without root would: its own kernel and modules (a /boot/vmlinuz is often
+    # root-only), its working directory shared with --rw. The software CPU, so that this
+    # host's KVM (which cannot run Linux) is not in the way; /dev/kvm access is tested apart.
+    home = unprivileged.home
+    kernel = home / "vmlinuz"
+    shutil.copy(linux_assets.kernel, kernel)
+    modules = home / "modules"
+    shutil.copytree(linux_module_tree, modules)
+    work = unprivileged.work
+    result = unprivileged("-m", "vmm", "run", "--accel", "tcg", "--kernel", str(kernel), "--modules", str(modules),
+                          "--rw", str(work), "--", "sh", "-c", "pwd; echo written in the guest >note; cat note",
+                          timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{work}\nwritten in the guest\n".encode()
+    assert (work / "note").read_bytes() == b"written in the guest\n"
+    assert (work / "note").stat().st_uid == unprivileged.user.pw_uid

@@ -13,6 +13,7 @@ import pytest
 
 from tests.guest.kernel.build import build_test_kernel
 from tests.helpers import GUEST_ASM, assemble, kvm_usable
+from tests.unprivileged import unprivileged  # noqa: F401 - pyvmm as `nobody`
 
 # The `kvm` mark lets tests/nested select the KVM variants to run on a real KVM.
 ACCELERATORS = [pytest.param("kvm", marks=pytest.mark.kvm)] + (["tcg"] if importlib.util.find_spec("vmm.tcg") else [])
