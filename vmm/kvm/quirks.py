@@ -32,8 +32,8 @@ def is_kvm_pvm() -> bool:
 def can_run_linux() -> tuple[bool, str]:
     """Whether a Linux kernel can boot on this host's KVM, and if not, why."""
     if is_kvm_pvm():
-        return False, ("this host's KVM is kvm_pvm, which cannot emulate the int3 that every "
-                       "Linux kernel runs early in boot")
+        return False, ("this host's KVM is kvm_pvm, which cannot emulate int3 or int n in a guest "
+                       "kernel (every Linux kernel runs int3 early in boot)")
     return True, ""
 
 
