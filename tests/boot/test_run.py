@@ -128,6 +128,24 @@ def test_a_guest_that_cannot_start_the_command_is_125(run, tmp_path, linux_modul
     assert result.stderr.startswith(b"pyvmm: the guest could not run the command: pyvmm-init: cannot load")
 
 
+def test_zstd_compressed_modules_as_ubuntu_ships_them(run, tmp_path, linux_module_tree):
+    # The modules the guest needs, each .ko.zst, with no modules.dep: pyvmm reads their
+    # dependencies from the decompressed .modinfo and hands the guest plain .ko files.
+    import zstandard
+
+    modules = tmp_path / "modules"
+    order = []
+    for line in (linux_module_tree / "modules.order").read_text().split():
+        if line.rsplit("/", 1)[-1] in ("virtio.ko", "virtio_ring.ko", "virtio_mmio.ko", "fuse.ko", "virtiofs.ko"):
+            (modules / line).parent.mkdir(parents=True, exist_ok=True)
+            (modules / f"{line}.zst").write_bytes(zstandard.ZstdCompressor().compress((linux_module_tree / line).read_bytes()))
+            order.append(f"{line}.zst\n")
+    (modules / "modules.order").write_text("".join(order))
+    shutil.copy(linux_module_tree / "modules.builtin", modules)
+    result = run("--modules", str(modules), "--", "echo", "loaded")
+    assert (result.returncode, result.stdout) == (0, b"loaded\n"), result.stderr
+
+
 def test_dogfood_unit_tests_from_the_read_only_checkout(run):
     tests = ["tests/unit/test_fuse_server.py", "tests/unit/test_virtio_fs.py", "tests/unit/test_memory.py"]
     result = run("--memory", "1G", "--env", "PYTHONDONTWRITEBYTECODE=1", "--",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import gzip
+import lzma
 import os
 import shutil
 import struct
@@ -10,6 +12,7 @@ import subprocess
 import threading
 
 import pytest
+import zstandard
 
 from tests.assets import make_bzimage
 from tests.unit.fuse_client import FuseClient
@@ -28,19 +31,30 @@ def fake_module(name: str, depends: str = "") -> bytes:
     return b"\x7fELF" + f"\0name={name}\0depends={depends}\0".encode()
 
 
-def module_tree(root, modules: dict[str, str], *, builtin=(), with_dep: bool = False):
+# As kbuild's CONFIG_MODULE_COMPRESS_* writes them (xz with CRC32 checks, which the kernel's
+# own decompressor needs).
+COMPRESSIONS = {
+    ".ko": lambda data: data,
+    ".ko.gz": lambda data: gzip.compress(data, mtime=0),
+    ".ko.xz": lambda data: lzma.compress(data, check=lzma.CHECK_CRC32),
+    ".ko.zst": lambda data: zstandard.ZstdCompressor().compress(data),
+}
+
+
+def module_tree(root, modules: dict[str, str], *, builtin=(), with_dep: bool = False, suffix: str = ".ko"):
     """modules: name -> its depends= value; laid out as a distribution package has them."""
     order = []
     for name, depends in modules.items():
-        path = f"kernel/drivers/{name}.ko"
+        path = f"kernel/drivers/{name}{suffix}"
         (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_bytes(fake_module(name, depends))
+        (root / path).write_bytes(COMPRESSIONS[suffix](fake_module(name, depends)))
         order.append(path)
     (root / "modules.order").write_text("".join(line + "\n" for line in order))
     (root / "modules.builtin").write_text("".join(f"kernel/fs/{name}.ko\n" for name in builtin))
     if with_dep:
         (root / "modules.dep").write_text("".join(
-            f"kernel/drivers/{name}.ko: " + " ".join(f"kernel/drivers/{d}.ko" for d in depends.split(",") if d) + "\n"
+            f"kernel/drivers/{name}{suffix}: " + " ".join(f"kernel/drivers/{d}{suffix}" for d in depends.split(",") if d)
+            + "\n"
             for name, depends in modules.items()))
     return root
 
@@ -56,6 +70,24 @@ def test_modules_come_after_their_dependencies(tmp_path, with_dep):
     for name, depends in DEBIAN_LIKE.items():
         for dependency in filter(None, depends.split(",")):
             assert order.index(dependency) < order.index(name.replace("-", "_"))
+
+
+@pytest.mark.parametrize("with_dep", [False, True])
+@pytest.mark.parametrize("suffix", [".ko.gz", ".ko.xz", ".ko.zst"])
+def test_compressed_modules_reach_the_guest_decompressed(tmp_path, suffix, with_dep):
+    modules = guest_modules(module_tree(tmp_path, DEBIAN_LIKE, with_dep=with_dep, suffix=suffix))
+    assert [name for name, _ in modules][-1] == "pvpanic_mmio"
+    for name, contents in modules:
+        original = next(n for n in DEBIAN_LIKE if n.replace("-", "_") == name)
+        assert contents == fake_module(original, DEBIAN_LIKE[original])
+
+
+@pytest.mark.parametrize("contents", [b"not zstd at all", zstandard.ZstdCompressor().compress(b"no ELF header")])
+def test_a_module_that_does_not_decompress_to_elf_is_one_error(tmp_path, contents):
+    tree = module_tree(tmp_path, {"virtio_mmio": "", "virtiofs": ""}, suffix=".ko.zst")
+    (tree / "kernel/drivers/virtiofs.ko.zst").write_bytes(contents)
+    with pytest.raises(PyvmmError, match=r"^--modules .*: virtiofs\.ko\.zst (does not decompress|is not a kernel module)"):
+        guest_modules(tree)
 
 
 def test_built_in_modules_are_not_loaded(tmp_path):

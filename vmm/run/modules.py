@@ -7,17 +7,25 @@ there, so that a guest panic ends the run at once). Each is either built in
 (listed in modules.builtin) or a module file, loaded after the modules it
 depends on: from modules.dep when depmod made one, else from the `depends=`
 that every module carries in its own .modinfo section (an unpacked .deb has
-no modules.dep).
+no modules.dep). Compressed modules (.ko.zst on Ubuntu, .ko.xz on Fedora and
+Arch, .ko.gz) are decompressed here, so the guest's kernel needs no module
+decompression of its own.
 """
 
 from __future__ import annotations
 
+import io
+import lzma
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import zstandard
+
 from vmm.errors import PyvmmError
+from vmm.layout import MiB
 
 # What the guest cannot do without, with the kernel option that provides it.
 REQUIRED = (("virtio_mmio", "CONFIG_VIRTIO_MMIO"), ("virtiofs", "CONFIG_VIRTIO_FS"))
@@ -56,6 +64,48 @@ def module_dependencies(module: bytes) -> list[str]:
     end = module.index(b"\0", start + 1)
     value = module[start + len(b"\0depends=") : end].decode()
     return [name for name in value.split(",") if name]
+
+
+# Far above the largest module a distribution ships (amdgpu: about 20 MiB), so
+# that a corrupt file cannot make pyvmm inflate without bound.
+MAX_MODULE_SIZE = 128 * MiB
+ELF_MAGIC = b"\x7fELF"
+
+
+def _gunzip(data: bytes) -> bytes:
+    return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(data, MAX_MODULE_SIZE + 1)
+
+
+def _unxz(data: bytes) -> bytes:
+    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data, max_length=MAX_MODULE_SIZE + 1)
+
+
+def _unzstd(data: bytes) -> bytes:
+    # A stream reader, because a frame need not state its size.
+    return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read(MAX_MODULE_SIZE + 1)
+
+
+# How kbuild names what CONFIG_MODULE_COMPRESS_* makes.
+MODULE_DECOMPRESSORS = {".ko.gz": _gunzip, ".ko.xz": _unxz, ".ko.zst": _unzstd}
+
+
+def decompress_module(name: str, data: bytes) -> bytes:
+    """A module file's ELF image; `name` is the file's name, which says how it is compressed."""
+    for suffix, decompress in MODULE_DECOMPRESSORS.items():
+        if name.endswith(suffix):
+            try:
+                data = decompress(data)
+            except (zlib.error, lzma.LZMAError, zstandard.ZstdError, EOFError) as err:
+                raise PyvmmError(f"{name} does not decompress: {err}") from None
+            if len(data) > MAX_MODULE_SIZE:
+                raise PyvmmError(f"{name} decompresses to more than {MAX_MODULE_SIZE // MiB} MiB")
+            break
+    else:
+        if not name.endswith(".ko"):
+            raise PyvmmError(f"{name} is not a kernel module (.ko, .ko.gz, .ko.xz or .ko.zst)")
+    if not data.startswith(ELF_MAGIC):
+        raise PyvmmError(f"{name} is not a kernel module (no ELF header)")
+    return data
 
 
 def _canonical(name: str) -> str:
@@ -104,12 +154,14 @@ class ModuleTree:
 
     def read(self, name: str) -> bytes:
         path = self.root / self.files[name]
-        if path.suffix != ".ko":
-            raise PyvmmError(f"--modules {self.root}: {path.name} is compressed; pyvmm loads only plain .ko files")
         try:
-            return path.read_bytes()
+            contents = path.read_bytes()
         except OSError as err:
             raise PyvmmError(f"--modules {self.root}: cannot read {path.name}: {err.strerror}") from None
+        try:
+            return decompress_module(path.name, contents)
+        except PyvmmError as err:
+            raise PyvmmError(f"--modules {self.root}: {err}") from None
 
 
 # An interactive shell runs on virtio-console's hvc0.
