@@ -60,7 +60,7 @@ def test_parse_feature_edits():
 
 def test_gsi_routing_matches_the_madt_override():
     from vmm.kvm import uapi as k
-    from vmm.kvm.accel import pc_gsi_routing
+    from vmm.kvm.irq import pc_gsi_routing
 
     routes = pc_gsi_routing()
     ioapic = {gsi: pin for gsi, chip, pin in routes if chip == k.KVM_IRQCHIP_IOAPIC}

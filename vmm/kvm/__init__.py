@@ -5,5 +5,9 @@ Layers, bottom up:
   ioctls.py   every ioctl number, computed in one table
   fd.py       KvmSystem -> VmFd -> VcpuFd: objects that own their fds
   cpuid.py    the guest CPUID built from KVM_GET_SUPPORTED_CPUID
-  accel.py    KvmAccelerator: the vmm.accel interface on top of them
+  irq.py      the in-kernel irqchip: PC GSI routing, the 8259s' start-up mask, irq lines
+  firmware_state.py   FPU, MSRs and LAPIC LINT pins as a PC's firmware leaves them
+  vcpu.py     KvmVcpu: KVM_RUN and the kvm_run page turned into exit values
+  accel.py    KvmAccelerator and KvmVm: the vmm.accel interface on top of them
+  quirks.py   what particular hosts' KVM cannot do; check.py: `pyvmm check`
 """
