@@ -13,8 +13,8 @@ Reads are answered with `vcpu.complete_read(data)` before the next `run()`.
 On KVM every port and MMIO access the kernel does not handle comes through
 here: this file, vmm/kvm/vcpu.py (`KvmVcpu.run`) and vmm/bus.py are the
 whole path. The software CPU never returns I/O exits: its engine's hooks call
-the same buses from inside emulation, on this same thread (vmm/tcg/vm.py ->
-vmm/tcg/io_dispatch.py -> vmm/bus.py), and `run()` returns only to stop or
+the same buses from inside emulation, on this same thread
+(vmm/tcg/io_dispatch.py -> vmm/bus.py), and `run()` returns only to stop or
 to be interrupted."""
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def test_out_reaches_the_port_bus_and_exit_port_stops(machine, tmp_path):
     assert bytes(machine.output.data) == b"hello\n"
     assert machine.exit.status == 0x2A
     assert isinstance(result, Interrupted | Hlt)
-    assert machine.vcpus[0].io.counts["IoOut"] == 7
+    assert machine.vcpus[0].io_counts["IoOut"] == 7
 
 
 def test_rep_outsb_and_port_input(machine, tmp_path):

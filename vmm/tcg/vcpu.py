@@ -3,8 +3,8 @@
 `run()` returns only what the exit loop must act on: `Hlt` (halted with no
 interrupt controller to wake it), `Shutdown` (triple fault),
 `EmulationFailure`, `Interrupted` (kicked). Port I/O and MMIO never leave
-the engine: its hooks hand them to the buses through `self.io` (see
-vmm/tcg/io_dispatch.py), so `IoIn`/`MmioRead` never need `complete_read`.
+the engine: its hooks hand them to the buses (vmm/tcg/io_dispatch.py), so
+`IoIn`/`MmioRead` never need `complete_read`.
 
 Guest code runs in slices: `emu_start` until HLT, an error, or the stop hook
 (vmm/tcg/stop_hook.py) fires because another thread asked for it (a kick,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,7 +42,6 @@ from vmm.tcg.delivery import (
 )
 from vmm.tcg.device_writes import TranslationInvalidator
 from vmm.tcg.engine import Engine, UcError, x86
-from vmm.tcg.io_dispatch import IoDispatcher
 from vmm.tcg.qemu_env import (
     HF2_NMI_MASK,
     HF_INHIBIT_IRQ,
@@ -95,7 +95,7 @@ class TcgVcpu(Vcpu):
         self.index = index
         self.engine = shared.engine
         self.scheduler = shared.scheduler
-        self.io = IoDispatcher(shared.io)
+        self.io_counts: Counter[str] = Counter()  # accesses vmm/tcg/io_dispatch.py dispatched
         # This vCPU's architectural state while another vCPU has the engine.
         self.context = self.engine.new_context()
         self.context.copy_from(shared.pristine)
@@ -195,7 +195,7 @@ class TcgVcpu(Vcpu):
         self.wake()
 
     def dispatched_io_counts(self) -> Mapping[str, int]:
-        return self.io.counts
+        return self.io_counts
 
     def registers(self) -> dict[str, int]:
         with self._owning_cpu():

@@ -3,12 +3,11 @@
 Guest RAM is mapped with `mem_map_ptr` onto GuestMemory's own host mappings,
 so devices and loaders see the guest's writes and the guest sees theirs. The
 32-bit MMIO hole (and any gap between the end of low RAM and the hole) is an
-MMIO region whose accesses go to the machine's MMIO bus, so devices
-registered on the bus after the VM was created are reachable too; what no
-device claims reads as all ones, as on KVM. Unicorn's MMIO regions accept at
-most 4 bytes per callback, so an 8-byte access reaches the bus as two 4-byte
-accesses, low half first (a bounded memory hook would see the whole access but
-slows every guest load and store by about 30%).
+MMIO region whose accesses go to the machine's MMIO bus (vmm/tcg/io_dispatch.py),
+so devices registered on the bus after the VM was created are reachable too;
+what no device claims reads as all ones, as on KVM. (A bounded memory hook
+would see 8-byte accesses whole, but slows every guest load and store by
+about 30%.)
 
 All hooks are installed once, on the shared engine, and forwarded to the vCPU
 that owns the CPU (`scheduler.owner`, vmm/tcg/scheduler.py), on that vCPU's own
@@ -32,6 +31,7 @@ from vmm.tcg.debug import TcgDebugHooks
 from vmm.tcg.delivery import InterruptDelivery
 from vmm.tcg.device_writes import TranslationInvalidator
 from vmm.tcg.engine import Engine
+from vmm.tcg.io_dispatch import IoHooks
 from vmm.tcg.scheduler import SLICE_NS, CpuScheduler
 from vmm.tcg.ticker import Ticker
 from vmm.tcg.unicorn_lib import uc_const, x86
@@ -153,61 +153,19 @@ class TcgVirtualMachine(VirtualMachine):
         # Firmware mapped at the top of the hole (GuestMemory.add_firmware) ends the MMIO window.
         mmio_end = min([r.guest_address for r in self.memory.regions[1:] if r.guest_address < MMIO_HOLE_END],
                        default=MMIO_HOLE_END)
-        self._map_mmio_window(mmio_start, mmio_end)
-
-    def _map_mmio_window(self, start: int, end: int) -> None:
-        def read(uc, offset, size, user_data):
-            return self.scheduler.owner.io.mmio_read(start + offset, size)
-
-        def write(uc, offset, size, value, user_data):
-            router = self.router
-            if router is None:
-                self.scheduler.owner.io.mmio_write(start + offset, size, value)
-                return
-            changes = router.deadline_changes
-            self.scheduler.owner.io.mmio_write(start + offset, size, value)
-            if router.deadline_changes != changes:
-                self.after_device_write()
-
-        self.engine.map_mmio(start, end - start, read, write)
+        # Port I/O and the MMIO hole go straight to the buses (vmm/tcg/io_dispatch.py).
+        IoHooks(self.scheduler, self.io, self.router, self.after_device_write).install(
+            self.engine, mmio_start, mmio_end)
 
     # -- hooks -------------------------------------------------------------------
 
     def _install_hooks(self) -> None:
         uc = self.engine.uc
-        uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_out, None, 1, 0, x86.UC_X86_INS_OUT)
-        uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_in, None, 1, 0, x86.UC_X86_INS_IN)
         uc.hook_add(uc_const.UC_HOOK_INTR, self._hook_interrupt)
         uc.hook_add(uc_const.UC_HOOK_INSN_INVALID, self._hook_invalid_instruction)
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_sysenter, None, 1, 0, x86.UC_X86_INS_SYSENTER)
-
-    # An access that makes the machine stop (the debug-exit port, a power-off)
-    # ends the vCPU's run on KVM at once. Here the rest of the translated block
-    # still executes before the stop hook runs, so the port accesses it makes
-    # are dropped, as if they had not happened.
-
-    def _hook_out(self, uc, port: int, size: int, value: int, user_data) -> None:
-        vcpu = self.scheduler.owner
-        if vcpu.kick_pending:
-            return
-        router = self.router
-        if router is None:
-            vcpu.io.port_write(port, size, value & ((1 << (8 * size)) - 1))
-            return
-        # Only a write that moved a timer (PIT, port 0x61) needs the slice's alarm
-        # re-armed: not the ~17,000 console writes of a boot.
-        changes = router.deadline_changes
-        vcpu.io.port_write(port, size, value & ((1 << (8 * size)) - 1))
-        if router.deadline_changes != changes:
-            self.after_device_write()
-
-    def _hook_in(self, uc, port: int, size: int, user_data) -> int:
-        vcpu = self.scheduler.owner
-        if vcpu.kick_pending:
-            return (1 << (8 * size)) - 1
-        return vcpu.io.port_read(port, size)
 
     def _hook_interrupt(self, uc, vector: int, user_data) -> None:
         self.scheduler.owner.on_exception(vector)
