@@ -12,7 +12,8 @@ imported.
 # Called by a framework: click commands, pytest's hook and marks, context
 # managers' and hooks' required parameters.
 create, convert_command, compare_command, snapshot, show_progress  # vmm/image/cli.py
-pytest_runtest_makereport, call, pytestmark  # tests
+pytest_runtest_makereport, call, pytestmark, prebuilt_dir, collect_ignore  # tests: pytest reads these
+__getattr__  # vmm/image/__init__.py: the module's lazy attributes (PEP 562)
 exc, exc_info, user_data  # __exit__ / Unicorn hook signatures
 
 # Read by name: --stats counters (vmm/virtio_setup.py), local APIC registers
