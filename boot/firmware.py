@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from boot.acpi.table_loader import build_loader_files
+from devices import fw_cfg as fw_cfg_device
+from devices.board import Board
 from devices.fw_cfg import (
     KEY_BOOT_MENU,
     KEY_IRQ0_OVERRIDE,
@@ -108,10 +110,11 @@ def bootorder_file(boot_windows: Iterable[int]) -> bytes:
     return b"".join(b"/virtio-mmio@%016x/disk@0,0\n" % base for base in boot_windows)
 
 
-def add_boot_files(fw_cfg: FwCfg, cpus: int, virtio_windows: Iterable[tuple[int, int, int]],
+def add_boot_files(fw_cfg: FwCfg, cpus: int, devices: Iterable[bytes],
                    boot_windows: Iterable[int] = ()) -> None:
-    """The firmware's files; `boot_windows`: the bases of the disks to boot from, in order."""
-    for name, data in build_loader_files(cpus, virtio_windows).items():
+    """The firmware's files; `devices`: the devices' DSDT entries (devices/board.py);
+    `boot_windows`: the bases of the disks to boot from, in order."""
+    for name, data in build_loader_files(cpus, devices).items():
         fw_cfg.add_file(name, data)
     fw_cfg.add_file("etc/boot-fail-wait", struct.pack("<I", BOOT_FAIL_WAIT_MS))
     fw_cfg.add_file("bootorder", bootorder_file(boot_windows))
@@ -135,3 +138,10 @@ class BootFailureWatch:
             self.seen = NO_BOOTABLE_DEVICE in window
             self._tail = window[-(len(NO_BOOTABLE_DEVICE) - 1):]
         return self._write(data)
+
+
+def plug_fw_cfg(board: Board) -> FwCfg:
+    """fw_cfg on the machine's board (devices/fw_cfg.py), holding the machine's facts."""
+    fw_cfg = fw_cfg_device.plug(board)
+    add_machine_facts(fw_cfg, board.memory.size, board.cpus)
+    return fw_cfg

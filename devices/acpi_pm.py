@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from devices.board import Board
+from vmm import exit_status
 from vmm.layout import (
     ACPI_RESET_VALUE,
+    ACPI_SLEEP_CONTROL_PORT,
     ACPI_SLEEP_CONTROL_SLP_EN,
     ACPI_SLEEP_CONTROL_SLP_TYP_SHIFT,
     ACPI_SLP_TYP_S5,
@@ -43,3 +46,13 @@ class AcpiPowerManagement:
             # asking anyway keeps running, as on firmware without them.
         elif offset == RESET and value == ACPI_RESET_VALUE:
             self._reset()
+
+
+# -- where it sits: the FADT's registers (vmm/layout.py, which the ACPI tables read too) --
+
+
+def plug(board: Board) -> AcpiPowerManagement:
+    pm = AcpiPowerManagement(power_off=lambda: board.stop(exit_status.POWEROFF, ""),
+                             reset=lambda: board.reset("the ACPI reset register"))
+    board.pio.register(ACPI_SLEEP_CONTROL_PORT, 3, pm, "acpi-pm")
+    return pm

@@ -1,6 +1,6 @@
 """The boot-timer port: the guest marks "userspace reached".
 
-The test initramfs writes one byte to `layout.BOOT_TIMER_PORT` through
+The test initramfs writes one byte to port 0x520 (`PORT`) through
 `/dev/port` as soon as init runs. The first write records how long it took
 since pyvmm started; `--stats` prints it and `make bench` compares it with
 QEMU. Later writes are counted and otherwise ignored, so a guest that writes
@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+
+from devices.board import Board
 
 
 def boot_clock() -> float:
@@ -62,3 +64,18 @@ class BootTimer:
         self.elapsed = self._clock() - self._start
         if self._on_mark is not None:
             self._on_mark(self.elapsed)
+
+
+# -- where it sits --------------------------------------------------------------------
+
+PORT = 0x520  # 0x510 is QEMU's fw_cfg: keep clear of it
+
+
+def plug(board: Board) -> BootTimer:
+    """The mark lands in `board.userspace_reached`, for --stats."""
+    def reached(seconds: float) -> None:
+        board.userspace_reached = seconds
+
+    timer = BootTimer(board.started, on_mark=reached)
+    board.pio.register(PORT, 1, timer, "boot-timer")
+    return timer

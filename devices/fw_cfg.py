@@ -1,7 +1,7 @@
 """QEMU's firmware configuration device (fw_cfg), as firmware such as SeaBIOS reads it.
 
 The interface is QEMU's `docs/specs/fw_cfg.rst`, on the x86 I/O ports
-(`layout.FW_CFG_PORT` = 0x510, twelve ports):
+(`PORT` = 0x510, twelve ports):
 
 - offset 0: the selector, written 16 bits wide; it picks an item and resets
   the read offset to 0. Bit 14 asks to write the item, bit 15 marks an
@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import struct
 
+from devices.board import Board
 from devices.log_once import LogOnce
 from vmm.errors import GuestMemoryError
 from vmm.memory import GuestMemory
@@ -190,3 +191,15 @@ class FwCfg:
         for start in range(len(data), length, ZERO_CHUNK):
             self._memory.write(address + start, bytes(min(ZERO_CHUNK, length - start)))
         return 0
+
+
+# -- where it sits ---------------------------------------------------------------------
+
+PORT = 0x510  # selector, data and DMA address: PORT_COUNT ports
+
+
+def plug(board: Board) -> FwCfg:
+    """An empty fw_cfg on its ports (boot/firmware.py fills it with the machine's facts)."""
+    fw_cfg = FwCfg(board.memory)
+    board.pio.register(PORT, PORT_COUNT, fw_cfg, "fw_cfg")
+    return fw_cfg

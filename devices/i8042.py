@@ -28,6 +28,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from boot.acpi import aml
+from devices.board import Board
 from vmm.bus import IrqLine, NullIrqLine
 
 DATA_OFFSET = 0
@@ -246,3 +248,30 @@ class _PortView:
 
     def write(self, offset: int, size: int, value: int) -> None:
         self._controller.write(self._offset, size, value)
+
+
+# -- where it sits -------------------------------------------------------------------
+
+# Data at 0x60, status/command at 0x64: registered separately (data_port,
+# command_port), since 0x61 between them is the PIT's port B.
+DATA_PORT = 0x60
+COMMAND_PORT = 0x64
+KEYBOARD_IRQ = 1
+AUX_IRQ = 12
+
+
+def plug(board: Board) -> I8042:
+    """The keyboard controller, whose reset command resets the machine."""
+    i8042 = I8042(lambda: board.reset("the i8042's reset line"), kbd_irq=board.irq(KEYBOARD_IRQ), aux_irq=board.irq(AUX_IRQ))
+    board.pio.register(DATA_PORT, 1, i8042.data_port, "i8042-data")
+    board.pio.register(COMMAND_PORT, 1, i8042.command_port, "i8042-cmd")
+    board.acpi.append(aml.device(
+        "PS2K",
+        aml.name("_HID", aml.eisa_id("PNP0303")),
+        aml.name("_CRS", aml.resource_template(
+            aml.io(DATA_PORT, DATA_PORT, 0x01, 1),
+            aml.io(COMMAND_PORT, COMMAND_PORT, 0x01, 1),
+            aml.irq_no_flags(KEYBOARD_IRQ),
+        )),
+    ))
+    return i8042

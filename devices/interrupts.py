@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from devices import ioapic, lapic, pic, pit
 from devices.ioapic import IoApic
 from devices.lapic import DEFAULT_BUS_HZ, ApicBus, ApicMessage, LocalApic
 from devices.pic import PicPair
@@ -274,16 +275,14 @@ class InterruptRouter:
 
     def attach(self, pio: Bus, mmio: Bus, current_cpu: Callable[[], int] | None = None) -> None:
         """Register the controllers' ports and MMIO windows on the machine's buses."""
-        pio.register(layout.PIC_MASTER_PORT, 2, _Guarded(self, self.pic.master), "8259 master")
-        pio.register(layout.PIC_SLAVE_PORT, 2, _Guarded(self, self.pic.slave), "8259 slave")
-        pio.register(layout.PIC_ELCR_PORT, 2, _Guarded(self, self.pic.elcr), "8259 ELCR")
-        pio.register(layout.PIT_PORT, 4, _Guarded(self, self.pit, self.pit.next_deadline), "8254 PIT")
-        pio.register(
-            layout.SYSTEM_CONTROL_B_PORT, 1, _Guarded(self, self.pit.speaker, self.pit.next_deadline), "port 0x61"
-        )
-        mmio.register(layout.IOAPIC_BASE, layout.IOAPIC_SIZE, _Guarded(self, self.ioapic), "I/O APIC")
+        pio.register(pic.MASTER_PORT, 2, _Guarded(self, self.pic.master), "8259 master")
+        pio.register(pic.SLAVE_PORT, 2, _Guarded(self, self.pic.slave), "8259 slave")
+        pio.register(pic.ELCR_PORT, 2, _Guarded(self, self.pic.elcr), "8259 ELCR")
+        pio.register(pit.PORT, 4, _Guarded(self, self.pit, self.pit.next_deadline), "8254 PIT")
+        pio.register(pit.PORT_B, 1, _Guarded(self, self.pit.speaker, self.pit.next_deadline), "port 0x61")
+        mmio.register(layout.IOAPIC_BASE, ioapic.WINDOW_SIZE, _Guarded(self, self.ioapic), "I/O APIC")
         if current_cpu is not None:
-            mmio.register(layout.LAPIC_BASE, layout.LAPIC_SIZE, LapicWindow(self, current_cpu), "local APIC")
+            mmio.register(layout.LAPIC_BASE, lapic.WINDOW_SIZE, LapicWindow(self, current_cpu), "local APIC")
 
     # -- the local APIC page -----------------------------------------------------
 

@@ -158,3 +158,6 @@ class IoApic:
         self.redirection[pin] = entry
         if entry & ENTRY_LEVEL:
             self._service(pin)
+
+
+WINDOW_SIZE = 0x1000  # at layout.IOAPIC_BASE, where the MADT says it is

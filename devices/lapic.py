@@ -584,3 +584,6 @@ class ApicBus:
         for apic in targets:
             apic.accept(message.delivery_mode, message.vector, message.level_triggered)
         return len(targets)
+
+
+WINDOW_SIZE = 0x1000  # at layout.LAPIC_BASE, where the MADT says it is

@@ -24,9 +24,8 @@ through port 0xcf9, the chipset's reset control register.
 
 Deliberately absent: the 8259 PICs (0x20, 0xa0, ELCR 0x4d0), the 8254 PIT
 (0x40) and port B (0x61), which KVM's in-kernel irqchip handles, or
-devices/pic.py and pit.py do on the software CPU; 0x80 (POST code) and 0xf4
-(debug exit), which the machine registers itself; and every port another
-pyvmm device owns. The port numbers live here rather than in vmm/layout.py
+devices/pic.py and pit.py do on the software CPU; and every port another
+pyvmm device owns (0xf4, debug exit, is devices/debug_exit.py's). The port numbers live here rather than in vmm/layout.py
 because each one is meaningful only next to its reason for being quiet.
 """
 
@@ -36,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from devices.board import Board
 from vmm.bus import BusDevice
 
 ALL_ONES = 0xFFFF_FFFF_FFFF_FFFF  # SilentDevice cuts it to the access size
@@ -69,7 +69,8 @@ class QuietRange:
 
 QUIET_PORTS: tuple[QuietRange, ...] = (
     QuietRange(0x00, 0x20, "dma1", 0),  # 8237 #1: channels 0-3 (and their mirrors)
-    QuietRange(0x81, 0x0F, "dma-page", 0),  # page registers 0x81-0x8f (0x80 is the POST port)
+    QuietRange(0x80, 0x01, "post-code", 0),  # firmware's POST codes; also Linux's I/O delay port
+    QuietRange(0x81, 0x0F, "dma-page", 0),  # page registers 0x81-0x8f
     QuietRange(0x90, 0x02, "dma-page-alias", 0),  # chipset alias of the page registers
     QuietRange(0x93, 0x0D, "dma-page-alias-2", 0),  # 0x93-0x9f (0x92 is port A)
     QuietRange(0xC0, 0x20, "dma2", 0),  # 8237 #2: channels 4-7
@@ -144,3 +145,8 @@ def register_legacy_ports(bus: PortBus, reset: Callable[[], None]) -> None:
         bus.register(entry.base, entry.size, SilentDevice(entry.read_value), entry.name)
     bus.register(SYSTEM_CONTROL_A_PORT, 1, SystemControlPortA(reset), "port-a")
     bus.register(RESET_CONTROL_PORT, 1, ResetControlRegister(reset), "reset-control")
+
+
+def plug(board: Board) -> None:
+    """The quiet ports, and the chipset's reset registers (port A, 0xcf9)."""
+    register_legacy_ports(board.pio, lambda: board.reset("a chipset reset register, port 0x92 or 0xcf9"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from devices.board import Board
 from devices.testdev import ScratchDevice
 from vmm.bus import IrqLine
 
@@ -84,11 +85,13 @@ class IrqLines:
             line.set_level(bool(value & 0xFF))
 
 
-def register_pc_testdev(pio, mmio, irq_line: Callable[[int], IrqLine]) -> None:
+# -- where it sits: machines with --test-devices only ---------------------------------
+
+def plug(board: Board) -> None:
     """Put pc-testdev's ports and memory on the machine's buses."""
     scratch = ScratchRegister()
-    pio.register(SCRATCH_PORT, 4, scratch, "testdev-scratch")
-    pio.register(FLUSH_PAGE_PORT, 4, FlushPage(), "testdev-flush")
-    pio.register(SCRATCH_BYTE_PORT, 4, scratch, "testdev-scratch-byte")
-    pio.register(IRQ_LINE_PORT, IRQ_LINES, IrqLines(irq_line), "testdev-irq")
-    mmio.register(IOMEM_BASE, IOMEM_SIZE, ScratchDevice(IOMEM_SIZE), "testdev-iomem")
+    board.pio.register(SCRATCH_PORT, 4, scratch, "testdev-scratch")
+    board.pio.register(FLUSH_PAGE_PORT, 4, FlushPage(), "testdev-flush")
+    board.pio.register(SCRATCH_BYTE_PORT, 4, scratch, "testdev-scratch-byte")
+    board.pio.register(IRQ_LINE_PORT, IRQ_LINES, IrqLines(board.irq), "testdev-irq")
+    board.mmio.register(IOMEM_BASE, IOMEM_SIZE, ScratchDevice(IOMEM_SIZE), "testdev-iomem")

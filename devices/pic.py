@@ -311,3 +311,9 @@ class PicPair:
             vector = self.master.vector_base + irq
         self.update()
         return vector
+
+
+# Where the pair sits (when emulated: KVM's in-kernel pair answers these itself).
+MASTER_PORT = 0x20  # 2 ports
+SLAVE_PORT = 0xA0  # 2 ports
+ELCR_PORT = 0x4D0  # 2 ports: master, slave

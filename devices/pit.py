@@ -388,3 +388,8 @@ class SpeakerPort:
     def write(self, offset: int, size: int, value: int) -> None:
         self._value = value & SPEAKER_WRITABLE
         self._pit.set_gate(2, bool(value & SPEAKER_GATE2))
+
+
+# Where it sits (when emulated: KVM's in-kernel PIT answers these itself).
+PORT = 0x40  # 4 ports: channels 0-2, control word
+PORT_B = 0x61  # system control port B: channel 2's gate and output, the speaker

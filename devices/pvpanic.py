@@ -1,6 +1,6 @@
 """QEMU's ISA pvpanic device: the guest kernel reports a panic to the VMM.
 
-One I/O port (0x505, `layout.PVPANIC_PORT`; the DSDT describes it with
+One I/O port (0x505, `PORT`; the DSDT describes it with
 `_HID` "QEMU0001" so Linux's pvpanic driver binds to it). A read returns the
 events the device supports; the guest writes the event that happened. A
 PANICKED event calls the injected `panic()` callback, which is how a guest
@@ -12,6 +12,10 @@ run a kdump kernel, so it is not dead yet) only calls the optional
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from boot.acpi import aml
+from devices.board import Board
+from vmm import exit_status
 
 PANICKED = 0x01
 CRASH_LOADED = 0x02
@@ -43,3 +47,20 @@ class PvPanic:
             self._panic()
         elif events & CRASH_LOADED and self._crash_loaded is not None:
             self._crash_loaded()
+
+
+# -- where it sits --------------------------------------------------------------------
+
+PORT = 0x505  # QEMU's ISA pvpanic
+
+
+def plug(board: Board) -> PvPanic:
+    """A guest panic ends the run with the panic status."""
+    pvpanic = PvPanic(lambda: board.stop(exit_status.GUEST_PANIC, "the guest kernel panicked"))
+    board.pio.register(PORT, 1, pvpanic, "pvpanic")
+    board.acpi.append(aml.device(
+        "PEVT",
+        aml.name("_HID", aml.string("QEMU0001")),
+        aml.name("_CRS", aml.resource_template(aml.io(PORT, PORT, 0x01, 1))),
+    ))
+    return pvpanic

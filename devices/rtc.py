@@ -27,7 +27,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from vmm.layout import KiB, MiB
+from boot.acpi import aml
+from devices.board import Board
+from vmm.layout import MMIO_HOLE_START, KiB, MiB
 
 INDEX_OFFSET = 0
 DATA_OFFSET = 1
@@ -241,3 +243,25 @@ class CmosRtc:
         self._cmos[0x5B] = above_4g & 0xFF
         self._cmos[0x5C] = (above_4g >> 8) & 0xFF
         self._cmos[0x5D] = above_4g >> 16
+
+
+# -- where it sits ---------------------------------------------------------------------
+
+RTC_PORT = 0x70  # CMOS index at 0x70, data at 0x71
+RTC_IRQ = 8  # described, never raised (no alarm or periodic interrupts)
+
+
+def plug(board: Board) -> CmosRtc:
+    """The CMOS RTC, with the machine's memory sizes in its CMOS bytes."""
+    low_ram = sum(r.size for r in board.memory.regions if r.guest_address < MMIO_HOLE_START)
+    rtc = CmosRtc(low_memory=low_ram, high_memory=board.memory.size - low_ram)
+    board.pio.register(RTC_PORT, 2, rtc, "rtc")
+    board.acpi.append(aml.device(
+        "RTC",
+        aml.name("_HID", aml.eisa_id("PNP0B00")),
+        aml.name("_CRS", aml.resource_template(
+            aml.io(RTC_PORT, RTC_PORT, 0x01, 2),
+            aml.irq_no_flags(RTC_IRQ),
+        )),
+    ))
+    return rtc

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from devices.board import Board
+
 TEST_DEVICE_SIZE = 0x1000
 SCRATCH_BYTES = 64
 
@@ -32,3 +34,14 @@ class ScratchDevice:
         self.accesses.append(("write", offset, size))
         if offset + size <= len(self.scratch):
             self.scratch[offset : offset + size] = value.to_bytes(size, "little")
+
+
+# -- where it sits: `boot --flat` machines only ------------------------------------
+
+BASE = 0xD000_0000
+
+
+def plug(board: Board) -> ScratchDevice:
+    scratch = ScratchDevice()
+    board.mmio.register(BASE, TEST_DEVICE_SIZE, scratch, "scratch")
+    return scratch

@@ -35,6 +35,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from boot.acpi import aml
+from devices.board import Board
 from vmm.bus import IrqLine
 
 # Register offsets from the base port.
@@ -412,3 +414,27 @@ class Uart16550:
     @property
     def divisor(self) -> int:
         return self._divisor
+
+
+# -- where it sits: COM1 ------------------------------------------------------------
+
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+
+
+def plug(board: Board) -> Uart16550:
+    """COM1 (ttyS0): the guest's serial console, and the host console's input."""
+    uart = Uart16550(board.irq(COM1_IRQ), board.serial_write or board.console_write,
+                     room_available=board.console_room_available)
+    board.pio.register(COM1_PORT, 8, uart, "com1")
+    board.acpi.append(aml.device(
+        "COM1",
+        aml.name("_HID", aml.eisa_id("PNP0501")),
+        aml.name("_UID", aml.integer(1)),
+        aml.name("_CRS", aml.resource_template(
+            aml.io(COM1_PORT, COM1_PORT, 0x08, 8),
+            aml.irq_no_flags(COM1_IRQ),
+        )),
+    ))
+    board.console_input = uart.receive
+    return uart

@@ -50,12 +50,8 @@ except ImportError:  # `python -m tests.assets` works without pytest
 
 from boot import bootparam as bp
 from boot.cpio import CpioWriter  # noqa: F401 - tests build initramfs overlays with it
+from devices.boot_timer import PORT as BOOT_TIMER_PORT
 from vmm.run.modules import module_dependencies
-
-try:
-    from vmm.layout import BOOT_TIMER_PORT
-except ImportError:
-    BOOT_TIMER_PORT = 0x510
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"

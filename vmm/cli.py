@@ -101,7 +101,7 @@ def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Pa
          filesystems: tuple[str, ...]) -> None:
     """Boot DISK through firmware, or a kernel (--kernel) or flat image (--flat) directly;
     exits with the guest's status (see the README)."""
-    from vmm.machine import run_machine
+    from vmm.session import run_machine
 
     try:
         config = MachineConfig(
@@ -166,7 +166,7 @@ class _stop_on_signals:
 
     @staticmethod
     def _handle(signum, frame):
-        from vmm.machine import current_machine
+        from vmm.session import current_machine
 
         machine = current_machine()
         if machine is not None:

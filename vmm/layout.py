@@ -1,24 +1,21 @@
-"""Where things live in guest-physical memory and port space, in one place."""
+"""The guest-physical memory map and the PC's interrupt wiring, in one place.
+
+Devices' ports and windows are not here: each device file says where it sits
+(devices/board.py).
+"""
 
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 
 # RAM below 4 GiB stops here; the rest of guest RAM continues at 4 GiB. The
-# gap holds MMIO: virtio-mmio windows, the I/O APIC and the local APIC.
+# gap holds MMIO: virtio-mmio windows from its start (devices/virtio/mmio.py),
+# the I/O APIC and the local APIC.
 MMIO_HOLE_START = 0xC000_0000
 MMIO_HOLE_END = 0x1_0000_0000
 HIGH_RAM_START = MMIO_HOLE_END
 
-# Virtio-mmio device windows (one page each), from the start of the hole.
-VIRTIO_MMIO_BASE = MMIO_HOLE_START
-VIRTIO_MMIO_SIZE = 0x1000
-# Their interrupts: one GSI each, the I/O APIC pins 16-23 that no ISA device
-# uses (as QEMU's microvm does with ACPI), edge-triggered (devices/virtio/mmio.py
-# says why), active high.
-VIRTIO_MMIO_IRQ_BASE = 16
-VIRTIO_MMIO_MAX_DEVICES = 8
-
+# The interrupt controllers sit where the MADT says (and KVM puts its own).
 IOAPIC_BASE = 0xFEC0_0000
 # A PC's firmware flash ends at 4 GiB: the CPU leaves reset at 0xFFFFFFF0
 # (CS base 0xFFFF0000, IP 0xFFF0). Firmware copied below 1 MiB answers at
@@ -51,35 +48,6 @@ FLAT_ENTRY_CS = 0x1000
 # of the 32-bit space, where no RAM or device lives.
 KVM_TSS_ADDRESS = 0xFFFB_D000
 KVM_IDENTITY_MAP_ADDRESS = 0xFFFB_C000
-
-# Port I/O.
-COM1_PORT = 0x3F8
-COM1_IRQ = 4
-DEBUG_EXIT_PORT = 0xF4
-POST_CODE_PORT = 0x80
-# i8042: data at 0x60, status/command at 0x64. Register the two ports separately
-# (I8042.data_port, I8042.command_port): 0x61 between them is the PIT/speaker port B.
-I8042_DATA_PORT = 0x60
-I8042_COMMAND_PORT = 0x64
-I8042_KEYBOARD_IRQ = 1
-I8042_AUX_IRQ = 12
-RTC_PORT = 0x70  # CMOS index at 0x70, data at 0x71
-RTC_IRQ = 8
-# Interrupt controllers and timer, emulated by devices/interrupts.py when the
-# accelerator has no in-kernel irqchip (the software CPU).
-PIC_MASTER_PORT = 0x20  # 2 ports
-PIC_SLAVE_PORT = 0xA0  # 2 ports
-PIC_ELCR_PORT = 0x4D0  # 2 ports: master, slave
-PIT_PORT = 0x40  # 4 ports: channels 0-2, control word
-SYSTEM_CONTROL_B_PORT = 0x61  # PIT channel 2 gate and output, speaker
-IOAPIC_SIZE = 0x1000
-LAPIC_SIZE = 0x1000
-PVPANIC_PORT = 0x505  # QEMU's ISA pvpanic; the DSDT describes it with _HID "QEMU0001"
-# QEMU's fw_cfg (devices/fw_cfg.py): selector, data and DMA address, 12 ports.
-FW_CFG_PORT = 0x510
-# Boot-timer port: the guest's initramfs writes here (via /dev/port) on
-# reaching userspace. 0x510 is QEMU's fw_cfg, so keep clear of it.
-BOOT_TIMER_PORT = 0x520
 
 # -- Linux boot (boot/): structures the loader writes below 1 MiB ----------------
 # The same low-memory places Firecracker uses, all below the EBDA and clear of
@@ -114,6 +82,3 @@ ACPI_RESET_VALUE = 0x42
 ACPI_SLP_TYP_S5 = 5  # the value _S5 in the DSDT tells the guest to write into SLP_TYP
 ACPI_SLEEP_CONTROL_SLP_TYP_SHIFT = 2  # SLP_TYP is bits 2-4 of the sleep control register
 ACPI_SLEEP_CONTROL_SLP_EN = 1 << 5
-
-# The scratch MMIO device of `boot --flat` machines (devices/testdev.py).
-TEST_DEVICE_BASE = 0xD000_0000

@@ -1,10 +1,11 @@
 """The machine's virtio devices: the one call the machine builder makes.
 
 vmm/virtio_options.py turns --disk/--net/--console/--rng into specs;
-`add_virtio_devices()` opens the backends, puts a virtio-mmio window per device on the MMIO bus at layout.VIRTIO_MMIO_BASE
-(one page each) with GSI layout.VIRTIO_MMIO_IRQ_BASE + n, and returns a
-`VirtioDevices` whose `windows` go to the DSDT (boot/acpi) and whose
-`start()` / `close()` bracket the machine's run.
+`plug_virtio_devices()` opens the backends, puts a virtio-mmio window per
+device where devices/virtio/mmio.py says (`window(n)`: a page each from the
+start of the MMIO hole, GSI 16 + n), adds each window's DSDT entry to the
+board, and returns a `VirtioDevices` whose `start()` / `close()` bracket the
+machine's run.
 
 Where the work runs: on KVM each queue's QueueNotify has an ioeventfd and
 each device's interrupt an irqfd, so requests are served on
@@ -19,21 +20,18 @@ from __future__ import annotations
 import logging
 import os
 import resource
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from boot.acpi.dsdt import VirtioMmioWindow
-from devices.virtio import mmio as registers
+from devices.board import Board
+from devices.virtio import mmio
 from devices.virtio.blk import VirtioBlock
 from devices.virtio.console import VirtioConsole
 from devices.virtio.fs import VirtioFs
 from devices.virtio.io_loop import IoLoop
 from devices.virtio.irqfd_line import IrqfdLine
-from devices.virtio.mmio import VirtioMmioTransport
 from devices.virtio.net import VirtioNet
 from devices.virtio.net_backends import NetBackend, SocketBackend, TapBackend
 from devices.virtio.rng import VirtioRng
-from vmm import layout
 from vmm.bus import IrqLine, NullIrqLine
 from vmm.errors import PyvmmError
 from vmm.fuse.server import FuseServer
@@ -44,8 +42,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class VirtioDevices:
-    windows: list[VirtioMmioWindow]
-    transports: list[VirtioMmioTransport]
+    windows: list[mmio.Window]
+    transports: list[mmio.VirtioMmioTransport]
     loop: IoLoop
     console: VirtioConsole | None = None  # give `console.receive` to the host console
     closed: bool = False
@@ -73,7 +71,7 @@ class VirtioDevices:
         not also read the DSDT (the Debian kernel reads only the DSDT; a kernel
         reading both would probe each device twice).
         """
-        return [f"virtio_mmio.device={w.size // 1024}K@{w.base:#x}:{w.irq}" for w in self.windows]
+        return [f"virtio_mmio.device={w.size // 1024}K@{w.base:#x}:{w.gsi}" for w in self.windows]
 
     def stats_lines(self) -> list[str]:
         lines = []
@@ -84,7 +82,7 @@ class VirtioDevices:
                         if hasattr(device, name)}
             shown = ", ".join(f"{name} {value}" for name, value in counters.items())
             needs_reset = f", {transport.errors} device errors" if transport.errors else ""
-            lines.append(f"  {transport.name} at {window.base:#x} gsi {window.irq}: {shown}{needs_reset}")
+            lines.append(f"  {transport.name} at {window.base:#x} gsi {window.gsi}: {shown}{needs_reset}")
         return lines
 
 
@@ -116,18 +114,16 @@ def _open_fs(spec: FsSpec) -> VirtioFs:
     return VirtioFs(server, spec.tag)
 
 
-def add_virtio_devices(io, memory, vm, specs: VirtioSpecs, *, irqchip: bool,
-                       console_writer: Callable[[bytes], object] | None = None,
-                       console_room_available: Callable[[], object] = lambda: None) -> VirtioDevices:
-    """Create the devices `specs` asks for and register them on `io.mmio`.
+def plug_virtio_devices(board: Board, vm, specs: VirtioSpecs, *, irqchip: bool) -> VirtioDevices:
+    """Create the devices `specs` asks for, put them on `board` and describe them in its DSDT.
 
     `vm` is the accelerator's VirtualMachine (for irq lines, ioeventfds and
-    irqfds); `irqchip` says whether the machine has interrupt controllers.
-    `console_writer` is where virtio-console output goes (the host console).
+    irqfds); `irqchip` says whether the machine has interrupt controllers. A
+    virtio-console takes over the host console's input from the serial port.
     """
-    if specs.count > layout.VIRTIO_MMIO_MAX_DEVICES:
+    if specs.count > mmio.MAX_DEVICES:
         raise PyvmmError(f"{specs.count} virtio devices requested; pyvmm supports "
-                         f"{layout.VIRTIO_MMIO_MAX_DEVICES} (one per free interrupt line)")
+                         f"{mmio.MAX_DEVICES} (one per free interrupt line)")
     loop = IoLoop()
     result = VirtioDevices([], [], loop)
     devices: list[tuple[str, object]] = []
@@ -137,7 +133,7 @@ def add_virtio_devices(io, memory, vm, specs: VirtioSpecs, *, irqchip: bool,
         for n, net in enumerate(specs.nets):
             devices.append((f"virtio-net{n}", VirtioNet(_open_net_backend(net), net.mac, loop)))
         if specs.console:
-            result.console = VirtioConsole(console_writer or (lambda data: None), console_room_available)
+            result.console = VirtioConsole(board.console_write, board.console_room_available)
             devices.append(("virtio-console", result.console))
         if specs.rng:
             devices.append(("virtio-rng", VirtioRng()))
@@ -147,13 +143,15 @@ def add_virtio_devices(io, memory, vm, specs: VirtioSpecs, *, irqchip: bool,
             devices.append((f"virtio-fs{n}", _open_fs(fs)))
         devices.extend(specs.prebuilt)
         for index, (name, device) in enumerate(devices):
-            base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE
-            gsi = layout.VIRTIO_MMIO_IRQ_BASE + index
-            transport = VirtioMmioTransport(device, memory, _irq_line(vm, gsi, irqchip), name)
-            io.mmio.register(base, layout.VIRTIO_MMIO_SIZE, transport, name)
-            _add_notifiers(vm, transport, base, loop)
+            where = mmio.window(index)
+            transport = mmio.VirtioMmioTransport(device, board.memory, _irq_line(vm, where.gsi, irqchip), name)
+            board.mmio.register(where.base, where.size, transport, name)
+            _add_notifiers(vm, transport, where.base, loop)
             result.transports.append(transport)
-            result.windows.append(VirtioMmioWindow(base, layout.VIRTIO_MMIO_SIZE, gsi))
+            result.windows.append(where)
+            board.acpi.append(mmio.acpi_description(index, where))
+        if result.console is not None:
+            board.console_input = result.console.receive
     except BaseException:
         for _, device in devices:
             device.close()
@@ -177,9 +175,9 @@ def _irq_line(vm, gsi: int, irqchip: bool) -> IrqLine:
     return vm.irq_line(gsi) if eventfd is None else IrqfdLine(eventfd)
 
 
-def _add_notifiers(vm, transport: VirtioMmioTransport, base: int, loop: IoLoop) -> None:
+def _add_notifiers(vm, transport: mmio.VirtioMmioTransport, base: int, loop: IoLoop) -> None:
     for index in range(len(transport.queues)):
-        fd = vm.notifier(base + registers.QUEUE_NOTIFY, 4, index)
+        fd = vm.notifier(base + mmio.QUEUE_NOTIFY, 4, index)
         if fd is None:
             return  # no ioeventfd: QueueNotify writes arrive on the bus as MMIO exits
 

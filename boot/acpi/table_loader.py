@@ -85,8 +85,9 @@ class LoaderFiles:
         return ((TABLES_FILE, self.tables), (RSDP_FILE, self.rsdp), (LOADER_FILE, self.loader))
 
 
-def build_loader_files(cpus: int, virtio_devices: Iterable[tuple[int, int, int]] = ()) -> LoaderFiles:
-    tables, xsdt_offset = lay_out_sdts(cpus, virtio_devices, start=0)
+def build_loader_files(cpus: int, devices: Iterable[bytes] = ()) -> LoaderFiles:
+    """`devices`: the devices' DSDT entries (devices/board.py)."""
+    tables, xsdt_offset = lay_out_sdts(cpus, devices, start=0)
     blob = bytearray(max(offset + len(table) for offset, table in tables.items()))
     for offset, table in tables.items():
         blob[offset : offset + len(table)] = table

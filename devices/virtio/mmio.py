@@ -40,12 +40,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
+from boot.acpi import aml
 from devices.log_once import LogOnce
 from devices.virtio import constants as c
 from devices.virtio.device import Activation, VirtioDevice
 from devices.virtio.queue import Virtqueue, VirtqueueError
 from vmm.bus import IrqLine
+from vmm.layout import IOAPIC_PINS, MMIO_HOLE_START
 from vmm.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -363,3 +366,42 @@ class VirtioMmioTransport:
     def close(self) -> None:
         with self.lock:
             self.device.close()
+
+
+# -- where they sit: one window per device from the start of the MMIO hole -----------
+
+WINDOW_SIZE = 0x1000
+FIRST_WINDOW = MMIO_HOLE_START
+# One GSI each: the I/O APIC pins 16-23 that no ISA device uses (as QEMU's microvm
+# does with ACPI), edge-triggered (see above), active high.
+FIRST_GSI = 16
+MAX_DEVICES = IOAPIC_PINS - FIRST_GSI
+MAX_ACPI_NAMES = 0x1000  # device names V000-VFFF
+
+
+class Window(NamedTuple):
+    base: int
+    size: int
+    gsi: int
+
+
+def window(index: int) -> Window:
+    """Where the `index`th virtio-mmio device sits."""
+    return Window(FIRST_WINDOW + index * WINDOW_SIZE, WINDOW_SIZE, FIRST_GSI + index)
+
+
+def acpi_description(index: int, where: Window) -> bytes:
+    """The DSDT entry for a window: `_HID` "LNRO0005", a Memory32Fixed and an Interrupt,
+    as QEMU's microvm describes them."""
+    if not 0 <= index < MAX_ACPI_NAMES:
+        raise ValueError(f"at most {MAX_ACPI_NAMES} virtio-mmio devices in the DSDT")
+    return aml.device(
+        f"V{index:03X}",
+        aml.name("_HID", aml.string("LNRO0005")),
+        aml.name("_UID", aml.integer(index)),
+        aml.name("_CCA", aml.integer(1)),  # DMA is cache-coherent
+        aml.name("_CRS", aml.resource_template(
+            aml.memory32_fixed(where.base, where.size),
+            aml.interrupt(where.gsi, edge=True),  # edge-triggered, active high: see above
+        )),
+    )

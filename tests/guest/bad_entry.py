@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from vmm import builder
 from vmm import cpu_state as cs
 from vmm.cpu_state import CpuState, Segment
 from vmm.machine import Machine
@@ -31,13 +32,13 @@ def refused_state() -> CpuState:
 
 
 def main() -> None:
-    build = Machine.build
+    build = builder.build
 
     def build_then_spoil(machine: Machine) -> None:
         build(machine)
         machine.vcpus[0].set_state(refused_state())
 
-    Machine.build = build_then_spoil
+    builder.build = build_then_spoil
     sys.argv = ["pyvmm", "boot", "--flat", sys.argv[1], "--accel", "kvm"]
     from vmm.cli import main as pyvmm
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from vmm.layout import COM1_PORT, DEBUG_EXIT_PORT
+from devices.debug_exit import PORT as DEBUG_EXIT_PORT
+from devices.uart import COM1_PORT
 
 MESSAGE = b"Hello from real mode\n\0"
 EXIT_STATUS = 0x2A

@@ -4,12 +4,17 @@ import re
 import shutil
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from boot.acpi import build_acpi_tables, layout_acpi_tables
 from boot.acpi.table_loader import LOADER_FILE, RSDP_FILE, build_loader_files
 from boot.acpi.tables import checksum
+from devices.virtio import mmio
+from tests.unit.board import make_board
+from vmm.builder import DEVICES
+from vmm.config import MachineConfig
 from vmm.errors import PyvmmError
 from vmm.layout import (
     ACPI_RESET_PORT,
@@ -23,6 +28,20 @@ from vmm.memory import GuestMemory
 
 MiB = 1 << 20
 VIRTIO = [(0xC000_0000 + i * 0x1000, 0x1000, 5 + i) for i in range(3)]
+
+
+def dsdt_devices(windows=VIRTIO) -> list[bytes]:
+    """The DSDT entries a Linux machine's devices make (vmm/builder.py's list), then virtio windows."""
+    memory = GuestMemory(16 * MiB)
+    try:
+        board = make_board(memory)
+        linux = MachineConfig(kernel=Path("bzImage"))
+        for _, plug, wanted in DEVICES:
+            if wanted(linux):
+                plug(board)
+    finally:
+        memory.close()
+    return board.acpi + [mmio.acpi_description(i, mmio.Window(*w)) for i, w in enumerate(windows)]
 
 
 @pytest.fixture
@@ -59,7 +78,7 @@ def walk(memory, rsdp_address):
 
 
 def test_rsdp_is_found_by_address_and_by_the_legacy_scan(memory):
-    address = build_acpi_tables(memory, cpus=2, virtio_devices=VIRTIO)
+    address = build_acpi_tables(memory, cpus=2, devices=dsdt_devices())
     assert address == ACPI_RSDP_ADDRESS == 0xE0000
     assert find_rsdp_like_the_kernel(memory) == address
     rsdp = memory.read(address, 36)
@@ -69,12 +88,12 @@ def test_rsdp_is_found_by_address_and_by_the_legacy_scan(memory):
 
 
 def test_every_table_checksums_and_fits_below_1_mib(memory):
-    tables = walk(memory, build_acpi_tables(memory, cpus=4, virtio_devices=VIRTIO))
+    tables = walk(memory, build_acpi_tables(memory, cpus=4, devices=dsdt_devices()))
     assert set(tables) == {b"XSDT", b"FACP", b"APIC", b"DSDT"}
     for table in tables.values():
         assert sum(table) % 256 == 0
         assert struct.unpack_from("<I", table, 4)[0] == len(table)
-    for address, table in layout_acpi_tables(4, VIRTIO).items():
+    for address, table in layout_acpi_tables(4, dsdt_devices()).items():
         assert ACPI_RSDP_ADDRESS <= address and address + len(table) <= ACPI_TABLES_END
 
 
@@ -136,7 +155,7 @@ def test_madt_cpu_count_limits(memory, cpus):
 
 
 def test_dsdt_describes_devices_and_s5(memory):
-    dsdt = walk(memory, build_acpi_tables(memory, cpus=1, virtio_devices=VIRTIO))[b"DSDT"]
+    dsdt = walk(memory, build_acpi_tables(memory, cpus=1, devices=dsdt_devices()))[b"DSDT"]
     assert dsdt.count(b"\x0dLNRO0005\x00") == 3
     assert b"\x0dQEMU0001\x00" in dsdt  # pvpanic
     assert b"\x08\\_S5_\x12\x07\x04\x0a\x05\x00\x00\x00" in dsdt  # Package {5, 0, 0, 0}
@@ -148,7 +167,7 @@ def test_dsdt_describes_devices_and_s5(memory):
 
 def test_too_many_tables_for_the_reserved_area(memory):
     with pytest.raises(PyvmmError, match="ACPI tables need"):
-        build_acpi_tables(memory, cpus=1, virtio_devices=[(0xC000_0000, 0x1000, 5)] * 4000)
+        build_acpi_tables(memory, cpus=1, devices=dsdt_devices([(0xC000_0000, 0x1000, 5)] * 4000))
 
 
 # -- the table loader: what firmware (SeaBIOS) does with etc/table-loader ----------------
@@ -187,7 +206,7 @@ def run_table_loader(memory, files, places):
 
 
 def test_table_loader_gives_firmware_the_same_tables_wherever_it_puts_them(memory):
-    files = dict(build_loader_files(cpus=2, virtio_devices=VIRTIO).items())
+    files = dict(build_loader_files(cpus=2, devices=dsdt_devices()).items())
     addresses = run_table_loader(memory, files, {1: 0x80_0000, 2: 0xF_5A50})
     assert find_rsdp_like_the_kernel(memory) == addresses[RSDP_FILE] == 0xF_5A50
     rsdp = memory.read(addresses[RSDP_FILE], 36)
@@ -200,7 +219,7 @@ def test_table_loader_gives_firmware_the_same_tables_wherever_it_puts_them(memor
     fadt = loaded[b"FACP"]
     assert struct.unpack_from("<I", fadt, 40)[0] == struct.unpack_from("<Q", fadt, 140)[0]
     # The same tables a direct kernel boot gets, apart from where they sit.
-    direct = walk(memory, build_acpi_tables(memory, cpus=2, virtio_devices=VIRTIO))
+    direct = walk(memory, build_acpi_tables(memory, cpus=2, devices=dsdt_devices()))
     for signature in (b"DSDT", b"APIC"):
         assert loaded[signature] == direct[signature]
 
@@ -223,7 +242,7 @@ def run_iasl(*args, cwd):
 @needs_iasl
 @pytest.mark.parametrize("cpus", [1, 8])
 def test_iasl_disassembles_every_table_and_recompiles_it_identically(tmp_path, cpus):
-    tables = layout_acpi_tables(cpus, VIRTIO)
+    tables = layout_acpi_tables(cpus, dsdt_devices())
     for table in tables.values():
         signature = table[:4].decode()
         if signature == "RSD ":

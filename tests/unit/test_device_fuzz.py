@@ -3,7 +3,7 @@
 A guest is untrusted: whatever it reads or writes, at whatever offset and
 size, a device must answer the way hardware does (ignore the write, read 0 or
 all ones) and never raise (vmm/bus.py). Each rig below builds devices
-the way vmm/machine.py and vmm/tcg/vm.py do, with recording fakes where the
+the way the devices' plug() functions and vmm/tcg/vm.py do, with recording fakes where the
 machine passes callbacks and a fake clock where a device reads time (so runs
 repeat exactly), then hypothesis plays a random sequence of reads and writes
 at offsets inside each registered range and a few just past its end, with
@@ -33,9 +33,15 @@ from devices.boot_timer import BootTimer
 from devices.debug_exit import DebugExit
 from devices.fw_cfg import PORT_COUNT as FW_CFG_PORT_COUNT
 from devices.fw_cfg import FwCfg
+from devices.i8042 import AUX_IRQ as I8042_AUX_IRQ
+from devices.i8042 import COMMAND_PORT as I8042_COMMAND_PORT
+from devices.i8042 import DATA_PORT as I8042_DATA_PORT
 from devices.i8042 import I8042
+from devices.i8042 import KEYBOARD_IRQ as I8042_KEYBOARD_IRQ
 from devices.interrupts import InterruptRouter
+from devices.ioapic import WINDOW_SIZE as IOAPIC_SIZE
 from devices.ioapic import IoApic
+from devices.lapic import WINDOW_SIZE as LAPIC_SIZE
 from devices.lapic import LocalApic, NullLapicHost
 from devices.legacy import QUIET_PORTS, ResetControlRegister, SilentDevice, SystemControlPortA
 from devices.pic import PicPair
@@ -43,7 +49,7 @@ from devices.pit import Pit
 from devices.pvpanic import PvPanic
 from devices.rtc import CENTURY, STATUS_B, YEAR, CmosRtc
 from devices.testdev import TEST_DEVICE_SIZE, ScratchDevice
-from devices.uart import Uart16550
+from devices.uart import COM1_IRQ, COM1_PORT, Uart16550
 from tests.fuzzing import fuzz_settings
 from vmm import layout
 from vmm.bus import Bus, NullIrqLine
@@ -198,7 +204,7 @@ def ioapic_rig() -> Rig:
     def eoi(arg: int) -> None:
         ioapic.eoi(arg & 0xFF)
 
-    return Rig([("I/O APIC", ioapic, layout.IOAPIC_SIZE)], FakeClock(), [pin, eoi], IOAPIC_HINTS,
+    return Rig([("I/O APIC", ioapic, IOAPIC_SIZE)], FakeClock(), [pin, eoi], IOAPIC_HINTS,
                pairs=((0, 0x00, 0x10, IOAPIC_REGISTERS),))
 
 
@@ -217,7 +223,7 @@ def lapic_rig() -> Rig:
             apic.lint1()
         apic.take_nmi()
 
-    return Rig([("local APIC", apic, layout.LAPIC_SIZE)], clock, [cpu], LAPIC_HINTS)
+    return Rig([("local APIC", apic, LAPIC_SIZE)], clock, [cpu], LAPIC_HINTS)
 
 
 class BusView:
@@ -245,13 +251,13 @@ def router_rig() -> Rig:
     router = InterruptRouter(cpus, clock=clock.ns, wake=calls("wake"), wake_cpu=calls("wake_cpu"),
                              on_init=calls("init"), on_sipi=calls("sipi"), lapic_bus_hz=LAPIC_TIMER_HZ)
     router.attach(pio, mmio, current_cpu=lambda: current[0])
-    # As Machine._add_devices, with the router's lines as the VM's irq_line().
-    uart = Uart16550(router.irq_line(layout.COM1_IRQ), lambda data: None, host_buffer_size=64)
-    pio.register(layout.COM1_PORT, 8, uart, "com1")
-    i8042 = I8042(calls("reset"), kbd_irq=router.irq_line(layout.I8042_KEYBOARD_IRQ),
-                  aux_irq=router.irq_line(layout.I8042_AUX_IRQ))
-    pio.register(layout.I8042_DATA_PORT, 1, i8042.data_port, "i8042-data")
-    pio.register(layout.I8042_COMMAND_PORT, 1, i8042.command_port, "i8042-cmd")
+    # As uart.plug and i8042.plug do, with the router's lines as the VM's irq_line().
+    uart = Uart16550(router.irq_line(COM1_IRQ), lambda data: None, host_buffer_size=64)
+    pio.register(COM1_PORT, 8, uart, "com1")
+    i8042 = I8042(calls("reset"), kbd_irq=router.irq_line(I8042_KEYBOARD_IRQ),
+                  aux_irq=router.irq_line(I8042_AUX_IRQ))
+    pio.register(I8042_DATA_PORT, 1, i8042.data_port, "i8042-data")
+    pio.register(I8042_COMMAND_PORT, 1, i8042.command_port, "i8042-cmd")
     # The RTC and the quiet legacy ports raise no interrupt: rtc_rig and
     # small_port_rig cover them, and leaving them out keeps accesses on the rest.
 

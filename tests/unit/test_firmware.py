@@ -15,6 +15,7 @@ from boot.firmware import (
     reset_vector_state,
 )
 from devices.fw_cfg import KEY_FILE_DIR, KEY_NB_CPUS, KEY_RAM_SIZE, FwCfg
+from devices.virtio import mmio
 from vmm.errors import PyvmmError
 from vmm.layout import GiB, MiB
 from vmm.memory import GuestMemory
@@ -88,7 +89,8 @@ def test_e820_file_lists_ram_around_the_mmio_hole():
 
 def test_boot_files_and_bootorder(memory):
     fw_cfg = FwCfg(memory)
-    add_boot_files(fw_cfg, 1, [(0xC000_0000, 0x1000, 16), (0xC000_1000, 0x1000, 17)],
+    windows = [mmio.window(0), mmio.window(1)]
+    add_boot_files(fw_cfg, 1, [mmio.acpi_description(n, w) for n, w in enumerate(windows)],
                    boot_windows=[0xC000_1000, 0xC000_0000])
     assert file_names(fw_cfg) == ["etc/acpi/tables", "etc/acpi/rsdp", "etc/table-loader",
                                   "etc/boot-fail-wait", "bootorder"]

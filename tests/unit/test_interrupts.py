@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from devices import i8042
 from devices import lapic as L
 from devices.interrupts import InterruptRouter
 from devices.ioapic import ENTRY_LEVEL, ENTRY_REMOTE_IRR
@@ -118,8 +119,8 @@ def test_attach_coexists_with_the_pc_port_set():
     pio, mmio = Bus("pio"), Bus("mmio")
     InterruptRouter(1).attach(pio, mmio)
     register_legacy_ports(pio, reset=lambda: None)
-    pio.register(layout.I8042_DATA_PORT, 1, object(), "i8042-data")
-    pio.register(layout.I8042_COMMAND_PORT, 1, object(), "i8042-cmd")
+    pio.register(i8042.DATA_PORT, 1, object(), "i8042-data")
+    pio.register(i8042.COMMAND_PORT, 1, object(), "i8042-cmd")
     assert pio.find(0x61).name == "port 0x61"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from devices import boot_timer, debug_exit, fw_cfg, i8042, pic, pit, pvpanic, rtc, uart
 from devices.legacy import (
     QUIET_PORTS,
     RESET_CONTROL_PORT,
@@ -14,21 +15,22 @@ from devices.legacy import (
 from vmm import layout
 from vmm.bus import Bus
 
-# Every port range another pyvmm device registers.
+# Every port range another pyvmm device registers (the POST code port 0x80 is
+# one of the quiet ports itself).
 OWNED = [
-    (layout.COM1_PORT, 8),
-    (layout.DEBUG_EXIT_PORT, 1),
-    (layout.POST_CODE_PORT, 1),
-    (layout.I8042_DATA_PORT, 1),
-    (layout.I8042_COMMAND_PORT, 1),
-    (layout.RTC_PORT, 2),
-    (layout.PIC_MASTER_PORT, 2),
-    (layout.PIC_SLAVE_PORT, 2),
-    (layout.PIC_ELCR_PORT, 2),
-    (layout.PIT_PORT, 4),
-    (layout.SYSTEM_CONTROL_B_PORT, 1),
-    (layout.PVPANIC_PORT, 1),
-    (layout.BOOT_TIMER_PORT, 1),
+    (uart.COM1_PORT, 8),
+    (debug_exit.PORT, 1),
+    (i8042.DATA_PORT, 1),
+    (i8042.COMMAND_PORT, 1),
+    (rtc.RTC_PORT, 2),
+    (pic.MASTER_PORT, 2),
+    (pic.SLAVE_PORT, 2),
+    (pic.ELCR_PORT, 2),
+    (pit.PORT, 4),
+    (pit.PORT_B, 1),
+    (pvpanic.PORT, 1),
+    (fw_cfg.PORT, fw_cfg.PORT_COUNT),
+    (boot_timer.PORT, 1),
     (layout.ACPI_SLEEP_CONTROL_PORT, 1),
     (layout.ACPI_SLEEP_STATUS_PORT, 1),
     (layout.ACPI_RESET_PORT, 1),

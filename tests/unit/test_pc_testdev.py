@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from devices.pc_testdev import IOMEM_BASE, register_pc_testdev
-from vmm.bus import Bus, NullIrqLine
+from devices import pc_testdev
+from devices.pc_testdev import IOMEM_BASE
+from tests.unit.board import make_board
+from vmm.bus import NullIrqLine
+from vmm.layout import MiB
+from vmm.memory import GuestMemory
 
 
 def machine():
-    pio, mmio = Bus("pio"), Bus("mmio")
+    board = make_board(GuestMemory(1 * MiB))
     lines: dict[int, NullIrqLine] = {}
 
     def line(gsi: int) -> NullIrqLine:
@@ -15,8 +19,9 @@ def machine():
             raise ValueError("no device can be wired to interrupt 2")
         return lines.setdefault(gsi, NullIrqLine())
 
-    register_pc_testdev(pio, mmio, line)
-    return pio, mmio, lines
+    board.irq = line
+    pc_testdev.plug(board)
+    return board.pio, board.mmio, lines
 
 
 def test_scratch_register_at_every_width_and_offset():

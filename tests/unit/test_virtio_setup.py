@@ -11,6 +11,7 @@ import pytest
 from devices.virtio import blk
 from devices.virtio import mmio as r
 from devices.virtio.irqfd_line import IrqfdLine
+from tests.unit.board import make_board
 from tests.unit.virtio_driver import Buffer, FakeDriver
 from vmm import layout
 from vmm.accel import MachineIo
@@ -27,7 +28,7 @@ from vmm.virtio_options import (
     parse_fs,
     parse_net,
 )
-from vmm.virtio_setup import add_virtio_devices
+from vmm.virtio_setup import plug_virtio_devices
 
 # -- parsing -----------------------------------------------------------------------------
 
@@ -145,9 +146,9 @@ def disk(tmp_path):
 
 def build(vm, specs):
     memory = GuestMemory(16 << 20)
-    io = MachineIo(pio=Bus("pio"), mmio=Bus("mmio"))
-    devices = add_virtio_devices(io, memory, vm, specs, irqchip=True, console_writer=lambda data: None)
-    return devices, io, memory
+    board = make_board(memory)
+    devices = plug_virtio_devices(board, vm, specs, irqchip=True)
+    return devices, MachineIo(pio=board.pio, mmio=board.mmio), memory
 
 
 def test_devices_get_consecutive_windows_and_gsis(disk, tmp_path):
@@ -156,8 +157,9 @@ def test_devices_get_consecutive_windows_and_gsis(disk, tmp_path):
                         console=True, rng=True)
     devices, io, _ = build(SoftwareVm(), specs)
     try:
-        base, irq = layout.VIRTIO_MMIO_BASE, layout.VIRTIO_MMIO_IRQ_BASE
-        assert [(w.base, w.size, w.irq) for w in devices.windows] == [
+        base, irq = r.FIRST_WINDOW, r.FIRST_GSI
+        assert base == layout.MMIO_HOLE_START and irq == 16
+        assert [(w.base, w.size, w.gsi) for w in devices.windows] == [
             (base + i * 0x1000, 0x1000, irq + i) for i in range(5)]
         ids = [io.mmio.read(w.base + r.DEVICE_ID, 4) for w in devices.windows]
         assert ids == [2, 2, 1, 3, 4]
@@ -209,7 +211,7 @@ def test_software_path_serves_kicks_on_the_calling_thread(disk):
         data, status = read_request(driver, queue)
         queue.kick()  # an MMIO write: served before it returns
         assert memory.read_u8(status) == blk.S_OK and memory.read(data, 4) == b"\x11" * 4
-        assert vm.lines[window.irq].edges == 1
+        assert vm.lines[window.gsi].edges == 1
     finally:
         devices.close()
 
@@ -232,7 +234,7 @@ def test_eventfd_path_serves_kicks_on_the_io_thread(disk):
         driver = FakeDriver(BusTransport(io.mmio, window.base), memory)
         (queue,) = driver.start(1)
         assert isinstance(devices.transports[0].irq, IrqfdLine)
-        irqfd = vm.irqfds[window.irq]
+        irqfd = vm.irqfds[window.gsi]
         data, status = read_request(driver, queue)
         # KVM would signal the ioeventfd instead of exiting for the QueueNotify write.
         os.eventfd_write(vm.notifiers[(window.base + r.QUEUE_NOTIFY, 0)], 1)

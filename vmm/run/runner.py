@@ -28,16 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devices.virtio.fs import VirtioFs
+from devices.virtio.mmio import MAX_DEVICES as VIRTIO_MMIO_MAX_DEVICES
 from vmm import exit_status
 from vmm.config import MachineConfig
 from vmm.console import Console
 from vmm.errors import PyvmmError
 from vmm.gdb.options import GdbSpec
-from vmm.layout import VIRTIO_MMIO_MAX_DEVICES
-from vmm.machine import current_machine, run_machine_quietly
 from vmm.run.initramfs import ROOT_TAG, STDIO_DIR, STDIO_TAG, GuestPlan, build_initramfs
 from vmm.run.modules import default_kernel, guest_modules, kernel_release
 from vmm.run.stdio_share import StdioShare
+from vmm.session import current_machine, run_machine_quietly
 from vmm.virtio_options import FsSpec, VirtioSpecs
 
 CANNOT_RUN = 125

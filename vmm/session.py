@@ -1,0 +1,54 @@
+"""One machine per pyvmm process: `run_machine()` builds, runs and tears it down.
+
+The machine being run is process-wide state: the signal handlers (vmm/cli.py)
+and the console's Ctrl-A x find it through `current_machine()`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from vmm import builder, exit_status
+from vmm.config import MachineConfig
+from vmm.console import Console
+from vmm.machine import Machine
+from vmm.stats import stats_report
+
+_current: Machine | None = None
+
+
+def current_machine() -> Machine | None:
+    """The machine being run, for signal handlers."""
+    return _current
+
+
+def run_machine(config: MachineConfig) -> int:
+    """Build, run and tear down one machine; returns the exit status (vmm/exit_status.py)."""
+    status, reason = run_machine_quietly(config)
+    if reason:
+        print(f"pyvmm: {reason}", file=sys.stderr)
+    return status
+
+
+def run_machine_quietly(config: MachineConfig, console: Console | None = None) -> tuple[int, str]:
+    """The same, printing nothing of its own (but --stats); returns (status, why it stopped).
+
+    `console`: where the serial port goes (default: this terminal or pipe).
+    """
+    global _current
+    started = time.monotonic()
+    console = console or Console(quit=lambda: _current and _current.stop.request_stop(
+        exit_status.INTERRUPTED, "stopped by Ctrl-A x"))
+    machine = _current = Machine(config, console)
+    try:
+        builder.build(machine)
+        status = machine.run()
+        reason = machine.stop.reason
+    finally:
+        machine.shutdown()
+        console.restore()
+        _current = None
+    if config.stats:
+        print(stats_report(machine, time.monotonic() - started), file=sys.stderr)
+    return status, reason
