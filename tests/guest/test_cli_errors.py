@@ -22,10 +22,15 @@ def test_missing_image(tmp_path):
     assert_one_line_error(result, b"nope.bin: no such file")
 
 
-@pytest.mark.parametrize("size", ["0", "abc", "12Q", "-5M"])
-def test_bad_memory_sizes(guest, size):
+@pytest.mark.parametrize("size, message", [
+    ("0", b"--memory must be at least 1M (got 0 bytes)"),
+    ("abc", b"invalid --memory 'abc': expected a number with an optional K, M, G or T suffix"),
+    ("12Q", b"invalid --memory '12Q'"),
+    ("-5M", b"invalid --memory '-5M'"),
+])
+def test_bad_memory_sizes(guest, size, message):
     result = run_pyvmm("boot", "--flat", str(guest("hello")), "--memory", size)
-    assert_one_line_error(result, b"memory")
+    assert_one_line_error(result, message)
 
 
 def test_memory_too_small_for_the_image(guest):
@@ -65,7 +70,7 @@ def test_check_reports_missing_kvm(tmp_path):
 @pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf"])
 def test_bad_timeouts(guest, seconds):
     result = run_pyvmm("boot", "--flat", str(guest("hello")), "--timeout", seconds)
-    assert_one_line_error(result, b"timeout")
+    assert_one_line_error(result, f"--timeout must be a positive number of seconds (got {seconds})".encode())
 
 
 def test_missing_disk_image(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -167,8 +168,11 @@ def test_pyvmm_convert_compressed_is_read_by_qemu(tmp_path, qemu):
     for options in ("compression_type=zlib", "compression_type=zstd,cluster_size=4096"):
         out = tmp_path / "c.qcow2"
         pyvmm_img("convert", "-c", "-O", "qcow2", "-o", options, src, out)
-        qemu("qemu-img", "check", out)
+        report = qemu("qemu-img", "check", out).stdout
+        assert "No errors were found" in report, report
+        assert re.search(r"\b[1-9][\d.]*% compressed clusters", report), report  # compressed, not copied
         qemu("qemu-img", "compare", "-F", "raw", out, src)
+        assert qemu_flat(qemu, tmp_path, out) == src.read_bytes()
 
 
 def test_internal_snapshots(tmp_path, qemu):

@@ -260,9 +260,14 @@ def test_reader_ends_by_itself_at_end_of_file(tmp_path) -> None:
 def test_room_available_after_stop_is_harmless() -> None:
     read_end, write_end = os.pipe()
     console = Console(lambda: None, input_fd=read_end, output_fd=1)
-    console.start(Collector())
+    collector = Collector()
+    console.start(collector)
     console.stop()
-    console.room_available()
+    os.write(write_end, b"late")
+    console.room_available()  # must neither raise nor restart reading
+    assert not console._thread.is_alive()  # noqa: SLF001
+    assert collector.data == b""
+    assert os.read(read_end, 16) == b"late"  # still in the pipe: nobody read it
     os.close(read_end)
     os.close(write_end)
 
@@ -291,13 +296,23 @@ def test_write_finishes_partial_writes_on_a_nonblocking_pipe() -> None:
     os.close(write_end)
 
 
-def test_write_to_a_closed_reader_drops_output_quietly() -> None:
+def test_write_to_a_closed_reader_drops_output_quietly(monkeypatch) -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)
     null_in = os.open(os.devnull, os.O_RDONLY)
     console = Console(lambda: None, input_fd=null_in, output_fd=write_end)
-    console.write(b"nobody listens")
-    console.write(b"still nobody")
+    attempts = []
+    real_write = os.write
+
+    def counting_write(fd, data):
+        if fd == write_end:
+            attempts.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    console.write(b"nobody listens")  # EPIPE: no exception, and no SIGPIPE kills us
+    console.write(b"still nobody")  # dropped without trying the pipe again
+    assert attempts == [b"nobody listens"]
     console.stop()
     os.close(write_end)
     os.close(null_in)

@@ -102,10 +102,15 @@ def test_flush_calls_fdatasync_on_a_raw_image(raw_path, monkeypatch):
     monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
     with open_image(raw_path, "raw", readonly=False) as image:
         d = BlkDriver(VirtioBlock(image))
-        d.request(blk.T_OUT, 0, out=b"y" * 512)
+        assert d.request(blk.T_OUT, 3, out=b"y" * 512)[0] == blk.S_OK
         synced.clear()
-        d.request(blk.T_FLUSH)
-        assert synced
+        assert d.request(blk.T_FLUSH)[0] == blk.S_OK
+        # Exactly one fdatasync, on the disk's own file, before the guest sees OK.
+        assert len(synced) == 1
+        assert os.fstat(synced[0]).st_ino == os.stat(raw_path).st_ino
+        with open(raw_path, "rb") as f:
+            f.seek(3 * 512)
+            assert f.read(512) == b"y" * 512
 
 
 def test_get_id_returns_the_serial_padded(raw_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 import threading
 import time
@@ -261,8 +262,15 @@ def test_socket_listen_replaces_a_stale_socket_file(tmp_path):
     path = str(tmp_path / "stale.sock")
     first = SocketBackend("listen", path)
     first._listener.close()  # as if the process had died
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        with pytest.raises(ConnectionRefusedError):
+            client.connect(path)  # the file is there, nobody listens
     second = SocketBackend("listen", path)
-    second.close()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)  # the new listener answers on the same path
+    finally:
+        second.close()
 
 
 def test_tap_backend_errors_are_one_line(tmp_path):

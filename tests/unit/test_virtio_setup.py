@@ -14,7 +14,6 @@ from devices.virtio.irqfd_line import IrqfdLine
 from tests.unit.board import make_board
 from tests.unit.virtio_driver import Buffer, FakeDriver
 from vmm import layout
-from vmm.accel import MachineIo
 from vmm.bus import Bus, NullIrqLine
 from vmm.errors import PyvmmError
 from vmm.memory import GuestMemory
@@ -145,27 +144,33 @@ def disk(tmp_path):
 
 
 def build(vm, specs):
+    """The devices, the board they were plugged into (its .mmio is the bus) and guest memory."""
     memory = GuestMemory(16 << 20)
     board = make_board(memory)
-    devices = plug_virtio_devices(board, vm, specs, irqchip=True)
-    return devices, MachineIo(pio=board.pio, mmio=board.mmio), memory
+    return plug_virtio_devices(board, vm, specs, irqchip=True), board, memory
 
 
 def test_devices_get_consecutive_windows_and_gsis(disk, tmp_path):
     specs = VirtioSpecs(disks=[DiskSpec(disk), DiskSpec(disk, readonly=True, serial="ro")],
                         nets=[NetSpec(socket_mode="listen", socket_path=str(tmp_path / "s"))],
                         console=True, rng=True)
-    devices, io, _ = build(SoftwareVm(), specs)
+    devices, board, _ = build(SoftwareVm(), specs)
     try:
         base, irq = r.FIRST_WINDOW, r.FIRST_GSI
         assert base == layout.MMIO_HOLE_START and irq == 16
         assert [(w.base, w.size, w.gsi) for w in devices.windows] == [
             (base + i * 0x1000, 0x1000, irq + i) for i in range(5)]
-        ids = [io.mmio.read(w.base + r.DEVICE_ID, 4) for w in devices.windows]
+        ids = [board.mmio.read(w.base + r.DEVICE_ID, 4) for w in devices.windows]
         assert ids == [2, 2, 1, 3, 4]
-        assert devices.console is not None
-        assert devices.cmdline_fragments()[0] == f"virtio_mmio.device=4K@{base:#x}:{irq}"
-        assert len(devices.stats_lines()) == 5
+        # The console is the fourth device, and the one that takes the host console's input.
+        assert devices.transports[3].device is devices.console and devices.console.device_id == 3
+        assert board.console_input == devices.console.receive
+        assert devices.cmdline_fragments() == [
+            f"virtio_mmio.device=4K@{base + i * 0x1000:#x}:{irq + i}" for i in range(5)]
+        names = ["virtio-blk0", "virtio-blk1", "virtio-net0", "virtio-console", "virtio-rng"]
+        assert [line.split(":")[0].strip() for line in devices.stats_lines()] == [
+            f"{name} at {base + i * 0x1000:#x} gsi {irq + i}" for i, name in enumerate(names)]
+        assert "requests 0" in devices.stats_lines()[0] and "bytes_served 0" in devices.stats_lines()[4]
     finally:
         devices.close()
 
