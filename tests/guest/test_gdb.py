@@ -75,9 +75,14 @@ def test_watchpoint_shows_old_and_new_values(debugged, elf):
     # Where the host's KVM cannot watch data, gdb watches by single-stepping.
     software = ["set can-use-hw-watchpoints 0"] if b"can-use-hw-watchpoints" in vm.stderr else []
     out = vm.gdb_batch([*software, "break gdb_bump", "continue", "delete", "watch gdb_watched",
-                        "continue", "continue", "delete", "continue"], elf)
+                        "continue", "printf \"stopped at %#lx\\n\", $pc", "disassemble gdb_bump",
+                        "continue", "delete", "continue"], elf)
     assert re.search(r"Old value = 0\s+New value = 1", out), out
     assert re.search(r"Old value = 1\s+New value = 2", out), out
+    # The stop is just past the instruction that stored to the variable, as on hardware.
+    listing = re.findall(r"^\s*(?:=> )?0x([0-9a-f]+) <\+\d+>:\s*(.*)$", out, re.M)
+    store = next(i for i, (_, text) in enumerate(listing) if re.search(r",\s*-?0x[0-9a-f]+\(%rip\)\s+# .*<gdb_watched>", text))
+    assert re.search(r"stopped at 0x([0-9a-f]+)", out).group(1) == listing[store + 1][0].lstrip("0"), out
     assert vm.wait() == EXIT_STATUS
     assert "gdb: watched 2" in vm.guest_output()
 

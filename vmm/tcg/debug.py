@@ -9,9 +9,10 @@ not being debugged runs exactly as before (no hook, no per-instruction call):
   stepping vCPU runs, the next one stops it;
 - a watchpoint is a `UC_HOOK_MEM_WRITE`/`UC_HOOK_MEM_READ` on its range. Stopping
   inside an access would leave a half-executed instruction (a push that wrote
-  but did not move RSP), so a hit stops the vCPU at the end of the translated
-  block instead: the values gdb reads are the new ones, the stop may be a few
-  instructions past the access.
+  but did not move RSP), so a hit is only noted, and the same unbounded
+  `UC_HOOK_CODE` as single-step (present while any watchpoint is) stops the
+  vCPU before its next instruction: gdb sees the new value with RIP just past
+  the instruction that made the access, as on hardware.
 
 Hooks are engine-wide (all vCPUs share one engine); each callback looks at
 the vCPU running now. While any of them exist the engine stops precisely
@@ -47,8 +48,6 @@ class SteppedVcpu(Protocol):
 
     def stop_with(self, exit: DebugTrap) -> None: ...
 
-    def stop_after_block(self, exit: DebugTrap) -> None: ...
-
 SUPPORT = DebugSupport(slots=None, watch_kinds=frozenset({WRITE, READ, ACCESS}), int3=False)
 
 
@@ -59,7 +58,9 @@ class TcgDebugHooks:
         self._points: tuple[DebugPoint, ...] = ()
         self._point_hooks: list[int] = []
         self._stepping: set[int] = set()
-        self._step_hook: int | None = None
+        self._watching = False  # any watchpoint among the points
+        self._watch_hits: dict[int, DebugTrap] = {}  # vCPU index -> the hit to report before its next instruction
+        self._instruction_hook: int | None = None
 
     def apply(self, vcpu: SteppedVcpu, debug: GuestDebug) -> None:
         """Called on `vcpu`'s thread while every vCPU is stopped."""
@@ -70,15 +71,16 @@ class TcgDebugHooks:
         if debug.points != self._points:
             self._set_points(debug.points)
             changed = True
-        stepping = self._stepping | {vcpu.index} if debug.step else self._stepping - {vcpu.index}
-        if bool(stepping) != bool(self._stepping):
-            if stepping:
-                self._step_hook = self.engine.uc.hook_add(uc_const.UC_HOOK_CODE, self._on_instruction, None, 1, 0)
+        self._stepping = self._stepping | {vcpu.index} if debug.step else self._stepping - {vcpu.index}
+        wanted = bool(self._stepping) or self._watching
+        if wanted != (self._instruction_hook is not None):
+            if wanted:
+                self._instruction_hook = self.engine.uc.hook_add(uc_const.UC_HOOK_CODE, self._on_instruction,
+                                                                 None, 1, 0)
             else:
-                self.engine.uc.hook_del(self._step_hook)
-                self._step_hook = None
+                self.engine.uc.hook_del(self._instruction_hook)
+                self._instruction_hook = None
             changed = True
-        self._stepping = stepping
         if changed:
             self.engine.stop_precisely(bool(self._points or self._stepping))
 
@@ -99,6 +101,9 @@ class TcgDebugHooks:
                 self._point_hooks.append(uc.hook_add(uc_const.UC_HOOK_MEM_READ, self._on_access, point,
                                                      point.address, last))
         self._points = points
+        self._watching = any(point.kind != BREAK for point in points)
+        if not self._watching:
+            self._watch_hits.clear()
 
     # -- the hooks, on the running vCPU's thread --------------------------------------------
 
@@ -111,6 +116,10 @@ class TcgDebugHooks:
 
     def _on_instruction(self, uc, address: int, size: int, user_data) -> None:
         vcpu = self.scheduler.owner
+        hit = self._watch_hits.pop(vcpu.index, None)
+        if hit is not None:
+            vcpu.stop_with(hit)
+            return
         if not vcpu.debug_step:
             return
         vcpu.breakpoint_to_skip = None
@@ -120,9 +129,8 @@ class TcgDebugHooks:
             vcpu.step_done = True
 
     def _on_access(self, uc, access: int, address: int, size: int, value: int, point: DebugPoint) -> None:
-        vcpu = self.scheduler.owner
-        # At the end of this block, not inside the access: see the module docstring.
-        vcpu.stop_after_block(DebugTrap(point.kind, point.address))
+        # Before this vCPU's next instruction, not inside the access: see the module docstring.
+        self._watch_hits.setdefault(self.scheduler.owner.index, DebugTrap(point.kind, point.address))
 
 
 # -- registers, by the names of vmm/gdb/registers.py ----------------------------------------

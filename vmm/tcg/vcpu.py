@@ -340,12 +340,6 @@ class TcgVcpu(Vcpu):
         self.engine.stop_hook.request()
         self.engine.uc.emu_stop()
 
-    def stop_after_block(self, exit: Exit) -> None:
-        """From a hook inside an access: make run() return `exit` once this block is done."""
-        if self._pending_exit is None:
-            self._pending_exit = exit
-        self.engine.stop_hook.request()
-
     def _emulation_failure(self, detail: str) -> EmulationFailure:
         rip = self.engine.reg(x86.UC_X86_REG_RIP)
         return EmulationFailure(SUBERROR_EMULATION, rip=self._linear_rip(rip),
