@@ -1,0 +1,151 @@
+"""Guest work in a fixed time on the software CPU, 1 and 2 vCPUs: pyvmm beside QEMU TCG.
+
+Inside the Debian test guest (tests/boot/virtio_guest.py's initramfs), for
+PYVMM_BENCH_STRESS_SECONDS (default 20) of the guest's own clock, run at once
+
+    three shell loops, each: head -c 16384 /dev/urandom | sha256sum
+    one disk loop:  dd 256 KiB O_DIRECT write with fsync, then an O_DIRECT
+                    read of the same 256 KiB, on a virtio-blk disk
+
+and count the iterations each kind finished. pyvmm runs with `--accel tcg
+--cpus N`, QEMU 7.2 with `-accel tcg,thread=multi -M microvm -smp N` (its
+multi-threaded TCG: one host thread per vCPU), the same kernel, initramfs,
+command line and a raw disk image each. The counts are scaled to exactly the
+window's length (the loops finish their last iteration past it).
+
+Prints per vCPU count the hashing and the disk figures (higher is better),
+and the 2-vCPU/1-vCPU scaling of each VMM. PYVMM_BENCH_STRESS_CPUS picks the
+vCPU counts (default "1,2"). Each case boots once: the guest's own window is
+the measurement, so the boot's time does not count.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.qemu_peer import tsc_cmdline  # noqa: E402
+from bench.report import figure, python_env, skipped  # noqa: E402
+from tests.assets import find_linux_assets  # noqa: E402
+from tests.boot.virtio_guest import overlay_initrd, script_output  # noqa: E402
+
+SECONDS = int(os.environ.get("PYVMM_BENCH_STRESS_SECONDS", "20"))
+CPU_COUNTS = [int(n) for n in os.environ.get("PYVMM_BENCH_STRESS_CPUS", "1,2").split(",")]
+HASH_LOOPS = 3
+CMDLINE = "console=ttyS0 panic=-1 quiet"
+MEMORY = "512M"
+DISK_MB = 16
+# Boot (up to a minute on a loaded host), the window, the power-off.
+TIMEOUT = 300 + 2 * SECONDS
+
+# The guest's clock decides the window. Each loop writes its count to a file;
+# /proc/uptime's first field is seconds with two decimals.
+SCRIPT = """
+mkdir -p /tmp
+now() {{ cut -d. -f1 /proc/uptime; }}
+hash_loop() {{
+    n=0
+    while [ $(now) -lt $1 ]; do head -c 16384 /dev/urandom | sha256sum >/dev/null; n=$((n + 1)); done
+    echo $n > /tmp/hash.$2
+}}
+disk_loop() {{
+    n=0
+    while [ $(now) -lt $1 ]; do
+        dd if=/tmp/block of=/dev/vda bs=256k count=1 oflag=direct conv=fsync 2>/dev/null
+        dd if=/dev/vda of=/dev/null bs=256k count=1 iflag=direct 2>/dev/null
+        n=$((n + 1))
+    done
+    echo $n > /tmp/disk
+}}
+head -c 262144 /dev/urandom > /tmp/block
+start=$(cut -d' ' -f1 /proc/uptime)
+end=$(( ${{start%.*}} + {seconds} ))
+for i in $(seq {hash_loops}); do hash_loop $end $i & done
+disk_loop $end &
+wait
+stop=$(cut -d' ' -f1 /proc/uptime)
+echo "stress hash $(cat /tmp/hash.* | awk '{{s += $1}} END {{print s}}') disk $(cat /tmp/disk) from $start to $stop"
+"""
+
+
+def guest_counts(output: str) -> dict[str, float]:
+    """Hashing and disk iterations per SECONDS of the guest's clock."""
+    match = re.search(r"stress hash (\d+) disk (\d+) from ([\d.]+) to ([\d.]+)", output)
+    if match is None:
+        raise AssertionError(f"no stress line in the guest's output:\n{output[-2000:]}")
+    hashes, disk, start, stop = int(match[1]), int(match[2]), float(match[3]), float(match[4])
+    # The window ends at the first whole second SECONDS after `start`; the
+    # loops' last iterations run past it, and `stop` says by how much.
+    scale = SECONDS / max(stop - start, 0.01)
+    return {"hash": hashes * scale, "disk": disk * scale}
+
+
+def run(command: list[str]) -> dict[str, float]:
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT, cwd=REPO,
+                            env=python_env())
+    stdout = result.stdout.decode(errors="replace")
+    try:
+        return guest_counts(script_output(stdout))
+    except AssertionError as err:
+        raise SystemExit(f"bench_tcg_stress: {command[0]} failed (status {result.returncode}): {err}\n"
+                         f"{result.stderr.decode(errors='replace')[-2000:]}") from None
+
+
+def pyvmm_command(assets, initrd: Path, disk: Path, cpus: int) -> list[str]:
+    return [sys.executable, "-m", "vmm", "boot", "--accel", "tcg", "--cpus", str(cpus), "--kernel",
+            str(assets.kernel), "--initrd", str(initrd), "--cmdline", CMDLINE, "--memory", MEMORY,
+            "--disk", f"{disk},format=raw"]
+
+
+def qemu_command(qemu: str, assets, initrd: Path, disk: Path, cpus: int) -> list[str]:
+    return [qemu, "-accel", "tcg,thread=multi", "-M", "microvm,acpi=on,pit=on,rtc=on", "-smp", str(cpus),
+            "-m", MEMORY, "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
+            "-kernel", str(assets.kernel), "-initrd", str(initrd), "-append", CMDLINE + tsc_cmdline("tcg"),
+            "-drive", f"id=d0,file={disk},format=raw,if=none,cache=none", "-device", "virtio-blk-device,drive=d0"]
+
+
+def main() -> None:
+    assets = find_linux_assets()
+    if assets is None:
+        skipped("software-CPU stress", "Linux test assets are absent (run `make test-assets`)")
+        return
+    qemu = shutil.which("qemu-system-x86_64")
+    missing = "" if qemu else "apt-get install qemu-system-x86"
+    ours: dict[int, dict[str, float]] = {}
+    theirs: dict[int, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        script = SCRIPT.format(seconds=SECONDS, hash_loops=HASH_LOOPS)
+        initrd = overlay_initrd(assets, script, workdir / "initrd.img")
+        disk = workdir / "disk.raw"
+        with open(disk, "wb") as f:
+            f.truncate(DISK_MB << 20)
+        for cpus in CPU_COUNTS:
+            ours[cpus] = run(pyvmm_command(assets, initrd, disk, cpus))
+            if qemu:
+                theirs[cpus] = run(qemu_command(qemu, assets, initrd, disk, cpus))
+            for kind, what in (("hash", f"{HASH_LOOPS} sha256 loops"), ("disk", "256 KiB direct write+read loop")):
+                figure(f"software CPU stress, {what}, {cpus} vCPU{'s' if cpus > 1 else ''}",
+                       f"iterations/{SECONDS} s", ours[cpus][kind], "QEMU TCG microvm",
+                       theirs[cpus][kind] if qemu else None, lower_is_better=False, missing=missing)
+    if 1 in ours and len(ours) > 1:
+        for cpus in CPU_COUNTS:
+            if cpus == 1:
+                continue
+            for kind in ("hash", "disk"):
+                peer = theirs[cpus][kind] / theirs[1][kind] if qemu and theirs[1][kind] else None
+                figure(f"software CPU stress, {kind} work with {cpus} vCPUs over 1", "x",
+                       ours[cpus][kind] / max(ours[1][kind], 1e-9), "QEMU TCG microvm", peer,
+                       lower_is_better=False, missing=missing)
+
+
+if __name__ == "__main__":
+    main()
