@@ -66,7 +66,6 @@ INFO_MODULES = 1 << 3
 INFO_MEMORY_MAP = 1 << 6
 INFO_LOADER_NAME = 1 << 9
 INFO_STRUCT_SIZE = 88  # up to and including the VBE fields, which stay zero
-MODULE_ENTRY_SIZE = 16
 MMAP_ENTRY_SIZE = 24  # a 4-byte size field (20), then base, length, type
 LOADER_NAME = b"pyvmm\0"
 

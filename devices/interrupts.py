@@ -340,21 +340,6 @@ class InterruptRouter:
         with self._critical:
             return self.lapics[cpu].take_nmi()
 
-    def inject_nmi(self, cpu: int | None = None) -> None:
-        """LINT1 on one CPU, or all: a host-side NMI."""
-        with self._critical:
-            for apic in self.lapics if cpu is None else [self.lapics[cpu]]:
-                apic.lint1()
-
-    def apic_base_msr(self, cpu: int) -> int:
-        with self._critical:
-            return self.lapics[cpu].apic_base_msr()
-
-    def set_apic_base_msr(self, cpu: int, value: int) -> None:
-        with self._critical:
-            self._deadline_dirty = True
-            self.lapics[cpu].set_apic_base_msr(value)
-
     def cr8(self, cpu: int) -> int:
         with self._critical:
             return self.lapics[cpu].tpr >> 4

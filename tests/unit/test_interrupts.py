@@ -226,8 +226,8 @@ def test_lapic_page_answers_for_the_current_cpu(clock, rec):
 
 def test_msr_and_cr8(clock, rec):
     router, _, _, _ = make(2, clock, rec)
-    assert router.apic_base_msr(0) & L.APIC_BASE_BSP
-    assert not router.apic_base_msr(1) & L.APIC_BASE_BSP
+    assert router.lapics[0].apic_base_msr() & L.APIC_BASE_BSP
+    assert not router.lapics[1].apic_base_msr() & L.APIC_BASE_BSP
     enable_apic(router, 0)
     router.lapics[0].accept(L.FIXED, 0x45, False)
     router.set_cr8(0, 5)
@@ -290,7 +290,8 @@ def test_nmi_ipi_and_injected_nmi(clock, rec):
     assert router.has_nmi(1) and not router.has_nmi(0)
     assert router.take_nmi(1)
     assert not router.has_nmi(1)
-    router.inject_nmi()  # LINT1 is NMI on the BSP only (firmware defaults)
+    for apic in router.lapics:  # LINT1 is NMI on the BSP only (firmware defaults)
+        apic.lint1()
     assert router.take_nmi(0)
     assert not router.take_nmi(1)
 
