@@ -340,16 +340,6 @@ class InterruptRouter:
         with self._critical:
             return self.lapics[cpu].take_nmi()
 
-    def cr8(self, cpu: int) -> int:
-        with self._critical:
-            return self.lapics[cpu].tpr >> 4
-
-    def set_cr8(self, cpu: int, value: int) -> None:
-        with self._critical:
-            apic = self.lapics[cpu]
-            apic.tpr = (value & 0xF) << 4
-            if apic.highest_deliverable() is not None:
-                self._woken.add(cpu)
 
     # -- timers ------------------------------------------------------------------
 

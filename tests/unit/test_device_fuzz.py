@@ -41,8 +41,8 @@ from devices.i8042 import KEYBOARD_IRQ as I8042_KEYBOARD_IRQ
 from devices.interrupts import InterruptRouter
 from devices.ioapic import WINDOW_SIZE as IOAPIC_SIZE
 from devices.ioapic import IoApic
+from devices.lapic import REG_TPR, LocalApic, NullLapicHost
 from devices.lapic import WINDOW_SIZE as LAPIC_SIZE
-from devices.lapic import LocalApic, NullLapicHost
 from devices.legacy import QUIET_PORTS, ResetControlRegister, SilentDevice, SystemControlPortA
 from devices.pic import PicPair
 from devices.pit import Pit
@@ -278,7 +278,7 @@ def router_rig() -> Rig:
         current[0] = arg % cpus
 
     def vcpu(arg: int) -> None:
-        """What a vCPU asks at an instruction boundary, and the CR8 path."""
+        """What a vCPU asks at an instruction boundary, and its task priority."""
         cpu = arg % cpus
         op = (arg >> 2) % 6
         if op == 0:
@@ -294,8 +294,8 @@ def router_rig() -> Rig:
             deadline = router.next_deadline()
             assert deadline is None or isinstance(deadline, int)
         elif op == 4:
-            router.set_cr8(cpu, arg >> 8)
-            assert 0 <= router.cr8(cpu) <= 0xF
+            router.lapic_write(cpu, REG_TPR, 4, arg >> 8)
+            assert 0 <= router.lapic_read(cpu, REG_TPR, 4) <= 0xFF
         else:
             router.update(clock.now)
 
