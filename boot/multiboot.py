@@ -11,12 +11,13 @@ segments, EAX = 0x2BADB002 and EBX = the physical address of the multiboot
 information structure: lower and upper memory, the memory map (pyvmm's
 e820 map), the command line (the kernel's file name, then `--cmdline`, as
 GRUB and QEMU give it), the modules (each `--initrd` file, page
-aligned after the kernel) and the boot loader's name.
+aligned after the kernel) and the boot loader's name. The machine is in the
+state a PC BIOS leaves (boot/bios_state.py), as after QEMU's SeaBIOS.
 
 Every address in the header or the program headers is checked: the image must
-lie in RAM below 4 GiB and clear of what pyvmm places below 1 MiB (the entry
-GDT, this information structure, the command line, the BIOS area with the
-ACPI tables); kvm-unit-tests' real-mode test, for one, loads at 0x8000.
+lie in RAM below 4 GiB and clear of what pyvmm places below 1 MiB (the
+interrupt vector table and BIOS data area, the entry GDT, this information
+structure, the command line, the BIOS area with the ACPI tables); kvm-unit-tests' real-mode test, for one, loads at 0x8000.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
+from boot.bios_state import install_bios_state
 from boot.e820 import E820_RAM, build_e820
 from boot.elf import ELF_MAGIC, ELFCLASS32, EM_386, Segment, read_executable
 from boot.pagetables import encode_descriptor
@@ -39,6 +41,7 @@ from vmm.layout import (
     CMDLINE_MAX_SIZE,
     EBDA_START,
     HIGH_MEMORY_START,
+    IVT_AND_BDA_END,
     MULTIBOOT_INFO_ADDRESS,
     MULTIBOOT_INFO_SIZE,
     KiB,
@@ -153,7 +156,8 @@ def _segments_from_elf(data: bytes) -> tuple[list[Segment], int]:
 
 def pyvmm_structures() -> list[tuple[str, int, int]]:
     """(name, start, end) of what pyvmm places in guest RAM for a multiboot kernel: the image must avoid them."""
-    return [("the entry GDT", BOOT_GDT_ADDRESS, BOOT_GDT_ADDRESS + ENTRY_GDT_SIZE),
+    return [("the interrupt vector table and BIOS data area", 0, IVT_AND_BDA_END),
+            ("the entry GDT", BOOT_GDT_ADDRESS, BOOT_GDT_ADDRESS + ENTRY_GDT_SIZE),
             ("the multiboot information", MULTIBOOT_INFO_ADDRESS, MULTIBOOT_INFO_ADDRESS + MULTIBOOT_INFO_SIZE),
             ("the command line", CMDLINE_ADDRESS, CMDLINE_ADDRESS + CMDLINE_MAX_SIZE),
             ("the BIOS area and ACPI tables", EBDA_START, HIGH_MEMORY_START)]
@@ -243,7 +247,8 @@ def write_info(memory: GuestMemory, cmdline: str, modules: list[Module],
 
 
 def protected_mode_entry(memory: GuestMemory, entry: int) -> CpuState:
-    """Write the entry GDT; return the vCPU state the specification prescribes."""
+    """Write the entry GDT and the BIOS's state; return the vCPU state the specification prescribes
+    (at a stub that programs the 8259s and the PIT as a BIOS does, then jumps to `entry`)."""
     code = CpuSegment.flat32_code(ENTRY_CS)
     data = CpuSegment.flat_data(ENTRY_DS)
     gdt = struct.pack("<4Q", 0, 0, encode_descriptor(code), encode_descriptor(data))
@@ -253,7 +258,8 @@ def protected_mode_entry(memory: GuestMemory, entry: int) -> CpuState:
     segments["tr"] = CpuSegment.tss()
     segments["ldt"] = CpuSegment.ldt()
     return CpuState(
-        regs={"rip": entry, "rax": BOOTLOADER_MAGIC, "rbx": MULTIBOOT_INFO_ADDRESS, "rflags": RFLAGS_RESERVED},
+        regs={"rip": install_bios_state(memory, entry, ENTRY_CS, BOOTLOADER_MAGIC), "rax": BOOTLOADER_MAGIC,
+              "rbx": MULTIBOOT_INFO_ADDRESS, "rflags": RFLAGS_RESERVED},
         segments=segments,
         gdt=(BOOT_GDT_ADDRESS, len(gdt) - 1),
         idt=(0, 0),

@@ -71,7 +71,12 @@ HIGH_MEMORY_START = 0x10_0000
 # The RSDP sits at the bottom of the BIOS area so the kernel's legacy scan of
 # 0xE0000-0xFFFFF finds it; the other ACPI tables follow it, below 1 MiB.
 ACPI_RSDP_ADDRESS = 0xE_0000
-ACPI_TABLES_END = 0xF_F000  # the last page holds the reset vector (boot/reset_stub.py)
+ACPI_TABLES_END = 0xF_E000
+# A multiboot kernel's BIOS interrupt handlers and entry stub (boot/bios_state.py),
+# F000:E000; the last page holds the reset vector (boot/reset_stub.py).
+BIOS_CODE_ADDRESS = 0xF_E000
+# The real-mode interrupt vector table and the BIOS data area.
+IVT_AND_BDA_END = 0x500
 # Hardware-reduced ACPI registers, in port I/O space (described by the FADT).
 # Power-off: the guest writes (ACPI_SLP_TYP_S5 << 2) | ACPI_SLEEP_CONTROL_SLP_EN
 # = 0x34 to the sleep control register. Reboot: ACPI_RESET_VALUE to the reset register.

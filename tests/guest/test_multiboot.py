@@ -2,8 +2,10 @@
 
 The kernel (tests/guest/asm/multiboot.S) prints its entry state and every
 field of the information structure; the tests compare them with what the
-Multiboot Specification and pyvmm's machine say it must be handed. Malformed
-headers, built here byte by byte, are refused with one line.
+Multiboot Specification and pyvmm's machine say it must be handed. A second
+kernel (multiboot_bios.S) relies on the state a PC BIOS leaves (the timer
+waking `sti; hlt` in real mode, the BIOS data area). Malformed headers, built
+here byte by byte, are refused with one line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tests.helpers import GUEST_ASM, run_pyvmm
 
 MEMORY_MIB = 256
 KERNEL_BASE = 0x100000
+REAL_MODE_KERNEL_BASE = 0x8000  # where kvm-unit-tests' real-mode test loads, too
 MAGIC = 0x1BADB002
 EXIT_STATUS = 0x21  # the kernel's last act: outl 0x12345621 to the debug-exit port
 
@@ -40,6 +43,20 @@ def multiboot_kernels(tmp_path_factory):
                         *oformat, "-o", str(image), str(obj)], check=True, capture_output=True)
         kernels[name] = image
     return kernels
+
+
+@pytest.fixture(scope="session")
+def bios_state_kernel(tmp_path_factory):
+    """tests/guest/asm/multiboot_bios.S as an ELF linked below 1 MiB, where real-mode code can run."""
+    if shutil.which("as") is None or shutil.which("ld") is None:
+        pytest.skip("GNU binutils (as, ld) is not installed: apt-get install binutils")
+    out = tmp_path_factory.mktemp("multiboot_bios")
+    obj, kernel = out / "bios.o", out / "bios.elf"
+    subprocess.run(["as", "--32", "-o", str(obj), str(GUEST_ASM / "multiboot_bios.S")], check=True,
+                   capture_output=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-N", f"-Ttext={REAL_MODE_KERNEL_BASE:#x}", "--no-warn-rwx-segments",
+                    "-o", str(kernel), str(obj)], check=True, capture_output=True)
+    return kernel
 
 
 def fields(line: str) -> dict[str, str]:
@@ -112,6 +129,14 @@ def test_no_cmdline_no_module(multiboot_kernels, accel):
     assert not any(line.startswith("module ") for line in lines)
 
 
+def test_real_mode_kernel_is_woken_by_the_bios_timer(bios_state_kernel, accel):
+    """The kernel waits in `sti; hlt` in real mode three times; the exit status says which check
+    failed (0x22: no BIOS tick, 0x23/0x24: the BIOS data area's memory size or EBDA segment)."""
+    result = run_pyvmm("boot", "--kernel", str(bios_state_kernel), "--accel", accel, timeout=60)
+    assert result.returncode == EXIT_STATUS, (result.returncode, result.stderr)
+    assert result.stdout == b"woken by the BIOS timer in real mode\n"  # through the BDA's COM1 port
+
+
 def raw_kernel(flags: int = 0x10000, *, checksum: int | None = None, load: int = KERNEL_BASE,
                load_end: int = 0, bss_end: int = 0, entry: int | None = None, pad: int = 64) -> bytes:
     """A raw kernel image whose header (at offset 0) carries its load addresses."""
@@ -128,6 +153,7 @@ def raw_kernel(flags: int = 0x10000, *, checksum: int | None = None, load: int =
     (raw_kernel(bss_end=KERNEL_BASE + (1 << 30)), b"outside guest RAM"),
     (raw_kernel(load=0x6000), b"overlaps the multiboot information pyvmm places at 0x1000-0x7000"),
     (raw_kernel(load=0x500), b"overlaps the entry GDT"),
+    (raw_kernel(load=0x400), b"overlaps the interrupt vector table and BIOS data area"),
     (raw_kernel(load=0x1FFF0), b"overlaps the command line"),
     (raw_kernel(load=0xE0000), b"overlaps the BIOS area and ACPI tables"),
     (raw_kernel(entry=0x200000), b"entry_addr 0x200000 is outside the loaded image"),
