@@ -150,6 +150,10 @@ class KutTest:
             index += 2
             if option == "-m" or (option, value) in IGNORED_QEMU_OPTIONS:
                 continue  # -m: memory_mib()
+            if option in ("-M", "-machine") and value.split(",")[0] == "q35":
+                devices = " ".join(device.split(",")[0] for flag, device in zip(args, args[1:], strict=False)
+                                   if flag == "-device")
+                return options, f"needs QEMU's q35 machine (PCI Express, IOMMU) with -device {devices}"
             if option != "-cpu":
                 return options, f"needs QEMU option {option} {value}"
             edits = []
