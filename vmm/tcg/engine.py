@@ -10,6 +10,14 @@ state goes through `context` (vmm/tcg/qemu_env.py).
 The engine is always opened in 64-bit mode: the guest's own CR0/EFER and
 segment caches decide whether it runs real, protected or long mode code.
 
+Its CPU model decides which features Unicorn's TCG enforces, whatever CPUID
+says (vmm/tcg/cpuid.py answers CPUID): a CR4 bit the model lacks does not
+stick, so SMAP and protection keys (PKU) work only with a model that has
+them. Skylake-Server is the oldest of Unicorn's models with both; against the
+default (Haswell) it adds only SMAP, PKU, ADX, CLFLUSHOPT, CLWB and 1 GiB
+pages, all emulated by this TCG (QEMU 5's TCG_*_FEATURES), and other family
+and model numbers (which the guest is not shown).
+
 Unicorn follows every guest load and store with a call to a helper that
 checks whether emulation must stop (so that an access to unmapped memory
 stops at once). The call makes TCG write every guest register back to memory
@@ -28,14 +36,19 @@ import re
 import time
 
 from vmm.tcg.code_pages import patch_code_page_tracking
-from vmm.tcg.qemu_env import ContextBuffer, check_layout
+from vmm.tcg.qemu_env import OFF_XCR0, ContextBuffer, EnvLayoutError, check_layout
 from vmm.tcg.stop_hook import StopHook
 from vmm.tcg.unicorn_lib import Uc, UcError, uc_const, uclib, x86
 
 UC_CTL_TLB_FLUSH_WRITE = (uc_const.UC_CTL_IO_WRITE << 30) | uc_const.UC_CTL_TLB_FLUSH
 PAGE_SIZE = 0x1000
+CPU_MODEL = x86.UC_CPU_X86_SKYLAKE_SERVER
 CPUID_HLT = bytes.fromhex("0f a2 f4")  # cpuid; hlt
 RDTSC_HLT = bytes.fromhex("0f 31 f4")  # rdtsc; hlt
+XSETBV_HLT = bytes.fromhex("0f 01 d1 f4")  # xsetbv; hlt
+CR4_OSXSAVE = 1 << 18
+XCR0_X87 = 0x1
+XCR0_PROBE = 0x3  # x87 | SSE
 CPUID_OUTPUTS = (x86.UC_X86_REG_EAX, x86.UC_X86_REG_EBX, x86.UC_X86_REG_ECX, x86.UC_X86_REG_EDX)
 # The guest is told the TSC's rate (CPUID 0x15) and never calibrates it, so an
 # error here is a clock drift in the guest: 1000 ppm is 86 s a day. Each end
@@ -56,6 +69,7 @@ class Engine:
         # Before anything is translated, in any engine of this process.
         self.code_page_tracking_patched = patch_code_page_tracking()
         self.uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
+        self.uc.ctl_set_cpu_model(CPU_MODEL)
         self.handle = self.uc._uch
         # With "exits" enabled and none registered, emu_start's `until` address is
         # ignored: the guest runs until a hook, HLT or an error stops it.
@@ -69,6 +83,8 @@ class Engine:
         self.context.save()
         check_layout(self.write_reg, self.write_msr, self.context, x86)
         self.native_cpuid, self.tsc_hz = self._probe(measure_tsc)
+        # Unicorn's reset enables every XSAVE component; a CPU leaves reset with x87 only.
+        self.context.env.set_u64(OFF_XCR0, XCR0_X87)
         self.context.restore()  # forget the probes' register values
         self.stop_hook = StopHook(self.uc)
 
@@ -117,6 +133,13 @@ class Engine:
         if status:
             raise EngineError(f"uc_reg_write_batch failed with error {status}")
 
+    def cr4(self) -> int:
+        return self.reg(x86.UC_X86_REG_CR4)
+
+    def xcr0(self) -> int:
+        """XCR0, which Unicorn's register API does not expose."""
+        return self.context.save().u64(OFF_XCR0)
+
     def read_msr(self, index: int) -> int:
         return self.uc.msr_read(index)
 
@@ -155,17 +178,30 @@ class Engine:
         page = 0
         self.uc.mem_map(page, PAGE_SIZE)
         try:
-            self.uc.mem_write(page, CPUID_HLT + RDTSC_HLT)
+            self.uc.mem_write(page, CPUID_HLT + RDTSC_HLT + XSETBV_HLT)
             native = {}
             for leaf, subleaf in PROBED_LEAVES:
                 self.write_regs((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX), (leaf, subleaf))
                 self.start(page)
                 native[(leaf, subleaf)] = tuple(self.read_regs(CPUID_OUTPUTS))
+            self._check_xcr0_offset(page + len(CPUID_HLT + RDTSC_HLT))
             if Engine._tsc_hz_cache is None and measure_tsc:
                 Engine._tsc_hz_cache = self._measure_tsc_hz(page + len(CPUID_HLT))
             return native, Engine._tsc_hz_cache
         finally:
             self.uc.mem_unmap(page, PAGE_SIZE)
+
+    def _check_xcr0_offset(self, code: int) -> None:
+        """XCR0 is read from the saved CPU state (`xcr0`): a value set by XSETBV must be there."""
+        self.write_reg(x86.UC_X86_REG_CR4, self.cr4() | CR4_OSXSAVE)
+        self.write_regs((x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX), (XCR0_PROBE, 0, 0))
+        self.start(code)
+        probe = self.new_context()  # not self.context, which holds the state to return to
+        try:
+            if probe.save().u64(OFF_XCR0) != XCR0_PROBE:
+                raise EnvLayoutError(f"QEMU CPU state offset {OFF_XCR0} does not hold XCR0")
+        finally:
+            probe.free()
 
     def _read_tsc(self, code: int) -> tuple[int, int, int]:
         """(host monotonic ns, guest TSC, bracket ns) taken as close together as Python allows."""

@@ -53,6 +53,7 @@ OFF_LSTAR = 4840
 OFF_CSTAR = 4848
 OFF_FMASK = 4856
 OFF_KERNEL_GS_BASE = 4864
+OFF_XCR0 = 4904
 OFF_ERROR_CODE = 5384  # int error_code of the exception being raised
 OFF_EXCEPTION_IS_INT = 5388  # 1 for int n / int3 / into
 OFF_DR = 5400

@@ -177,7 +177,7 @@ class TcgVirtualMachine(VirtualMachine):
         engine = self.engine
         leaf, subleaf = engine.read_regs(CPUID_INPUTS)
         engine.write_regs(CPUID_OUTPUTS, self.cpuid.lookup(self.scheduler.owner.index, leaf & 0xFFFFFFFF,
-                                                           subleaf & 0xFFFFFFFF))
+                                                           subleaf & 0xFFFFFFFF, engine))
         return 1  # skip Unicorn's own CPUID
 
     def _hook_syscall(self, uc, user_data) -> None:
