@@ -1,4 +1,5 @@
-"""A block hook that stops the emulation when a flag is set, cheap enough to run on every block.
+"""A block hook that stops the emulation when a flag is set, or when an interrupt window opens,
+cheap enough to run on every block.
 
 A guest that never exits (a busy loop with interrupts enabled) must still be
 stopped so that timer interrupts can be delivered and other vCPUs can run.
@@ -21,6 +22,52 @@ in an executable page, called directly by Unicorn (no GIL, no ctypes):
 
 Measured on a register/memory loop: no measurable slowdown against no hook.
 Elsewhere a Python hook does the same job, slowly.
+
+The same hook finds interrupt windows exactly. An interrupt that is pending
+while the guest cannot take it (RFLAGS.IF clear, the one-instruction shadow
+of STI or MOV SS, an NMI while the previous NMI's handler runs) must be
+delivered as soon as the guest can take it: QEMU's translator ends a block
+right after every instruction that can open that window (STI and the
+instruction in its shadow, POPF, IRET), so looking at each block start is
+exact. While the vCPU asks for it (`watch_*`), the hook lets a number of
+block starts pass, then stops at the first one where IF is set (reading
+RFLAGS with `uc_reg_read`), or at the next one whatever IF is (an NMI: only
+IRET unblocks it, and NMI blocking is not readable through Unicorn's API).
+With no watch the hook costs one more comparison. Its state is four words:
+
+    [0] stop requested     [1] watch: 0 none, 1 until IF is set, 2 any block
+    [2] block starts to let pass first     [3] scratch for RFLAGS
+
+    hook:  cmp  qword [rcx], 0          ; rcx = user_data = the state
+           jne  stop
+           cmp  qword [rcx+8], 0
+           jne  watch
+           ret
+    watch: cmp  qword [rcx+16], 0
+           je   check
+           dec  qword [rcx+16]          ; let this block start pass
+           ret
+    check: cmp  qword [rcx+8], 2
+           je   open
+           push rbx                     ; keep the state and uc, align the stack
+           push rdi
+           sub  rsp, 8
+           mov  rbx, rcx
+           mov  esi, UC_X86_REG_EFLAGS
+           lea  rdx, [rcx+24]
+           mov  rax, uc_reg_read
+           call rax                     ; uc_reg_read(uc, EFLAGS, &state[3])
+           add  rsp, 8
+           pop  rdi
+           mov  rcx, rbx
+           pop  rbx
+           test dword [rcx+24], 0x200   ; IF
+           jnz  open
+           ret
+    open:  mov  qword [rcx+8], 0        ; the window is open: stop as requested
+           mov  qword [rcx], 1
+    stop:  mov  rax, uc_emu_stop
+           jmp  rax                     ; tail call uc_emu_stop(uc): rdi still holds uc
 """
 
 from __future__ import annotations
@@ -30,19 +77,47 @@ import logging
 import mmap
 import platform
 
-from vmm.tcg.unicorn_lib import Uc, uc_const, uc_hook_h, uclib
+from vmm.tcg.unicorn_lib import Uc, uc_const, uc_hook_h, uclib, x86
 
 log = logging.getLogger(__name__)
 
+STOP, WATCH, SKIP, SCRATCH = range(4)  # the hook's state words
+WATCH_NONE, WATCH_INTERRUPT_FLAG, WATCH_ANY_BLOCK = 0, 1, 2
+RFLAGS_IF = 1 << 9
 
-def _machine_code(emu_stop_address: int) -> bytes:
-    return (
-        bytes.fromhex("48 83 39 00")  # cmp qword [rcx], 0
-        + bytes.fromhex("75 01")  # jne +1
-        + bytes.fromhex("c3")  # ret
-        + bytes.fromhex("48 b8") + emu_stop_address.to_bytes(8, "little")  # movabs rax, imm64
-        + bytes.fromhex("ff e0")  # jmp rax
-    )
+
+def _machine_code(emu_stop_address: int, reg_read_address: int) -> bytes:
+    """The hook in the module docstring; the jumps' displacements are fixed by its layout."""
+    code = b"".join([
+        bytes.fromhex("48 83 39 00"),            # hook:  cmp qword [rcx], 0
+        bytes.fromhex("75 5b"),                  #        jne stop
+        bytes.fromhex("48 83 79 08 00"),         #        cmp qword [rcx+8], 0
+        bytes.fromhex("75 01"),                  #        jne watch
+        bytes.fromhex("c3"),                     #        ret
+        bytes.fromhex("48 83 79 10 00"),         # watch: cmp qword [rcx+16], 0
+        bytes.fromhex("74 05"),                  #        je check
+        bytes.fromhex("48 ff 49 10"),            #        dec qword [rcx+16]
+        bytes.fromhex("c3"),                     #        ret
+        bytes.fromhex("48 83 79 08 02"),         # check: cmp qword [rcx+8], 2
+        bytes.fromhex("74 31"),                  #        je open
+        bytes.fromhex("53 57 48 83 ec 08"),      #        push rbx; push rdi; sub rsp, 8
+        bytes.fromhex("48 89 cb"),               #        mov rbx, rcx
+        bytes.fromhex("be") + x86.UC_X86_REG_EFLAGS.to_bytes(4, "little"),  # mov esi, EFLAGS
+        bytes.fromhex("48 8d 51 18"),            #        lea rdx, [rcx+24]
+        bytes.fromhex("48 b8") + reg_read_address.to_bytes(8, "little"),   # movabs rax, uc_reg_read
+        bytes.fromhex("ff d0"),                  #        call rax
+        bytes.fromhex("48 83 c4 08 5f"),         #        add rsp, 8; pop rdi
+        bytes.fromhex("48 89 d9 5b"),            #        mov rcx, rbx; pop rbx
+        bytes.fromhex("f7 41 18") + RFLAGS_IF.to_bytes(4, "little"),  # test dword [rcx+24], IF
+        bytes.fromhex("75 01"),                  #        jne open
+        bytes.fromhex("c3"),                     #        ret
+        bytes.fromhex("48 c7 41 08 00 00 00 00"),  # open: mov qword [rcx+8], 0
+        bytes.fromhex("48 c7 01 01 00 00 00"),   #        mov qword [rcx], 1
+        bytes.fromhex("48 b8") + emu_stop_address.to_bytes(8, "little"),   # stop: movabs rax, uc_emu_stop
+        bytes.fromhex("ff e0"),                  #        jmp rax
+    ])
+    assert len(code) == 0x6D  # the layout the displacements above were computed for
+    return code
 
 
 class StopHook:
@@ -53,7 +128,7 @@ class StopHook:
     """
 
     def __init__(self, uc: Uc) -> None:
-        self.flag = ctypes.c_uint64(0)
+        self.state = (ctypes.c_uint64 * 4)()
         self._code_page: mmap.mmap | None = None
         self.native = False
         if platform.machine() in ("x86_64", "AMD64"):
@@ -67,28 +142,55 @@ class StopHook:
 
     def _install_native(self, uc: Uc) -> None:
         emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+        reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
         page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-        page.write(_machine_code(emu_stop))
+        page.write(_machine_code(emu_stop, reg_read))
         self._code_page = page
         address = ctypes.addressof(ctypes.c_char.from_buffer(page))
         handle = uc_hook_h()
         status = uclib.uc_hook_add(
             uc._uch, ctypes.byref(handle), uc_const.UC_HOOK_BLOCK, ctypes.c_void_p(address),
-            ctypes.cast(ctypes.pointer(self.flag), ctypes.c_void_p), ctypes.c_uint64(1), ctypes.c_uint64(0),
+            ctypes.cast(self.state, ctypes.c_void_p), ctypes.c_uint64(1), ctypes.c_uint64(0),
         )
         if status != uc_const.UC_ERR_OK:
             raise ValueError(f"uc_hook_add failed with error {status}")
 
     def _python_hook(self, uc: Uc, address: int, size: int, user_data) -> None:
-        if self.flag.value:
-            uc.emu_stop()
+        state = self.state
+        if not state[STOP]:
+            if not state[WATCH]:
+                return
+            if state[SKIP]:
+                state[SKIP] -= 1
+                return
+            if state[WATCH] == WATCH_INTERRUPT_FLAG and not uc.reg_read(x86.UC_X86_REG_EFLAGS) & RFLAGS_IF:
+                return
+            state[WATCH] = WATCH_NONE
+            state[STOP] = 1
+        uc.emu_stop()
 
     def request(self) -> None:
-        self.flag.value = 1
+        self.state[STOP] = 1
 
     def clear(self) -> None:
-        self.flag.value = 0
+        """Re-arm for the next emu_start: no stop requested, no window watched."""
+        self.state[STOP] = 0
+        self.state[WATCH] = WATCH_NONE
+
+    def watch_interrupt_flag(self, skip_blocks: int) -> None:
+        """Stop at the first block start after `skip_blocks` more where RFLAGS.IF is set."""
+        self.state[SKIP] = skip_blocks
+        self.state[WATCH] = WATCH_INTERRUPT_FLAG
+
+    def watch_next_block(self) -> None:
+        """Stop at the start of the block after the current one."""
+        self.state[SKIP] = 1
+        self.state[WATCH] = WATCH_ANY_BLOCK
+
+    @property
+    def watching(self) -> bool:
+        return self.state[WATCH] != WATCH_NONE
 
     @property
     def requested(self) -> bool:
-        return self.flag.value != 0
+        return self.state[STOP] != 0

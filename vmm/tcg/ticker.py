@@ -1,12 +1,13 @@
 """The alarm clock of a software-CPU VM: ends the running vCPU's slice when it must.
 
-Guest code runs until something stops `emu_start`. Three things must, even in
+Guest code runs until something stops `emu_start`. Two things must, even in
 a guest that never exits on its own:
 
 - a timer interrupt falls due (the PIT, a local APIC timer);
-- an interrupt is pending but the guest had interrupts masked when the slice
-  started, so it has to be re-checked soon (no "interrupt window" exit here);
 - another vCPU is waiting for the CPU and the slice is used up.
+
+(An interrupt the guest cannot take yet stops the slice when it can: the stop
+hook watches for the window, vmm/tcg/stop_hook.py.)
 
 The vCPU arms the ticker with the earliest of these when its slice starts
 (and again when a device write moves a timer earlier); the ticker thread

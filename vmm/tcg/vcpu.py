@@ -66,9 +66,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NMI_VECTOR = 2
-# With an interrupt pending while the guest has IF clear there is no
-# "interrupt window" exit: look again this soon.
-INTERRUPT_WINDOW_POLL_NS = 500_000
 MIN_SLICE_NS = 50_000
 
 
@@ -110,7 +107,6 @@ class TcgVcpu(Vcpu):
         self._sipi_vector: int | None = None
         self._woken = False  # something became pending for this vCPU (under the scheduler lock)
         self._interrupts_enabled = False  # RFLAGS.IF when it halted
-        self._masked_interrupt = False  # one was pending but IF was clear at the last slice start
         self._in_guest = False  # inside emu_start
         self._slice_thread = 0  # the thread running this vCPU's slices
         # The gdb stub's state for this vCPU (vmm/tcg/debug.py).
@@ -294,16 +290,16 @@ class TcgVcpu(Vcpu):
         return None
 
     def _take_interrupt(self) -> None:
-        """Deliver an NMI or one external interrupt, if the guest can take it now."""
+        """Deliver an NMI or one external interrupt, if the guest can take it now; else have the
+        slice stop where it can (vmm/tcg/stop_hook.py watches for the window)."""
         router, index, engine = self.router, self.index, self.engine
         rip = engine.reg(x86.UC_X86_REG_RIP)
-        self._masked_interrupt = False
         if router.has_nmi(index):
             # An NMI blocks further NMIs until the next IRET, which clears
             # QEMU's HF2_NMI_MASK; setting it is ours, as delivery is.
             env = engine.context.save()
             if env.u32(OFF_HFLAGS2) & HF2_NMI_MASK:
-                self._masked_interrupt = True  # look again soon: the handler's IRET unblocks it
+                engine.stop_hook.watch_next_block()  # the handler's IRET ends a block
             elif router.take_nmi(index):
                 self.deliver(Event(NMI_VECTOR, external=True), rip)
                 env = engine.context.save()
@@ -312,21 +308,26 @@ class TcgVcpu(Vcpu):
                 rip = engine.reg(x86.UC_X86_REG_RIP)
         if not router.has_interrupt(index):
             return
-        if not engine.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF or engine.context.save().hflags & HF_INHIBIT_IRQ:
-            self._masked_interrupt = True
+        # (A watch for a blocked NMI stops at the next block anyway: keep that one.)
+        if not engine.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF:
+            if not engine.stop_hook.watching:
+                engine.stop_hook.watch_interrupt_flag(skip_blocks=0)
+            return
+        if engine.context.save().hflags & HF_INHIBIT_IRQ:
+            # After STI or MOV SS: the next instruction runs first, in a block of its own.
+            if not engine.stop_hook.watching:
+                engine.stop_hook.watch_interrupt_flag(skip_blocks=1)
             return
         vector = router.acknowledge(index)
         if vector is not None:
             self.deliver(Event(vector, external=True), rip)
 
     def _arm_ticker(self) -> None:
-        """When this slice must end at the latest: a timer, a masked interrupt, a waiting vCPU."""
+        """When this slice must end at the latest: a timer, a waiting vCPU."""
         now = time.monotonic_ns()
         candidates = []
         if self.router is not None:
             candidates.append(self.router.next_deadline())
-            if self._masked_interrupt:
-                candidates.append(now + INTERRUPT_WINDOW_POLL_NS)
         if self.scheduler.contended:
             candidates.append(self.scheduler.owner_since + SLICE_NS)
         deadlines = [d for d in candidates if d is not None]
