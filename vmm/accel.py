@@ -43,6 +43,9 @@ class PlatformOptions:
     irqchip: bool = False
     # The user's CPUID edits (--cpu-features).
     cpu_features: list[FeatureEdit] = field(default_factory=list)
+    # The software CPU's vendor (--cpu-vendor), one of CPU_VENDORS; None: its default.
+    cpu_vendor: str | None = None
+
 
 
 class Vcpu(ABC):

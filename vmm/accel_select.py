@@ -36,6 +36,8 @@ def open_accelerator(config: MachineConfig) -> tuple[Accelerator, str]:
         raise PyvmmError(f"unknown accelerator {config.accel!r}: choose one of {', '.join(ACCELERATORS)}")
     if config.accel == "tcg":
         return open_tcg(), ""
+    if config.cpu_vendor is not None:  # (validate() refused it with --accel kvm)
+        return open_tcg(), "using the software CPU: --cpu-vendor asks for it"
 
     from vmm.kvm.accel import KvmAccelerator
     from vmm.kvm.fd import KvmUnavailable

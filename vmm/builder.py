@@ -84,7 +84,8 @@ def build(machine: Machine) -> None:
     machine.accel_name = machine.accel.name
     # Linux gets a PC's interrupt controllers and timer; a flat guest
     # gets none, so its HLT ends the run.
-    platform = PlatformOptions(cpus=config.cpus, irqchip=config.is_linux, cpu_features=config.cpu_features)
+    platform = PlatformOptions(cpus=config.cpus, irqchip=config.is_linux, cpu_features=config.cpu_features,
+                               cpu_vendor=config.cpu_vendor)
     machine.vm = machine.accel.create_vm(machine.memory, machine.io, platform)
     board = plug_devices(machine, platform.irqchip)
     if config.boots_firmware:

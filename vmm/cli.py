@@ -17,7 +17,7 @@ import click
 from vmm import exit_status
 from vmm.accel_select import ACCELERATORS
 from vmm.config import DEFAULT_CMDLINE, MachineConfig, parse_memory_size
-from vmm.cpu_features import parse_feature_edits
+from vmm.cpu_features import CPU_VENDORS, parse_feature_edits
 from vmm.errors import PyvmmError, one_line
 from vmm.gdb.options import gdb_options, gdb_spec
 from vmm.virtio_options import DiskSpec, VirtioSpecs, parse_console, parse_disk, parse_fs, parse_net
@@ -64,6 +64,8 @@ def cli(verbose: int) -> None:
               help="CPU accelerator: KVM, the software CPU (tcg), or KVM when it can run the guest.")
 @click.option("--cpu-features", default="", metavar="[+-]FEATURE,...",
               help="Add or remove CPUID features, e.g. -avx,+x2apic.")
+@click.option("--cpu-vendor", type=click.Choice(CPU_VENDORS),
+              help="The software CPU's vendor: intel (the default) or amd; implies the software CPU.")
 @click.option("--guest-decompress", is_flag=True,
               help="Let a bzImage decompress itself in the guest instead of on the host.")
 @click.option("--test-devices", is_flag=True,
@@ -93,7 +95,7 @@ def cli(verbose: int) -> None:
               help="Stop the guest after SECONDS and exit with status 124, as timeout(1) does.")
 @gdb_options
 def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Path | None, memory: str,
-         cpus: int, accel: str, cpu_features: str, guest_decompress: bool, stats: bool,
+         cpus: int, accel: str, cpu_features: str, cpu_vendor: str | None, guest_decompress: bool, stats: bool,
          disks: tuple[str, ...], nets: tuple[str, ...], console_kind: str, rng: bool,
          bios: Path | None, disk_format: str | None, cdrom: Path | None, disk: Path | None,
          virtio_cmdline: bool, timeout: float | None, gdb: str | None, gdb_default: bool, paused: bool,
@@ -107,7 +109,7 @@ def boot(kernel: Path | None, initrd: Path | None, cmdline: str | None, flat: Pa
         config = MachineConfig(
             memory=parse_memory_size(memory), cpus=cpus, accel=accel, flat=flat,
             kernel=kernel, initrd=initrd, cmdline=cmdline, guest_decompress=guest_decompress, bios=bios,
-            cpu_features=parse_feature_edits(cpu_features), stats=stats, timeout=timeout,
+            cpu_features=parse_feature_edits(cpu_features), cpu_vendor=cpu_vendor, stats=stats, timeout=timeout,
             test_devices=test_devices,
             virtio=VirtioSpecs(disks=boot_disks(disk, disk_format, cdrom) + [parse_disk(d) for d in disks],
                                nets=[parse_net(n) for n in nets],

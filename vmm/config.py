@@ -50,6 +50,8 @@ class MachineConfig:
     # Let a bzImage decompress itself in the guest instead of on the host.
     guest_decompress: bool = False
     cpu_features: list[FeatureEdit] = field(default_factory=list)
+    # The software CPU's vendor (--cpu-vendor, one of CPU_VENDORS); None: its default, Intel.
+    cpu_vendor: str | None = None
     stats: bool = False
     # QEMU's pc-testdev, for kvm-unit-tests (devices/pc_testdev.py).
     test_devices: bool = False
@@ -86,6 +88,9 @@ class MachineConfig:
             raise PyvmmError("nothing to boot: give a DISK image, --cdrom ISO, --kernel KERNEL or --flat IMAGE")
         if self.bios is not None and not self.boots_firmware:
             raise PyvmmError("--bios boots a disk through firmware; it excludes --kernel and --flat")
+        if self.cpu_vendor is not None and self.accel == "kvm":
+            raise PyvmmError("--cpu-vendor chooses the software CPU's vendor; a KVM guest sees the host's CPU "
+                             "(use --accel tcg)")
         if self.flat is not None and self.kernel is not None:
             raise PyvmmError("--flat and --kernel exclude each other")
         if self.flat is not None and self.cpus > 1:

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 from vmm.errors import PyvmmError
 
+# --cpu-vendor: the software CPU's vendor (a KVM guest sees the host's CPU).
+CPU_VENDORS = ("intel", "amd")
+
 # name -> (leaf, subleaf, register, bit)
 FEATURES: dict[str, tuple[int, int, str, int]] = {
     # leaf 1 ECX

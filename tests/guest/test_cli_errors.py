@@ -73,6 +73,11 @@ def test_bad_timeouts(guest, seconds):
     assert_one_line_error(result, f"--timeout must be a positive number of seconds (got {seconds})".encode())
 
 
+def test_cpu_vendor_is_refused_on_kvm(guest):
+    result = run_pyvmm("boot", "--flat", str(guest("hello")), "--accel", "kvm", "--cpu-vendor", "amd")
+    assert_one_line_error(result, b"--cpu-vendor chooses the software CPU's vendor; a KVM guest sees the host's CPU")
+
+
 def test_missing_disk_image(tmp_path):
     result = run_pyvmm("boot", str(tmp_path / "nope.qcow2"))
     assert_one_line_error(result, b"DISK", b"nope.qcow2: no such file")

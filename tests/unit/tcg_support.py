@@ -65,7 +65,8 @@ class ExitPort:
 class TcgMachine:
     """A software-CPU VM with RAM, two test ports and one vCPU, for guests in tests."""
 
-    def __init__(self, memory_size: int = 32 << 20, cpus: int = 1, irqchip: bool = False) -> None:
+    def __init__(self, memory_size: int = 32 << 20, cpus: int = 1, irqchip: bool = False,
+                 cpu_vendor: str | None = None) -> None:
         self.memory = GuestMemory(memory_size)
         self.io = MachineIo(pio=Bus("pio"), mmio=Bus("mmio"))
         self.output = OutputPort()
@@ -73,7 +74,8 @@ class TcgMachine:
         self.io.pio.register(OUTPUT_PORT, 1, self.output, "output")
         self.io.pio.register(EXIT_PORT, 1, self.exit, "exit")
         self.accel = TcgAccelerator()
-        self.vm = self.accel.create_vm(self.memory, self.io, PlatformOptions(cpus=cpus, irqchip=irqchip))
+        self.vm = self.accel.create_vm(self.memory, self.io,
+                                       PlatformOptions(cpus=cpus, irqchip=irqchip, cpu_vendor=cpu_vendor))
         self.vcpus = [self.vm.create_vcpu(i) for i in range(cpus)]
         self.exit.vcpu = self.vcpus[0]
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import struct
 
-from tests.unit.tcg_support import assemble
+import pytest
+
+from tests.unit.tcg_support import TcgMachine, assemble
 
 CR4_OSXSAVE, CR4_SMAP, CR4_PKE = 1 << 18, 1 << 21, 1 << 22
 XSAVE, OSXSAVE = 1 << 26, 1 << 27
@@ -78,3 +80,42 @@ def test_cpuid_shows_what_the_engine_enforces_and_follows_cr4_and_xcr0(machine, 
     assert (size_enabled, size_all) == (LEGACY_AREA_AND_HEADER, WITH_PKRU)
     assert size_after_xsetbv == WITH_PKRU
     assert (pkru_size, pkru_offset) == (8, 0xA80)
+
+
+IDENTITY = """
+    .code16
+    xor %eax, %eax
+    cpuid
+    mov %edx, %esi
+    mov $0xe9, %dx
+    mov %ebx, %eax
+    outl %eax, %dx
+    mov %esi, %eax
+    outl %eax, %dx
+    mov %ecx, %eax
+    outl %eax, %dx
+    mov $1, %eax
+    cpuid
+    mov $0xe9, %dx
+    outl %eax, %dx
+    mov $0, %al
+    out %al, $0xf4
+    hlt
+"""
+
+
+@pytest.mark.parametrize("vendor, name, signature", [
+    (None, b"GenuineIntel", 0x306C4),  # Haswell's family/model (vmm/tcg/cpuid.py says why)
+    ("amd", b"AuthenticAMD", 0x830F10),  # EPYC-Rome's own: family 0x17, model 0x31
+])
+def test_cpu_vendor_chooses_the_engines_model_and_what_cpuid_says(tmp_path, vendor, name, signature):
+    machine = TcgMachine(cpu_vendor=vendor)
+    try:
+        machine.load(assemble(IDENTITY, tmp_path))
+        machine.run()
+        assert machine.exit.status == 0
+        assert machine.output.data[:12] == name
+        assert struct.unpack_from("<I", machine.output.data, 12)[0] == signature
+        assert machine.vm.engine.vendor == (vendor or "intel")
+    finally:
+        machine.close()

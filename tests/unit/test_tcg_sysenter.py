@@ -6,6 +6,7 @@ from tests.unit.tcg_support import (
     KERNEL_CS,
     LOAD_ADDRESS,
     SETGATE_MACRO,
+    TcgMachine,
     assemble,
     long_mode_state,
 )
@@ -14,6 +15,7 @@ SYSENTER = SETGATE_MACRO + r"""
     .code64
     .set IDT, 0x4000
     SETGATE 13, gp_handler, 0x8e, 0    /* #GP: kernel code, interrupt gate */
+    SETGATE 6, ud_handler, 0x8e, 0     /* #UD */
     lidt idtr(%rip)
 
     mov $0x174, %ecx                   /* IA32_SYSENTER_CS */
@@ -43,6 +45,10 @@ gp_handler:
     mov $'G', %al
     out %al, $0xe9
     pop %rbx                           /* the error code */
+    jmp done
+ud_handler:
+    mov $'U', %al
+    out %al, $0xe9
 done:
     mov $0x2a, %al
     out %al, $0xf4
@@ -75,3 +81,12 @@ def test_sysenter_without_a_code_segment_is_a_general_protection_fault(machine, 
     output, registers = run(machine, tmp_path, 0)
     assert output == b"aG"
     assert registers["rbx"] == 0  # error code 0
+
+
+def test_sysenter_in_long_mode_is_an_invalid_opcode_on_an_amd_cpu(tmp_path):
+    machine = TcgMachine(cpu_vendor="amd")
+    try:
+        output, _ = run(machine, tmp_path, KERNEL_CS)
+        assert output == b"aU"
+    finally:
+        machine.close()

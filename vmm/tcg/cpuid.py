@@ -17,10 +17,11 @@ only what the rest of the emulation decides:
   component although CPUID does not offer it;
 - OSXSAVE and OSPKE read CR4.OSXSAVE and CR4.PKE at the time of the CPUID, as
   on hardware;
-- the family, model and stepping of a Haswell (Unicorn's default model, which
-  pyvmm used before): Linux applies per-model errata and mitigations by them,
-  and for a Skylake-Server it warns that the Spectre v2 mitigation leaves
-  RETBleed open. The engine's behaviour does not depend on them;
+- on the Intel model, the family, model and stepping of a Haswell (Unicorn's
+  default model, which pyvmm used before): Linux applies per-model errata and
+  mitigations by them, and for a Skylake-Server it warns that the Spectre v2
+  mitigation leaves RETBleed open. The engine's behaviour does not depend on
+  them (only on the vendor);
 - the local APIC bit follows the platform: shown only when the emulated
   interrupt controllers exist;
 - topology for N vCPUs: one package of N cores, one thread each, APIC ID =
@@ -83,7 +84,8 @@ CR4_PKE = 1 << 22
 XSAVE_LEAF = 0xD
 XSTATE_KEPT = (1 << 0) | (1 << 1) | (1 << 9)  # x87, SSE, PKRU
 XSAVE_LEGACY_AREA_AND_HEADER = 512 + 64  # the size x87 and SSE state need
-SIGNATURE = 0x306C4  # family 6, model 0x3C, stepping 4 (leaf 1 and 0x80000001 EAX)
+INTEL_SIGNATURE = 0x306C4  # family 6, model 0x3C, stepping 4 (leaf 1 and 0x80000001 EAX)
+INTEL = struct.unpack("<III", b"GenuineIntel")
 LEAF6_EAX_ARAT = 1 << 2  # the APIC timer keeps running while the vCPU halts
 INVARIANT_TSC = 1 << 8  # leaf 0x80000007 EDX
 
@@ -120,6 +122,8 @@ class CpuidProfile:
         self.native = native
         self.options = options
         self.max_basic = 0x15 if self._tsc_leaf() else XSAVE_LEAF
+        _, b, c, d = self._native(0)
+        self.signature = INTEL_SIGNATURE if (b, d, c) == INTEL else self._native(1)[0]
 
     def lookup(self, vcpu: int, leaf: int, subleaf: int, cpu: ControlRegisters) -> Registers:
         leaf &= 0xFFFFFFFF
@@ -160,7 +164,7 @@ class CpuidProfile:
 
     def _leaf_1(self, vcpu: int, subleaf: int, cpu: ControlRegisters) -> Registers:
         _, b, c, d = self._native(1)
-        a = SIGNATURE
+        a = self.signature
         cpus = self.options.cpus
         b = (vcpu << 24) | ((cpus if cpus > 1 else 1) << 16) | (b & 0xFF00)
         c = (c & ~LEAF1_ECX_HIDDEN) | ECX_HYPERVISOR
@@ -232,7 +236,7 @@ class CpuidProfile:
 
     def _extended_1(self, vcpu: int, subleaf: int, cpu: ControlRegisters) -> Registers:
         _, b, c, d = self._native(0x80000001)
-        return (SIGNATURE, b, c, d)
+        return (self.signature, b, c, d)
 
     def _brand(self, part: int) -> Registers:
         text = BRAND.ljust(48, b"\0")[16 * part: 16 * part + 16]

@@ -16,7 +16,10 @@ stick, so SMAP and protection keys (PKU) work only with a model that has
 them. Skylake-Server is the oldest of Unicorn's models with both; against the
 default (Haswell) it adds only SMAP, PKU, ADX, CLFLUSHOPT, CLWB and 1 GiB
 pages, all emulated by this TCG (QEMU 5's TCG_*_FEATURES), and other family
-and model numbers (which the guest is not shown).
+and model numbers (which the guest is not shown). `--cpu-vendor amd` takes
+EPYC-Rome instead, the newest AMD model (SMAP, no protection keys): the
+vendor decides how the guest's CPUID reads and what SYSENTER does in long
+mode (vmm/tcg/syscall.py).
 
 Unicorn follows every guest load and store with a call to a helper that
 checks whether emulation must stop (so that an access to unmapped memory
@@ -42,7 +45,7 @@ from vmm.tcg.unicorn_lib import Uc, UcError, uc_const, uclib, x86
 
 UC_CTL_TLB_FLUSH_WRITE = (uc_const.UC_CTL_IO_WRITE << 30) | uc_const.UC_CTL_TLB_FLUSH
 PAGE_SIZE = 0x1000
-CPU_MODEL = x86.UC_CPU_X86_SKYLAKE_SERVER
+CPU_MODELS = {"intel": x86.UC_CPU_X86_SKYLAKE_SERVER, "amd": x86.UC_CPU_X86_EPYC_ROME}  # by --cpu-vendor
 CPUID_HLT = bytes.fromhex("0f a2 f4")  # cpuid; hlt
 RDTSC_HLT = bytes.fromhex("0f 31 f4")  # rdtsc; hlt
 XSETBV_HLT = bytes.fromhex("0f 01 d1 f4")  # xsetbv; hlt
@@ -63,13 +66,15 @@ class EngineError(RuntimeError):
 
 
 class Engine:
-    def __init__(self, *, measure_tsc: bool = True) -> None:
+    def __init__(self, *, measure_tsc: bool = True, vendor: str = "intel") -> None:
         """`measure_tsc`: measure the host TSC's rate (`tsc_hz`, else None), which takes
-        TSC_MEASURE_SECONDS once per process; only a guest told the rate needs it."""
+        TSC_MEASURE_SECONDS once per process; only a guest told the rate needs it.
+        `vendor`: a key of CPU_MODELS."""
         # Before anything is translated, in any engine of this process.
         self.code_page_tracking_patched = patch_code_page_tracking()
         self.uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
-        self.uc.ctl_set_cpu_model(CPU_MODEL)
+        self.uc.ctl_set_cpu_model(CPU_MODELS[vendor])
+        self.vendor = vendor
         self.handle = self.uc._uch
         # With "exits" enabled and none registered, emu_start's `until` address is
         # ignored: the guest runs until a hook, HLT or an error stops it.

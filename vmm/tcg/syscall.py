@@ -15,7 +15,8 @@ With EFER.SCE clear the instruction raises #UD.
 
 SYSENTER:     CS <- SYSENTER_CS & ~3 (flat, 64-bit when EFER.LMA is set),
               SS <- CS + 8, RSP <- SYSENTER_ESP, RIP <- SYSENTER_EIP,
-              RFLAGS &= ~(IF | VM | RF). #GP(0) when SYSENTER_CS is 0.
+              RFLAGS &= ~(IF | VM | RF). #GP(0) when SYSENTER_CS is 0;
+              #UD in long mode on an AMD CPU (`--cpu-vendor amd`).
               (Real mode is QEMU's: #GP before the hook. The 32-bit vDSO of
               a 64-bit Linux on an Intel CPU enters the kernel this way.)
 """
@@ -77,6 +78,12 @@ class SyscallNotEnabled(InstructionFault):
     vector = 6
 
 
+class SysenterInLongModeOnAmd(InstructionFault):
+    """AMD CPUs have no SYSENTER in long mode: #UD."""
+
+    vector = 6
+
+
 class SysenterNotSetUp(InstructionFault):
     """SYSENTER_CS is zero: #GP(0)."""
 
@@ -116,6 +123,8 @@ def emulate_syscall(engine: Engine, fetch_code) -> None:
 
 def emulate_sysenter(engine: Engine, fetch_code) -> None:
     """Perform SYSENTER on the live state. `fetch_code(rip, n)` reads instruction bytes."""
+    if engine.vendor == "amd" and engine.context.save().u64(OFF_EFER) & EFER_LMA:
+        raise SysenterInLongModeOnAmd()
     selector = engine.read_msr(MSR_SYSENTER_CS) & 0xFFFC
     if selector == 0:
         raise SysenterNotSetUp()

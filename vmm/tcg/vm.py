@@ -52,7 +52,7 @@ class TcgVirtualMachine(VirtualMachine):
         self.io = io
         self.platform = platform
         # The guest learns the TSC's rate from CPUID 0x15, which needs a local APIC.
-        self.engine = Engine(measure_tsc=platform.irqchip)
+        self.engine = Engine(measure_tsc=platform.irqchip, vendor=platform.cpu_vendor or "intel")
         self.scheduler = CpuScheduler(self.engine)
         self.delivery = InterruptDelivery(self.engine, memory)
         self.cpuid = CpuidProfile(self.engine.native_cpuid, CpuidOptions(
