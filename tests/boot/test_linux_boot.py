@@ -57,10 +57,12 @@ def test_boots_to_a_shell_and_powers_off(boot_linux, linux_accel, cpus, tmp_path
     assert "self" in guest.run("ls /proc").split()
     assert guest.run("for i in 1 2 3; do echo loop$i; done").split() == ["loop1", "loop2", "loop3"]
     guest.run(WORK_ON_CPU)
-    # In a subshell: no job-control notices from the interactive shell. Only the
-    # all-digit lines are the answers: kernel messages may come in between.
+    # In a subshell: no job-control notices from the interactive shell. Each answer
+    # is a line that starts with its CPU number. The kernel prints its messages on
+    # the same console, whole, between the shell's writes: on a line of their own,
+    # or after a number whose newline had not been written yet ("2[  31.5] ...").
     answer = guest.run(f"(for c in $(seq 0 {cpus - 1}); do w $c & done; wait)")
-    ran_on = [line.strip() for line in answer.splitlines() if line.strip().isdigit()]
+    ran_on = [m.group(1) for line in answer.splitlines() if (m := re.match(r"(\d+)(\[|$)", line.strip()))]
     assert sorted(ran_on) == [str(cpu) for cpu in range(cpus)], ran_on
     clocksource = guest.run("cat /sys/devices/system/clocksource/clocksource0/current_clocksource").strip()
     if linux_accel == "kvm":
