@@ -31,18 +31,21 @@ def run(linux_assets, linux_module_tree):
     return run
 
 
-def test_status_stdio_cwd_and_env_exactly(run):
+# These two run on each accelerator (`linux_accel`): on KVM where this host's KVM
+# runs Linux, and in `make test-kvm`'s L1 otherwise. The others take `--accel auto`.
+def test_status_stdio_cwd_and_env_exactly(run, linux_accel):
     script = 'pwd; echo "$GREETING"; cat; printf "to stderr\\n" >&2; exit 7'
-    result = run("--env", "GREETING=hello world", "--", "sh", "-c", script, input=b"binary\0\xff\nend")
+    result = run("--accel", linux_accel, "--env", "GREETING=hello world", "--", "sh", "-c", script,
+                 input=b"binary\0\xff\nend")
     assert result.returncode == 7, result.stderr
     assert result.stdout == f"{REPO}\nhello world\n".encode() + b"binary\0\xff\nend"
     assert result.stderr == b"to stderr\n"
 
 
-def test_success_prints_nothing_else_and_a_missing_command_is_127(run):
-    result = run("--", "true")
+def test_success_prints_nothing_else_and_a_missing_command_is_127(run, linux_accel):
+    result = run("--accel", linux_accel, "--", "true")
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
-    result = run("--", "no-such-command-anywhere")
+    result = run("--accel", linux_accel, "--", "no-such-command-anywhere")
     assert result.returncode == 127
     assert b"no-such-command-anywhere" in result.stderr and result.stdout == b""
 

@@ -7,7 +7,8 @@ Two concatenated newc archives (the kernel unpacks them in order):
   stdlib; the venv's runtime site-packages (pytest included: the tests run
   inside L1); the host tools the tests call (binutils, e2fsprogs, qemu-img)
   with the libraries `ldd` names; the kvm and virtio modules of Debian's cloud
-  kernel; the Linux test assets (the L2 kernel and initramfs);
+  kernel; the Linux test assets (the L2 kernel and initramfs, and the modules
+  `pyvmm run` loads);
 - a small per-run payload: the project checkout, `/init` and the command.
 
 Every Python file ships with an unchecked-hash .pyc beside it: L1 runs on a
@@ -33,7 +34,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.assets import CpioWriter, LinuxAssets, assets_dir, download_cloud_kernel, insmod_order
+from tests.assets import (
+    CpioWriter,
+    LinuxAssets,
+    assets_dir,
+    download_cloud_kernel,
+    fetch_module_tree,
+    find_module_tree,
+    insmod_order,
+)
+from vmm.run.modules import ModuleTree, guest_modules
 
 # Bumped when the layout below changes, so an old cached base is not reused.
 BASE_VERSION = 1
@@ -274,7 +284,19 @@ def base_tree(kernel: L1Kernel, assets: LinuxAssets) -> Tree:
     tree.file(f"{MODULES}/order", "".join(f"{MODULES}/{m.name}\n" for m in kernel.modules).encode())
     for path in (assets.kernel, assets.initrd, assets.kernel.parent / "manifest.json"):
         tree.file(f"{ASSETS}/{path.name}", path)
+    add_run_modules(tree, find_module_tree(assets) or fetch_module_tree(assets))
     return tree
+
+
+def add_run_modules(tree: Tree, root: Path) -> None:
+    """The part of the L2 kernel's module tree that `pyvmm run` loads (tests/boot/test_run.py),
+    where tests/assets.py looks for the tree: not all of its 90 MB."""
+    paths = [ModuleTree.open(root).files[name] for name, _ in guest_modules(root, terminal=True)]
+    at = f"{ASSETS}/modules/{root.name}"
+    for path in paths:
+        tree.file(f"{at}/{path}", root / path)
+    tree.file(f"{at}/modules.order", "".join(f"{path}\n" for path in paths).encode())
+    tree.file(f"{at}/modules.builtin", root / "modules.builtin")
 
 
 def qemu_tree() -> Tree:

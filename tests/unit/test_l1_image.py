@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from tests.nested.l1_image import Tree
+from tests.assets import linux_assets, linux_module_tree  # noqa: F401 - fixtures
+from tests.nested.l1_image import ASSETS, Tree, add_run_modules
+from vmm.run.modules import guest_modules
 
 
 @pytest.fixture
@@ -67,3 +69,11 @@ def test_python_files_get_a_pyc_that_imports_without_its_source_mtime(tmp_path, 
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.VALUE == 42
+
+
+def test_the_module_subset_holds_what_pyvmm_run_loads(linux_module_tree, unpack):  # noqa: F811
+    tree = Tree()
+    add_run_modules(tree, linux_module_tree)
+    inside = unpack(tree) / ASSETS.lstrip("/") / "modules" / linux_module_tree.name
+    assert guest_modules(inside, terminal=True) == guest_modules(linux_module_tree, terminal=True)
+    assert len(list(inside.rglob("*.ko"))) == len(guest_modules(linux_module_tree, terminal=True))
