@@ -8,7 +8,8 @@ no parsing of a console that the L1 kernel also writes to.
 
 Traps (PLATFORM.md, "A real KVM, nested"): without `tsc_early_khz=` about
 4 L1 boots in 6 hang calibrating the TSC; without `pit=on` microvm under TCG
-hangs in about half the boots.
+hangs in about half the boots; without `tsc=reliable` L1 keeps time by
+counting timer ticks, and its clock falls behind when the host is busy (below).
 """
 
 from __future__ import annotations
@@ -72,7 +73,14 @@ def host_tsc_khz() -> int | None:
 
 
 def qemu_command(kernel: Path, initrd: Path, results_disk: Path) -> list[str]:
-    append = "console=ttyS0 panic=-1"
+    # tsc=reliable: QEMU's software CPU reads one counter, the host's TSC, for
+    # every vCPU, yet Linux calls the TSC of a two-CPU AMD machine without an
+    # invariant TSC unsynchronized and falls back to refined-jiffies, a clock
+    # that advances only by timer ticks. QEMU drops ticks while its threads
+    # wait for a host CPU, so on a busy host L1's clock ran at 0.3-0.7 of real
+    # time: everything timed inside L1 (a test's timeout, the benchmark, the
+    # console's progress lines) stretched, and L1 seemed hung (README).
+    append = "console=ttyS0 panic=-1 tsc=reliable"
     if khz := host_tsc_khz():
         append += f" tsc_early_khz={khz}"
     return ["qemu-system-x86_64", "-accel", "tcg,thread=multi,tb-size=1024", "-cpu", "max",
@@ -104,12 +112,14 @@ def run_in_l1(script: str, repo: Path, timeout: float, work: Path,
         f.truncate(RESULTS_DISK_MIB << 20)
 
     lines: list[str] = []
+    started = time.monotonic()
     process = subprocess.Popen(qemu_command(kernel.kernel, initrd, results_disk), stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
     def pump() -> None:
         for raw in process.stdout:
-            line = raw.decode(errors="replace").rstrip("\r\n")
+            # Host seconds first: L1's own timestamps cannot tell a slow L1 from a stuck one.
+            line = f"[{time.monotonic() - started:7.1f}] " + raw.decode(errors="replace").rstrip("\r\n")
             lines.append(line)
             if echo:
                 echo(line)
