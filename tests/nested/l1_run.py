@@ -77,13 +77,22 @@ def qemu_command(kernel: Path, initrd: Path, results_disk: Path) -> list[str]:
     # every vCPU, yet Linux calls the TSC of a two-CPU AMD machine without an
     # invariant TSC unsynchronized and falls back to refined-jiffies, a clock
     # that advances only by timer ticks. QEMU drops ticks while its threads
-    # wait for a host CPU, so on a busy host L1's clock ran at 0.3-0.7 of real
-    # time: everything timed inside L1 (a test's timeout, the benchmark, the
-    # console's progress lines) stretched, and L1 seemed hung (README).
+    # wait for a host CPU, so on a busy host L1's clock ran at 0.5-0.65 of real
+    # time, and everything timed inside L1 (a test's timeout, the benchmark,
+    # the console's progress lines) stretched with it.
     append = "console=ttyS0 panic=-1 tsc=reliable"
     if khz := host_tsc_khz():
         append += f" tsc_early_khz={khz}"
-    return ["qemu-system-x86_64", "-accel", "tcg,thread=multi,tb-size=1024", "-cpu", "max",
+    # thread=single: with one host thread per vCPU (QEMU's default), L1 hung
+    # for good now and then. Each VM that KVM creates or destroys flips static
+    # keys (its preempt notifiers in __schedule among them), which Linux
+    # rewrites live with an int3 on the first byte (text_poke_bp). QEMU 7.2's
+    # threaded software CPU could keep a stale translation holding that int3:
+    # the vCPU trapped, found no int3 in memory, retried, and trapped again,
+    # forever, interrupts off and the runqueue lock held, while the other vCPU
+    # spun on that lock (README, "Linux on a real KVM"). One thread for both
+    # vCPUs never translates code while another writes it.
+    return ["qemu-system-x86_64", "-accel", "tcg,thread=single,tb-size=1024", "-cpu", "max",
             "-M", "microvm,acpi=on,pit=on,rtc=on", "-smp", "2", "-m", L1_MEMORY,
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
