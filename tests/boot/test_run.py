@@ -24,8 +24,10 @@ def run(linux_assets, linux_module_tree):
     def run(*args: str, input: bytes = b"", cwd=REPO, timeout: float = 600) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "vmm", "run", "--kernel", str(linux_assets.kernel),
                    "--modules", str(linux_module_tree), *args]
-        # PYTHONPATH: the checkout under test, whatever the working directory.
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        # PYTHONPATH: the checkout under test first, whatever the working directory
+        # (and what was there: inside make test-kvm's L1 it names the packages).
+        paths = [str(REPO), os.environ.get("PYTHONPATH")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in paths if path)}
         return subprocess.run(command, input=input, capture_output=True, cwd=cwd, timeout=timeout, env=env)
 
     return run

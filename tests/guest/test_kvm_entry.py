@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import HOST_LIMITATION
-from tests.helpers import REPO, kvm_usable
+from tests.helpers import REPO, host_is_qemu_tcg, kvm_usable
 from vmm.kvm import quirks
 
 pytestmark = pytest.mark.kvm
@@ -24,6 +24,11 @@ def test_refused_entry_ends_with_its_status_and_reason(guest):
     result = subprocess.run([sys.executable, "-m", "tests.guest.bad_entry", str(guest("hlt"))], cwd=REPO,
                             capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 6, result.stderr
+    # Hardware refuses the first entry, at the state's RIP. Not pyvmm's doing:
+    # QEMU 7.2's emulated SVM, the L1 of `make test-kvm`, refuses it with
+    # another RIP in the VMCB (0x10dc9 seen), so there any RIP will do.
+    rip = rb"0x[0-9a-f]+" if host_is_qemu_tcg() else rb"0x10000"
     assert re.fullmatch(rb"pyvmm: vCPU 0: the accelerator refused to enter the guest "
-                        rb"\(hardware entry failure reason 0x[0-9a-f]+, RIP 0x10000\)\n", result.stderr), result.stderr
+                        rb"\(hardware entry failure reason 0x[0-9a-f]+, RIP " + rip + rb"\)\n",
+                        result.stderr), result.stderr
     assert result.stdout == b""
