@@ -245,7 +245,8 @@ def _site_packages() -> str:
 
 def base_tree(kernel: L1Kernel, assets: LinuxAssets) -> Tree:
     tree = Tree()
-    for directory in ("/dev", "/proc", "/sys", "/tmp", "/root", RESULTS):
+    # /run too: pyvmm run mounts a tmpfs there in its guest, over the shared root.
+    for directory in ("/dev", "/proc", "/sys", "/tmp", "/root", "/run", RESULTS):
         tree.entries[directory] = ("dir", None, 0o755)
     tree.entries["/tmp"] = ("dir", None, 0o1777)
     for top in ("/bin", "/sbin", "/lib", "/lib64"):  # merged /usr: busybox --install needs them all
