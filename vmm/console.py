@@ -1,13 +1,13 @@
 """The host side of the serial console: the user's terminal (or a pipe) <-> the UART.
 
 Output: `Console.write(data)` is the UART's (and virtio-console's) output
-writer. Once the console is started, single bytes (a UART hands over one
-per guest `out`, and two system calls per byte were most of what a printing
-guest cost) are gathered and written within OUTPUT_DELAY_SECONDS by an
-output thread, or at once by the writer when OUTPUT_BATCH bytes are
-waiting; longer writes (virtio-console's buffers) go out at once, after
-what was gathered. Whichever thread writes makes the system calls itself,
-so a guest still waits while the host does not read. Writes finish partial writes and wait out EAGAIN
+writer. Once the console is started, what the guest writes is gathered and
+written within OUTPUT_DELAY_SECONDS by an output thread, or at once by the
+writer when OUTPUT_BATCH bytes are waiting: a UART hands over one byte per
+guest `out`, virtio-console a buffer per line or two, and two system calls
+per write were most of what a printing guest cost. Whichever thread writes
+makes the system calls itself, so a guest still waits while the host does
+not read. Writes finish partial writes and wait out EAGAIN
 when someone left the fd non-blocking. If the reader of our output goes
 away (EPIPE), guest output is dropped rather than killing the vCPU thread
 that happened to transmit. `stop()` writes what is left.
@@ -279,9 +279,10 @@ class Console:
         if self._output_broken:
             return
         with self._output_lock:
+            was_empty = not self._output
             self._output += data
-            if len(data) == 1 and self._output_thread is not None and len(self._output) < OUTPUT_BATCH:
-                if len(self._output) == 1:
+            if self._output_thread is not None and len(self._output) < OUTPUT_BATCH:
+                if was_empty:
                     self._output_waiting.set()  # the output thread writes it shortly
                 return
             self._write_output()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from vmm.console import HELP_TEXT, READ_CHUNK, Console, EscapeParser, RawTerminal
+from vmm.console import HELP_TEXT, OUTPUT_BATCH, READ_CHUNK, Console, EscapeParser, RawTerminal
 
 HANG_GUARD = 10  # seconds; only keeps a broken build from hanging, never asserted on
 
@@ -402,9 +402,10 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def test_single_bytes_are_gathered_yet_arrive_unprompted_and_in_order():
-    # A UART's bytes wait for the output thread (no stop, no further write needed);
-    # a longer write goes out at once, after them.
+def test_output_is_gathered_yet_arrives_unprompted_and_in_order():
+    # A UART's bytes and virtio-console's short buffers wait for the output thread
+    # (no stop, no further write needed); a write that fills the batch goes out at
+    # once, after them.
     read_fd, write_fd = os.pipe()
     null = os.open(os.devnull, os.O_RDONLY)
     console = Console(lambda: None, input_fd=null, output_fd=write_fd, raw=False)
@@ -417,8 +418,17 @@ def test_single_bytes_are_gathered_yet_arrive_unprompted_and_in_order():
             received += os.read(read_fd, 64)  # what the output thread wrote, unprompted
         assert received == b"spinning\n"
         console.write(b"a")
-        console.write(b"bc")
-        assert os.read(read_fd, 64) == b"abc"
+        console.write(b"bc\n")
+        received = b""
+        while len(received) < 4 and select.select([read_fd], [], [], 30)[0]:
+            received += os.read(read_fd, 64)
+        assert received == b"abc\n"
+        console.write(b"d")
+        console.write(b"e" * OUTPUT_BATCH)
+        received = b""
+        while select.select([read_fd], [], [], 0)[0]:  # in the pipe already, without waiting for the thread
+            received += os.read(read_fd, 2 * OUTPUT_BATCH)
+        assert received == b"d" + b"e" * OUTPUT_BATCH
     finally:
         console.stop()
         os.close(null)
