@@ -65,6 +65,7 @@ class NullIrqLine:
 
 
 CACHE_LIMIT = 4096
+_UNKNOWN = object()  # an address find() has not been asked about since the cache was last cleared
 
 
 class BusConflictError(ValueError):
@@ -126,7 +127,9 @@ class Bus:
         return found
 
     def read(self, address: int, size: int) -> int:
-        target = self.find(address)
+        target = self._cache.get(address, _UNKNOWN)  # find()'s cache, without the call: every exit comes here
+        if target is _UNKNOWN:
+            target = self.find(address)
         if target is None:
             self._unclaimed(address, "read")
             return (1 << (8 * size)) - 1
@@ -134,7 +137,9 @@ class Bus:
         return target.device.read(address - target.base, size)
 
     def write(self, address: int, size: int, value: int) -> None:
-        target = self.find(address)
+        target = self._cache.get(address, _UNKNOWN)
+        if target is _UNKNOWN:
+            target = self.find(address)
         if target is None:
             self._unclaimed(address, "write")
             return

@@ -64,7 +64,7 @@ class VcpuThread(threading.Thread):
         # Called with the vCPU index (vmm/guest_reset.py decides the status).
         self.triple_fault = triple_fault or self._stop_for_triple_fault
         self.look: Callable[[Vcpu], None] | None = None  # set with request_look (vmm/stuck_vcpu.py)
-        self.exit_counts: Counter[str] = Counter()
+        self._counts: Counter[type] = Counter()  # by exit class: no name lookup per exit
 
     def run(self) -> None:
         try:
@@ -75,28 +75,37 @@ class VcpuThread(threading.Thread):
         finally:
             self.vcpu.thread_done()
 
+    @property
+    def exit_counts(self) -> Counter[str]:
+        """Exits so far by kind ("IoOut", "Hlt", ...)."""
+        return Counter({kind.__name__: count for kind, count in self._counts.items()})
+
     def _loop(self) -> None:
-        vcpu, pio, mmio, stop, debugger = self.vcpu, self.io.pio, self.io.mmio, self.stop, self.debugger
-        counts = self.exit_counts
+        # Every exit passes here: the methods it calls are looked up once.
+        run, complete_read, stop, debugger = self.vcpu.run, self.vcpu.complete_read, self.stop, self.debugger
+        pio_write, pio_read, mmio_write, mmio_read = (self.io.pio.write, self.io.pio.read,
+                                                      self.io.mmio.write, self.io.mmio.read)
+        counts = self._counts
+        vcpu = self.vcpu
         while not stop.stopping:
-            exit = vcpu.run()
+            exit = run()
             kind = type(exit)
-            counts[kind.__name__] += 1
+            counts[kind] += 1
             if kind is IoOut:
                 port, size, data = exit.port, exit.size, exit.data
                 if exit.count == 1:
-                    pio.write(port, size, int.from_bytes(data, "little"))
+                    pio_write(port, size, int.from_bytes(data, "little"))
                 else:  # rep outs: one device access per item, as the hardware does
                     for start in range(0, size * exit.count, size):
-                        pio.write(port, size, int.from_bytes(data[start : start + size], "little"))
+                        pio_write(port, size, int.from_bytes(data[start : start + size], "little"))
             elif kind is IoIn:
                 port, size = exit.port, exit.size
-                vcpu.complete_read(b"".join(
-                    pio.read(port, size).to_bytes(size, "little") for _ in range(exit.count)))
+                complete_read(b"".join(pio_read(port, size).to_bytes(size, "little") for _ in range(exit.count)))
             elif kind is MmioWrite:
-                mmio.write(exit.address, len(exit.data), int.from_bytes(exit.data, "little"))
+                data = exit.data
+                mmio_write(exit.address, len(data), int.from_bytes(data, "little"))
             elif kind is MmioRead:
-                vcpu.complete_read(mmio.read(exit.address, exit.size).to_bytes(exit.size, "little"))
+                complete_read(mmio_read(exit.address, exit.size).to_bytes(exit.size, "little"))
             elif kind is Interrupted:
                 look, self.look = self.look, None
                 if look is not None:

@@ -41,12 +41,13 @@ from vmm.memory import GuestMemory
 # would not interrupt the ioctl) and does nothing.
 KICK_SIGNAL = signal.SIGUSR1
 
-# kvm_run read as bytes on the mapped page, each exit with one unpack (cffi
-# attribute reads cost more): exit_reason, and two members of the union at
-# offset 32, io (direction, size, port, count, data_offset) and mmio
-# (phys_addr, len, is_write; the data bytes in between, at MMIO_DATA).
-_EXIT_REASON = struct.Struct("<I")
-_EXIT_IO = struct.Struct("<BBHIQ")
+# kvm_run read as bytes on the mapped page (cffi attribute reads cost more):
+# exit_reason at offset 8 and the union at offset 32, whose io member
+# (direction, size, port, count, data_offset) comes with the reason in the
+# same unpack, since port I/O is the commonest exit (for any other exit
+# those five values are unused); the mmio member (phys_addr, len, is_write;
+# the data bytes in between, at MMIO_DATA) takes a second one.
+_EXIT_HEAD = struct.Struct("<8xI20xBBHIQ")
 _EXIT_MMIO = struct.Struct("<Q8xIB")
 _UNION = 32
 _MMIO_DATA = _UNION + 8
@@ -82,6 +83,7 @@ class KvmVcpu(Vcpu):
         self.memory = memory
         self._run = fd.kvm_run
         self._page = fd.run_page
+        self._enter = fd.run
         self._thread_ident: int | None = None
         self._thread_lock = threading.Lock()  # a kick never signals a thread that has ended
         self._pending_read: tuple[int, int] | None = None  # (offset into kvm_run page, length)
@@ -144,22 +146,21 @@ class KvmVcpu(Vcpu):
         if self._thread_ident is None:
             with self._thread_lock:
                 self._thread_ident = threading.get_ident()
-        if not self.fd.run():
+        if not self._enter():
             self._run.immediate_exit = 0
             return Interrupted()
         page = self._page
-        reason = _EXIT_REASON.unpack_from(page, 8)[0]
+        reason, direction, size, port, count, offset = _EXIT_HEAD.unpack_from(page)
         if reason == _IO:
-            direction, size, port, count, offset = _EXIT_IO.unpack_from(page, _UNION)
             if direction == _IO_OUT:
-                return IoOut(port, size, count, bytes(page[offset : offset + size * count]))
+                return IoOut(port, size, count, page[offset : offset + size * count].tobytes())
             self._pending_read = (offset, size * count)
             return IoIn(port, size, count)
         if reason == _MMIO:
             address, length, is_write = _EXIT_MMIO.unpack_from(page, _UNION)
             length = min(length, 8)  # the kernel never says more; the data area holds 8
             if is_write:
-                return MmioWrite(address, bytes(page[_MMIO_DATA : _MMIO_DATA + length]))
+                return MmioWrite(address, page[_MMIO_DATA : _MMIO_DATA + length].tobytes())
             self._pending_read = (_MMIO_DATA, length)
             return MmioRead(address, length)
         run = self._run
