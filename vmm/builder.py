@@ -18,8 +18,6 @@ from boot.firmware import (
     read_bios,
     reset_vector_state,
 )
-from boot.linux import load_linux
-from boot.multiboot import load_multiboot
 from boot.reboot_params import add_reboot_params
 from boot.reset_stub import install_reset_stub
 from devices import (
@@ -46,7 +44,6 @@ from vmm.guest_reset import GuestResets
 from vmm.host_memory import release_freed_heap
 from vmm.machine import Machine
 from vmm.memory import GuestMemory
-from vmm.virtio_setup import plug_virtio_devices
 
 
 def _always(config: MachineConfig) -> bool:
@@ -131,6 +128,9 @@ def plug_devices(machine: Machine, irqchip: bool) -> Board:
         if wanted(config):
             machine.devices[name] = plug(board)
     if machine.config.virtio.count:
+        # Imported here, as the kernel loaders below: a machine loads only what it uses (start-up time).
+        from vmm.virtio_setup import plug_virtio_devices
+
         machine.virtio = plug_virtio_devices(board, vm, machine.config.virtio, irqchip=irqchip)
     return board
 
@@ -173,6 +173,9 @@ def _load_firmware(machine: Machine, board: Board) -> CpuState:
 
 def _load_kernel(machine: Machine, board: Board) -> CpuState:
     """A multiboot kernel (by its header), else Linux; either way with the ACPI tables."""
+    from boot.linux import load_linux
+    from boot.multiboot import load_multiboot
+
     config = machine.config
     rsdp = build_acpi_tables(machine.memory, config.cpus, board.acpi)
     modules = [config.initrd] if config.initrd is not None else []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from boot.firmware import BootFailureWatch
 from devices.board import Board
@@ -23,7 +24,9 @@ from vmm.lifecycle import StopController
 from vmm.memory import GuestMemory
 from vmm.stuck_vcpu import LOOK_INTERVAL, StuckVcpuWatch
 from vmm.vcpu_thread import VcpuThread
-from vmm.virtio_setup import VirtioDevices
+
+if TYPE_CHECKING:  # imported by the builder only for a machine that has virtio devices
+    from vmm.virtio_setup import VirtioDevices
 
 log = logging.getLogger(__name__)
 
