@@ -22,9 +22,10 @@ from boot import bootparam as bp
 from boot.bzimage import BzImage, parse_bzimage
 from boot.decompress import can_decompress, decompress_payload
 from boot.e820 import build_e820
+from boot.elf import is_elf
 from boot.initrd import place_initrd
 from boot.pagetables import enter_long_mode
-from boot.vmlinux import Vmlinux, is_elf, load_vmlinux, parse_vmlinux
+from boot.vmlinux import Vmlinux, load_vmlinux, parse_vmlinux
 from boot.zeropage import BootParamsInput, build_boot_params
 from vmm.cpu_state import CpuState
 from vmm.errors import PyvmmError

@@ -29,8 +29,9 @@ from pathlib import Path
 
 from boot.bios_state import install_bios_state
 from boot.e820 import E820_RAM, build_e820
+from boot.elf import ELF_MAGIC, ELFCLASS32, EM_386, Segment, read_executable
 from boot.pagetables import encode_descriptor
-from boot.vmlinux import Segment, Vmlinux, load_vmlinux, physical_entry
+from boot.vmlinux import Vmlinux, load_vmlinux
 from vmm.cpu_state import CR0_ET, CR0_PE, RFLAGS_RESERVED, CpuState
 from vmm.cpu_state import Segment as CpuSegment
 from vmm.errors import PyvmmError
@@ -68,18 +69,9 @@ INFO_MODULES = 1 << 3
 INFO_MEMORY_MAP = 1 << 6
 INFO_LOADER_NAME = 1 << 9
 INFO_STRUCT_SIZE = 88  # up to and including the VBE fields, which stay zero
-MODULE_ENTRY_SIZE = 16
 MMAP_ENTRY_SIZE = 24  # a 4-byte size field (20), then base, length, type
 LOADER_NAME = b"pyvmm\0"
 
-ELFCLASS32 = 1
-ELFDATA2LSB = 1
-ET_EXEC = 2
-EM_386 = 3
-PT_LOAD = 1
-ELF32_HEADER_SIZE = 52
-ELF32_PHDR_SIZE = 32
-MAX_PROGRAM_HEADERS = 64
 
 # The entry GDT (the kernel loads its own; the specification lets GDTR be
 # anything, but the segment caches must be flat, and a software CPU may reload
@@ -156,36 +148,10 @@ def _segments_from_address_fields(header: MultibootHeader, data: bytes) -> tuple
 
 
 def _segments_from_elf(data: bytes) -> tuple[list[Segment], int]:
-    if len(data) < ELF32_HEADER_SIZE or data[:4] != b"\x7fELF":
+    if not data.startswith(ELF_MAGIC):
         raise ValueError("neither an ELF file nor a header with address fields (flag 16)")
-    if data[4] != ELFCLASS32 or data[5] != ELFDATA2LSB:
-        raise ValueError("not a 32-bit little-endian ELF file (multiboot kernels are ELF32)")
-    e_type, e_machine = struct.unpack_from("<HH", data, 16)
-    if e_machine != EM_386 or e_type != ET_EXEC:
-        raise ValueError(f"not an i386 executable (ELF type {e_type}, machine {e_machine})")
-    e_entry, e_phoff = struct.unpack_from("<II", data, 24)
-    e_phentsize, e_phnum = struct.unpack_from("<HH", data, 42)
-    if e_phentsize != ELF32_PHDR_SIZE or not 0 < e_phnum <= MAX_PROGRAM_HEADERS:
-        raise ValueError(f"bad program header table ({e_phnum} entries of {e_phentsize} bytes)")
-    if e_phoff + e_phnum * ELF32_PHDR_SIZE > len(data):
-        raise ValueError("program header table lies beyond the end of the file (truncated?)")
-    segments = []
-    for index in range(e_phnum):
-        p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz = struct.unpack_from(
-            "<6I", data, e_phoff + index * ELF32_PHDR_SIZE)
-        if p_type != PT_LOAD or p_memsz == 0:
-            continue
-        if p_filesz > p_memsz:
-            raise ValueError(f"segment {index} has more file bytes than memory bytes")
-        if p_offset + p_filesz > len(data):
-            raise ValueError(f"segment {index} lies beyond the end of the file (truncated?)")
-        segments.append(Segment(p_offset, p_paddr, p_vaddr, p_filesz, p_memsz))
-    if not segments:
-        raise ValueError("no loadable segments")
-    entry = physical_entry(e_entry, segments)
-    if entry is None:
-        raise ValueError(f"entry point {e_entry:#x} is outside every loadable segment")
-    return segments, entry
+    executable = read_executable(data, ELFCLASS32, EM_386, "i386")  # its ElfError is a ValueError
+    return list(executable.segments), executable.entry
 
 
 def pyvmm_structures() -> list[tuple[str, int, int]]:

@@ -11,40 +11,13 @@ table appended; the appended bytes are simply never loaded.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from boot.bzimage import NotALinuxKernel
+from boot.elf import ELFCLASS64, EM_X86_64, ElfError, Segment, read_executable
 from vmm.errors import PyvmmError
 from vmm.layout import MiB
 from vmm.memory import GuestMemory
-
-ELF_MAGIC = b"\x7fELF"
-ELFCLASS64 = 2
-ELFDATA2LSB = 1
-ET_EXEC = 2
-EM_X86_64 = 62
-PT_LOAD = 1
-ELF64_HEADER_SIZE = 64
-ELF64_PHDR_SIZE = 56
-MAX_PROGRAM_HEADERS = 64  # vmlinux has about five; more is a corrupt header
-
-
-def is_elf(data: bytes | memoryview) -> bool:
-    return bytes(data[:4]) == ELF_MAGIC
-
-
-@dataclass(frozen=True)
-class Segment:
-    file_offset: int
-    physical_address: int
-    virtual_address: int
-    file_size: int
-    memory_size: int
-
-    @property
-    def end(self) -> int:
-        return self.physical_address + self.memory_size
 
 
 @dataclass(frozen=True)
@@ -63,58 +36,12 @@ class Vmlinux:
 
 
 def parse_vmlinux(data: bytes | memoryview, source: str = "kernel") -> Vmlinux:
-    """Validate an x86-64 ELF executable; raise NotALinuxKernel on anything wrong."""
-
-    def fail(reason: str) -> NotALinuxKernel:
-        return NotALinuxKernel(source, f"ELF: {reason}")
-
-    if len(data) < ELF64_HEADER_SIZE or not is_elf(data):
-        raise fail("no ELF header")
-    if data[4] != ELFCLASS64 or data[5] != ELFDATA2LSB:
-        raise fail("not a 64-bit little-endian ELF file")
-    e_type, e_machine = struct.unpack_from("<HH", data, 16)
-    if e_machine != EM_X86_64:
-        raise fail(f"built for machine {e_machine}, not x86-64")
-    if e_type != ET_EXEC:
-        raise fail(f"not an executable (ELF type {e_type})")
-    (e_entry, e_phoff) = struct.unpack_from("<QQ", data, 24)
-    e_phentsize, e_phnum = struct.unpack_from("<HH", data, 54)
-    if e_phentsize != ELF64_PHDR_SIZE or not 0 < e_phnum <= MAX_PROGRAM_HEADERS:
-        raise fail(f"bad program header table ({e_phnum} entries of {e_phentsize} bytes)")
-    if e_phoff + e_phnum * ELF64_PHDR_SIZE > len(data):
-        raise fail("program header table lies beyond the end of the file (truncated?)")
-
-    segments = []
-    for index in range(e_phnum):
-        (p_type, _flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _align) = struct.unpack_from(
-            "<IIQQQQQQ", data, e_phoff + index * ELF64_PHDR_SIZE
-        )
-        if p_type != PT_LOAD or p_memsz == 0:
-            continue
-        if p_filesz > p_memsz:
-            raise fail(f"segment {index} has more file bytes than memory bytes")
-        if p_offset + p_filesz > len(data):
-            raise fail(f"segment {index} lies beyond the end of the file (truncated?)")
-        if p_paddr + p_memsz > 1 << 52:
-            raise fail(f"segment {index} has an impossible physical address {p_paddr:#x}")
-        segments.append(Segment(p_offset, p_paddr, p_vaddr, p_filesz, p_memsz))
-    if not segments:
-        raise fail("no loadable segments")
-
-    entry = physical_entry(e_entry, segments)
-    if entry is None:
-        raise fail(f"entry point {e_entry:#x} is outside every loadable segment")
-    return Vmlinux(data=data, entry=entry, segments=tuple(segments))
-
-
-def physical_entry(e_entry: int, segments: list[Segment]) -> int | None:
-    for seg in segments:
-        if seg.physical_address <= e_entry < seg.end:
-            return e_entry
-    for seg in segments:
-        if seg.virtual_address <= e_entry < seg.virtual_address + seg.memory_size:
-            return e_entry - seg.virtual_address + seg.physical_address
-    return None
+    """Validate an x86-64 ELF executable (boot/elf.py); raise NotALinuxKernel on anything wrong."""
+    try:
+        executable = read_executable(data, ELFCLASS64, EM_X86_64, "x86-64")
+    except ElfError as err:
+        raise NotALinuxKernel(source, f"ELF: {err}") from None
+    return Vmlinux(data=data, entry=executable.entry, segments=executable.segments)
 
 
 def load_vmlinux(memory: GuestMemory, vmlinux: Vmlinux) -> None:

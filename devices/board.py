@@ -3,9 +3,9 @@
 Every device file ends with a `plug(board)` function that puts the device
 where it sits on a PC: its ports or MMIO window on the buses, its interrupt
 line, its description in the DSDT, and its callbacks wired to the machine
-(stop with an exit status, the host console). The machine (vmm/machine.py)
-makes one `Board` and calls the functions in its device list, in order;
-adding a device is its file plus one line in that list.
+(stop with an exit status, the host console). The builder (vmm/builder.py)
+makes one `Board` and calls the functions in its device list, DEVICES, in
+order; adding a device is its file plus one line in that list.
 
 The device classes themselves stay plain state machines with injected
 callbacks, testable without a board.

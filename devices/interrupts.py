@@ -340,31 +340,6 @@ class InterruptRouter:
         with self._critical:
             return self.lapics[cpu].take_nmi()
 
-    def inject_nmi(self, cpu: int | None = None) -> None:
-        """LINT1 on one CPU, or all: a host-side NMI."""
-        with self._critical:
-            for apic in self.lapics if cpu is None else [self.lapics[cpu]]:
-                apic.lint1()
-
-    def apic_base_msr(self, cpu: int) -> int:
-        with self._critical:
-            return self.lapics[cpu].apic_base_msr()
-
-    def set_apic_base_msr(self, cpu: int, value: int) -> None:
-        with self._critical:
-            self._deadline_dirty = True
-            self.lapics[cpu].set_apic_base_msr(value)
-
-    def cr8(self, cpu: int) -> int:
-        with self._critical:
-            return self.lapics[cpu].tpr >> 4
-
-    def set_cr8(self, cpu: int, value: int) -> None:
-        with self._critical:
-            apic = self.lapics[cpu]
-            apic.tpr = (value & 0xF) << 4
-            if apic.highest_deliverable() is not None:
-                self._woken.add(cpu)
 
     # -- timers ------------------------------------------------------------------
 

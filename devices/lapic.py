@@ -44,6 +44,8 @@ DEFAULT_BUS_HZ = 1_000_000_000
 MIN_PERIODIC_NS = 200_000
 
 # Delivery modes (ICR, LVT and I/O APIC redirection bits 10-8).
+DELIVERY_MODE_SHIFT = 8
+DELIVERY_MODE_MASK = 7 << DELIVERY_MODE_SHIFT
 FIXED = 0
 LOWEST_PRIORITY = 1
 SMI = 2
@@ -87,6 +89,9 @@ VERSION = 0x0005_0014  # xAPIC version 0x14; bits 23-16: six LVT entries minus o
 
 LVT_MASKED = 1 << 16
 LVT_PERIODIC = 1 << 17
+# LINT0 as ExtINT and LINT1 as NMI: the virtual-wire setup a PC BIOS leaves on the
+# BSP; Lapic.set_firmware_defaults on the software CPU, vmm/kvm/firmware_state.py on KVM.
+VIRTUAL_WIRE_LINT = ((REG_LVT_LINT0, EXTINT), (REG_LVT_LINT1, NMI))
 LVT_REGISTERS = (REG_LVT_TIMER, REG_LVT_THERMAL, REG_LVT_PERF, REG_LVT_LINT0, REG_LVT_LINT1, REG_LVT_ERROR)
 _LVT_WRITABLE = {
     REG_LVT_TIMER: 0xFF | LVT_MASKED | LVT_PERIODIC,  # bit 18 (TSC-deadline) stays 0
@@ -238,8 +243,8 @@ class LocalApic:
         """LINT0 as ExtINT and LINT1 as NMI, the virtual-wire setup a PC BIOS leaves on
         the BSP (KVM and Firecracker do the same), so 8259 interrupts reach the BSP
         before the OS programs its APIC."""
-        self.lvt[REG_LVT_LINT0] = EXTINT << 8
-        self.lvt[REG_LVT_LINT1] = NMI << 8
+        for register, mode in VIRTUAL_WIRE_LINT:
+            self.lvt[register] = mode << DELIVERY_MODE_SHIFT
 
     # -- derived state -----------------------------------------------------------
 

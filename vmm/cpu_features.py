@@ -43,6 +43,11 @@ FEATURES: dict[str, tuple[int, int, str, int]] = {
 }
 
 
+def feature_bit(name: str) -> int:
+    """The mask of feature `name` in its CPUID register (FEATURES says which)."""
+    return 1 << FEATURES[name][3]
+
+
 @dataclass(frozen=True)
 class FeatureEdit:
     name: str

@@ -9,16 +9,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# CR0 / CR4 / EFER bits used by the loaders.
+# Control register, EFER and RFLAGS bits (Intel SDM vol. 3, 2.5 and 2.2.1; vol. 1, 3.4.3),
+# here once for the loaders, both accelerators and the page walker.
 CR0_PE = 1 << 0
 CR0_ET = 1 << 4
 CR0_NE = 1 << 5
 CR0_PG = 1 << 31
+CR4_PSE = 1 << 4
 CR4_PAE = 1 << 5
+CR4_OSFXSR = 1 << 9
 EFER_SCE = 1 << 0
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 RFLAGS_RESERVED = 1 << 1  # bit 1 of RFLAGS always reads as one
+RFLAGS_TF = 1 << 8
+RFLAGS_IF = 1 << 9
+RFLAGS_NT = 1 << 14
+RFLAGS_RF = 1 << 16
+RFLAGS_VM = 1 << 17
+RFLAGS_AC = 1 << 18
+
+# Model-specific register indexes (SDM vol. 4, table 2-2).
+MSR_TSC = 0x10
+MSR_SYSENTER_CS = 0x174
+MSR_SYSENTER_ESP = 0x175
+MSR_SYSENTER_EIP = 0x176
+MSR_MISC_ENABLE = 0x1A0
+MSR_MTRR_DEF_TYPE = 0x2FF
+MSR_STAR = 0xC000_0081
+MSR_LSTAR = 0xC000_0082
+MSR_CSTAR = 0xC000_0083
+MSR_SYSCALL_MASK = 0xC000_0084
+MSR_KERNEL_GS_BASE = 0xC000_0102
 
 GPR_NAMES = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",

@@ -15,10 +15,8 @@ bits already set.
 
 from __future__ import annotations
 
-from vmm.cpu_state import CR0_PG, CR4_PAE, EFER_LMA
+from vmm.cpu_state import CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA
 from vmm.memory import GuestMemory
-
-CR4_PSE = 1 << 4
 
 PTE_P = 1 << 0
 PTE_PS = 1 << 7

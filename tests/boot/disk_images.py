@@ -26,7 +26,6 @@ SECTOR = 512
 MiB = 1 << 20
 PARTITION_START = 2048  # sectors: the first partition at 1 MiB, as fdisk places it
 MBR_CODE_SIZE = 440  # the boot code before the disk signature and the partition table
-PARTITION_TABLE_OFFSET = 446
 PARTITION_TYPE_FAT16_LBA = 0x0E
 ACTIVE = 0x80
 LBA_ONLY_CHS = b"\xfe\xff\xff"  # "use the LBA fields", as partitioners write past 8 GiB

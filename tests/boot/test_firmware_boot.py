@@ -33,8 +33,12 @@ NO_BOOTABLE_DEVICE_STATUS = 8
 # The test initramfs carries the virtio modules without loading them (tests/assets.py).
 # (Commands stay shorter than a terminal line: GuestSession.run expects their echo unwrapped.)
 LOAD_VIRTIO = "for m in $(cat /lib/modules/virtio.order); do insmod $m; done"
-FIRMWARE_FAILURE_TIMEOUT = 60  # seconds for SeaBIOS to try every disk and give up
-BOOT_TIMEOUT = 120  # seconds for any one step of a boot (about 5 s here)
+# Bounds against a hang, not expectations: SeaBIOS gives up on an empty disk in
+# about 2 s and a boot step takes about 5 s on an idle machine, but a shared
+# machine under load (two vCPUs of the software CPU, the guest decompressing
+# its own kernel) has taken ten times as long.
+FIRMWARE_FAILURE_TIMEOUT = 300  # seconds for SeaBIOS to try every disk and give up
+BOOT_TIMEOUT = 300  # seconds for any one step of a boot
 
 
 @pytest.fixture(scope="module")
@@ -163,12 +167,10 @@ def test_empty_disk_says_no_bootable_device_and_exits_with_its_status(tmp_path, 
     need_file(DEFAULT_BIOS, "seabios")
     empty = tmp_path / "test.qcow2"
     assert run_pyvmm("img", "create", "-f", "qcow2", str(empty), "10G").returncode == 0
-    started = time.monotonic()
     result = run_pyvmm("boot", "--accel", accel, str(empty), timeout=FIRMWARE_FAILURE_TIMEOUT)
     assert result.returncode == NO_BOOTABLE_DEVICE_STATUS, result.stderr
     assert b"No bootable device." in result.stdout
     assert result.stderr.strip().splitlines()[-1] == b"pyvmm: the firmware found no bootable device"
-    assert time.monotonic() - started < FIRMWARE_FAILURE_TIMEOUT
 
 
 def test_isohybrid_cdrom_boots_before_the_disk_and_its_files_are_readable(sessions, linux_assets, tmp_path,

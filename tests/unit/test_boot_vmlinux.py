@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from boot.bzimage import NotALinuxKernel
-from boot.vmlinux import is_elf, load_vmlinux, parse_vmlinux
+from boot.elf import is_elf
+from boot.vmlinux import load_vmlinux, parse_vmlinux
 from tests.assets import make_vmlinux
 from tests.fuzzing import fuzz_settings
 from vmm.errors import PyvmmError

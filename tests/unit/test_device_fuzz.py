@@ -41,8 +41,8 @@ from devices.i8042 import KEYBOARD_IRQ as I8042_KEYBOARD_IRQ
 from devices.interrupts import InterruptRouter
 from devices.ioapic import WINDOW_SIZE as IOAPIC_SIZE
 from devices.ioapic import IoApic
+from devices.lapic import REG_TPR, LocalApic, NullLapicHost
 from devices.lapic import WINDOW_SIZE as LAPIC_SIZE
-from devices.lapic import LocalApic, NullLapicHost
 from devices.legacy import QUIET_PORTS, ResetControlRegister, SilentDevice, SystemControlPortA
 from devices.pic import PicPair
 from devices.pit import Pit
@@ -221,6 +221,8 @@ def lapic_rig() -> Rig:
             apic.accept(arg >> 8 & 7, arg >> 16 & 0xFF, bool(arg & 4))
         if arg & 8:
             apic.lint1()
+        if arg & 16:  # hardware-disable or re-enable it through the APIC base MSR
+            apic.set_apic_base_msr(apic.apic_base_msr() ^ (arg >> 8 & 0x800))
         apic.take_nmi()
 
     return Rig([("local APIC", apic, LAPIC_SIZE)], clock, [cpu], LAPIC_HINTS)
@@ -276,9 +278,9 @@ def router_rig() -> Rig:
         current[0] = arg % cpus
 
     def vcpu(arg: int) -> None:
-        """What a vCPU asks at an instruction boundary, and the MSR/CR8 paths."""
+        """What a vCPU asks at an instruction boundary, and its task priority."""
         cpu = arg % cpus
-        op = (arg >> 2) % 8
+        op = (arg >> 2) % 6
         if op == 0:
             assert isinstance(router.has_interrupt(cpu), bool)
         elif op == 1:
@@ -292,13 +294,8 @@ def router_rig() -> Rig:
             deadline = router.next_deadline()
             assert deadline is None or isinstance(deadline, int)
         elif op == 4:
-            router.set_cr8(cpu, arg >> 8)
-            assert 0 <= router.cr8(cpu) <= 0xF
-        elif op == 5:
-            base = router.apic_base_msr(cpu)
-            router.set_apic_base_msr(cpu, base ^ (arg >> 8 & 0x800))
-        elif op == 6:
-            router.inject_nmi(cpu if arg & 0x100 else None)
+            router.lapic_write(cpu, REG_TPR, 4, arg >> 8)
+            assert 0 <= router.lapic_read(cpu, REG_TPR, 4) <= 0xFF
         else:
             router.update(clock.now)
 

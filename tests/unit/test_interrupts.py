@@ -224,17 +224,17 @@ def test_lapic_page_answers_for_the_current_cpu(clock, rec):
     assert router.lapic_read(1, L.REG_ID, 4) == 1 << 24
 
 
-def test_msr_and_cr8(clock, rec):
+def test_msr_and_task_priority(clock, rec):
     router, _, _, _ = make(2, clock, rec)
-    assert router.apic_base_msr(0) & L.APIC_BASE_BSP
-    assert not router.apic_base_msr(1) & L.APIC_BASE_BSP
+    assert router.lapics[0].apic_base_msr() & L.APIC_BASE_BSP
+    assert not router.lapics[1].apic_base_msr() & L.APIC_BASE_BSP
     enable_apic(router, 0)
     router.lapics[0].accept(L.FIXED, 0x45, False)
-    router.set_cr8(0, 5)
+    router.lapic_write(0, L.REG_TPR, 4, 0x50)  # as the guest writes it, through the APIC page
     assert router.lapic_read(0, L.REG_TPR, 4) == 0x50
     assert not router.has_interrupt(0)  # TPR class 5 masks vector 0x45
-    router.set_cr8(0, 3)
-    assert router.cr8(0) == 3
+    router.lapic_write(0, L.REG_TPR, 4, 0x30)
+    assert router.lapic_read(0, L.REG_TPR, 4) >> 4 == 3
     assert router.acknowledge(0) == 0x45
 
 
@@ -290,7 +290,8 @@ def test_nmi_ipi_and_injected_nmi(clock, rec):
     assert router.has_nmi(1) and not router.has_nmi(0)
     assert router.take_nmi(1)
     assert not router.has_nmi(1)
-    router.inject_nmi()  # LINT1 is NMI on the BSP only (firmware defaults)
+    for apic in router.lapics:  # LINT1 is NMI on the BSP only (firmware defaults)
+        apic.lint1()
     assert router.take_nmi(0)
     assert not router.take_nmi(1)
 

@@ -17,7 +17,7 @@ in-kernel local APIC provides whenever KVM_CAP_TSC_DEADLINE_TIMER says so.
 
 from __future__ import annotations
 
-from vmm.cpu_features import FeatureEdit, apply_feature_edits
+from vmm.cpu_features import FeatureEdit, apply_feature_edits, feature_bit
 
 CpuidEntry = tuple[int, int, int, int, int, int, int]  # function, index, flags, eax, ebx, ecx, edx
 
@@ -27,8 +27,9 @@ def _bits_for(count: int) -> int:
     return max(count - 1, 0).bit_length()
 
 
-HYPERVISOR = 1 << 31  # leaf 1 ECX
-TSC_DEADLINE = 1 << 24  # leaf 1 ECX
+HYPERVISOR = feature_bit("hypervisor")  # leaf 1 ECX
+TSC_DEADLINE = feature_bit("tsc_deadline_timer")  # leaf 1 ECX
+HTT = feature_bit("ht")  # leaf 1 EDX
 XTILECFG, XTILEDATA = 1 << 17, 1 << 18  # leaf 0xD subleaf 0 EAX: the two AMX state components
 
 
@@ -42,7 +43,7 @@ def cpuid_for_vcpu(supported: list[CpuidEntry], index: int, cpus: int,
         if function == 0x1:
             # EBX[31:24] initial APIC ID, EBX[23:16] addressable logical processors.
             regs[1] = (regs[1] & 0x0000FFFF) | (min(1 << core_bits, 255) << 16) | ((index & 0xFF) << 24)
-            regs[3] |= 1 << 28  # HTT: the EBX[23:16] count is valid
+            regs[3] |= HTT  # the EBX[23:16] count is valid
             regs[2] |= HYPERVISOR | (TSC_DEADLINE if tsc_deadline else 0)
         elif function == 0x4:
             # Intel deterministic cache parameters: EAX[31:26] cores per package - 1,

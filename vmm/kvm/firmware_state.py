@@ -7,6 +7,19 @@ starts from KVM's reset state.
 from __future__ import annotations
 
 from devices import lapic as lapic_regs
+from vmm.cpu_state import (
+    MSR_CSTAR,
+    MSR_KERNEL_GS_BASE,
+    MSR_LSTAR,
+    MSR_MISC_ENABLE,
+    MSR_MTRR_DEF_TYPE,
+    MSR_STAR,
+    MSR_SYSCALL_MASK,
+    MSR_SYSENTER_CS,
+    MSR_SYSENTER_EIP,
+    MSR_SYSENTER_ESP,
+    MSR_TSC,
+)
 from vmm.kvm import uapi as k
 from vmm.kvm.fd import VcpuFd
 
@@ -16,13 +29,12 @@ MXCSR_DEFAULT = 0x1F80  # SSE: all exceptions masked, round to nearest
 # MSRs as firmware leaves them: fast string operations on, MTRRs enabled with
 # write-back as the default memory type, the syscall MSRs cleared.
 BOOT_MSRS = {
-    0x174: 0, 0x175: 0, 0x176: 0,          # IA32_SYSENTER_CS/ESP/EIP
-    0xC0000081: 0, 0xC0000082: 0,          # STAR, LSTAR
-    0xC0000083: 0, 0xC0000084: 0,          # CSTAR, SYSCALL_MASK
-    0xC0000102: 0,                         # KERNEL_GS_BASE
-    0x10: 0,                               # TSC
-    0x1A0: 1,                              # IA32_MISC_ENABLE: fast strings
-    0x2FF: (1 << 11) | 6,                  # MTRRdefType: enabled, write-back
+    MSR_SYSENTER_CS: 0, MSR_SYSENTER_ESP: 0, MSR_SYSENTER_EIP: 0,
+    MSR_STAR: 0, MSR_LSTAR: 0, MSR_CSTAR: 0, MSR_SYSCALL_MASK: 0,
+    MSR_KERNEL_GS_BASE: 0,
+    MSR_TSC: 0,
+    MSR_MISC_ENABLE: 1,                    # fast strings
+    MSR_MTRR_DEF_TYPE: (1 << 11) | 6,      # enabled, write-back
 }
 
 
@@ -36,8 +48,9 @@ def set_firmware_state(fd: VcpuFd) -> None:
     # Through-the-8259 interrupts arrive on LINT0 (ExtINT), NMIs on LINT1,
     # as the MP specification's virtual wire mode has it.
     lapic = fd.get_lapic()
-    for register, mode in ((lapic_regs.REG_LVT_LINT0, lapic_regs.EXTINT), (lapic_regs.REG_LVT_LINT1, lapic_regs.NMI)):
+    for register, mode in lapic_regs.VIRTUAL_WIRE_LINT:
         value = int.from_bytes(k.ffi.buffer(lapic.regs)[register : register + 4], "little")
-        value = (value & ~0x700 & ~lapic_regs.LVT_MASKED) | (mode << 8)
+        value = (value & ~lapic_regs.DELIVERY_MODE_MASK & ~lapic_regs.LVT_MASKED) | (
+            mode << lapic_regs.DELIVERY_MODE_SHIFT)
         k.ffi.buffer(lapic.regs)[register : register + 4] = value.to_bytes(4, "little")
     fd.set_lapic(lapic)

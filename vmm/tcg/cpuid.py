@@ -41,9 +41,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from vmm.cpu_features import FeatureEdit, apply_feature_edits
+from vmm.cpu_features import FeatureEdit, apply_feature_edits, feature_bit
 
-# Leaf 1 ECX / EDX bits.
+# Leaf 1 ECX / EDX bits; those --cpu-features can name come from its table (vmm/cpu_features.py).
 ECX_MONITOR = 1 << 3
 ECX_DS_CPL = 1 << 4
 ECX_VMX = 1 << 5
@@ -51,21 +51,21 @@ ECX_SMX = 1 << 6
 ECX_EST = 1 << 7
 ECX_TM2 = 1 << 8
 ECX_PDCM = 1 << 15
-ECX_PCID = 1 << 17
-ECX_X2APIC = 1 << 21
-ECX_TSC_DEADLINE = 1 << 24
-ECX_XSAVE = 1 << 26
+ECX_PCID = feature_bit("pcid")
+ECX_X2APIC = feature_bit("x2apic")
+ECX_TSC_DEADLINE = feature_bit("tsc_deadline_timer")
+ECX_XSAVE = feature_bit("xsave")
 ECX_OSXSAVE = 1 << 27
-ECX_AVX = 1 << 28
-ECX_F16C = 1 << 29
-ECX_HYPERVISOR = 1 << 31
+ECX_AVX = feature_bit("avx")
+ECX_F16C = feature_bit("f16c")
+ECX_HYPERVISOR = feature_bit("hypervisor")
 ECX_DTES64 = 1 << 2
 EDX_MCE = 1 << 7
-EDX_APIC = 1 << 9
+EDX_APIC = feature_bit("apic")
 EDX_MCA = 1 << 14
 EDX_DS = 1 << 21
 EDX_ACPI = 1 << 22
-EDX_HTT = 1 << 28
+EDX_HTT = feature_bit("ht")
 EDX_TM = 1 << 29
 EDX_PBE = 1 << 31
 

@@ -26,6 +26,16 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from vmm.cpu_state import (
+    CR0_PE,
+    EFER_LMA,
+    RFLAGS_AC,
+    RFLAGS_IF,
+    RFLAGS_NT,
+    RFLAGS_RF,
+    RFLAGS_TF,
+    RFLAGS_VM,
+)
 from vmm.errors import GuestMemoryError
 from vmm.memory import GuestMemory
 from vmm.paging import PageFault, PagingMode, read_linear, write_linear
@@ -51,14 +61,6 @@ CP = 21
 VECTORS_WITH_ERROR_CODE = frozenset({DF, TS, NP, SS, GP, PF, AC, CP})
 CONTRIBUTORY = frozenset({DE, TS, NP, SS, GP})
 
-RFLAGS_TF = 1 << 8
-RFLAGS_IF = 1 << 9
-RFLAGS_NT = 1 << 14
-RFLAGS_RF = 1 << 16
-RFLAGS_VM = 1 << 17
-RFLAGS_AC = 1 << 18
-CR0_PE = 1
-EFER_LMA = 1 << 10
 RSP_INDEX = 4  # RSP's slot in QEMU's register file
 
 ERROR_CODE_EXT = 1  # the event came from outside the program (not `int n`)

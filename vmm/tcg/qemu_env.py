@@ -21,6 +21,20 @@ from __future__ import annotations
 import ctypes
 import struct
 
+from vmm.cpu_state import (
+    CR0_PE,
+    CR0_PG,
+    CR4_OSFXSR,
+    EFER_LMA,
+    EFER_LME,
+    MSR_CSTAR,
+    MSR_KERNEL_GS_BASE,
+    MSR_LSTAR,
+    MSR_STAR,
+    MSR_SYSCALL_MASK,
+    RFLAGS_VM,
+)
+
 # Offsets in CPUX86State (Unicorn 2.1.4, TARGET_X86_64).
 OFF_REGS = 0  # target_ulong regs[16]
 OFF_EIP = 128
@@ -75,12 +89,6 @@ HF_CS64 = 1 << 15
 HF_OSFXSR = 1 << 22
 HF2_GIF = 1 << 0
 HF2_NMI_MASK = 1 << 2  # serving an NMI: no other NMI until IRET (which clears it)
-
-CR0_PE = 1
-CR4_OSFXSR = 1 << 9
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-EFLAGS_VM = 1 << 17
 
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
@@ -189,7 +197,7 @@ class EnvView:
         derived = HF_SS32 if self.segment(R_SS)[3] & DESC_B else 0
         if hflags & HF_CS64:
             pass  # long mode assumes zero bases for DS, ES and SS
-        elif (not self.cr(0) & CR0_PE or self.u64(OFF_EFLAGS) & EFLAGS_VM
+        elif (not self.cr(0) & CR0_PE or self.u64(OFF_EFLAGS) & RFLAGS_VM
               or not hflags & HF_CS32):
             derived |= HF_ADDSEG
         elif self.segment(R_DS)[1] | self.segment(R_ES)[1] | self.segment(R_SS)[1]:
@@ -198,7 +206,7 @@ class EnvView:
 
     def set_control_registers(self, cr0: int, cr3: int, cr4: int, efer: int) -> None:
         """Set CR0/CR3/CR4/EFER and the hflags derived from them (the caller flushes the TLB)."""
-        if efer & EFER_LME and cr0 & (1 << 31):
+        if efer & EFER_LME and cr0 & CR0_PG:
             efer |= EFER_LMA
         self.set_cr(0, cr0)
         self.set_cr(3, cr3)
@@ -257,11 +265,11 @@ def check_layout(write_reg, write_msr, context: ContextBuffer, regs) -> None:
         (lambda: write_reg(regs.UC_X86_REG_RAX, 0x1122334455667788), OFF_REGS, 0x1122334455667788),
         (lambda: write_reg(regs.UC_X86_REG_RBX, 0x0123456789ABCDEF), OFF_REGS + 3 * 8, 0x0123456789ABCDEF),
         (lambda: write_reg(regs.UC_X86_REG_DR0, 0xD0D0D0D012345678), OFF_DR, 0xD0D0D0D012345678),
-        (lambda: write_msr(0xC0000081, 0x0023001000000000), OFF_STAR, 0x0023001000000000),
-        (lambda: write_msr(0xC0000082, 0xFFFFFFFF81000000), OFF_LSTAR, 0xFFFFFFFF81000000),
-        (lambda: write_msr(0xC0000083, 0xFFFFFFFF82000000), OFF_CSTAR, 0xFFFFFFFF82000000),
-        (lambda: write_msr(0xC0000084, 0x47700), OFF_FMASK, 0x47700),
-        (lambda: write_msr(0xC0000102, 0xFFFF888000001000), OFF_KERNEL_GS_BASE, 0xFFFF888000001000),
+        (lambda: write_msr(MSR_STAR, 0x0023001000000000), OFF_STAR, 0x0023001000000000),
+        (lambda: write_msr(MSR_LSTAR, 0xFFFFFFFF81000000), OFF_LSTAR, 0xFFFFFFFF81000000),
+        (lambda: write_msr(MSR_CSTAR, 0xFFFFFFFF82000000), OFF_CSTAR, 0xFFFFFFFF82000000),
+        (lambda: write_msr(MSR_SYSCALL_MASK, 0x47700), OFF_FMASK, 0x47700),
+        (lambda: write_msr(MSR_KERNEL_GS_BASE, 0xFFFF888000001000), OFF_KERNEL_GS_BASE, 0xFFFF888000001000),
         (lambda: write_reg(regs.UC_X86_REG_CR3, 0x5000), OFF_CR + 3 * 8, 0x5000),
     ]
     for write, _, _ in probes:

@@ -23,6 +23,16 @@ SYSENTER:     CS <- SYSENTER_CS & ~3 (flat, 64-bit when EFER.LMA is set),
 
 from __future__ import annotations
 
+from vmm.cpu_state import (
+    EFER_LMA,
+    EFER_SCE,
+    MSR_SYSENTER_CS,
+    MSR_SYSENTER_EIP,
+    MSR_SYSENTER_ESP,
+    RFLAGS_IF,
+    RFLAGS_RF,
+    RFLAGS_VM,
+)
 from vmm.tcg.engine import Engine, x86
 from vmm.tcg.qemu_env import (
     OFF_CSTAR,
@@ -37,14 +47,8 @@ from vmm.tcg.qemu_env import (
     descriptor_flags,
 )
 
-EFER_SCE = 1 << 0
-EFER_LMA = 1 << 10
 DESC_L = 1 << 21
-RFLAGS_IF = 1 << 9
-RFLAGS_RF = 1 << 16
-RFLAGS_VM = 1 << 17
 RCX, RSP, R11 = 1, 4, 11  # slots in QEMU's register file
-MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = 0x174, 0x175, 0x176
 
 FLAT_CODE64 = descriptor_flags(0xB, s=True, dpl=0, present=True, avl=False, l=True, db=False, g=True)
 FLAT_CODE32 = descriptor_flags(0xB, s=True, dpl=0, present=True, avl=False, l=False, db=True, g=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vmm.accel import MachineIo, Vcpu
-from vmm.cpu_state import CpuState
+from vmm.cpu_state import RFLAGS_IF, CpuState
 from vmm.errors import GuestMemoryError
 from vmm.exits import SUBERROR_EMULATION, EmulationFailure, Exit, Hlt, Interrupted, Shutdown
 from vmm.guest_debug import GuestDebug
@@ -65,7 +65,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RFLAGS_IF = 1 << 9
 NMI_VECTOR = 2
 MIN_SLICE_NS = 50_000
 
