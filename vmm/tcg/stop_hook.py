@@ -182,9 +182,9 @@ class StopHook:
         self.state[SKIP] = skip_blocks
         self.state[WATCH] = WATCH_INTERRUPT_FLAG
 
-    def watch_next_block(self) -> None:
-        """Stop at the start of the block after the current one."""
-        self.state[SKIP] = 1
+    def watch_blocks_ahead(self, count: int) -> None:
+        """Stop at the start of the `count`th block after the current one."""
+        self.state[SKIP] = count
         self.state[WATCH] = WATCH_ANY_BLOCK
 
     @property

@@ -67,6 +67,10 @@ log = logging.getLogger(__name__)
 
 NMI_VECTOR = 2
 MIN_SLICE_NS = 50_000
+# While an NMI waits for the previous one's IRET: the blocks looked at one by one,
+# then at most 2**20 blocks ahead.
+NMI_EXACT_LOOKS = 10_000
+NMI_LOOK_AHEAD_MAX_SHIFT = 20
 
 
 @dataclass
@@ -107,6 +111,7 @@ class TcgVcpu(Vcpu):
         self._sipi_vector: int | None = None
         self._woken = False  # something became pending for this vCPU (under the scheduler lock)
         self._interrupts_enabled = False  # RFLAGS.IF when it halted
+        self._nmi_blocked_looks = 0  # times a pending NMI found the last one's handler still running
         self._in_guest = False  # inside emu_start
         self._slice_thread = 0  # the thread running this vCPU's slices
         # The gdb stub's state for this vCPU (vmm/tcg/debug.py).
@@ -299,8 +304,16 @@ class TcgVcpu(Vcpu):
             # QEMU's HF2_NMI_MASK; setting it is ours, as delivery is.
             env = engine.context.save()
             if env.u32(OFF_HFLAGS2) & HF2_NMI_MASK:
-                engine.stop_hook.watch_next_block()  # the handler's IRET ends a block
+                # The handler's IRET ends a block, but which one is not known: look at
+                # every block start for the length of a short handler (then the NMI
+                # comes right after its IRET, which Linux and kvm-unit-tests expect),
+                # then 2, 4, 8, ... blocks ahead, so that a long-running handler does
+                # not make a trip through Python for every one of its loops.
+                looks = self._nmi_blocked_looks - NMI_EXACT_LOOKS
+                engine.stop_hook.watch_blocks_ahead(1 << min(max(looks, 0), NMI_LOOK_AHEAD_MAX_SHIFT))
+                self._nmi_blocked_looks += 1
             elif router.take_nmi(index):
+                self._nmi_blocked_looks = 0
                 self.deliver(Event(NMI_VECTOR, external=True), rip)
                 env = engine.context.save()
                 env.set_u32(OFF_HFLAGS2, env.u32(OFF_HFLAGS2) | HF2_NMI_MASK)
