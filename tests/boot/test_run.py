@@ -33,16 +33,17 @@ def run(linux_assets, linux_module_tree):
     return run
 
 
-def test_status_stdio_cwd_and_env_exactly(run):
+# On each accelerator (`linux_accel`): on KVM where this host's KVM runs Linux, and in
+# `make test-kvm`'s L1 otherwise. The other tests take `--accel auto`.
+def test_status_stdio_cwd_and_env_exactly(run, linux_accel):
     script = 'pwd; echo "$GREETING"; cat; printf "to stderr\\n" >&2; exit 7'
-    result = run("--env", "GREETING=hello world", "--", "sh", "-c", script, input=b"binary\0\xff\nend")
+    result = run("--accel", linux_accel, "--env", "GREETING=hello world", "--", "sh", "-c", script,
+                 input=b"binary\0\xff\nend")
     assert result.returncode == 7, result.stderr
     assert result.stdout == f"{REPO}\nhello world\n".encode() + b"binary\0\xff\nend"
     assert result.stderr == b"to stderr\n"
 
 
-# On each accelerator (`linux_accel`): on KVM where this host's KVM runs Linux, and in
-# `make test-kvm`'s L1 otherwise. The other tests take `--accel auto`.
 def test_success_prints_nothing_else_and_a_missing_command_is_127(run, linux_accel):
     result = run("--accel", linux_accel, "--", "true")
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
