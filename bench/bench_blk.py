@@ -30,7 +30,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from bench.qemu_peer import tsc_cmdline  # noqa: E402
-from bench.report import figure, python_env, skipped  # noqa: E402
+from bench.report import figure, run_guest, skipped  # noqa: E402
 from tests.assets import find_linux_assets  # noqa: E402
 from tests.boot.virtio_guest import overlay_initrd, script_output  # noqa: E402
 
@@ -66,14 +66,7 @@ def guest_figures(output: str) -> dict[str, float]:
 
 
 def run(command: list[str]) -> dict[str, float]:
-    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT, cwd=REPO,
-                            env=python_env())
-    stdout = result.stdout.decode(errors="replace")
-    try:
-        return guest_figures(script_output(stdout))
-    except AssertionError as err:
-        raise SystemExit(f"bench_blk: {command[0]} failed (status {result.returncode}): {err}\n"
-                         f"{result.stderr.decode(errors='replace')[-2000:]}") from None
+    return run_guest("bench_blk", command, lambda stdout: guest_figures(script_output(stdout)), timeout=TIMEOUT, cwd=REPO)
 
 
 def main() -> None:

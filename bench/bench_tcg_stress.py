@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.qemu_peer import tsc_cmdline  # noqa: E402
-from bench.report import figure, python_env, skipped  # noqa: E402
+from bench.report import figure, run_guest, skipped  # noqa: E402
 from tests.assets import find_linux_assets  # noqa: E402
 from tests.boot.virtio_guest import overlay_initrd, script_output  # noqa: E402
 
@@ -97,14 +96,7 @@ def medians(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def run(command: list[str]) -> dict[str, float]:
-    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT, cwd=REPO,
-                            env=python_env())
-    stdout = result.stdout.decode(errors="replace")
-    try:
-        return guest_counts(script_output(stdout))
-    except AssertionError as err:
-        raise SystemExit(f"bench_tcg_stress: {command[0]} failed (status {result.returncode}): {err}\n"
-                         f"{result.stderr.decode(errors='replace')[-2000:]}") from None
+    return run_guest("bench_tcg_stress", command, lambda stdout: guest_counts(script_output(stdout)), timeout=TIMEOUT, cwd=REPO)
 
 
 def pyvmm_command(assets, initrd: Path, disk: Path, cpus: int) -> list[str]:

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,6 +115,19 @@ def python_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
+
+
+def run_guest(bench: str, command: list[str], parse: Callable[[str], dict[str, float]], *, timeout: float,
+              cwd: Path) -> dict[str, float]:
+    """Run a VMM whose guest prints its figures on the console; `parse` reads them from its output
+    (and asserts they are there). A guest that did not get that far ends the benchmark with one line."""
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, cwd=cwd,
+                            env=python_env())
+    try:
+        return parse(result.stdout.decode(errors="replace"))
+    except AssertionError as err:
+        raise SystemExit(f"{bench}: {command[0]} failed (status {result.returncode}): {err}\n"
+                         f"{result.stderr.decode(errors='replace')[-2000:]}") from None
 
 
 def markdown_table(data: dict) -> str:

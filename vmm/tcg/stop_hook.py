@@ -128,7 +128,7 @@ class StopHook:
     """
 
     def __init__(self, uc: Uc) -> None:
-        self.state = (ctypes.c_uint64 * 4)()
+        self.state = (ctypes.c_uint64 * (SCRATCH + 1))()
         self._code_page: mmap.mmap | None = None
         self.native = False
         if platform.machine() in ("x86_64", "AMD64"):
