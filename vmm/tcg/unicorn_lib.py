@@ -3,8 +3,9 @@
 The software CPU relies on details of Unicorn 2.1.4 that no API promises:
 the layout of QEMU's CPU state inside a saved context (vmm/tcg/qemu_env.py),
 that SYSCALL only calls the hook and then advances RIP, that exceptions stop
-at the `UC_HOOK_INTR` callback without touching the guest's IDT, that HLT
-returns from `emu_start`. Another version may differ in any of these, so
+at the `UC_HOOK_INTR` callback without touching the guest's IDT (and that
+`x86_cpu_do_interrupt` then delivers them, vmm/tcg/native_exceptions.py), that
+HLT returns from `emu_start`. Another version may differ in any of these, so
 importing this module with another version installed fails with one clear
 line instead of a guest that misbehaves later.
 """
@@ -23,7 +24,7 @@ try:
     from unicorn import unicorn_const as uc_const
     from unicorn import x86_const as x86
     from unicorn.unicorn_py3.arch.types import uc_hook_h
-    from unicorn.unicorn_py3.unicorn import uclib
+    from unicorn.unicorn_py3.unicorn import HOOK_INTR_CFUNC, uccallback, uclib
 except ImportError as err:  # the package is missing, or a layout we do not know
     raise PyvmmError(
         f"the software CPU needs the Python package unicorn {REQUIRED_VERSION} ({INSTALL_HINT}): {err}"
@@ -45,4 +46,4 @@ if unicorn.__version__ != REQUIRED_VERSION or _library_version() != REQUIRED_VER
 Uc = unicorn.Uc
 UcError = unicorn.UcError
 
-__all__ = ["Uc", "UcError", "uc_const", "uc_hook_h", "uclib", "x86", "REQUIRED_VERSION"]
+__all__ = ["HOOK_INTR_CFUNC", "Uc", "UcError", "uc_const", "uc_hook_h", "uccallback", "uclib", "x86", "REQUIRED_VERSION"]

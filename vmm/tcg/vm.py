@@ -32,6 +32,7 @@ from vmm.tcg.delivery import InterruptDelivery
 from vmm.tcg.device_writes import TranslationInvalidator
 from vmm.tcg.engine import Engine
 from vmm.tcg.io_dispatch import IoHooks
+from vmm.tcg.native_exceptions import ExceptionHook
 from vmm.tcg.scheduler import SLICE_NS, CpuScheduler
 from vmm.tcg.ticker import Ticker
 from vmm.tcg.unicorn_lib import uc_const, x86
@@ -161,13 +162,13 @@ class TcgVirtualMachine(VirtualMachine):
 
     def _install_hooks(self) -> None:
         uc = self.engine.uc
-        uc.hook_add(uc_const.UC_HOOK_INTR, self._hook_interrupt)
+        self._exception_hook = ExceptionHook(uc, self._hook_interrupt)
         uc.hook_add(uc_const.UC_HOOK_INSN_INVALID, self._hook_invalid_instruction)
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
         uc.hook_add(uc_const.UC_HOOK_INSN, self._hook_sysenter, None, 1, 0, x86.UC_X86_INS_SYSENTER)
 
-    def _hook_interrupt(self, uc, vector: int, user_data) -> None:
+    def _hook_interrupt(self, vector: int) -> None:
         self.scheduler.owner.on_exception(vector)
 
     def _hook_invalid_instruction(self, uc, user_data) -> bool:
