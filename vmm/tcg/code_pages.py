@@ -46,11 +46,10 @@ stale as in unpatched Unicorn.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import mmap
 import threading
 
+from vmm.tcg.text_patch import jump, map_near, sha256
 from vmm.tcg.unicorn_lib import uclib
 
 log = logging.getLogger(__name__)
@@ -125,11 +124,6 @@ RESET_DIRTY_REPLACEMENT = bytes.fromhex(
     "d90f855bffffff5bc3"
 )
 
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
-MAP_FAILED = ctypes.c_void_p(-1).value
-REL32_REACH = 1 << 31
-PAGE = mmap.PAGESIZE
 
 _lock = threading.Lock()
 _state: bool | None = None  # None: not tried yet
@@ -153,65 +147,16 @@ def _apply() -> bool:
     page_find = ctypes.cast(uclib.tb_invalidate_phys_page_fast_x86_64, ctypes.c_void_p).value
     reset_dirty = ctypes.cast(uclib.tlb_reset_dirty_by_vaddr_x86_64, ctypes.c_void_p).value
     function = anchor + NOTDIRTY_WRITE
-    if (_sha256(function, NOTDIRTY_WRITE_SIZE) != NOTDIRTY_WRITE_SHA256
-            or _sha256(page_find, PAGE_FIND_PREFIX_SIZE) != PAGE_FIND_PREFIX_SHA256
-            or _sha256(reset_dirty, RESET_DIRTY_SIZE) != RESET_DIRTY_SHA256):
+    if (sha256(function, NOTDIRTY_WRITE_SIZE) != NOTDIRTY_WRITE_SHA256
+            or sha256(page_find, PAGE_FIND_PREFIX_SIZE) != PAGE_FIND_PREFIX_SHA256
+            or sha256(reset_dirty, RESET_DIRTY_SIZE) != RESET_DIRTY_SHA256):
         log.debug("software CPU: libunicorn is not the known 2.1.4 build; code-page tracking left as is")
         return False
     code = (TRAMPOLINE + (function + KEEP_OFFSET).to_bytes(8, "little")
             + (function + SET_DIRTY_OFFSET).to_bytes(8, "little"))
     # Both pieces of code are in place before either jump is written.
-    trampoline = _map_near(function, code)
-    replacement = _map_near(reset_dirty, RESET_DIRTY_REPLACEMENT)
-    _jump(reset_dirty, replacement)
-    _jump(function + PATCH_OFFSET, trampoline)
+    trampoline = map_near(function, code)
+    replacement = map_near(reset_dirty, RESET_DIRTY_REPLACEMENT)
+    jump(reset_dirty, replacement)
+    jump(function + PATCH_OFFSET, trampoline)
     return True
-
-
-def _jump(site: int, target: int) -> None:
-    _write_text(site, b"\xe9" + (target - (site + 5)).to_bytes(4, "little", signed=True))
-
-
-def _sha256(address: int, size: int) -> str:
-    return hashlib.sha256(ctypes.string_at(address, size)).hexdigest()
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-
-
-def _map_near(site: int, code: bytes) -> int:
-    """An executable page holding `code` within a rel32 jump of `site` (never unmapped)."""
-    for distance in range(16 << 20, REL32_REACH - (64 << 20), 1 << 20):
-        for hint in (site - distance, site + distance):
-            hint &= ~(PAGE - 1)
-            if hint <= 0:
-                continue
-            address = _libc.mmap(hint, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
-                                 -1, 0)
-            if address in (None, MAP_FAILED):
-                continue
-            if address != hint:  # a kernel without MAP_FIXED_NOREPLACE treats it as a hint
-                _libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(PAGE))
-                continue
-            ctypes.memmove(address, code, len(code))
-            _protect(address, PAGE, PROT_READ | PROT_EXEC)
-            return address
-    raise OSError("no free page within reach of libunicorn")
-
-
-def _write_text(address: int, data: bytes) -> None:
-    start = address & ~(PAGE - 1)
-    length = (address + len(data) + PAGE - 1 & ~(PAGE - 1)) - start
-    _protect(start, length, PROT_READ | PROT_WRITE | PROT_EXEC)
-    try:
-        ctypes.memmove(address, data, len(data))
-    finally:
-        _protect(start, length, PROT_READ | PROT_EXEC)
-
-
-def _protect(address: int, length: int, prot: int) -> None:
-    if _libc.mprotect(address, length, prot) != 0:
-        raise OSError(ctypes.get_errno(), "mprotect failed")

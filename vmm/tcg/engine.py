@@ -39,6 +39,7 @@ import re
 import time
 
 from vmm.tcg.code_pages import patch_code_page_tracking
+from vmm.tcg.native_syscall import patch_syscall
 from vmm.tcg.qemu_env import OFF_XCR0, ContextBuffer, EnvLayoutError, check_layout
 from vmm.tcg.stop_hook import StopHook
 from vmm.tcg.unicorn_lib import Uc, UcError, uc_const, uclib, x86
@@ -72,6 +73,7 @@ class Engine:
         `vendor`: a key of CPU_MODELS."""
         # Before anything is translated, in any engine of this process.
         self.code_page_tracking_patched = patch_code_page_tracking()
+        self.native_syscall = patch_syscall()
         self.uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
         self.uc.ctl_set_cpu_model(CPU_MODELS[vendor])
         self.vendor = vendor

@@ -1,5 +1,9 @@
 """SYSCALL and SYSENTER as the SDM defines them; Unicorn only calls the hook and then advances RIP.
 
+A 64-bit kernel's SYSCALL never gets here: the engine does it itself
+(vmm/tcg/native_syscall.py). This is SYSCALL outside long mode or with
+EFER.SCE clear, and SYSENTER.
+
 Called from the instruction hooks, on the live engine state. Unicorn has
 synchronised RIP to the instruction and will add the instruction's length
 to RIP after the hook returns, so the new RIP is written that much short of
