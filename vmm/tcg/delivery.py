@@ -2,9 +2,11 @@
 
 Unicorn never vectors through the guest's IDT: every exception and `int n`
 ends in a hook, and external interrupts cannot be injected at all. Page
-faults, the frequent ones, are handed to QEMU's own delivery code inside the
-engine (vmm/tcg/native_exceptions.py); for everything else the software CPU
-builds the interrupt frame itself:
+faults and external interrupts, the frequent events, are handed to QEMU's
+own delivery code inside the engine (vmm/tcg/native_exceptions.py,
+vmm/tcg/native_interrupts.py) where the library is the known build; for
+everything else (and all events elsewhere) the software CPU builds the
+interrupt frame itself:
 
 - real mode: the IVT, a FLAGS/CS/IP frame on SS:SP;
 - protected mode: 16- and 32-bit interrupt and trap gates, the stack switch

@@ -39,6 +39,7 @@ import re
 import time
 
 from vmm.tcg.code_pages import patch_code_page_tracking
+from vmm.tcg.native_interrupts import Injector
 from vmm.tcg.native_syscall import patch_syscall
 from vmm.tcg.qemu_env import OFF_XCR0, ContextBuffer, EnvLayoutError, check_layout
 from vmm.tcg.stop_hook import StopHook
@@ -94,6 +95,8 @@ class Engine:
         self.context.env.set_u64(OFF_XCR0, XCR0_X87)
         self.context.restore()  # forget the probes' register values
         self.stop_hook = StopHook(self.uc)
+        # Delivers external interrupts inside the engine; None: Python builds their frames.
+        self.injector = Injector.for_engine(self.handle)
 
     def new_context(self) -> ContextBuffer:
         """A saved-state buffer for this engine (one per vCPU, freed by its owner)."""
@@ -237,6 +240,8 @@ class Engine:
         self.uc.emu_start(rip, 0)
 
     def close(self) -> None:
+        if self.injector is not None:
+            self.injector.close()
         self.context.free()
 
 

@@ -38,23 +38,21 @@ import ctypes
 import logging
 import mmap
 import platform
-import re
 from collections.abc import Callable
 
-from vmm.tcg.unicorn_lib import HOOK_INTR_CFUNC, Uc, uc_const, uc_hook_h, uccallback, uclib
+from vmm.tcg.unicorn_lib import (
+    HOOK_INTR_CFUNC,
+    Uc,
+    uc_const,
+    uc_cpu_offset,
+    uc_hook_h,
+    uccallback,
+    uclib,
+)
 
 log = logging.getLogger(__name__)
 
 PAGE_FAULT = 14
-
-_LOAD_CPU = re.compile(rb"\x48\x8b\xbf(?P<cpu>.{4})\x48\x85\xff", re.DOTALL)
-
-
-def _uc_cpu_offset() -> int | None:
-    code = ctypes.string_at(ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value, 0x40)
-    match = _LOAD_CPU.search(code)
-    return int.from_bytes(match["cpu"], "little") if match else None
-
 
 def _machine_code(cpu_offset: int) -> bytes:
     return (
@@ -74,7 +72,7 @@ class ExceptionHook:
         # engine and is re-raised by emu_start, as for the binding's hooks.
         self._callback = uccallback(uc, HOOK_INTR_CFUNC)(lambda uc, vector, user_data: on_exception(vector))
         self._code_page: mmap.mmap | None = None
-        cpu_offset = _uc_cpu_offset() if platform.machine() in ("x86_64", "AMD64") else None
+        cpu_offset = uc_cpu_offset() if platform.machine() in ("x86_64", "AMD64") else None
         self.native = cpu_offset is not None
         if not self.native:
             log.warning("software CPU: native page-fault delivery unavailable; guests will run slower")

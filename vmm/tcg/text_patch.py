@@ -23,7 +23,7 @@ PAGE = mmap.PAGESIZE
 
 def jump(site: int, target: int) -> None:
     """Make the 5 bytes at `site` a jump to `target` (within rel32 reach)."""
-    _write_text(site, b"\xe9" + (target - (site + 5)).to_bytes(4, "little", signed=True))
+    write_text(site, b"\xe9" + (target - (site + 5)).to_bytes(4, "little", signed=True))
 
 
 def sha256(address: int, size: int) -> str:
@@ -57,7 +57,8 @@ def map_near(site: int, code: bytes) -> int:
     raise OSError("no free page within reach of libunicorn")
 
 
-def _write_text(address: int, data: bytes) -> None:
+def write_text(address: int, data: bytes) -> None:
+    """Overwrite the library's code at `address` with `data`."""
     start = address & ~(PAGE - 1)
     length = (address + len(data) + PAGE - 1 & ~(PAGE - 1)) - start
     _protect(start, length, PROT_READ | PROT_WRITE | PROT_EXEC)

@@ -13,6 +13,7 @@ line instead of a guest that misbehaves later.
 from __future__ import annotations
 
 import ctypes
+import re
 
 from vmm.errors import PyvmmError
 
@@ -46,4 +47,27 @@ if unicorn.__version__ != REQUIRED_VERSION or _library_version() != REQUIRED_VER
 Uc = unicorn.Uc
 UcError = unicorn.UcError
 
-__all__ = ["HOOK_INTR_CFUNC", "Uc", "UcError", "uc_const", "uc_hook_h", "uccallback", "uclib", "x86", "REQUIRED_VERSION"]
+# `uc_emu_stop` loads `uc->cpu` (mov rdi, [rdi + cpu]; test rdi, rdi) before
+# calling cpu_exit: the field's offset is read from there, not from a header.
+_LOAD_CPU = re.compile(rb"\x48\x8b\xbf(?P<cpu>.{4})\x48\x85\xff", re.DOTALL)
+# Where the x86 CPU state (CPUX86State) sits in QEMU's X86CPU, after CPUState:
+# `do_interrupt_x86_hardirq(env, ...)` starts with `sub rdi, 0x8a50` to get the
+# CPU back from the state.
+_ENV_FROM_CPU = re.compile(rb"\x41\x89\xd1\x48\x81\xef(?P<env>.{4})", re.DOTALL)
+
+
+def uc_cpu_offset() -> int | None:
+    """offsetof(struct uc_struct, cpu) in this library, None if its code is not as expected."""
+    code = ctypes.string_at(ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value, 0x40)
+    match = _LOAD_CPU.search(code)
+    return int.from_bytes(match["cpu"], "little") if match else None
+
+
+def cpu_env_offset() -> int | None:
+    """offsetof(X86CPU, env) in this library, None if its code is not as expected."""
+    code = ctypes.string_at(ctypes.cast(uclib.do_interrupt_x86_hardirq_x86_64, ctypes.c_void_p).value, 16)
+    match = _ENV_FROM_CPU.match(code)
+    return int.from_bytes(match["env"], "little") if match else None
+
+__all__ = ["HOOK_INTR_CFUNC", "Uc", "UcError", "uc_const", "uc_hook_h", "uccallback", "uclib", "uc_cpu_offset", "cpu_env_offset", "x86",
+           "REQUIRED_VERSION"]

@@ -112,6 +112,7 @@ class TcgVcpu(Vcpu):
         self._woken = False  # something became pending for this vCPU (under the scheduler lock)
         self._interrupts_enabled = False  # RFLAGS.IF when it halted
         self._nmi_blocked_looks = 0  # times a pending NMI found the last one's handler still running
+        self._withdrawn: int | None = None  # acknowledged, handed to the engine, not delivered
         self._in_guest = False  # inside emu_start
         self._slice_thread = 0  # the thread running this vCPU's slices
         # The gdb stub's state for this vCPU (vmm/tcg/debug.py).
@@ -284,6 +285,10 @@ class TcgVcpu(Vcpu):
             return self._emulation_failure(f"Unicorn stopped: {err}")
         finally:
             self._in_guest = False
+            if engine.injector is not None:
+                # An interrupt the engine did not deliver (the slice never started)
+                # must not go to whichever vCPU runs on the engine next.
+                self._withdrawn = engine.injector.withdraw()
             self.shared.invalidator.stop_owning()
             self.shared.ticker.disarm()
         if self._pending_exit is not None:
@@ -319,7 +324,7 @@ class TcgVcpu(Vcpu):
                 env.set_u32(OFF_HFLAGS2, env.u32(OFF_HFLAGS2) | HF2_NMI_MASK)
                 engine.context.restore()
                 rip = engine.reg(x86.UC_X86_REG_RIP)
-        if not router.has_interrupt(index):
+        if self._withdrawn is None and not router.has_interrupt(index):
             return
         # (A watch for a blocked NMI stops at the next block anyway: keep that one.)
         if not engine.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF:
@@ -331,9 +336,14 @@ class TcgVcpu(Vcpu):
             if not engine.stop_hook.watching:
                 engine.stop_hook.watch_interrupt_flag(skip_blocks=1)
             return
-        vector = router.acknowledge(index)
-        if vector is not None:
+        vector = self._withdrawn if self._withdrawn is not None else router.acknowledge(index)
+        self._withdrawn = None
+        if vector is None:
+            return
+        if engine.injector is None:
             self.deliver(Event(vector, external=True), rip)
+        else:
+            engine.injector.inject(vector)  # delivered by the engine before the slice's first instruction
 
     def _arm_ticker(self) -> None:
         """When this slice must end at the latest: a timer, a waiting vCPU."""
