@@ -24,5 +24,5 @@ KVM_CAP_IRQCHIP, KVM_CAP_SET_IDENTITY_MAP_ADDR, KVM_CAP_PIT2
 KVM_GET_MSR_INDEX_LIST, KVM_GET_MSRS, KVM_GET_FPU, KVM_GET_MP_STATE, KVM_SET_MP_STATE, MIN_ALIGNMENT
 
 # Written into C structures that the kernel or Unicorn reads (cffi), or kept
-# alive for the code that runs from it (the stop hook's page).
-_.fcw, _.mxcsr, _.immediate_exit, _._code_page
+# alive for the code that runs from it (the stop hook's page, the page-fault hook).
+_.fcw, _.mxcsr, _.immediate_exit, _._code_page, _._exception_hook

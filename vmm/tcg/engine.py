@@ -74,7 +74,7 @@ class Engine:
         `vendor`: a key of CPU_MODELS."""
         # Before anything is translated, in any engine of this process.
         self.code_page_tracking_patched = patch_code_page_tracking()
-        self.native_syscall = patch_syscall()
+        patch_syscall()
         self.uc = Uc(uc_const.UC_ARCH_X86, uc_const.UC_MODE_64)
         self.uc.ctl_set_cpu_model(CPU_MODELS[vendor])
         self.vendor = vendor

@@ -100,7 +100,6 @@ class Injector:
 
     def __init__(self, slot: int, cpu: int) -> None:
         base = ctypes.addressof(ctypes.c_char.from_buffer(_table)) + slot * SLOT_SIZE
-        self._slot = slot
         self._cpu = ctypes.c_uint64.from_address(base)
         self._vector = ctypes.c_uint32.from_address(base + 8)
         self._request = ctypes.c_uint32.from_address(cpu + INTERRUPT_REQUEST)
