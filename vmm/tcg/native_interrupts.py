@@ -113,8 +113,12 @@ class Injector:
         uc = ctypes.cast(handle, ctypes.c_void_p).value
         cpu = ctypes.c_uint64.from_address(uc + uc_cpu_offset()).value
         with _lock:
-            for slot in range(SLOTS):
-                if ctypes.c_uint64.from_buffer(_table, slot * SLOT_SIZE).value == 0:
+            slots = [ctypes.c_uint64.from_buffer(_table, slot * SLOT_SIZE) for slot in range(SLOTS)]
+            for entry in slots:
+                if entry.value == cpu:  # left by an engine never closed, whose memory this one reuses
+                    entry.value = 0
+            for slot, entry in enumerate(slots):
+                if entry.value == 0:
                     return cls(slot, cpu)
         return None
 
