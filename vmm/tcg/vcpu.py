@@ -326,7 +326,8 @@ class TcgVcpu(Vcpu):
                 rip = engine.reg(x86.UC_X86_REG_RIP)
         if self._withdrawn is None and not router.has_interrupt(index):
             return
-        # (A watch for a blocked NMI stops at the next block anyway: keep that one.)
+        # (A watch for a blocked NMI is kept: it stops within its look-ahead, and the slice
+        # still ends at the next timer deadline.)
         if not engine.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF:
             if not engine.stop_hook.watching:
                 engine.stop_hook.watch_interrupt_flag(skip_blocks=0)
