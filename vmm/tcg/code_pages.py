@@ -47,9 +47,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import threading
 
-from vmm.tcg.text_patch import jump, map_near, sha256
+from vmm.tcg.text_patch import OncePerProcess, jump, map_near, sha256
 from vmm.tcg.unicorn_lib import uclib
 
 log = logging.getLogger(__name__)
@@ -125,23 +124,6 @@ RESET_DIRTY_REPLACEMENT = bytes.fromhex(
 )
 
 
-_lock = threading.Lock()
-_state: bool | None = None  # None: not tried yet
-
-
-def patch_code_page_tracking() -> bool:
-    """Apply both changes once per process; whether they are in effect."""
-    global _state
-    with _lock:
-        if _state is None:
-            try:
-                _state = _apply()
-            except OSError as err:
-                log.debug("software CPU: code-page tracking left as is (%s)", err)
-                _state = False
-        return _state
-
-
 def _apply() -> bool:
     anchor = ctypes.cast(uclib.check_exit_request_x86_64, ctypes.c_void_p).value
     page_find = ctypes.cast(uclib.tb_invalidate_phys_page_fast_x86_64, ctypes.c_void_p).value
@@ -160,3 +142,6 @@ def _apply() -> bool:
     jump(reset_dirty, replacement)
     jump(function + PATCH_OFFSET, trampoline)
     return True
+
+
+patch_code_page_tracking = OncePerProcess(_apply, "code-page tracking left as is")

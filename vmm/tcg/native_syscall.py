@@ -36,9 +36,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import threading
 
-from vmm.tcg.text_patch import jump, map_near, sha256
+from vmm.tcg.text_patch import OncePerProcess, jump, map_near, sha256
 from vmm.tcg.unicorn_lib import uclib
 
 log = logging.getLogger(__name__)
@@ -86,23 +85,6 @@ REPLACEMENT = bytes.fromhex(
     "78150000ffffffff415d415c5bc341574989ffff250900000090"
 )
 
-_lock = threading.Lock()
-_state: bool | None = None  # None: not tried yet
-
-
-def patch_syscall() -> bool:
-    """Apply the change once per process; whether it is in effect."""
-    global _state
-    with _lock:
-        if _state is None:
-            try:
-                _state = _apply()
-            except OSError as err:
-                log.debug("software CPU: SYSCALL left to Python (%s)", err)
-                _state = False
-        return _state
-
-
 def _apply() -> bool:
     helper = ctypes.cast(uclib.helper_syscall_x86_64, ctypes.c_void_p).value
     if sha256(helper, HELPER_SYSCALL_SIZE) != HELPER_SYSCALL_SHA256:
@@ -112,3 +94,6 @@ def _apply() -> bool:
     code = REPLACEMENT + compute_flags.to_bytes(8, "little") + (helper + ENTRY_SIZE).to_bytes(8, "little")
     jump(helper, map_near(helper, code))
     return True
+
+
+patch_syscall = OncePerProcess(_apply, "SYSCALL left to Python")

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import mmap
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
@@ -71,3 +76,26 @@ def write_text(address: int, data: bytes) -> None:
 def _protect(address: int, length: int, prot: int) -> None:
     if _libc.mprotect(address, length, prot) != 0:
         raise OSError(ctypes.get_errno(), "mprotect failed")
+
+
+class OncePerProcess:
+    """A change to the library, made by `apply` at the first call and never again in this
+    process (every engine shares the library); each call answers whether it is in effect.
+    `apply` returns False, or raises OSError, to leave the library as it is; `unpatched`
+    says what then happens instead, for the debug log."""
+
+    def __init__(self, apply: Callable[[], bool], unpatched: str) -> None:
+        self._apply = apply
+        self._unpatched = unpatched
+        self._lock = threading.Lock()
+        self._in_effect: bool | None = None  # None: not tried yet
+
+    def __call__(self) -> bool:
+        with self._lock:
+            if self._in_effect is None:
+                try:
+                    self._in_effect = self._apply()
+                except OSError as err:
+                    log.debug("software CPU: %s (%s)", self._unpatched, err)
+                    self._in_effect = False
+            return self._in_effect
