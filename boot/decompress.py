@@ -39,7 +39,9 @@ class CorruptPayload(PyvmmError):
     """The payload claims a known format but does not decompress."""
 
 
-def _gzip(data: memoryview, size: int) -> bytes:
+# Each decoder returns at most `size` + 1 bytes (or raises), so that a caller can
+# tell output past its limit from output that fits.
+def gunzip(data: memoryview, size: int) -> bytes:
     return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(data, size + 1)
 
 
@@ -51,13 +53,13 @@ def _lzma_alone(data: memoryview, size: int) -> bytes:
     return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(data, max_length=size + 1)
 
 
-def _xz(data: memoryview, size: int) -> bytes:
+def unxz(data: memoryview, size: int) -> bytes:
     # The kernel's xz carries a BCJ x86 filter in front of LZMA2; liblzma reads
     # the filter chain from the stream header and undoes both.
     return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data, max_length=size + 1)
 
 
-def _zstd(data: memoryview, size: int) -> bytes:
+def unzstd(data: memoryview, size: int) -> bytes:
     return zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
 
 
@@ -94,18 +96,18 @@ class PayloadFormat:
 
 
 FORMATS = (
-    PayloadFormat("gzip", b"\x1f\x8b", _gzip),
-    PayloadFormat("gzip", b"\x1f\x9e", _gzip),  # old gzip magic, still accepted by the kernel
+    PayloadFormat("gzip", b"\x1f\x8b", gunzip),
+    PayloadFormat("gzip", b"\x1f\x9e", gunzip),  # old gzip magic, still accepted by the kernel
     PayloadFormat("bzip2", b"BZh", _bzip2),
     PayloadFormat("lzma", b"\x5d\x00\x00", _lzma_alone),
-    PayloadFormat("xz", b"\xfd7zXZ\x00", _xz),
+    PayloadFormat("xz", b"\xfd7zXZ\x00", unxz),
     PayloadFormat("lzo", b"\x89LZO", None),  # no well-kept Python LZO library
     PayloadFormat("lz4", struct.pack("<I", LZ4_LEGACY_MAGIC), _lz4_legacy),
-    PayloadFormat("zstd", b"\x28\xb5\x2f\xfd", _zstd),
+    PayloadFormat("zstd", b"\x28\xb5\x2f\xfd", unzstd),
     PayloadFormat("uncompressed", b"\x7fELF", _uncompressed),
 )
 
-_LIBRARY_ERRORS = (zlib.error, OSError, EOFError, lzma.LZMAError, zstandard.ZstdError,
+LIBRARY_ERRORS = (zlib.error, OSError, EOFError, lzma.LZMAError, zstandard.ZstdError,
                    lz4.block.LZ4BlockError, ValueError)
 
 
@@ -143,7 +145,7 @@ def decompress_payload(payload: bytes | memoryview, limit: int) -> bytes | bytea
                              f"{limit / MiB:.0f} MiB it can occupy in guest memory")
     try:
         out = fmt.decoder(payload, size)
-    except _LIBRARY_ERRORS as err:
+    except LIBRARY_ERRORS as err:
         raise CorruptPayload(f"corrupt {fmt.name} kernel payload: {err}") from None
     if len(out) != size:
         raise CorruptPayload(f"corrupt {fmt.name} kernel payload: decompressed to {len(out)} bytes, "

@@ -14,16 +14,12 @@ decompression of its own.
 
 from __future__ import annotations
 
-import io
-import lzma
 import os
 import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import zstandard
-
+from boot.decompress import LIBRARY_ERRORS, gunzip, unxz, unzstd
 from vmm.errors import PyvmmError
 from vmm.layout import MiB
 
@@ -72,21 +68,8 @@ MAX_MODULE_SIZE = 128 * MiB
 ELF_MAGIC = b"\x7fELF"
 
 
-def _gunzip(data: bytes) -> bytes:
-    return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(data, MAX_MODULE_SIZE + 1)
-
-
-def _unxz(data: bytes) -> bytes:
-    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data, max_length=MAX_MODULE_SIZE + 1)
-
-
-def _unzstd(data: bytes) -> bytes:
-    # A stream reader, because a frame need not state its size.
-    return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read(MAX_MODULE_SIZE + 1)
-
-
 # How kbuild names what CONFIG_MODULE_COMPRESS_* makes.
-MODULE_DECOMPRESSORS = {".ko.gz": _gunzip, ".ko.xz": _unxz, ".ko.zst": _unzstd}
+MODULE_DECOMPRESSORS = {".ko.gz": gunzip, ".ko.xz": unxz, ".ko.zst": unzstd}
 
 
 def decompress_module(name: str, data: bytes) -> bytes:
@@ -94,8 +77,8 @@ def decompress_module(name: str, data: bytes) -> bytes:
     for suffix, decompress in MODULE_DECOMPRESSORS.items():
         if name.endswith(suffix):
             try:
-                data = decompress(data)
-            except (zlib.error, lzma.LZMAError, zstandard.ZstdError, EOFError) as err:
+                data = decompress(memoryview(data), MAX_MODULE_SIZE)
+            except LIBRARY_ERRORS as err:
                 raise PyvmmError(f"{name} does not decompress: {err}") from None
             if len(data) > MAX_MODULE_SIZE:
                 raise PyvmmError(f"{name} decompresses to more than {MAX_MODULE_SIZE // MiB} MiB")
