@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 PYVMM  := $(VENV)/bin/pyvmm
 
 # Debian packages pyvmm needs at run time: a Python that can make the venv
-# (pip brings the rest). make install and make demo need nothing more.
+# (pip brings the rest). make install and make demo need nothing more
+# (with gcc and python3-dev there, make install also builds the compiled KVM exit loop).
 RUNTIME_PACKAGES := python3-venv
 # What the tests and benchmarks use as well: binutils assembles the test
 # guests; qemu-utils is the disk-image reference; acpica-tools disassembles
@@ -13,22 +14,23 @@ RUNTIME_PACKAGES := python3-venv
 # disk-boot tests run (pyvmm finds it at run time, or is given --bios); syslinux,
 # syslinux-common, isolinux, mtools, dosfstools and xorriso build the bootable
 # test disks and ISOs; the rest build and inspect the Linux test guests, and
-# QEMU is the peer the benchmarks measure against.
-TEST_PACKAGES := binutils gcc make qemu-utils qemu-system-x86 acpica-tools e2fsprogs \
+# QEMU is the peer the benchmarks measure against; gcc and python3-dev build the
+# compiled KVM exit loop, whose tests run in CI beside the Python loop's.
+TEST_PACKAGES := binutils gcc python3-dev make qemu-utils qemu-system-x86 acpica-tools e2fsprogs \
                  busybox-static cpio iproute2 gdb seabios \
                  syslinux syslinux-common isolinux mtools dosfstools xorriso
 
 # Cases per fuzz test for make fuzz (the suite runs a few from a fixed seed).
 FUZZ_EXAMPLES ?= 5000
 
-.PHONY: install deps deps-runtime demo demo-linux test test-fast test-kvm test-kvm-ci lint bench bench-kvm \
+.PHONY: install exit-loop deps deps-runtime demo demo-linux test test-fast test-kvm test-kvm-ci lint bench bench-kvm \
         fuzz test-assets kvm-unit-tests clean
 
 # The KVM structures' C declarations are parsed once here, not at every start
 # (vmm/cffi_prebuilt.py); without this step pyvmm parses them at import.
 CFFI_PREBUILT := vmm/kvm/_uapi_prebuilt.py
 
-install: deps-runtime $(VENV)/.installed $(CFFI_PREBUILT)
+install: deps-runtime $(VENV)/.installed $(CFFI_PREBUILT) exit-loop
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +40,12 @@ $(VENV)/.installed: pyproject.toml
 
 $(CFFI_PREBUILT): vmm/kvm/uapi.py vmm/cffi_prebuilt.py $(VENV)/.installed
 	$(PY) -m vmm.cffi_prebuilt
+
+# The compiled KVM exit loop (vmm/kvm/exit_loop.py): pip builds it, this builds it
+# again (under a second), so a changed exit_loop.c is never left unbuilt. Without a
+# C compiler and Python's headers it says so and pyvmm uses the Python exit loop.
+exit-loop: $(VENV)/.installed
+	$(PY) -m vmm.kvm.exit_loop_build
 
 # System packages, installed only when missing (needs root, as apt-get does);
 # on a system without dpkg, installing them is left to the user.
@@ -116,4 +124,4 @@ fuzz: install
 	PYVMM_FUZZ_SEED=$$seed PYVMM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -k fuzz tests/unit tests/fuzz
 
 clean:
-	rm -rf build .pytest_cache $(CFFI_PREBUILT)
+	rm -rf build .pytest_cache $(CFFI_PREBUILT) vmm/kvm/_exit_loop*.so

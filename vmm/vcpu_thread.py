@@ -12,7 +12,9 @@ Reads are answered with `vcpu.complete_read(data)` before the next `run()`.
 
 On KVM every port and MMIO access the kernel does not handle comes through
 here: this file, vmm/kvm/vcpu.py (`KvmVcpu.run`) and vmm/bus.py are the
-whole path. The software CPU never returns I/O exits: its engine's hooks call
+whole path. (Where the compiled exit loop was built, vmm/kvm/exit_loop.py,
+KVM's port and MMIO exits go from C to the same buses and only the other
+exits come here.) The software CPU never returns I/O exits: its engine's hooks call
 the same buses from inside emulation, on this same thread
 (vmm/tcg/io_dispatch.py -> vmm/bus.py), and `run()` returns only to stop or
 to be interrupted."""

@@ -1,9 +1,31 @@
 """Flat guests through `pyvmm boot --flat`, on every accelerator, asserting on
-what they print on COM1 and on pyvmm's exit status."""
+what they print on COM1 and on pyvmm's exit status. On KVM each runs through
+both exit loops (vmm/kvm/exit_loop.py): the compiled one and the Python one."""
 
 from __future__ import annotations
 
-from tests.helpers import run_pyvmm
+import os
+
+import pytest
+
+from tests.guest.conftest import ACCELERATORS
+from tests.helpers import kvm_usable, run_pyvmm
+from vmm.kvm.exit_loop import LOOP_ENV, compiled_loop_built
+
+
+@pytest.fixture(params=[pytest.param("kvm", marks=pytest.mark.kvm),
+                        pytest.param("kvm-python-loop", marks=pytest.mark.kvm), *ACCELERATORS[1:]])
+def accel(request, monkeypatch) -> str:
+    """What --accel gets; "kvm-python-loop" is --accel kvm with PYVMM_EXIT_LOOP=python."""
+    if request.param == "tcg":
+        return "tcg"
+    if reason := kvm_usable():
+        pytest.skip(reason)
+    if request.param == "kvm-python-loop":
+        monkeypatch.setenv(LOOP_ENV, "python")
+    elif not compiled_loop_built():
+        pytest.skip("the compiled KVM exit loop is not built (make install, with gcc and python3-dev)")
+    return "kvm"
 
 
 def boot(image, accel, *extra):
@@ -61,5 +83,9 @@ def test_int3_through_the_ivt(guest, accel):
 
 def test_stats_count_exits_and_port_accesses(guest, accel):
     result = boot(guest("hello"), accel, "--stats")
+    if accel == "kvm":  # which exit loop ran, and both count the same exits
+        loop = "Python" if os.environ.get(LOOP_ENV) == "python" else "compiled"
+        assert f"accelerator kvm, {loop} exit loop".encode() in result.stderr
+        assert b"IoOut 22" in result.stderr  # 21 characters and the exit status
     assert b"pio com1" in result.stderr
     assert b"21 accesses" in result.stderr  # 21 characters, one `out` each

@@ -8,6 +8,8 @@ Layers, bottom up:
   irq.py      the in-kernel irqchip: PC GSI routing, the 8259s' start-up mask, irq lines
   firmware_state.py   FPU, MSRs and LAPIC LINT pins as a PC's firmware leaves them
   vcpu.py     KvmVcpu: KVM_RUN and the kvm_run page turned into exit values
+  exit_loop.py, exit_loop.c, exit_loop_build.py
+              the compiled exit loop, where built: port and MMIO exits handled in C
   accel.py    KvmAccelerator and KvmVm: the vmm.accel interface on top of them
   quirks.py   what particular hosts' KVM cannot do; check.py: `pyvmm check`
 """

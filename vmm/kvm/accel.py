@@ -16,6 +16,7 @@ from vmm.kvm import debug as guest_debug
 from vmm.kvm import quirks
 from vmm.kvm import uapi as k
 from vmm.kvm.cpuid import cpuid_for_vcpu
+from vmm.kvm.exit_loop import use_compiled_loop
 from vmm.kvm.fd import KvmSystem
 from vmm.kvm.firmware_state import set_firmware_state
 from vmm.kvm.irq import KvmIrqLine, mask_8259s, pc_gsi_routing
@@ -25,11 +26,11 @@ from vmm.memory import GuestMemory
 
 
 class KvmAccelerator(Accelerator):
-    name = "kvm"
-
     def __init__(self, path: str = "/dev/kvm") -> None:
         self.system = KvmSystem(path)
         install_kick_handler()
+        self.compiled_exit_loop = use_compiled_loop()
+        self.name = "kvm, compiled exit loop" if self.compiled_exit_loop else "kvm, Python exit loop"
 
     def can_run_linux(self) -> tuple[bool, str]:
         return quirks.can_run_linux()
@@ -38,15 +39,17 @@ class KvmAccelerator(Accelerator):
         return quirks.linux_cmdline_additions()
 
     def create_vm(self, memory: GuestMemory, io: MachineIo, platform: PlatformOptions) -> KvmVm:
-        return KvmVm(self.system, memory, platform)
+        return KvmVm(self.system, memory, platform, io if self.compiled_exit_loop else None)
 
     def close(self) -> None:
         self.system.close()
 
 
 class KvmVm(VirtualMachine):
-    def __init__(self, system: KvmSystem, memory: GuestMemory, platform: PlatformOptions) -> None:
+    def __init__(self, system: KvmSystem, memory: GuestMemory, platform: PlatformOptions,
+                 compiled_loop_io: MachineIo | None) -> None:
         self.memory = memory
+        self._compiled_loop_io = compiled_loop_io  # None: the Python exit loop (vmm/kvm/exit_loop.py)
         self.platform = platform
         self.fd = system.create_vm()
         self._vcpus: list[KvmVcpu] = []
@@ -75,7 +78,8 @@ class KvmVm(VirtualMachine):
 
     def create_vcpu(self, index: int) -> KvmVcpu:
         block_irq = bool(self.fd.system.check_extension(k.KVM_CAP_SET_GUEST_DEBUG2) & k.KVM_GUESTDBG_BLOCKIRQ)
-        vcpu = KvmVcpu(index, self.fd.create_vcpu(index), self.memory, step_blocks_irq=block_irq)
+        vcpu = KvmVcpu(index, self.fd.create_vcpu(index), self.memory, step_blocks_irq=block_irq,
+                       compiled_loop_io=self._compiled_loop_io)
         self._vcpus.append(vcpu)
         # A guest that enables long mode itself needs CPUID set first, or
         # its wrmsr to EFER faults.

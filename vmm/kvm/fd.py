@@ -203,6 +203,7 @@ class VcpuFd:
         self._run_mapping = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._run_buffer = ffi.from_buffer(self._run_mapping)
         self.kvm_run = ffi.cast("struct kvm_run *", self._run_buffer)
+        self.kvm_run_address = int(ffi.cast("uintptr_t", self.kvm_run))
         # The raw page, for the I/O data area that kvm_run.io.data_offset points into.
         self.run_page = memoryview(self._run_mapping)
 

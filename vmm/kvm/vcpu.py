@@ -4,6 +4,10 @@
 into one of the exit values in vmm/exits.py, which the exit loop
 (vmm/vcpu_thread.py) hands to the buses (vmm/bus.py): those three files are
 the whole path from KVM_RUN to `device.read` / `device.write`.
+
+Where the compiled exit loop was built (vmm/kvm/exit_loop.py), `run` enters
+the guest through it instead, and port and MMIO exits go from C straight to
+the same buses; `run` then returns only the other exits.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import signal
 import struct
 import threading
 
-from vmm.accel import Vcpu
+from vmm.accel import MachineIo, Vcpu
 from vmm.cpu_state import GPR_NAMES, CpuState, Segment
 from vmm.errors import GuestMemoryError, PyvmmError
 from vmm.exits import (
@@ -33,6 +37,7 @@ from vmm.guest_debug import GuestDebug
 from vmm.kvm import debug as guest_debug
 from vmm.kvm import quirks
 from vmm.kvm import uapi as k
+from vmm.kvm.exit_loop import CompiledExitLoop
 from vmm.kvm.fd import VcpuFd
 from vmm.memory import GuestMemory
 
@@ -77,13 +82,19 @@ def _emulation_advice() -> str:
 
 
 class KvmVcpu(Vcpu):
-    def __init__(self, index: int, fd: VcpuFd, memory: GuestMemory, step_blocks_irq: bool = False) -> None:
+    def __init__(self, index: int, fd: VcpuFd, memory: GuestMemory, step_blocks_irq: bool = False,
+                 compiled_loop_io: MachineIo | None = None) -> None:
+        """`compiled_loop_io`: the buses the compiled exit loop hands I/O to (vmm/kvm/exit_loop.py);
+        None: the Python loop, where `run` returns every exit."""
         self.index = index
         self.fd = fd
         self.memory = memory
         self._run = fd.kvm_run
         self._page = fd.run_page
-        self._enter = fd.run
+        # Both return False when interrupted; the compiled loop returns only exits that are not I/O.
+        self._compiled = (CompiledExitLoop(fd.fd, fd.kvm_run_address, compiled_loop_io)
+                          if compiled_loop_io is not None else None)
+        self._enter = self._compiled.run if self._compiled is not None else fd.run
         self._thread_ident: int | None = None
         self._thread_lock = threading.Lock()  # a kick never signals a thread that has ended
         self._pending_read: tuple[int, int] | None = None  # (offset into kvm_run page, length)
@@ -202,6 +213,9 @@ class KvmVcpu(Vcpu):
 
     def write_debug_registers(self, values: dict[str, int]) -> None:
         guest_debug.write_debug_registers(self.fd, values)
+
+    def dispatched_io_counts(self) -> dict[str, int]:
+        return self._compiled.io_counts() if self._compiled is not None else {}
 
     def complete_read(self, data: bytes) -> None:
         offset, length = self._pending_read

@@ -1,0 +1,75 @@
+"""Builds the compiled KVM exit loop, `vmm.kvm._exit_loop`, from exit_loop.c (cffi API mode).
+
+Run at install time: `make install` runs `python -m vmm.kvm.exit_loop_build`,
+and `pip install` builds it through setup.py. A host without a C compiler or
+Python's headers gets no module, is told so in one line, and pyvmm uses the
+Python exit loop (vmm/kvm/exit_loop.py says which runs, and why both exist).
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from pathlib import Path
+
+MODULE = "vmm.kvm._exit_loop"
+SOURCE = Path(__file__).with_name("exit_loop.c")
+
+# What Python sees of exit_loop.c, and the four device calls it makes into Python.
+DECLARATIONS = """
+#define LOOP_EXIT 0
+#define LOOP_INTERRUPTED 1
+#define LOOP_RUN_FAILED 2
+#define LOOP_DEVICE_RAISED 3
+#define EXIT_LOOP_DIGEST ...
+
+struct exit_counts { uint64_t io_out, io_in, mmio_write, mmio_read; };
+struct kvm_run;
+
+int exit_loop_run(int fd, struct kvm_run *run, void *vcpu, struct exit_counts *counts, int *error);
+
+extern "Python" int exit_loop_pio_write(void *vcpu, uint16_t port, uint32_t size, uint32_t value);
+extern "Python" int exit_loop_pio_read(void *vcpu, uint16_t port, uint32_t size, uint32_t *value);
+extern "Python" int exit_loop_mmio_write(void *vcpu, uint64_t address, uint32_t size, uint64_t value);
+extern "Python" int exit_loop_mmio_read(void *vcpu, uint64_t address, uint32_t size, uint64_t *value);
+"""
+
+
+def source_digest() -> int | None:
+    """A checksum of what the module is built from (None: the sources are not installed)."""
+    try:
+        return zlib.crc32(SOURCE.read_bytes() + DECLARATIONS.encode())
+    except OSError:
+        return None
+
+
+def builder():
+    from cffi import FFI
+
+    ffi = FFI()
+    ffi.cdef(DECLARATIONS)
+    # The module records what it was built from (exit_loop.py compares it).
+    source = f"#define EXIT_LOOP_DIGEST {source_digest()}u\n" + SOURCE.read_text()
+    ffi.set_source(MODULE, source, extra_compile_args=["-O2"])
+    return ffi
+
+
+def build() -> bool:
+    """Compile the module next to this file; False (and one line on stderr) when this host cannot."""
+    from cffi import VerificationError
+
+    tmpdir = Path(__file__).resolve().parents[2] / "build" / "exit_loop"
+    try:
+        built = Path(builder().compile(tmpdir=str(tmpdir), verbose=False))
+    except (VerificationError, OSError) as err:  # no compiler, no headers, no room
+        print(f"pyvmm: the compiled KVM exit loop was not built ({err}); pyvmm will use the "
+              "Python one (apt-get install gcc python3-dev, then make install)", file=sys.stderr)
+        return False
+    # cffi leaves the module under tmpdir in its package's directories: put it beside this file.
+    target = Path(__file__).with_name(built.name)
+    built.replace(target)
+    return True
+
+
+if __name__ == "__main__":
+    build()
