@@ -14,6 +14,7 @@ import pytest
 from tests.guest.kernel.build import build_test_kernel
 from tests.helpers import GUEST_ASM, assemble, kvm_usable
 from tests.unprivileged import unprivileged  # noqa: F401 - pyvmm as `nobody`
+from vmm.kvm.exit_loop import LOOP_ENV, compiled_loop_built
 
 # The `kvm` mark lets tests/nested select the KVM variants to run on a real KVM.
 ACCELERATORS = [pytest.param("kvm", marks=pytest.mark.kvm)] + (["tcg"] if importlib.util.find_spec("vmm.tcg") else [])
@@ -35,6 +36,19 @@ def guest(guest_build_dir):
         return image
 
     return build
+
+
+def use_kvm_exit_loop(loop: str, monkeypatch) -> None:
+    """Run this test's KVM guests through `loop`, "compiled" or "python" (vmm/kvm/exit_loop.py);
+    skipped where KVM is unusable or the compiled loop was not built."""
+    if reason := kvm_usable():
+        pytest.skip(reason)
+    if loop == "python":
+        monkeypatch.setenv(LOOP_ENV, "python")
+    elif compiled_loop_built():
+        monkeypatch.delenv(LOOP_ENV, raising=False)
+    else:
+        pytest.skip("the compiled KVM exit loop is not built (make install, with gcc and python3-dev)")
 
 
 @pytest.fixture(params=ACCELERATORS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import kvm_usable
+from tests.guest.conftest import use_kvm_exit_loop
 from vmm import exit_status
 from vmm.accel import MachineIo, PlatformOptions
 from vmm.bus import Bus
@@ -56,14 +56,7 @@ class Raises:
 
 @pytest.fixture(params=["compiled", "python"])
 def loop(request, monkeypatch) -> str:
-    if reason := kvm_usable():
-        pytest.skip(reason)
-    if request.param == "python":
-        monkeypatch.setenv(LOOP_ENV, "python")
-    elif not compiled_loop_built():
-        pytest.skip("the compiled KVM exit loop is not built (make install, with gcc and python3-dev)")
-    else:
-        monkeypatch.delenv(LOOP_ENV, raising=False)
+    use_kvm_exit_loop(request.param, monkeypatch)
     return request.param
 
 

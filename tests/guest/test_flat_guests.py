@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from tests.guest.conftest import ACCELERATORS
-from tests.helpers import kvm_usable, run_pyvmm
-from vmm.kvm.exit_loop import LOOP_ENV, compiled_loop_built
+from tests.guest.conftest import ACCELERATORS, use_kvm_exit_loop
+from tests.helpers import run_pyvmm
+from vmm.kvm.exit_loop import LOOP_ENV
 
 
 @pytest.fixture(params=[pytest.param("kvm", marks=pytest.mark.kvm),
@@ -19,12 +19,7 @@ def accel(request, monkeypatch) -> str:
     """What --accel gets; "kvm-python-loop" is --accel kvm with PYVMM_EXIT_LOOP=python."""
     if request.param == "tcg":
         return "tcg"
-    if reason := kvm_usable():
-        pytest.skip(reason)
-    if request.param == "kvm-python-loop":
-        monkeypatch.setenv(LOOP_ENV, "python")
-    elif not compiled_loop_built():
-        pytest.skip("the compiled KVM exit loop is not built (make install, with gcc and python3-dev)")
+    use_kvm_exit_loop("python" if request.param == "kvm-python-loop" else "compiled", monkeypatch)
     return "kvm"
 
 
