@@ -23,7 +23,6 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-from boot.acpi.table_loader import build_loader_files
 from devices import fw_cfg as fw_cfg_device
 from devices.board import Board
 from devices.fw_cfg import (
@@ -114,6 +113,9 @@ def add_boot_files(fw_cfg: FwCfg, cpus: int, devices: Iterable[bytes],
                    boot_windows: Iterable[int] = ()) -> None:
     """The firmware's files; `devices`: the devices' DSDT entries (devices/board.py);
     `boot_windows`: the bases of the disks to boot from, in order."""
+    # Imported here: only a disk boot needs it (start-up time).
+    from boot.acpi.table_loader import build_loader_files
+
     for name, data in build_loader_files(cpus, devices).items():
         fw_cfg.add_file(name, data)
     fw_cfg.add_file("etc/boot-fail-wait", struct.pack("<I", BOOT_FAIL_WAIT_MS))

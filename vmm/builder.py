@@ -9,7 +9,6 @@ whatever happened while building, releases what was built.
 
 from __future__ import annotations
 
-from boot.acpi import build_acpi_tables
 from boot.firmware import (
     BootFailureWatch,
     add_boot_files,
@@ -41,7 +40,6 @@ from vmm.config import DEFAULT_CMDLINE, MachineConfig
 from vmm.cpu_state import CpuState
 from vmm.errors import PyvmmError
 from vmm.guest_reset import GuestResets
-from vmm.host_memory import release_freed_heap
 from vmm.machine import Machine
 from vmm.memory import GuestMemory
 
@@ -97,7 +95,10 @@ def build(machine: Machine) -> None:
         machine.stop.add_kicker(vcpu.kick)
     # The other vCPUs wait for INIT/SIPI from the boot CPU, as on a PC.
     machine.vcpus[0].set_state(boot_state)
-    release_freed_heap()  # the kernel's decompression buffers, gone but still resident
+    if config.is_linux:  # only loading a kernel leaves decompression buffers behind
+        from vmm.host_memory import release_freed_heap
+
+        release_freed_heap()  # gone but still resident in the C heap
     if config.gdb is not None:
         from vmm.gdb.server import open_gdb_stub
 
@@ -173,6 +174,7 @@ def _load_firmware(machine: Machine, board: Board) -> CpuState:
 
 def _load_kernel(machine: Machine, board: Board) -> CpuState:
     """A multiboot kernel (by its header), else Linux; either way with the ACPI tables."""
+    from boot.acpi import build_acpi_tables
     from boot.linux import load_linux
     from boot.multiboot import load_multiboot
 

@@ -18,7 +18,6 @@ from vmm.kvm import uapi as k
 from vmm.kvm.cpuid import cpuid_for_vcpu
 from vmm.kvm.exit_loop import use_compiled_loop
 from vmm.kvm.fd import KvmSystem
-from vmm.kvm.firmware_state import set_firmware_state
 from vmm.kvm.irq import KvmIrqLine, mask_8259s, pc_gsi_routing
 from vmm.kvm.vcpu import KvmVcpu, install_kick_handler
 from vmm.layout import KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS
@@ -87,6 +86,9 @@ class KvmVm(VirtualMachine):
         vcpu.fd.set_cpuid(cpuid_for_vcpu(self._supported_cpuid, index, self.platform.cpus, edits,
                                          tsc_deadline=self._tsc_deadline))
         if self.platform.irqchip:
+            # Imported here: a flat guest never needs it (start-up time).
+            from vmm.kvm.firmware_state import set_firmware_state
+
             set_firmware_state(vcpu.fd)
         return vcpu
 
