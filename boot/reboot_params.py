@@ -21,8 +21,9 @@ after which the kernel hands everything to init.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from boot.kernel_params import insert_kernel_params, split_init_args
 
 BIOS_RESET_FLAG_ADDRESS = 0x472  # in the BIOS data area
 WARM_RESET_FLAG = 0x1234
@@ -42,10 +43,7 @@ def _reboot_items(kernel_params: list[str]) -> list[str]:
 
 
 def add_reboot_params(cmdline: str) -> RebootParams:
-    end_of_kernel_params = re.search(r"(^|\s)--(\s|$)", cmdline)
-    kernel_part = cmdline[:end_of_kernel_params.start()] if end_of_kernel_params else cmdline
-    init_part = cmdline[len(kernel_part):]
-    params = kernel_part.split()
+    params = split_init_args(cmdline)[0].split()
     items = _reboot_items(params)
     additions = []
     if not any(param.startswith("panic=") for param in params):
@@ -56,5 +54,5 @@ def add_reboot_params(cmdline: str) -> RebootParams:
         panic_modes = ["warm"]
     warm_reboots = any(item.startswith("w") for item in items)
     panics_warm = panic_modes[-1].startswith("w")
-    return RebootParams(cmdline=" ".join([kernel_part.strip(), *additions]).strip() + init_part,
+    return RebootParams(cmdline=insert_kernel_params(cmdline, additions),
                         warm_reset_means_panic=panics_warm and not warm_reboots)

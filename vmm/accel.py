@@ -158,7 +158,8 @@ class Accelerator(ABC):
         return True, ""
 
     def linux_cmdline_additions(self) -> list[str]:
-        """Kernel parameters a Linux guest needs on this accelerator on this host."""
+        """Kernel parameters a Linux guest needs, or runs much better with, on this accelerator on
+        this host; each is added where the user's command line does not set it."""
         return []
 
     @abstractmethod

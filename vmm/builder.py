@@ -17,6 +17,7 @@ from boot.firmware import (
     read_bios,
     reset_vector_state,
 )
+from boot.kernel_params import add_unset_kernel_params, insert_kernel_params
 from boot.reboot_params import add_reboot_params
 from boot.reset_stub import install_reset_stub
 from devices import (
@@ -153,13 +154,12 @@ def _load_flat(machine: Machine) -> CpuState:
 def kernel_cmdline(machine: Machine) -> str:
     config, virtio = machine.config, machine.virtio
     cmdline = config.cmdline if config.cmdline is not None else DEFAULT_CMDLINE
-    additions = [p for p in machine.accel.linux_cmdline_additions() if p not in cmdline.split()]
-    cmdline = " ".join([cmdline, *additions]).strip()
+    cmdline = add_unset_kernel_params(cmdline, machine.accel.linux_cmdline_additions())
     if virtio is not None:
         if config.cmdline is None and virtio.console is not None:
             cmdline += " console=hvc0"  # the kernel's console follows the host terminal
         if config.virtio.cmdline_devices:
-            cmdline = " ".join([cmdline, *virtio.cmdline_fragments()])
+            cmdline = insert_kernel_params(cmdline, virtio.cmdline_fragments())
     return cmdline
 
 
