@@ -12,6 +12,7 @@ the same buses; `run` then returns only the other exits.
 
 from __future__ import annotations
 
+import logging
 import signal
 import struct
 import threading
@@ -40,6 +41,8 @@ from vmm.kvm import uapi as k
 from vmm.kvm.exit_loop import CompiledExitLoop
 from vmm.kvm.fd import VcpuFd
 from vmm.memory import GuestMemory
+
+log = logging.getLogger(__name__)
 
 # A kick is this signal sent to the vCPU's thread: its only job is to make a
 # blocked KVM_RUN return EINTR. The handler must exist (an ignored signal
@@ -204,6 +207,8 @@ class KvmVcpu(Vcpu):
         if trap is not None:
             return trap
         # The guest's own #BP or #DB while debugging is on: hand it back.
+        log.debug("vCPU %d: the guest's own exception %d at %#x, handed back", self.index,
+                  self._run.debug.exception, self._run.debug.pc)
         control, debugreg = guest_debug.guest_debug_request(self._debug, self._step_blocks_irq)
         self.fd.set_guest_debug(control | guest_debug.reinjection(self._run), debugreg)
         return Interrupted()
