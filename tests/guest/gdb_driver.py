@@ -2,9 +2,10 @@
 
 `DebuggedVm` starts `pyvmm boot ... --gdb tcp:127.0.0.1:0 -S` (a free port,
 read back from the "waiting for a debugger" line, so parallel runs never
-collide), keeps the guest's console as a `GuestSession`, and runs gdb
-against it with `gdb_batch` (to completion) or `start_gdb` (in the
-background, for a test that must act while gdb waits).
+collide; or `--gdb unix:PATH`), keeps the guest's console as a
+`GuestSession`, and runs gdb against it with `gdb_batch` (to completion) or
+`start_gdb` (in the background, for a test that must act while gdb waits).
+`gdb_command` is that gdb's command line, for any target.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 from tests.boot.session import GuestSession
 
 STARTUP_TIMEOUT = 60.0
-WAITING = re.compile(rb"pyvmm: gdb: waiting for a debugger on tcp:127\.0\.0\.1:(\d+)")
+WAITING = re.compile(rb"pyvmm: gdb: waiting for a debugger on (?:tcp:127\.0\.0\.1:(\d+)|unix:(\S+))")
 
 
 def require_gdb() -> str:
@@ -33,16 +34,30 @@ def require_gdb() -> str:
     return gdb
 
 
-class DebuggedVm:
-    def __init__(self, *args: str, timeout: float = 120, subcommand: str = "boot") -> None:
-        """`pyvmm SUBCOMMAND --gdb (any free port) -S ARGS...`: paused until a debugger continues it."""
-        self.gdb = require_gdb()
-        self.session = GuestSession(timeout=timeout, program=[
-            sys.executable, "-m", "vmm", subcommand, "--gdb", "tcp:127.0.0.1:0", "-S", *args])
-        self.stderr = b""
-        self.port = self._read_port()
+def gdb_command(target: str, commands: list[str], elf=None) -> list[str]:
+    """gdb in batch mode: connect to `target` (HOST:PORT, or a unix socket's path), run `commands`."""
+    argv = [require_gdb(), "-nx", "-batch", "-ex", "set confirm off", "-ex", "set pagination off",
+            "-ex", f"target remote {target}"]
+    for command in commands:
+        argv += ["-ex", command]
+    if elf is not None:
+        argv.append(str(elf))
+    return argv
 
-    def _read_port(self) -> int:
+
+class DebuggedVm:
+    def __init__(self, *args: str, timeout: float = 120, subcommand: str = "boot",
+                 listen: str = "tcp:127.0.0.1:0") -> None:
+        """`pyvmm SUBCOMMAND --gdb LISTEN -S ARGS...`: paused until a debugger continues it."""
+        require_gdb()  # skips the test before pyvmm starts
+        self.session = GuestSession(timeout=timeout, program=[
+            sys.executable, "-m", "vmm", subcommand, "--gdb", listen, "-S", *args])
+        self.stderr = b""
+        waiting = self._read_waiting()
+        self.port = int(waiting.group(1)) if waiting.group(1) else None
+        self.target = f"127.0.0.1:{self.port}" if self.port else waiting.group(2).decode()  # for target remote
+
+    def _read_waiting(self) -> re.Match:
         stream = self.session.process.stderr
         selector = selectors.DefaultSelector()
         selector.register(stream, selectors.EVENT_READ)
@@ -56,16 +71,10 @@ class DebuggedVm:
                 raise AssertionError(f"pyvmm exited ({self.session.process.wait()}): {self.stderr!r}")
             self.stderr += chunk
         selector.close()
-        return int(match.group(1))
+        return match
 
     def _gdb_command(self, commands: list[str], elf=None) -> list[str]:
-        argv = [self.gdb, "-nx", "-batch", "-ex", "set confirm off", "-ex", "set pagination off",
-                "-ex", f"target remote 127.0.0.1:{self.port}"]
-        for command in commands:
-            argv += ["-ex", command]
-        if elf is not None:
-            argv.append(str(elf))
-        return argv
+        return gdb_command(self.target, commands, elf)
 
     def gdb_batch(self, commands: list[str], elf=None, timeout: float = 120) -> str:
         """Run gdb with these commands to the end; its stdout and stderr, interleaved."""

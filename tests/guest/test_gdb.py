@@ -30,9 +30,9 @@ def debugged(test_kernel, accel):
     """debugged(*cmdline_words, cpus=1) -> a DebuggedVm running the test kernel's gdb program."""
     started = []
 
-    def start(*words: str, cpus: int = 1) -> DebuggedVm:
+    def start(*words: str, cpus: int = 1, listen: str = "tcp:127.0.0.1:0") -> DebuggedVm:
         vm = DebuggedVm("--kernel", str(test_kernel), "--accel", accel, "--cpus", str(cpus), "--memory", "128M",
-                        "--cmdline", " ".join(("console=ttyS0 testkernel=gdb", *words)))
+                        "--cmdline", " ".join(("console=ttyS0 testkernel=gdb", *words)), listen=listen)
         started.append(vm)
         return vm
 
@@ -85,6 +85,15 @@ def test_watchpoint_shows_old_and_new_values(debugged, elf):
     assert re.search(r"stopped at 0x([0-9a-f]+)", out).group(1) == listing[store + 1][0].lstrip("0"), out
     assert vm.wait() == EXIT_STATUS
     assert "gdb: watched 2" in vm.guest_output()
+
+
+def test_gdb_connects_to_a_unix_socket_by_its_path(debugged, elf, tmp_path):
+    vm = debugged(listen=f"unix:{tmp_path / 'gdb.sock'}")
+    assert vm.target == str(tmp_path / "gdb.sock")
+    out = vm.gdb_batch(["break gdb_report", "continue", "delete", "continue"], elf)  # target remote PATH
+    assert "Breakpoint 1, gdb_report (value=22)" in out, out
+    assert f"exited with code 0{EXIT_STATUS:o}]" in out, out
+    assert vm.wait() == EXIT_STATUS
 
 
 def test_changing_a_register_changes_what_the_guest_prints(debugged, elf):

@@ -186,10 +186,13 @@ def test_breakpoints_and_watchpoints(session):
     assert session.handle(b"Z1,1008,1") == b"E01"  # no debug register left
     assert session.handle(b"Z3,1010,4") == b""  # read watchpoints not supported: gdb falls back
     assert session.handle(b"Z2,1010,4") == b"OK"
+    assert session.handle(b"Z4,1018,8") == b"OK"
     assert session.handle(b"Z9,1010,4") == b"E16"
     assert session.handle(b"Z2,1010,16") == b"E16"
     assert session.handle(b"z0,1000,1") == b"OK"
-    assert session.target.points == [("hardware", 0x1004, 1), ("write", 0x1010, 4)]
+    assert session.handle(b"z4,1018,8") == b"OK"
+    assert session.handle(b"Z4,1020,2") == b"OK"
+    assert session.target.points == [("hardware", 0x1004, 1), ("write", 0x1010, 4), ("access", 0x1020, 2)]
 
 
 def test_resume_packets_map_to_per_thread_actions(session):
