@@ -6,4 +6,4 @@ development machine busy for minutes, so a plain `pytest` leaves it out.
 
 import os
 
-collect_ignore = [] if os.environ.get("PYVMM_KVM_TIER") else ["test_kvm_tier.py"]
+collect_ignore = [] if os.environ.get("PYVMM_KVM_TIER") else ["test_kvm_tier.py", "test_gdb_linux_kvm.py"]

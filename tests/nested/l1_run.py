@@ -108,11 +108,13 @@ def qemu_command(kernel: Path, initrd: Path, results_disk: Path) -> list[str]:
 
 
 def run_in_l1(script: str, repo: Path, timeout: float, work: Path,
-              echo: Callable[[str], None] | None = None, with_qemu: bool = False) -> L1Result:
+              echo: Callable[[str], None] | None = None, with_qemu: bool = False,
+              qemu_args: tuple[str, ...] = ()) -> L1Result:
     """Boot L1 with `script` as /run.sh (cwd /), wait at most `timeout` seconds, collect /results.
 
     `echo` gets each console line as it comes; `with_qemu` packs QEMU too (for
-    the benchmark's peer). QEMU is killed on every way out.
+    the benchmark's peer); `qemu_args` adds to L1's machine (a channel to the
+    host, say). QEMU is killed on every way out.
     """
     assets = find_linux_assets()
     if assets is None:
@@ -129,8 +131,9 @@ def run_in_l1(script: str, repo: Path, timeout: float, work: Path,
 
     lines: list[str] = []
     started = time.monotonic()
-    process = subprocess.Popen(qemu_command(kernel.kernel, initrd, results_disk), stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen([*qemu_command(kernel.kernel, initrd, results_disk), *qemu_args],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
 
     def pump() -> None:
         for raw in process.stdout:
