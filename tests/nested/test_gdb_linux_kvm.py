@@ -25,6 +25,11 @@ target/i386/tcg/sysemu/svm_helper.c and excp_helper.c):
   intercept KVM sets for KVM_GUESTDBG_USE_SW_BP, so the guest's kernel takes
   gdb's int3 itself: with `break *hrtimer_nanosleep` it panicked at the next
   `sleep`, and pyvmm, run with -vv, saw no KVM_EXIT_DEBUG at all.
+QEMU's own gdb stub (`qemu-system-x86_64 -accel kvm -S -gdb ...` in the same
+L1, the same kernel, gdb on the host through the same serial relay) fared
+the same, once by hand: `hbreak *start_kernel` was run past (Ctrl-C found
+the kernel idle), and `break *hrtimer_interrupt` ended in the guest's
+"int3: 0000 [#1]" at hrtimer_interrupt+0x1 and a panic.
 tests/boot/test_gdb_linux.py checks the hardware breakpoint at start_kernel
 on the software CPU; tests/guest/test_gdb.py checks breakpoints and
 watchpoints there and, as far as kvm_pvm allows, on KVM.
