@@ -131,7 +131,7 @@ def run_guest(bench: str, command: list[str], parse: Callable[[str], dict[str, f
 
 
 def markdown_table(data: dict) -> str:
-    """The figures of one run as the README's table."""
+    """The figures of one run as the README's table (a figure's note in brackets after its name)."""
     rows = ["| figure | pyvmm | peer | ratio |", "| --- | --- | --- | --- |"]
     for entry in data["figures"]:
         if "skipped" in entry:
@@ -142,7 +142,8 @@ def markdown_table(data: dict) -> str:
                 else f"{entry['peer']} missing: {entry['missing']}")
         ratio = (f"{entry['ratio']:.2f}x ({'lower' if entry['lower_is_better'] else 'higher'} is better)"
                  if entry["ratio"] is not None else "")
-        rows.append(f"| {entry['name']} | {entry['pyvmm']:,.2f} {unit} | {peer} | {ratio} |")
+        name = f"{entry['name']} [{entry['note']}]" if entry.get("note") else entry["name"]
+        rows.append(f"| {name} | {entry['pyvmm']:,.2f} {unit} | {peer} | {ratio} |")
     return "\n".join(rows)
 
 
