@@ -21,6 +21,7 @@ from tests.guest.test_cli_errors import assert_one_line_error
 from tests.helpers import run_pyvmm
 from vmm.gdb.packets import Ack, Packet, PacketReader, frame
 from vmm.gdb.registers import G_PACKET_SIZE
+from vmm.kvm import quirks
 
 EXIT_STATUS = 33  # the gdb program's debug-exit status
 
@@ -94,6 +95,17 @@ def test_gdb_connects_to_a_unix_socket_by_its_path(debugged, elf, tmp_path):
     assert "Breakpoint 1, gdb_report (value=22)" in out, out
     assert f"exited with code 0{EXIT_STATUS:o}]" in out, out
     assert vm.wait() == EXIT_STATUS
+
+
+def test_what_the_hosts_kvm_cannot_do_is_one_line_at_start(debugged, accel):
+    vm = debugged()
+    lines = [line for line in vm.stderr.decode().splitlines()
+             if line.startswith("pyvmm: gdb: ") and "waiting for a debugger" not in line]
+    if accel == "kvm" and quirks.is_kvm_pvm():
+        assert len(lines) == 1, lines
+        assert "int3" in lines[0] and "set can-use-hw-watchpoints 0" in lines[0], lines
+    else:  # the software CPU, or a KVM that refuses nothing
+        assert lines == [], lines
 
 
 def test_changing_a_register_changes_what_the_guest_prints(debugged, elf):
