@@ -15,6 +15,7 @@ create, convert_command, compare_command, snapshot, show_progress  # vmm/image/c
 pytest_runtest_makereport, call, pytestmark, prebuilt_dir, collect_ignore  # tests: pytest reads these
 __getattr__  # vmm/image/__init__.py: the module's lazy attributes (PEP 562)
 exc, exc_info, user_data  # __exit__ / Unicorn hook signatures
+exit_loop_pio_write, exit_loop_pio_read, exit_loop_mmio_write, exit_loop_mmio_read  # called from exit_loop.c
 
 # Read by name: --stats counters (vmm/virtio_setup.py), local APIC registers
 # (devices/lapic.py's register table), the capabilities `pyvmm check` shows and
