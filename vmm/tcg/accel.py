@@ -17,8 +17,8 @@ class TcgAccelerator(Accelerator):
         # that Linux turns them all on: page-table isolation switches CR3 on
         # every kernel entry and exit, and each switch empties the emulated
         # TLB; return thunks and retpolines turn direct returns into indirect
-        # jumps the translator must look up. Off, a Linux guest's work runs
-        # about 1.5x faster (bench/bench_tcg_stress.py).
+        # jumps the translator must look up. Off, a Linux guest's fixed job
+        # takes about a sixth less CPU time (bench/bench_tcg_stress.py).
         return ["mitigations=off"]
 
     def create_vm(self, memory: GuestMemory, io: MachineIo, platform: PlatformOptions) -> TcgVirtualMachine:
