@@ -4,7 +4,7 @@ import pytest
 
 from vmm.cpu_features import FeatureEdit, parse_feature_edits
 from vmm.errors import PyvmmError
-from vmm.kvm.cpuid import cpuid_for_vcpu
+from vmm.kvm.cpuid import beyond_kvm, cpuid_for_vcpu
 
 SUPPORTED = [
     (0x0, 0, 0, 0x1C, 0x68747541, 0x444D4163, 0x69746E65),
@@ -44,11 +44,25 @@ def test_kvm_paravirtual_leaves_are_kept():
     assert leaf(entries, 0x40000000)[1:] == (0x4B4D564B, 0x564B4D56, 0x4D)  # "KVMKVMKVM"
 
 
-def test_edits_remove_and_add_features():
-    entries = cpuid_for_vcpu(SUPPORTED, 0, 1, [FeatureEdit("cx16", False), FeatureEdit("xsave", True)])
-    ecx = leaf(entries, 1)[2]
+def test_edits_remove_features_and_add_only_what_kvm_can_give():
+    # SUPPORTED's leaf 1 ECX has CX16 and x2APIC, not XSAVE.
+    edits = [FeatureEdit("cx16", False), FeatureEdit("xsave", True), FeatureEdit("x2apic", True)]
+    ecx = leaf(cpuid_for_vcpu(SUPPORTED, 0, 1, edits), 1)[2]
     assert not ecx & (1 << 13)
-    assert ecx & (1 << 26)
+    assert ecx & (1 << 21)
+    # KVM would show XSAVE yet refuse CR4.OSXSAVE: left out, as QEMU does.
+    assert not ecx & (1 << 26)
+
+
+def test_additions_kvm_cannot_give_are_named():
+    # Leaf 1 ECX without PCID or TSC-deadline; leaf 7 EBX without INVPCID.
+    supported = [(0x1, 0, 0, 0xA10F11, 0x01020800, 0x00202000, 0x078BFBFF), (0x7, 0, 1, 0, 0x1800002, 0x104, 0)]
+    edits = parse_feature_edits("+pcid,+x2apic,-cx16,+tsc_deadline_timer,+hypervisor,+invpcid,+smep")
+    assert [edit.name for edit in beyond_kvm(supported, edits)] == ["pcid", "tsc_deadline_timer", "invpcid", "smep"]
+    # TSC-deadline is the VMM's to give where KVM_CAP_TSC_DEADLINE_TIMER says KVM can.
+    assert [edit.name for edit in beyond_kvm(supported, edits, tsc_deadline=True)] == ["pcid", "invpcid", "smep"]
+    ecx = leaf(cpuid_for_vcpu(supported, 0, 1, edits), 1)[2]
+    assert not ecx & (1 << 17) and not ecx & (1 << 24)
 
 
 def test_parse_feature_edits():

@@ -7,6 +7,7 @@ vmm/kvm/irq.py), the eventfds of the virtio fast paths, and its vCPUs
 
 from __future__ import annotations
 
+import logging
 import os
 
 from vmm.accel import Accelerator, MachineIo, PlatformOptions, VirtualMachine
@@ -15,13 +16,15 @@ from vmm.guest_debug import DebugSupport
 from vmm.kvm import debug as guest_debug
 from vmm.kvm import quirks
 from vmm.kvm import uapi as k
-from vmm.kvm.cpuid import cpuid_for_vcpu
+from vmm.kvm.cpuid import beyond_kvm, cpuid_for_vcpu
 from vmm.kvm.exit_loop import use_compiled_loop
 from vmm.kvm.fd import KvmSystem
 from vmm.kvm.irq import KvmIrqLine, mask_8259s, pc_gsi_routing
 from vmm.kvm.vcpu import KvmVcpu, install_kick_handler
 from vmm.layout import KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS
 from vmm.memory import GuestMemory
+
+log = logging.getLogger(__name__)
 
 
 class KvmAccelerator(Accelerator):
@@ -71,6 +74,9 @@ class KvmVm(VirtualMachine):
                 self.fd.create_pit2()
             self._supported_cpuid = system.supported_cpuid()
             self._tsc_deadline = bool(platform.irqchip and system.check_extension(k.KVM_CAP_TSC_DEADLINE_TIMER))
+            for edit in beyond_kvm(self._supported_cpuid, platform.cpu_features, tsc_deadline=self._tsc_deadline):
+                log.warning("--cpu-features +%s: this host's KVM cannot give a guest %s; left out",
+                            edit.name, edit.name)
         except BaseException:
             self.fd.close()
             raise

@@ -13,11 +13,16 @@ Linux 6.14 (api.rst, "Known KVM API problems"): the hypervisor bit, without
 which a Linux guest never looks at the KVM leaves (no kvmclock, no PV
 features, TSC calibrated against the PIT), and TSC-deadline, which KVM's
 in-kernel local APIC provides whenever KVM_CAP_TSC_DEADLINE_TIMER says so.
+
+A feature the user adds (`--cpu-features +pcid`) that KVM does not report is
+left out, as QEMU leaves it out ("host doesn't support requested feature"):
+KVM would show the bit but refuse what it promises (where KVM has no PCID,
+setting CR4.PCIDE raises #GP), so a guest that trusts CPUID fails.
 """
 
 from __future__ import annotations
 
-from vmm.cpu_features import FeatureEdit, apply_feature_edits, feature_bit
+from vmm.cpu_features import REGISTER_INDEX, FeatureEdit, apply_feature_edits, feature_bit
 
 CpuidEntry = tuple[int, int, int, int, int, int, int]  # function, index, flags, eax, ebx, ecx, edx
 
@@ -31,6 +36,23 @@ HYPERVISOR = feature_bit("hypervisor")  # leaf 1 ECX
 TSC_DEADLINE = feature_bit("tsc_deadline_timer")  # leaf 1 ECX
 HTT = feature_bit("ht")  # leaf 1 EDX
 XTILECFG, XTILEDATA = 1 << 17, 1 << 18  # leaf 0xD subleaf 0 EAX: the two AMX state components
+
+
+def beyond_kvm(supported: list[CpuidEntry], edits: list[FeatureEdit], *,
+               tsc_deadline: bool = False) -> list[FeatureEdit]:
+    """The additions among `edits` that KVM cannot give a guest: not in its supported table, nor
+    set by the VMM itself (hypervisor, HTT, and TSC-deadline where `tsc_deadline`)."""
+    registers = {(f, i): [eax, ebx, ecx, edx] for f, i, _, eax, ebx, ecx, edx in supported}
+    vmms_own = {"hypervisor", "ht"} | ({"tsc_deadline_timer"} if tsc_deadline else set())
+    beyond = []
+    for edit in edits:
+        if not edit.enable or edit.name in vmms_own:
+            continue
+        leaf, subleaf, register, bit = edit.location
+        values = registers.get((leaf, subleaf))
+        if values is None or not values[REGISTER_INDEX[register]] >> bit & 1:
+            beyond.append(edit)
+    return beyond
 
 
 def cpuid_for_vcpu(supported: list[CpuidEntry], index: int, cpus: int,
@@ -79,5 +101,6 @@ def cpuid_for_vcpu(supported: list[CpuidEntry], index: int, cpus: int,
             registers[(function, 1)] = [core_bits, cpus, (2 << 8) | 1, index]
             flags[(function, 1)] = flags[(function, 0)]
 
-    apply_feature_edits(registers, list(edits))
+    left_out = beyond_kvm(supported, list(edits), tsc_deadline=tsc_deadline)
+    apply_feature_edits(registers, [edit for edit in edits if edit not in left_out])
     return [(f, i, flags[(f, i)], *regs) for (f, i), regs in registers.items()]
