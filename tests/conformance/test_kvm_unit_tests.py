@@ -21,7 +21,8 @@ REGRESSION_SET = {
             "xsave", "eventinj", "syscall"],
     "kvm": ["smptest", "smptest3", "vmexit_cpuid", "vmexit_mov_from_cr8", "vmexit_mov_to_cr8",
             "vmexit_inl_pmtimer", "vmexit_ipi", "vmexit_ipi_halt", "vmexit_ple_round_robin", "vmexit_tscdeadline",
-            "vmexit_tscdeadline_immed", "vmexit_cr0_wp", "vmexit_cr4_pge", "realmode"],
+            "vmexit_tscdeadline_immed", "vmexit_cr0_wp", "vmexit_cr4_pge", "realmode", "idt_test", "setjmp",
+            "rmap_chain", "la57", "lam"],
 }
 
 
