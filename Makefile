@@ -24,7 +24,7 @@ TEST_PACKAGES := binutils gcc python3-dev make qemu-utils qemu-system-x86 acpica
 FUZZ_EXAMPLES ?= 5000
 
 .PHONY: install exit-loop deps deps-runtime demo demo-linux test test-fast test-kvm test-kvm-ci lint bench bench-kvm \
-        fuzz test-assets kvm-unit-tests clean
+        fuzz test-assets kvm-unit-tests kvm-unit-tests-nested clean
 
 # The KVM structures' C declarations are parsed once here, not at every start
 # (vmm/cffi_prebuilt.py); without this step pyvmm parses them at import.
@@ -113,6 +113,13 @@ bench-kvm: deps install test-assets
 # emulator realmode" narrows it). Results in build/kvm-unit-tests.json.
 kvm-unit-tests: deps install
 	$(PY) -m tests.conformance.kut $(ARGS)
+
+# The same comparison on a real KVM (QEMU -enable-kvm beside pyvmm --accel kvm)
+# inside the nested tier's L1 (tests/conformance/nested.py); timeouts times 2
+# there, half an hour. Results in build/kvm-unit-tests-l1.json; ARGS="--console vmexit_cpuid"
+# shows L1's console and narrows it.
+kvm-unit-tests-nested: deps install test-assets
+	$(PY) -m tests.conformance.nested $(ARGS)
 
 test-assets: install
 	$(PY) -m tests.assets

@@ -2,8 +2,13 @@
 
 It boots an L1 Linux on QEMU's software CPU, which keeps both cores of a
 development machine busy for minutes, so a plain `pytest` leaves it out.
+kvm-unit-tests in L1 boots an L1 of its own for its whole comparison, so it
+is in the full tier only.
 """
 
 import os
 
-collect_ignore = [] if os.environ.get("PYVMM_KVM_TIER") else ["test_kvm_tier.py", "test_gdb_linux_kvm.py"]
+TIER = os.environ.get("PYVMM_KVM_TIER")
+collect_ignore = [] if TIER else ["test_kvm_tier.py", "test_gdb_linux_kvm.py"]
+if TIER != "full":
+    collect_ignore.append("test_kvm_unit_tests.py")

@@ -74,8 +74,11 @@ STDLIB_EXCLUDE = re.compile(r"^(test|idlelib|tkinter|turtledemo|ensurepip|lib2to
 # Parts of the checkout L1 needs.
 CHECKOUT = ("vmm", "devices", "boot", "tests", "bench", "pyproject.toml")
 
-# What QEMU's microvm loads from its data directory (seen with strace).
-QEMU_FIRMWARE = ("bios-microvm.bin", "linuxboot_dma.bin")
+# What QEMU loads from its data directories (seen with strace), relative to
+# share/: microvm's for the benchmark; the pc machine's SeaBIOS, its TPR patch
+# ROM and the multiboot loader for kvm-unit-tests (tests/conformance/nested.py).
+QEMU_FIRMWARE = ("qemu/bios-microvm.bin", "qemu/linuxboot_dma.bin",
+                 "seabios/bios-256k.bin", "qemu/kvmvapic.bin", "qemu/multiboot_dma.bin")
 
 # ldd as a shell script needs bash; the dynamic loader answers the same question.
 LDD = "#!/bin/sh\nexec /lib64/ld-linux-x86-64.so.2 --list \"$@\"\n"
@@ -301,13 +304,14 @@ def add_run_modules(tree: Tree, root: Path) -> None:
 
 
 def qemu_tree() -> Tree:
-    """QEMU for microvm on KVM, for the benchmark's peer: the binary, its libraries, its firmware."""
+    """QEMU on KVM, the peer of the benchmark (microvm) and of kvm-unit-tests (pc): the binary, its
+    libraries, its firmware."""
     tree = Tree()
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise RuntimeError("qemu-system-x86_64 is not installed: apt-get install qemu-system-x86")
     tree.host_file(qemu)
-    share = Path(os.path.realpath(qemu)).parent.parent / "share" / "qemu"
+    share = Path(os.path.realpath(qemu)).parent.parent / "share"
     for firmware in QEMU_FIRMWARE:
         tree.host_file(str(share / firmware))
     for library in sorted(libraries(tree.elf_files())):

@@ -109,12 +109,13 @@ def qemu_command(kernel: Path, initrd: Path, results_disk: Path) -> list[str]:
 
 def run_in_l1(script: str, repo: Path, timeout: float, work: Path,
               echo: Callable[[str], None] | None = None, with_qemu: bool = False,
-              qemu_args: tuple[str, ...] = ()) -> L1Result:
+              qemu_args: tuple[str, ...] = (), more: dict[str, l1_image.Tree] | None = None) -> L1Result:
     """Boot L1 with `script` as /run.sh (cwd /), wait at most `timeout` seconds, collect /results.
 
-    `echo` gets each console line as it comes; `with_qemu` packs QEMU too (for
-    the benchmark's peer); `qemu_args` adds to L1's machine (a channel to the
-    host, say). QEMU is killed on every way out.
+    `echo` gets each console line as it comes; `with_qemu` packs QEMU too (the
+    peer of the benchmark and of kvm-unit-tests); `qemu_args` adds to L1's
+    machine (a channel to the host, say); `more` adds trees of files, each
+    cached as an archive under its name. QEMU is killed on every way out.
     """
     assets = find_linux_assets()
     if assets is None:
@@ -123,6 +124,7 @@ def run_in_l1(script: str, repo: Path, timeout: float, work: Path,
     archives = [l1_image.cached_archive("base", l1_image.base_tree(kernel, assets))]
     if with_qemu:
         archives.append(l1_image.cached_archive("qemu", l1_image.qemu_tree()))
+    archives += [l1_image.cached_archive(name, tree) for name, tree in (more or {}).items()]
     initrd = l1_image.initramfs(archives, l1_image.payload(repo, INIT, {"/run.sh": script.encode()}),
                                 work / "l1-initrd.cpio")
     results_disk = work / "l1-results.img"
