@@ -177,6 +177,9 @@ class KutTest:
                     elif accel == "tcg" or vendor != host_cpu_vendor():
                         return options, f"needs CPU {prop} (pyvmm's guest on {accel} cannot have it)"
                     continue
+                if prop.startswith("hv_"):
+                    return options, (f"needs Hyper-V enlightenments ({prop}); pyvmm offers a guest KVM's own "
+                                     "paravirtual interface only")
                 if prop[:1] not in "+-":
                     return options, f"needs CPU property {prop}"
                 name = QEMU_FEATURE_NAMES.get(prop[1:], prop[1:].replace("-", "_"))
