@@ -156,3 +156,20 @@ handler:
     threading.Thread(target=pulse_once_ready, daemon=True).start()
     run_in_thread(machine)
     assert bytes(machine.output.data) == b"ri"
+
+
+def test_an_acknowledged_interrupt_the_guest_could_not_take_yet_survives_the_slice_end(machine):
+    # A vector kept from an earlier slice (acknowledged, not yet deliverable) and a slice that
+    # handed nothing to the engine: the slice's end must not drop the kept vector (its
+    # in-service bit would stay set for good), nor invent one.
+    vcpu = machine.vcpus[0]
+    injector = vcpu.engine.injector
+    vcpu._withdrawn = 0x30
+    vcpu._take_back_undelivered()
+    assert vcpu._withdrawn == 0x30
+    # An interrupt handed to the engine and not delivered comes back to this vCPU.
+    vcpu._withdrawn = None
+    injector.inject(0x31)
+    vcpu._take_back_undelivered()
+    assert vcpu._withdrawn == 0x31
+    assert injector.withdraw() is None

@@ -286,9 +286,7 @@ class TcgVcpu(Vcpu):
         finally:
             self._in_guest = False
             if engine.injector is not None:
-                # An interrupt the engine did not deliver (the slice never started)
-                # must not go to whichever vCPU runs on the engine next.
-                self._withdrawn = engine.injector.withdraw()
+                self._take_back_undelivered()
             self.shared.invalidator.stop_owning()
             self.shared.ticker.disarm()
         if self._pending_exit is not None:
@@ -298,6 +296,19 @@ class TcgVcpu(Vcpu):
             self.halted = True  # emu_start returns by itself only at HLT
             self._interrupts_enabled = bool(engine.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF)
         return None
+
+    def _take_back_undelivered(self) -> None:
+        """An interrupt handed to the engine but not delivered (the slice stopped first) must not
+        go to whichever vCPU runs on the engine next: this vCPU keeps it for its next slice.
+
+        One kept from an earlier slice, which the guest could not take yet (IF clear, say after
+        an NMI's delivery), stays kept: it is acknowledged, and dropping it would leave its
+        in-service bit set for good, blocking it and every lower-priority vector. The two never
+        meet: an interrupt is handed to the engine only when none is kept.
+        """
+        withdrawn = self.engine.injector.withdraw()
+        if withdrawn is not None:
+            self._withdrawn = withdrawn
 
     def _take_interrupt(self) -> None:
         """Deliver an NMI or one external interrupt, if the guest can take it now; else have the
