@@ -17,7 +17,6 @@ compiler.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from bench.report import REPEATS, figure, python_env, skipped  # noqa: E402
+from bench.report import REPEATS, children_cpu_seconds, figure, python_env, skipped  # noqa: E402
 from vmm.kvm.exit_loop import LOOP_ENV, compiled_loop_built  # noqa: E402
 
 SMALL, LARGE = 10_000, 110_000
@@ -55,10 +54,9 @@ class Runs:
         self.large: list[tuple[float, float]] = []
 
     def run(self, command: list[str]) -> tuple[float, float]:
-        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        cpu, start = children_cpu_seconds(), time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=self.env, timeout=300)
-        wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
-        return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return time.perf_counter() - start, children_cpu_seconds() - cpu
 
     def sample(self) -> None:
         self.small.append(self.run(self.commands[0]))

@@ -15,7 +15,6 @@ less than the wall time.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from bench.report import REPEATS, figure, python_env, skipped  # noqa: E402
+from bench.report import REPEATS, children_cpu_seconds, figure, python_env, skipped  # noqa: E402
 
 TIMEOUT = 60
 PYVMM_STATUS, QEMU_STATUS = 0x10, (0x10 << 1) | 1  # isa-debug-exit exits with (value << 1) | 1
@@ -51,7 +50,7 @@ def timed_run(command: list[str], status: int) -> tuple[float, float, float]:
     """(seconds to the guest's first byte on stdout, seconds to the process's end, the process's
     CPU seconds, user + system)."""
     start = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = children_cpu_seconds()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, env=python_env())
     try:
@@ -64,10 +63,10 @@ def timed_run(command: list[str], status: int) -> tuple[float, float, float]:
         if process.poll() is None:
             process.kill()
             process.wait()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = children_cpu_seconds() - cpu
     if first != b"!" or process.returncode != status:
         raise SystemExit(f"bench_start: {command[0]} printed {first!r} and exited {process.returncode}")
-    return first_byte, ended, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return first_byte, ended, cpu
 
 
 def accelerators() -> list[str]:

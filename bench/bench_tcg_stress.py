@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 import shutil
 import statistics
 import sys
@@ -43,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.qemu_peer import tsc_cmdline  # noqa: E402
-from bench.report import figure, run_guest, skipped  # noqa: E402
+from bench.report import children_cpu_seconds, figure, run_guest, skipped  # noqa: E402
 from tests.assets import find_linux_assets  # noqa: E402
 from tests.boot.virtio_guest import overlay_initrd, script_output  # noqa: E402
 
@@ -127,10 +126,9 @@ def cpu_seconds(command: list[str]) -> float:
         assert "fixed job done" in script_output(stdout), "the fixed job did not finish"
         return {}
 
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = children_cpu_seconds()
     run_guest("bench_tcg_stress", command, finished, timeout=TIMEOUT, cwd=REPO)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return children_cpu_seconds() - cpu
 
 
 def pyvmm_command(assets, initrd: Path, disk: Path, cpus: int) -> list[str]:

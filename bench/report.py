@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -103,6 +104,13 @@ def _host() -> dict:
             "kvm_module": next((m for m in ("kvm_pvm", "kvm_intel", "kvm_amd")
                                 if os.path.exists(f"/sys/module/{m}")), None),
             "load_average": os.getloadavg()}
+
+
+def children_cpu_seconds() -> float:
+    """User + system seconds used so far by this process's waited-for children: the difference
+    around a run is that run's CPU time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def python_env() -> dict[str, str]:
