@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,22 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_ASM = REPO / "tests" / "guest" / "asm"
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Looked up here, not in the forked child, where the dynamic loader's lock may be held.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def die_with_test_runner() -> None:
+    """A `preexec_fn`: the child is killed when the test runner dies, however it dies.
+
+    VMs and L1s run in sessions of their own (a Ctrl-C at the terminal reaches only
+    the runner, which then stops them in order), so a runner killed from outside, by
+    SIGKILL or a CI timeout, would otherwise leave them running. The signal follows
+    the thread that started the child: start it from a thread that outlives it.
+    """
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def run_pyvmm(*args: str, input: bytes | None = None, timeout: float = 120,

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from tests.helpers import REPO
+from tests.helpers import REPO, die_with_test_runner
 
 PROMPT = b"pyvmm# "
 
@@ -25,7 +25,7 @@ class GuestSession:
         self.timeout = timeout
         self.process = subprocess.Popen(
             program or [sys.executable, "-m", "vmm", "boot", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, cwd=REPO, start_new_session=True, env={**os.environ, **(env or {})})
+            stderr=subprocess.PIPE, cwd=REPO, start_new_session=True, preexec_fn=die_with_test_runner, env={**os.environ, **(env or {})})
         self.output = b""
         self._consumed = 0
         self._selector = selectors.DefaultSelector()

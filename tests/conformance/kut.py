@@ -32,7 +32,7 @@ from tests.conformance.suite import (
     qemu_command,
     read_tests,
 )
-from tests.helpers import REPO
+from tests.helpers import REPO, die_with_test_runner
 
 KILL_GRACE = 5.0  # after SIGTERM, before SIGKILL
 
@@ -41,7 +41,7 @@ def run_bounded(command: list[str], timeout: float, log: Path) -> tuple[int | No
     """Run `command` in its own process group; on timeout stop the whole group. (status|None, out, err, s)."""
     started = time.monotonic()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               cwd=REPO, start_new_session=True, text=True, errors="replace")
+                               cwd=REPO, start_new_session=True, preexec_fn=die_with_test_runner, text=True, errors="replace")
     try:
         out, err = process.communicate(timeout=timeout)
         status = process.returncode

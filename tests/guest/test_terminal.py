@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, die_with_test_runner
 
 
 def read_until(fd: int, marker: bytes, timeout: float = 30.0) -> bytes:
@@ -45,7 +45,7 @@ def terminal():
 
 def start_on_terminal(slave: int, image, accel: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "vmm", "boot", "--flat", str(image), "--accel", accel],
-                            stdin=slave, stdout=slave, stderr=slave, cwd=REPO, start_new_session=True)
+                            stdin=slave, stdout=slave, stderr=slave, cwd=REPO, start_new_session=True, preexec_fn=die_with_test_runner)
 
 
 def test_ctrl_a_x_quits_and_restores_the_terminal(guest, accel, terminal):

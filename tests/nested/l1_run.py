@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.assets import find_linux_assets
+from tests.helpers import die_with_test_runner
 from tests.nested import l1_image
 from tests.nested.l1_image import ASSETS, MODULES, RESULTS, SITE, SRC, python_in_l1
 
@@ -135,7 +136,7 @@ def run_in_l1(script: str, repo: Path, timeout: float, work: Path,
     started = time.monotonic()
     process = subprocess.Popen([*qemu_command(kernel.kernel, initrd, results_disk), *qemu_args],
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=die_with_test_runner)
 
     def pump() -> None:
         for raw in process.stdout:
