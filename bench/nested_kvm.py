@@ -1,4 +1,4 @@
-"""Boot time on a real KVM: pyvmm (--accel kvm) beside QEMU (-enable-kvm, microvm), in one L1.
+"""Boot time and memory on a real KVM: pyvmm (--accel kvm) beside QEMU (-enable-kvm, microvm), in one L1.
 
 This host's own KVM may not run Linux (kvm_pvm, PLATFORM.md), so the
 benchmark runs bench/bench_boot.py inside the nested tier's L1 (tests/nested:
@@ -6,6 +6,8 @@ Linux on QEMU's software CPU with an emulated AMD SVM, whose kvm-amd is a
 real KVM), with QEMU packed into L1 as the peer. There bench_boot picks KVM
 for both: the same kernel, initramfs and command line, median of
 PYVMM_BENCH_REPEATS boots (default 5), and pyvmm's exits per boot by reason.
+Then bench/bench_memory.py measures, on that KVM, what each VMM process holds
+outside guest RAM while the same Linux idles.
 
 The command line carries `quiet`: on a nested KVM each exit that reaches
 the VMM costs milliseconds, so a chatty console would measure the console.
@@ -32,7 +34,8 @@ TIMEOUT = 3600
 def main() -> int:
     script = f"""{IN_CHECKOUT}
 export PYVMM_BENCH_REPEATS={REPEATS} PYVMM_BENCH_CMDLINE='console=ttyS0 panic=-1 quiet'
-exec {PYTHON} bench/bench_boot.py
+{PYTHON} bench/bench_boot.py || exit
+exec {PYTHON} bench/bench_memory.py kvm
 """
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as work:
