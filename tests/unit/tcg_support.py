@@ -8,6 +8,7 @@ stops the vCPU (as the machine's debug-exit port does) and records the value.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,20 @@ class TcgMachine:
         self.vm.close()
         self.accel.close()
         self.memory.close()
+
+
+def run_in_thread(machine: TcgMachine, timeout: float = 20.0):
+    """`machine.run()` bounded in time: a guest that never finishes (an interrupt lost while
+    it halts) fails the test instead of hanging it."""
+    results = []
+    thread = threading.Thread(target=lambda: results.append(machine.run(limit=10_000)), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        machine.vcpus[0].kick()
+        thread.join(5)
+        raise AssertionError(f"the guest did not finish; output so far {bytes(machine.output.data)!r}")
+    return results[0]
 
 
 # -- a 64-bit machine set up by the host, as a boot loader leaves it -------------------

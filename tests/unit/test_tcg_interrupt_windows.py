@@ -15,6 +15,7 @@ from tests.unit.tcg_support import (
     TcgMachine,
     assemble,
     long_mode_state,
+    run_in_thread,
 )
 from vmm.tcg import stop_hook
 
@@ -84,5 +85,50 @@ def test_pending_interrupts_are_taken_in_the_first_window(tmp_path, monkeypatch,
         machine.run(limit=1000)
         assert machine.exit.status == 0x2A
         assert bytes(machine.output.data) == b"22"
+    finally:
+        machine.close()
+
+
+# A self-IPI sent with IF clear, then `sti; hlt`: the interrupt is taken at the HLT, which is
+# the instruction in STI's shadow. No timer runs, so a lost interrupt would halt the guest for
+# good. Output: the interrupts counted after the HLT.
+STI_HLT_GUEST = SETGATE_MACRO + r"""
+    .code64
+    .set IDT, 0x4000
+    .set LAPIC, 0xFEE00000
+    .set SELF_FIXED, 0x40000
+    SETGATE 32, irq, 0x8e, 0
+    lidt idtr(%rip)
+    mov $LAPIC, %ebx
+    movl $0x1ff, 0xF0(%rbx)
+    cli
+    movl $(SELF_FIXED | 32), 0x300(%rbx)
+    sti
+    hlt
+    mov interrupts(%rip), %al
+    add $'0', %al
+    out %al, $0xe9
+    mov $0x2a, %al
+    out %al, $0xf4
+    hlt
+irq:
+    incl interrupts(%rip)
+    movl $0, 0xB0(%rbx)
+    iretq
+    .p2align 3
+idtr:       .word 256 * 16 - 1
+            .quad IDT
+interrupts: .long 0
+"""
+
+
+def test_an_interrupt_pending_at_sti_hlt_wakes_the_halt(tmp_path):
+    machine = TcgMachine(irqchip=True)
+    try:
+        machine.memory.write(LOAD_ADDRESS, assemble(STI_HLT_GUEST, tmp_path, link_address=LOAD_ADDRESS))
+        machine.vcpus[0].set_state(long_mode_state(machine.memory, LOAD_ADDRESS))
+        run_in_thread(machine)
+        assert machine.exit.status == 0x2A
+        assert bytes(machine.output.data) == b"1"
     finally:
         machine.close()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.unit.tcg_support import TcgMachine, assemble
+from tests.unit.tcg_support import TcgMachine, assemble, run_in_thread
 from vmm.exits import Interrupted
 
 # Real mode: 8259 master at vector 0x20, PIT channel 0 at about 1 kHz, the
@@ -70,18 +70,6 @@ def machine():
     m = TcgMachine(irqchip=True)
     yield m
     m.close()
-
-
-def run_in_thread(machine, timeout=20.0):
-    results = []
-    thread = threading.Thread(target=lambda: results.append(machine.run(limit=10_000)), daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        machine.vcpus[0].kick()
-        thread.join(5)
-        raise AssertionError(f"the guest did not finish; output so far {bytes(machine.output.data)!r}")
-    return results[0]
 
 
 def test_pit_interrupts_reach_a_halted_and_a_spinning_guest(machine, tmp_path):

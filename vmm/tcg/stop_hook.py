@@ -187,6 +187,15 @@ class StopHook:
         self.state[SKIP] = count
         self.state[WATCH] = WATCH_ANY_BLOCK
 
+    def stop_at_interrupt_window(self) -> None:
+        """Stop at the first block start where RFLAGS.IF is set; at the next one if a watch
+        for something else (an NMI's) is on."""
+        watch = self.state[WATCH]
+        if watch == WATCH_NONE:
+            self.watch_interrupt_flag(skip_blocks=0)
+        elif watch != WATCH_INTERRUPT_FLAG:
+            self.request()
+
     @property
     def watching(self) -> bool:
         return self.state[WATCH] != WATCH_NONE

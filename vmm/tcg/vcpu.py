@@ -171,29 +171,42 @@ class TcgVcpu(Vcpu):
         if running:
             self.engine.stop_hook.request()
 
-    def wake(self) -> None:
+    def wake(self, *, at_once: bool = False) -> None:
         """Something became pending for this vCPU (any thread): end its sleep or its slice.
 
         A wake caused by this vCPU's own thread while it prepares a slice (its
         timer found due while it looks for interrupts) needs no stop: the slice
         has not started and the interrupt is looked at before it does.
+
+        A wake caused by its own guest code, in a device access (a UART raising
+        its line, an EOI that unblocks the next interrupt), comes mostly with
+        interrupts disabled (drivers touch their devices under a lock), and the
+        slice would stop now only to find that and stop again where the guest
+        enables them: instead it runs on to that point (the stop hook watches for
+        it). An NMI, and INIT and SIPI (`at_once`), stop it at the next block.
         """
+        own_thread = threading.get_ident() == self._slice_thread
         with self.scheduler.lock:
             self._woken = True
-            self.turn.notify()
+            if not own_thread:
+                self.turn.notify()  # only this vCPU's thread sleeps until woken
             running = self.scheduler.owner is self
-        if running and (self._in_guest or threading.get_ident() != self._slice_thread):
+        if not running or (own_thread and not self._in_guest):
+            return
+        if own_thread and not at_once and not self.router.has_nmi(self.index):
+            self.engine.stop_hook.stop_at_interrupt_window()
+        else:
             self.engine.stop_hook.request()
 
     def receive_init(self) -> None:
         self.started = False
         self.halted = False
         self._sipi_vector = None
-        self.wake()
+        self.wake(at_once=True)
 
     def receive_sipi(self, vector: int) -> None:
         self._sipi_vector = vector
-        self.wake()
+        self.wake(at_once=True)
 
     def dispatched_io_counts(self) -> Mapping[str, int]:
         return self.io_counts
@@ -264,7 +277,9 @@ class TcgVcpu(Vcpu):
             return False
         if router.has_nmi(self.index):
             return True
-        return self._interrupts_enabled and router.has_interrupt(self.index)
+        # A kept vector counts: one handed to the engine in STI's shadow comes back
+        # when the shadowed instruction is the HLT (`sti; hlt`), already acknowledged.
+        return self._interrupts_enabled and (self._withdrawn is not None or router.has_interrupt(self.index))
 
     def _run_slice(self) -> Exit | None:
         engine = self.engine
@@ -343,8 +358,10 @@ class TcgVcpu(Vcpu):
             if not engine.stop_hook.watching:
                 engine.stop_hook.watch_interrupt_flag(skip_blocks=0)
             return
-        if engine.context.save().hflags & HF_INHIBIT_IRQ:
-            # After STI or MOV SS: the next instruction runs first, in a block of its own.
+        # After STI or MOV SS the next instruction runs first, in a block of its own. The
+        # engine's own delivery waits for it (QEMU checks the shadow before it delivers), so
+        # an interrupt handed to it needs no second stop; one delivered here does.
+        if engine.injector is None and engine.context.save().hflags & HF_INHIBIT_IRQ:
             if not engine.stop_hook.watching:
                 engine.stop_hook.watch_interrupt_flag(skip_blocks=1)
             return
