@@ -1,10 +1,24 @@
 """A 16550A UART, the PC's COM port, as a plain state machine.
 
 The guest sees the eight registers of a 16550A at offsets 0-7. Transmitted
-bytes leave at once through an injected `output(bytes)` writer: the
-transmitter has no baud-rate clock, so the transmit holding register (THR)
-is empty again as soon as it was written, and LSR always reports THRE and
-TEMT. Bytes from the host arrive through `receive()`.
+bytes leave at once through an injected `output(bytes)` writer. Bytes from
+the host arrive through `receive()`.
+
+Transmit path, and when the transmitter is empty again. There is no
+baud-rate clock, but a transmitter is not empty the instant a byte is
+written either: on a real line THRE stays clear for a character time or
+more, far longer than a driver takes to fill the FIFO. Linux's 8250 driver
+writes up to 16 bytes per THRE interrupt and, with nothing left, disables
+the interrupt (an IER write). Were THR empty again at each write, the first
+byte of every burst would raise the interrupt the driver is about to
+disable, and the guest would take an interrupt for nothing (two per printed
+line, half the interrupts of a printing guest). So bytes written to THR
+leave at once, but the transmitter reports itself empty (the THRE
+interrupt) only when the guest turns to any other register, or, for a
+driver that writes THR and then waits for the interrupt without looking at
+the chip, after TRANSMIT_BACKSTOP_SECONDS (a thread that lives while
+transmissions are outstanding). A guest can never read LSR with THRE or
+TEMT clear: the read itself turns to another register.
 
 Receive path, and why it has two stages. The guest-visible receive FIFO holds
 16 bytes (1 with the FIFOs disabled, as on an 8250). Behind it sits a bounded
@@ -32,6 +46,7 @@ neither may call back into the UART.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -106,6 +121,11 @@ MSR_RI = 0x40
 MSR_DCD = 0x80
 
 HW_FIFO_SIZE = 16
+# A transmitter the guest left busy, touching no other register since, reports itself
+# empty after this long at most: what 16 bytes take on a real line at 9600 baud. (Longer
+# would slow such a driver below a real line's speed; shorter wakes the thread more often
+# while a guest prints, as Linux does, without need: its driver always looks again.)
+TRANSMIT_BACKSTOP_SECONDS = 0.016
 DEFAULT_HOST_BUFFER = 4096
 DEFAULT_DIVISOR = 12  # 9600 baud from the PC's 1.8432 MHz clock
 
@@ -137,6 +157,7 @@ class Uart16550:
         self._wire: deque[int] = deque()  # host bytes waiting for room in the FIFO
         self._host_waiting = False  # receive() turned bytes away; tell it about room
 
+        self._backstop: threading.Thread | None = None  # see _run_backstop
         self.overruns = 0  # bytes lost to a full receiver
         self.transmitted = 0
         self._reset_registers()
@@ -152,6 +173,7 @@ class Uart16550:
         self._fifo_enabled = False
         self._rx_trigger = 1
         self._thr_interrupt = False  # "THR became empty" waiting to be seen in IIR
+        self._transmitting_since: float | None = None  # THR written, not reported empty yet
         self._irq_level = False
 
     # ---------------------------------------------------------------- guest side
@@ -178,6 +200,8 @@ class Uart16550:
             notify()
 
     def _read_byte(self, offset: int) -> int:
+        if self._transmitting_since is not None:
+            self._transmitter_empty()  # the guest turned to another register
         dlab = self._lcr & LCR_DLAB
         if offset == RBR:
             return self._divisor & 0xFF if dlab else self._read_rbr()
@@ -199,6 +223,8 @@ class Uart16550:
 
     def _write_byte(self, offset: int, value: int) -> None:
         dlab = self._lcr & LCR_DLAB
+        if self._transmitting_since is not None and (offset != THR or dlab):
+            self._transmitter_empty()  # the guest turned to another register
         if offset == RBR:
             if dlab:
                 self._divisor = (self._divisor & 0xFF00) | value
@@ -228,9 +254,36 @@ class Uart16550:
         else:
             self._output(bytes((value,)))
             self.transmitted += 1
-        # The byte left at once, so THR is empty again: the write cleared the
-        # THRE interrupt and the (instant) end of transmission sets it anew.
+        # The write cleared the THRE interrupt; the transmitter says it is empty
+        # again once the burst of writes is over (the module docstring says why).
+        self._thr_interrupt = False
+        if self._transmitting_since is None:
+            self._transmitting_since = time.monotonic()
+            if self._backstop is None:
+                self._backstop = threading.Thread(target=self._run_backstop, name="uart-transmitter",
+                                                  daemon=True)
+                self._backstop.start()
+
+    def _transmitter_empty(self) -> None:
+        self._transmitting_since = None
         self._thr_interrupt = True
+
+    def _run_backstop(self) -> None:
+        """Report the transmitter empty once it has been busy TRANSMIT_BACKSTOP_SECONDS with
+        the guest not looking; end when no transmission is outstanding (a printing guest
+        keeps the thread, an idle one costs none)."""
+        while True:
+            with self._lock:
+                since = self._transmitting_since
+                if since is None:
+                    self._backstop = None
+                    return
+                delay = since + TRANSMIT_BACKSTOP_SECONDS - time.monotonic()
+                if delay <= 0:
+                    self._transmitter_empty()
+                    self._update_irq()
+                    continue
+            time.sleep(delay)
 
     def _write_ier(self, value: int) -> None:
         value &= IER_MASK

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -164,13 +165,60 @@ def test_linux_thre_test_sequence_sees_the_interrupt_each_time(h: Harness) -> No
     assert second & IIR_NO_INT == 0
 
 
-def test_thr_write_rearms_the_thre_interrupt(h: Harness) -> None:
+def test_thr_write_rearms_the_thre_interrupt_once_the_guest_looks_again(h: Harness) -> None:
     h.w(IER, IER_THRI)
     h.r(IIR)
     assert not h.irq.level
     h.w(THR, ord("a"))
+    assert h.iir() == IIR_THRI
+
+
+def test_a_burst_the_driver_ends_by_disabling_thri_raises_no_interrupt(h: Harness) -> None:
+    # Linux's 8250 driver in its THRE handler: read IIR (acknowledge), LSR, MSR, write
+    # up to 16 bytes, then, with nothing left to send, clear IER.THRI.
+    h.w(IER, IER_THRI)
+    edges = h.irq.edges
+    assert h.r(IIR) & 0x0F == IIR_THRI
+    h.r(LSR)
+    h.r(MSR)
+    for byte in b"12345\r\n":
+        h.w(THR, byte)
+    h.w(IER, 0)
+    assert h.r(IIR) == IIR_NO_INT
+    assert h.irq.edges == edges
+    assert not h.irq.level
+    assert bytes(h.out) == b"12345\r\n"
+
+
+def test_a_full_burst_interrupts_again_when_the_handler_looks(h: Harness) -> None:
+    # 16 bytes written, more waiting: the handler's next IIR read finds THRE again.
+    h.w(IER, IER_THRI)
+    h.r(IIR)
+    for byte in range(16):
+        h.w(THR, byte)
+    assert h.r(IIR) & 0x0F == IIR_THRI
+
+
+def test_lsr_never_shows_the_transmitter_busy(h: Harness) -> None:
+    h.w(THR, ord("a"))
+    assert h.r(LSR) & (LSR_THRE | LSR_TEMT) == LSR_THRE | LSR_TEMT
+
+
+def test_the_thre_interrupt_comes_to_a_guest_that_writes_and_waits() -> None:
+    # A driver that writes THR and waits for the interrupt without touching the chip
+    # again still gets it, from the backstop thread, which then ends.
+    h = Harness()
+    h.w(IER, IER_THRI)
+    h.r(IIR)
+    h.w(THR, ord("a"))
+    deadline = time.monotonic() + 10
+    while not h.irq.level and time.monotonic() < deadline:
+        time.sleep(0.001)
     assert h.irq.level
     assert h.iir() == IIR_THRI
+    while h.uart._backstop is not None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert h.uart._backstop is None
 
 
 def test_disabling_thri_drops_the_interrupt(h: Harness) -> None:
