@@ -331,6 +331,15 @@ class InterruptRouter:
                 return self.pic.acknowledge()
             return apic.acknowledge()
 
+    def in_service(self, cpu: int) -> bool:
+        """`cpu` has an interrupt in service (its handler has not sent the EOI): at its local
+        APIC, or at the 8259 when the 8259 reaches it."""
+        with self._critical:
+            apic = self.lapics[cpu]
+            if apic.isr:
+                return True
+            return apic.accepts_pic_interrupts() and bool(self.pic.master.isr | self.pic.slave.isr)
+
     def has_nmi(self, cpu: int) -> bool:
         """An NMI (an NMI IPI, or LINT1) waits for `cpu`; NMIs ignore RFLAGS.IF."""
         with self._critical:

@@ -138,6 +138,26 @@ def test_isa_irq_reaches_the_bsp_through_the_pic(clock, rec):
     pio.write(0x20, 1, 0x20)  # EOI
 
 
+def test_in_service_lasts_from_acknowledge_to_eoi(clock, rec):
+    router, pio, mmio, _ = make(1, clock, rec)
+    init_pic(pio, imr_master=0xFF & ~(1 << 4))
+    line = router.irq_line(4)
+    line.pulse()
+    assert not router.in_service(0)
+    router.acknowledge(0)  # through the 8259 (the local APIC passes ExtINT on)
+    assert router.in_service(0)
+    pio.write(0x20, 1, 0x20)  # the 8259's EOI
+    assert not router.in_service(0)
+    init_pic(pio)
+    enable_apic(router, 0)
+    ioapic_route(mmio, 4, 0x24)
+    line.pulse()
+    assert router.acknowledge(0) == 0x24
+    assert router.in_service(0)
+    router.lapic_write(0, L.REG_EOI, 4, 0)
+    assert not router.in_service(0)
+
+
 def test_pic_is_cut_off_when_lint0_is_masked(clock, rec):
     router, pio, _, _ = make(1, clock, rec)
     init_pic(pio, imr_master=0xFF & ~(1 << 4))

@@ -359,9 +359,12 @@ class TcgVcpu(Vcpu):
                 engine.stop_hook.watch_interrupt_flag(skip_blocks=0)
             return
         # After STI or MOV SS the next instruction runs first, in a block of its own. The
-        # engine's own delivery waits for it (QEMU checks the shadow before it delivers), so
-        # an interrupt handed to it needs no second stop; one delivered here does.
-        if engine.injector is None and engine.context.save().hflags & HF_INHIBIT_IRQ:
+        # engine's own delivery waits for it (QEMU checks the shadow before it delivers), so an
+        # interrupt handed to it needs no second stop. But it is acknowledged when handed over:
+        # while another one is in service, the shadowed instruction could be that handler's
+        # EOI, which would end the wrong vector; then, and for Python's delivery, stop again.
+        if ((engine.injector is None or router.in_service(index))
+                and engine.context.save().hflags & HF_INHIBIT_IRQ):
             if not engine.stop_hook.watching:
                 engine.stop_hook.watch_interrupt_flag(skip_blocks=1)
             return
