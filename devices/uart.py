@@ -45,6 +45,7 @@ neither may call back into the UART.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -53,6 +54,8 @@ from collections.abc import Callable
 from boot.acpi import aml
 from devices.board import Board
 from vmm.bus import IrqLine
+
+log = logging.getLogger(__name__)
 
 # Register offsets from the base port.
 # Several registers share an offset; LCR.DLAB and the access direction pick one.
@@ -281,7 +284,10 @@ class Uart16550:
                 delay = since + TRANSMIT_BACKSTOP_SECONDS - time.monotonic()
                 if delay <= 0:
                     self._transmitter_empty()
-                    self._update_irq()
+                    try:
+                        self._update_irq()
+                    except Exception:  # noqa: BLE001 - a stopped machine closed the line under us
+                        log.debug("UART transmitter: the interrupt line is gone", exc_info=True)
                     continue
             time.sleep(delay)
 

@@ -228,6 +228,25 @@ def test_disabling_thri_drops_the_interrupt(h: Harness) -> None:
     assert h.r(IIR) == IIR_NO_INT
 
 
+def test_the_backstop_ends_quietly_when_the_machine_closed_the_line(monkeypatch) -> None:
+    class ClosedLine:  # KVM's line once the VM fd is closed
+        def set_level(self, high: bool) -> None:
+            raise OSError(9, "Bad file descriptor")
+
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    uart = Uart16550(NullIrqLine(), lambda data: None)
+    uart.write(IER, 1, IER_THRI)
+    uart.read(IIR, 1)
+    uart._irq = ClosedLine()
+    uart.write(THR, 1, ord("a"))
+    deadline = time.monotonic() + 10
+    while uart._backstop is not None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert uart._backstop is None
+    assert escaped == []
+
+
 # Receive path: FIFO, trigger levels, character timeout.
 
 
