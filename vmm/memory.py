@@ -29,10 +29,13 @@ class MemoryRegion:
     mapping: mmap.mmap
     whole: memoryview | None = None  # made on first `view`, released on close
 
-    def window(self, offset: int, length: int) -> memoryview:
+    def whole_view(self) -> memoryview:
         if self.whole is None:
             self.whole = memoryview(self.mapping)
-        return self.whole[offset : offset + length]
+        return self.whole
+
+    def window(self, offset: int, length: int) -> memoryview:
+        return self.whole_view()[offset : offset + length]
 
     @property
     def end(self) -> int:
@@ -113,6 +116,8 @@ class GuestMemory:
         raise GuestMemoryError(f"guest range {address:#x}+{length:#x} is not RAM")
 
     def contains(self, address: int, length: int = 1) -> bool:
+        if 0 <= address and 0 <= length and address + length <= self._low_end:
+            return True  # low RAM, as in _locate: a queue walk asks this for every buffer
         try:
             self._locate(address, length)
         except GuestMemoryError:
@@ -141,7 +146,14 @@ class GuestMemory:
     @contextmanager
     def views(self, ranges: list[tuple[int, int]]) -> Iterator[list[memoryview]]:
         """Windows onto the (address, length) ranges, released on leaving the block."""
-        windows = [self.view(address, length) for address, length in ranges]
+        # A 1 MiB disk request is 256 ranges, nearly always in low RAM: those are sliced
+        # here, with the check _locate makes; the others go through view().
+        whole = self._low.whole_view() if self._low_end else None
+        low_end = self._low_end if whole is not None else -1  # closed: everything through view()
+        windows = [whole[address : address + length]
+                   if 0 <= address and 0 <= length and address + length <= low_end
+                   else self.view(address, length)
+                   for address, length in ranges]
         try:
             yield windows
         finally:

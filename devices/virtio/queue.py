@@ -38,6 +38,7 @@ AVAIL_F_NO_INTERRUPT = 1
 
 _DESCRIPTOR = struct.Struct("<QIHH")
 _USED_ELEMENT = struct.Struct("<II")
+_U16 = struct.Struct("<H")
 
 # A split queue's size is a power of two no larger than this (2.7, "Queue Size").
 MAX_QUEUE_SIZE = 32768
@@ -71,22 +72,19 @@ class DescriptorChain:
     readable: list[tuple[int, int]] = field(default_factory=list)
     writable: list[tuple[int, int]] = field(default_factory=list)
 
-    @property
-    def readable_length(self) -> int:
-        return sum(length for _, length in self.readable)
-
-    @property
-    def writable_length(self) -> int:
-        return sum(length for _, length in self.writable)
+    def __post_init__(self) -> None:
+        # A chain's buffers do not change once walked; a 1 MiB request has 256 of them.
+        self.readable_length = sum(length for _, length in self.readable)
+        self.writable_length = sum(length for _, length in self.writable)
 
     def readable_ranges(self, offset: int = 0, length: int | None = None) -> list[tuple[int, int]]:
         """The (guest address, length) pieces of `length` bytes (default: all) of the
         device-readable stream from `offset`."""
-        return _pieces(self.readable, offset, length)
+        return _pieces(self.readable, self.readable_length, offset, length)
 
     def writable_ranges(self, offset: int = 0, length: int | None = None) -> list[tuple[int, int]]:
         """The same for the device-writable stream."""
-        return _pieces(self.writable, offset, length)
+        return _pieces(self.writable, self.writable_length, offset, length)
 
     def read(self, memory: GuestMemory, offset: int = 0, length: int | None = None) -> bytes:
         """`length` bytes (default: all) of the device-readable buffers, as one stream, from `offset`."""
@@ -104,22 +102,33 @@ class DescriptorChain:
         return written
 
 
-def _pieces(buffers: list[tuple[int, int]], offset: int, length: int | None) -> list[tuple[int, int]]:
-    """Cut the stream that `buffers` form: `length` bytes (default: to the end, and
-    never beyond it) from `offset`, as (address, length) pieces."""
-    if length is None:
-        length = sum(size for _, size in buffers) - offset
-    pieces = []
-    for address, size in buffers:
-        if length <= 0:
-            break
-        if offset >= size:
-            offset -= size
-            continue
-        count = min(size - offset, length)
-        pieces.append((address + offset, count))
-        length -= count
-        offset = 0
+def _pieces(buffers: list[tuple[int, int]], total: int, offset: int, length: int | None) -> list[tuple[int, int]]:
+    """Cut the stream of `total` bytes that `buffers` form: `length` bytes (default: to
+    the end, and never beyond it) from `offset`, as (address, length) pieces.
+
+    Whole buffers are skipped from the front and dropped from the back, so the usual
+    cuts (a request's data between its header and its status byte) need no running
+    count through every buffer.
+    """
+    offset = max(offset, 0)
+    end = total if length is None else min(offset + max(length, 0), total)
+    if offset >= end:
+        return []
+    first, last = 0, len(buffers)
+    while offset >= buffers[first][1]:
+        offset -= buffers[first][1]
+        first += 1
+    excess = total - end
+    while excess >= buffers[last - 1][1]:
+        excess -= buffers[last - 1][1]
+        last -= 1
+    pieces = [piece for piece in buffers[first:last] if piece[1]]  # (empty buffers carry nothing)
+    if offset:
+        address, size = pieces[0]
+        pieces[0] = (address + offset, size - offset)
+    if excess:
+        address, size = pieces[-1]
+        pieces[-1] = (address, size - excess)
     return pieces
 
 
@@ -146,6 +155,17 @@ class Virtqueue:
         self.last_avail = 0
         self.used_idx = 0
         self._used_idx_at_last_check = 0
+        # Windows onto the three areas once they are checked (activate): each ring
+        # access is then one unpack_from/pack_into, not an address lookup.
+        self._release_views()
+
+    def _release_views(self) -> None:
+        for view in (getattr(self, name, None) for name in ("_table", "_avail", "_used")):
+            if view is not None:
+                view.release()
+        self._table: memoryview | None = None
+        self._avail: memoryview | None = None
+        self._used: memoryview | None = None
 
     # -- set-up --------------------------------------------------------------
 
@@ -166,12 +186,16 @@ class Virtqueue:
                 raise VirtqueueError(f"queue {self.index}: {name} at {address:#x}+{length:#x} is not in guest RAM")
         self.event_idx = event_idx
         self.indirect = indirect
+        self._release_views()
+        self._table = self.memory.view(self.desc_address, DESCRIPTOR_SIZE * size)
+        self._avail = self.memory.view(self.driver_address, 6 + 2 * size)
+        self._used = self.memory.view(self.device_address, 6 + 8 * size)
         self.ready = True
 
     # -- the driver's side: available chains -----------------------------------
 
     def _avail_idx(self) -> int:
-        return self.memory.read_u16(self.driver_address + 2)
+        return _U16.unpack_from(self._avail, 2)[0]
 
     def _pending(self) -> int:
         pending = (self._avail_idx() - self.last_avail) & 0xFFFF
@@ -182,60 +206,59 @@ class Virtqueue:
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None when the driver has made none available."""
-        try:
+        if self._pending() == 0:
+            if not self.event_idx:
+                return None
+            # Ask to be notified when the driver makes the next entry
+            # available, then look again: it may have done so before
+            # it could see the request.
+            self._set_avail_event(self.last_avail)
+            full_barrier()
             if self._pending() == 0:
-                if not self.event_idx:
-                    return None
-                # Ask to be notified when the driver makes the next entry
-                # available, then look again: it may have done so before
-                # it could see the request.
-                self._set_avail_event(self.last_avail)
-                full_barrier()
-                if self._pending() == 0:
-                    return None
-            slot = self.last_avail % self.size
-            head = self.memory.read_u16(self.driver_address + 4 + 2 * slot)
-            self.last_avail = (self.last_avail + 1) & 0xFFFF
+                return None
+        (head,) = _U16.unpack_from(self._avail, 4 + 2 * (self.last_avail % self.size))
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        try:
             return self._walk(head)
-        except GuestMemoryError as err:  # the areas were checked, but keep the promise anyway
+        except GuestMemoryError as err:  # buffers are checked, but keep the promise anyway
             raise VirtqueueError(f"queue {self.index}: {err}") from None
 
     def _set_avail_event(self, value: int) -> None:
-        self.memory.write_u16(self.device_address + 4 + 8 * self.size, value)
+        _U16.pack_into(self._used, 4 + 8 * self.size, value)
 
     def _walk(self, head: int) -> DescriptorChain:
         name = f"queue {self.index}, chain {head}"
         if head >= self.size:
             raise VirtqueueError(f"{name}: head index is beyond the queue size {self.size}")
-        chain = DescriptorChain(head)
-        memory = self.memory
-        table: bytes | None = None  # the indirect table, once the chain has moved into one
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        contains = self.memory.contains
+        unpack = _DESCRIPTOR.unpack_from
+        table: bytes | memoryview = self._table  # the queue's, until the chain moves into an indirect one
+        indirect = False
         limit = self.size  # descriptors a chain may have; more means a loop
         index, seen = head, 0
         while True:
             seen += 1
             if seen > limit:
                 raise VirtqueueError(f"{name}: more than {limit} descriptors (a loop?)")
-            if table is None:
-                address, length, flags, following = _DESCRIPTOR.unpack(
-                    memory.read(self.desc_address + DESCRIPTOR_SIZE * index, DESCRIPTOR_SIZE))
-            else:
-                address, length, flags, following = _DESCRIPTOR.unpack_from(table, DESCRIPTOR_SIZE * index)
+            address, length, flags, following = unpack(table, DESCRIPTOR_SIZE * index)
             if flags & DESC_F_INDIRECT:
-                table = self._indirect_table(name, table is not None, seen, flags, address, length)
+                table = self._indirect_table(name, indirect, seen, flags, address, length)
+                indirect = True
                 limit = len(table) // DESCRIPTOR_SIZE
                 index, seen = 0, 0
                 continue
-            if not memory.contains(address, length):
+            if not contains(address, length):
                 raise VirtqueueError(f"{name}: buffer {address:#x}+{length:#x} is not in guest RAM")
             if flags & DESC_F_WRITE:
-                chain.writable.append((address, length))
-            elif chain.writable:
+                writable.append((address, length))
+            elif writable:
                 raise VirtqueueError(f"{name}: a device-readable buffer follows a device-writable one")
             else:
-                chain.readable.append((address, length))
+                readable.append((address, length))
             if not flags & DESC_F_NEXT:
-                return chain
+                return DescriptorChain(head, readable, writable)
             index = following
             if index >= limit:
                 raise VirtqueueError(f"{name}: next index {index} is beyond the table of {limit}")
@@ -263,11 +286,11 @@ class Virtqueue:
     def push(self, chain: DescriptorChain | int, written: int) -> None:
         """Give a chain back to the driver, saying how many bytes the device wrote into it."""
         head = chain.head if isinstance(chain, DescriptorChain) else chain
-        slot = self.used_idx % self.size
+        used = self._used
         # The element first, then the index that publishes it (x86 keeps stores in order).
-        self.memory.write(self.device_address + 4 + 8 * slot, _USED_ELEMENT.pack(head, written))
+        _USED_ELEMENT.pack_into(used, 4 + 8 * (self.used_idx % self.size), head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.memory.write_u16(self.device_address + 2, self.used_idx)
+        _U16.pack_into(used, 2, self.used_idx)
 
     def should_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for the buffers used since the last call."""
@@ -277,6 +300,6 @@ class Virtqueue:
             return False
         if self.event_idx:
             full_barrier()  # our used index must be visible before we read used_event
-            used_event = self.memory.read_u16(self.driver_address + 4 + 2 * self.size)
+            (used_event,) = _U16.unpack_from(self._avail, 4 + 2 * self.size)
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        return not self.memory.read_u16(self.driver_address) & AVAIL_F_NO_INTERRUPT
+        return not _U16.unpack_from(self._avail, 0)[0] & AVAIL_F_NO_INTERRUPT

@@ -79,3 +79,15 @@ def test_firmware_maps_below_4g_beside_ram_and_may_not_overlap_it():
     with pytest.raises(PyvmmError):
         memory.add_firmware(HIGH_RAM_START - 2 * len(image) + 4096, image)  # over the firmware
     memory.close()
+
+
+def test_views_of_low_and_high_ram_are_windows_and_bad_ranges_are_refused():
+    memory = GuestMemory(MMIO_HOLE_START + 2 * MiB)
+    with memory.views([(0x1000, 4), (HIGH_RAM_START + 8, 4), (0x5000, 0)]) as (low, high, empty):
+        low[:] = b"low!"
+        high[:] = b"high"
+        assert len(empty) == 0
+    assert memory.read(0x1000, 4) == b"low!" and memory.read(HIGH_RAM_START + 8, 4) == b"high"
+    for bad in [(MMIO_HOLE_START - 2, 4), (-1, 2), (0x1000, -1), (HIGH_RAM_START + 2 * MiB, 1)]:
+        with pytest.raises(GuestMemoryError), memory.views([(0x1000, 4), bad]):
+            pass

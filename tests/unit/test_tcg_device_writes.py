@@ -58,6 +58,10 @@ def test_adjacent_ranges_are_one_call_and_ranges_are_clipped_to_ram(tmp_path):
         assert invalidator.invalidations == 4
         invalidator.devices_wrote([(0xD000_0000, 0x1000)])  # the hole only
         assert invalidator.invalidations == 4
+        # A user buffer's pages, adjacent but handed over in descending order (as
+        # Linux's page allocator gives them), some overlapping: still one run.
+        invalidator.devices_wrote([(0x33000, 0x1000), (0x32000, 0x1000), (0x31800, 0x1000), (0x30000, 0x1800)])
+        assert invalidator.invalidations == 5
     finally:
         invalidator.stop_owning()
         m.close()

@@ -55,6 +55,42 @@ def test_chain_with_readable_and_writable_parts():
     assert queue.pop() is None
 
 
+@pytest.mark.parametrize(("offset", "length", "pieces"), [
+    (0, None, [(DATA, 16), (DATA + 100, 0), (DATA + 200, 512), (DATA + 800, 1)]),
+    (16, 512, [(DATA + 200, 512)]),                    # a request's data: header and status cut off whole
+    (0, 15, [(DATA, 15)]),
+    (10, 10, [(DATA + 10, 6), (DATA + 200, 4)]),      # across the empty buffer
+    (20, 600, [(DATA + 204, 508), (DATA + 800, 1)]),  # never beyond the end
+    (528, None, [(DATA + 800, 1)]),
+    (529, None, []),
+    (600, 5, []),
+])
+def test_ranges_cut_the_stream_the_buffers_form(offset, length, pieces):
+    chain = DescriptorChain(0, [(DATA, 16), (DATA + 100, 0), (DATA + 200, 512), (DATA + 800, 1)])
+    assert chain.readable_length == 529
+    assert chain.readable_ranges(offset, length) == [(a, n) for a, n in pieces if n]
+
+
+def test_a_queue_enabled_again_uses_its_new_areas():
+    queue = fresh_queue()
+    descriptor(0, DATA, 4)
+    make_available(0)
+    assert queue.pop().readable == [(DATA, 4)]
+    queue.push(0, 4)
+    # The driver disables the queue, moves it elsewhere and enables it again.
+    queue.ready = False
+    queue.desc_address, queue.driver_address, queue.device_address = 0x5000, 0x6000, 0x7000
+    queue.last_avail = queue.used_idx = 0
+    queue.activate(event_idx=False, indirect=True)
+    MEMORY.write(0x5000, struct.pack("<QIHH", DATA + 64, 8, 0, 0))
+    MEMORY.write_u16(0x6000 + 4, 0)
+    MEMORY.write_u16(0x6000 + 2, 1)
+    assert queue.pop().readable == [(DATA + 64, 8)]
+    queue.push(0, 8)
+    assert MEMORY.read_u16(0x7000 + 2) == 1 and MEMORY.read(0x7000 + 4, 8) == struct.pack("<II", 0, 8)
+    assert MEMORY.read_u16(USED + 2) == 1  # the old device area saw only the first request
+
+
 def test_push_writes_used_element_then_index():
     queue = fresh_queue()
     queue.push(5, 123)

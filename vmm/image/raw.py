@@ -100,26 +100,32 @@ class RawImage(BlockDevice):
         self.write_from(offset, [memoryview(data).cast("B")])
 
     def read_into(self, offset: int, buffers: list[memoryview]) -> None:
-        self._check_range(offset, sum(len(buffer) for buffer in buffers))
+        self._check_range(offset, sum(map(len, buffers)))
         self._read_fully(buffers, offset)
 
     def _read_fully(self, buffers: list[memoryview], offset: int) -> None:
-        while buffers:
+        remaining = sum(map(len, buffers))
+        while remaining:
             got = os.preadv(self._fd, buffers[:_IOV_MAX], offset)
             if got == 0:  # a file shrunk under us reads as zeros
                 for buffer in buffers:
                     buffer[:] = bytes(len(buffer))
                 return
             offset += got
-            buffers = _after(buffers, got)
+            remaining -= got
+            if remaining:  # (a 1 MiB request is 256 buffers: not walked again when done)
+                buffers = _after(buffers, got)
 
     def write_from(self, offset: int, buffers: list[memoryview]) -> None:
         self._check_writable()
-        self._check_range(offset, sum(len(buffer) for buffer in buffers))
-        while buffers:
+        remaining = sum(map(len, buffers))
+        self._check_range(offset, remaining)
+        while remaining:
             done = os.pwritev(self._fd, buffers[:_IOV_MAX], offset)
             offset += done
-            buffers = _after(buffers, done)
+            remaining -= done
+            if remaining:
+                buffers = _after(buffers, done)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self._check_writable()
