@@ -2,7 +2,8 @@
 
 PYVMM_KVM_TIER picks what runs: `full` is every test marked `kvm` (the KVM
 variant of each test) in the files below; `ci` is the subset `.ci/run` can
-afford: one and two vCPUs, a disk, panic and poweroff. Each host test passes
+afford: one and two vCPUs, a disk, panic and poweroff. Both run first the
+check that L1 holds KVM's static keys (test_inside_l1.py). Each host test passes
 or fails as its inner test did, with the inner failure (which carries the L2
 console) as its message. L1's whole console is kept in a file named in every
 failure.
@@ -23,7 +24,9 @@ from tests.nested.l1_image import RESULTS
 from tests.nested.l1_run import IN_CHECKOUT, PYTHON, run_in_l1
 
 FULL = ("tests/boot", "tests/guest/test_flat_guests.py", "tests/guest/test_kvm_entry.py")
+INSIDE_L1 = ("tests/nested/test_inside_l1.py::test_vms_and_vcpus_coming_and_going_leave_the_kernel_text_alone",)
 CI_SUBSET = (
+    *INSIDE_L1,
     "tests/boot/test_linux_boot.py::test_boots_to_a_shell_and_powers_off[kvm-1]",
     "tests/boot/test_linux_boot.py::test_boots_to_a_shell_and_powers_off[kvm-2]",
     "tests/boot/test_linux_boot.py::test_the_guest_ending_itself_gives_its_exit_status[kvm-panic]",
@@ -45,7 +48,7 @@ def inner_tests(tier: str) -> list[str]:
     tests = [line for line in collected.stdout.splitlines() if "::" in line]
     if collected.returncode != 0 or not tests:
         raise pytest.UsageError(f"collecting the KVM tests failed:\n{collected.stdout}{collected.stderr}")
-    return tests
+    return [*INSIDE_L1, *tests]
 
 
 INNER = inner_tests(os.environ.get("PYVMM_KVM_TIER", "ci"))
