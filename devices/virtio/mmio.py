@@ -366,6 +366,8 @@ class VirtioMmioTransport:
     def close(self) -> None:
         with self.lock:
             self.device.close()
+            for queue in self.queues:
+                queue.reset()  # lets go of its views of guest RAM, which can then be unmapped
 
 
 # -- where they sit: one window per device from the start of the MMIO hole -----------

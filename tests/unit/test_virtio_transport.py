@@ -288,3 +288,12 @@ def test_device_exception_becomes_needs_reset():
     queue, _ = driver.start(2)
     queue.kick()
     assert driver.status & c.STATUS_NEEDS_RESET
+
+
+def test_closed_transport_leaves_guest_ram_free_to_unmap():
+    transport, driver, memory, _ = make_transport(EchoDevice())
+    driver.start(2)
+    mappings = [region.mapping for region in memory.regions]
+    transport.close()
+    memory.close()
+    assert all(mapping.closed for mapping in mappings)
