@@ -4,7 +4,9 @@ L1 is QEMU's microvm with `-cpu max` (AMD SVM with nested paging, emulated),
 two vCPUs and 3 GiB. Its /init loads kvm-amd (so /dev/kvm is a real KVM),
 runs the script with its output on the console and in /results, and writes
 /results as a tar archive to a virtio-blk disk the host reads afterwards:
-no parsing of a console that the L1 kernel also writes to.
+no parsing of a console that the L1 kernel also writes to. When L1 runs out
+of time, QEMU's monitor adds every L1 vCPU's registers and the code at its RIP
+to the console log: a hung L1 cannot say where it is stuck itself.
 
 Traps (PLATFORM.md, "A real KVM, nested"): without `tsc_early_khz=` about
 4 L1 boots in 6 hang calibrating the TSC; without `pit=on` microvm under TCG
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import tarfile
 import tempfile
@@ -39,6 +42,7 @@ IN_CHECKOUT = f"""cd {SRC}
 export PYTHONPATH={SRC}:{SITE} PYVMM_ASSETS={ASSETS}
 """
 L1_MEMORY = "3G"
+L1_CPUS = 2
 
 # KVM's static keys held on for L1's whole life (tests/nested/kvm_static_keys.py says
 # why): every key KVM flips as VMs and vCPUs come and go had L1's kernel text
@@ -55,6 +59,8 @@ mount -t devtmpfs devtmpfs /dev
 for module in $(cat {MODULES}/order); do insmod $module || echo "pyvmm-l1: insmod $module failed"; done
 echo "pyvmm-l1: $(grep -m1 'model name' /proc/cpuinfo)"
 echo "pyvmm-l1: $(nproc) CPUs, $(grep -c svm /proc/cpuinfo) with svm, /dev/kvm: $(ls -l /dev/kvm 2>&1)"
+# Where KASLR put the kernel and the modules: what the monitor's RIPs of a hung L1 are read against.
+echo "pyvmm-l1: $(grep -w _text /proc/kallsyms); modules at $(cut -d' ' -f1,6 /proc/modules | tr '\n' ' ')"
 {PYTHON} {HOLD_KEYS} </dev/null >/dev/console 2>&1 &
 for i in $(seq 300); do [ -e /tmp/vm-held ] && break; sleep 0.1; done
 [ -e /tmp/vm-held ] || echo "pyvmm-l1: could not hold KVM's static keys"
@@ -94,7 +100,7 @@ def qemu_command(kernel: Path, initrd: Path, results_disk: Path) -> list[str]:
     if khz := host_tsc_khz():
         append += f" tsc_early_khz={khz}"
     return ["qemu-system-x86_64", "-accel", "tcg,thread=multi,tb-size=1024", "-cpu", "max",
-            "-M", "microvm,acpi=on,pit=on,rtc=on", "-smp", "2", "-m", L1_MEMORY,
+            "-M", "microvm,acpi=on,pit=on,rtc=on", "-smp", str(L1_CPUS), "-m", L1_MEMORY,
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
             "-drive", f"id=results,file={results_disk},format=raw,if=none",
@@ -127,7 +133,9 @@ def run_in_l1(script: str, repo: Path, timeout: float, work: Path,
 
     lines: list[str] = []
     started = time.monotonic()
-    process = subprocess.Popen([*qemu_command(kernel.kernel, initrd, results_disk), *qemu_args],
+    monitor = work / "l1-monitor.sock"
+    process = subprocess.Popen([*qemu_command(kernel.kernel, initrd, results_disk),
+                                "-monitor", f"unix:{monitor},server=on,wait=off", *qemu_args],
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True, preexec_fn=die_with_test_runner)
 
@@ -144,7 +152,12 @@ def run_in_l1(script: str, repo: Path, timeout: float, work: Path,
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        lines.append(f"pyvmm-l1: timed out after {timeout:.0f} s; QEMU killed")
+        # Where L1's vCPUs are, for a hang that keeps L1 from saying anything itself.
+        notes = [f"pyvmm-l1: monitor: {line}" for line in vcpu_state(monitor).splitlines()]
+        for line in [*notes, f"pyvmm-l1: timed out after {timeout:.0f} s; QEMU killed"]:
+            lines.append(line)
+            if echo:
+                echo(line)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -157,6 +170,35 @@ def run_in_l1(script: str, repo: Path, timeout: float, work: Path,
     results_disk.unlink(missing_ok=True)
     status = files.get("status")
     return L1Result(int(status) if status and status.strip().isdigit() else None, files, console)
+
+
+def vcpu_state(monitor: Path, seconds: float = 20) -> str:
+    """Every L1 vCPU's registers and the code at its RIP, from QEMU's monitor (or why it did not answer)."""
+    commands = ["info registers -a"]
+    for cpu in range(L1_CPUS):
+        commands += [f"cpu {cpu}", "x/8i $pc"]
+    answers = []
+    try:
+        with socket.socket(socket.AF_UNIX) as connection:
+            connection.settimeout(seconds)
+            connection.connect(str(monitor))
+            received = b""
+            for command in ["", *commands]:
+                if command:
+                    connection.sendall(command.encode() + b"\n")
+                while not received.endswith(b"(qemu) "):  # the prompt after the answer
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        raise OSError("the monitor closed")
+                    received += chunk
+                # The answer without the prompt, and without the monitor's echo of
+                # the command (redrawn at every key with terminal escapes).
+                answer = received.decode(errors="replace").removesuffix("(qemu) ").split("\n")
+                answers += [f"(qemu) {command}", *answer[1:]] if command else answer
+                received = b""
+    except OSError as err:
+        answers.append(f"no answer from QEMU's monitor: {err}")
+    return "\n".join(line.rstrip("\r") for line in answers)
 
 
 def read_results(disk: Path) -> dict[str, bytes]:
