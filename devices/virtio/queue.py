@@ -235,7 +235,6 @@ class Virtqueue:
         contains = self.memory.contains
         unpack = _DESCRIPTOR.unpack_from
         table: bytes | memoryview = self._table  # the queue's, until the chain moves into an indirect one
-        indirect = False
         limit = self.size  # descriptors a chain may have; more means a loop
         index, seen = head, 0
         while True:
@@ -244,8 +243,7 @@ class Virtqueue:
                 raise VirtqueueError(f"{name}: more than {limit} descriptors (a loop?)")
             address, length, flags, following = unpack(table, DESCRIPTOR_SIZE * index)
             if flags & DESC_F_INDIRECT:
-                table = self._indirect_table(name, indirect, seen, flags, address, length)
-                indirect = True
+                table = self._indirect_table(name, table is not self._table, seen, flags, address, length)
                 limit = len(table) // DESCRIPTOR_SIZE
                 index, seen = 0, 0
                 continue
