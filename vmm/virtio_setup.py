@@ -133,7 +133,7 @@ def plug_virtio_devices(board: Board, vm, specs: VirtioSpecs, *, irqchip: bool) 
         for n, net in enumerate(specs.nets):
             devices.append((f"virtio-net{n}", VirtioNet(_open_net_backend(net), net.mac, loop)))
         if specs.console:
-            result.console = VirtioConsole(board.console_write, board.console_room_available)
+            result.console = VirtioConsole(board.console_write, loop, board.console_room_available)
             devices.append(("virtio-console", result.console))
         if specs.rng:
             devices.append(("virtio-rng", VirtioRng()))

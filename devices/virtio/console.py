@@ -15,21 +15,42 @@ Input is held back until the guest has written to the port once. Linux's
 driver posts its receive buffers before the port is registered, and input
 that arrives in that window is thrown away (in_intr() finds no port and
 flushes the buffers); a port the guest has written to is registered.
+
+The transmit queue's used-buffer interrupt is decided late. Linux's hvc
+write (__send_to_port) kicks the queue and then, with interrupts disabled,
+polls for the buffer until the device has used it, reclaiming it itself; its
+used_event still asks for an interrupt for that buffer (virtqueue_get_buf
+sets used_event to the next entry after every buffer it takes), so the
+virtio rule (interrupt when the used index passes used_event) gives one
+interrupt per write, which always finds the buffer gone: the handler reports
+IRQ_NONE, and after 100,000 of those Linux disables the device's interrupt
+("nobody cared"), taking console input with it. So the decision waits until
+the queue has been quiet for TRANSMIT_INTERRUPT_DELAY and then reads
+used_event afresh: a driver that reclaimed its buffers has moved used_event
+past them and gets no interrupt; one that waits for the interrupt still gets
+it, that much later. The device reads used_event when it likes (the driver
+cannot tell a late read from a slow device), so this keeps the rule.
 """
 
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable
 
 from devices.virtio import constants as c
 from devices.virtio.device import Activation, VirtioDevice
+from devices.virtio.io_loop import IoLoop
 
 RECEIVE_QUEUE = 0
 TRANSMIT_QUEUE = 1
 QUEUE_SIZE = 128
 # Guest output per chain that the VMM reads at most (Linux sends a page or less).
 MAX_OUTPUT = 1 << 20
+# How long the transmit queue must be quiet before the device decides whether the
+# driver still wants an interrupt for what it sent (see above): far longer than a
+# driver's polling takes, short enough for a driver that waits for the interrupt.
+TRANSMIT_INTERRUPT_DELAY = 0.01
 
 
 class VirtioConsole(VirtioDevice):
@@ -37,11 +58,15 @@ class VirtioConsole(VirtioDevice):
     name = "virtio-console"
     queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, writer: Callable[[bytes], object],
+    def __init__(self, writer: Callable[[bytes], object], loop: IoLoop,
                  room_available: Callable[[], object] = lambda: None) -> None:
+        """`loop`: the I/O thread, which decides the transmit queue's interrupts."""
         self.writer = writer
+        self.loop = loop
         self.room_available = room_available
         self.guest_has_written = False
+        self._transmit_decision_armed = False  # a decision is due on the I/O thread
+        self._transmit_quiet_at = 0.0  # when the transmit queue will have been quiet long enough
 
     def config(self) -> bytes:
         # cols, rows (only with VIRTIO_CONSOLE_F_SIZE), max_nr_ports (with MULTIPORT), emerg_write.
@@ -67,7 +92,28 @@ class VirtioConsole(VirtioDevice):
                 if not self.guest_has_written:
                     self.guest_has_written = True
                     self.room_available()  # input held back so far can go now
-        self.used_buffers(queue)
+        self._decide_transmit_interrupt_later()
+
+    def _decide_transmit_interrupt_later(self) -> None:
+        self._transmit_quiet_at = time.monotonic() + TRANSMIT_INTERRUPT_DELAY
+        if not self._transmit_decision_armed:
+            self._transmit_decision_armed = True
+            self.loop.call_later(TRANSMIT_INTERRUPT_DELAY, self._transmit_decision_due)
+
+    def _transmit_decision_due(self) -> None:
+        """On the I/O thread: decide, or wait on while the driver is still sending."""
+        self.run_locked(self._decide_transmit_interrupt, inactive=self._disarm_transmit_decision)
+
+    def _decide_transmit_interrupt(self) -> None:
+        still_busy = self._transmit_quiet_at - time.monotonic()
+        if still_busy > 0:
+            self.loop.call_later(still_busy, self._transmit_decision_due)
+            return
+        self._disarm_transmit_decision()
+        self.used_buffers(self.queue(TRANSMIT_QUEUE))  # interrupts only if used_event still asks
+
+    def _disarm_transmit_decision(self) -> None:
+        self._transmit_decision_armed = False
 
     def receive(self, data: bytes) -> int:
         """Host input for the guest (any thread); returns how many bytes the guest took."""

@@ -7,15 +7,20 @@ device at the same time.
 
 Other threads change the set of fds through `call_soon`, which queues the
 change and wakes the loop through an eventfd: only the loop thread touches
-its selector. A callback that raises is logged and the loop carries on.
+its selector. `call_later` runs work on the loop thread after a delay (a
+device deciding something once the guest has had time to act). A callback
+that raises is logged and the loop carries on.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import selectors
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -32,7 +37,10 @@ class IoLoop:
         self._selector.register(self._wake_fd, selectors.EVENT_READ, (self._drain_wake, None))
         self._handlers: dict[int, list[Callback | None]] = {}  # fd -> [on readable, on writable]
         self._calls: deque[Callback] = deque()
-        self._calls_lock = threading.Lock()
+        # (when, order, work) by time.monotonic(); order keeps equal times first come, first run.
+        self._timers: list[tuple[float, int, Callback]] = []
+        self._timer_order = itertools.count()
+        self._calls_lock = threading.Lock()  # guards _calls and _timers
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -42,6 +50,13 @@ class IoLoop:
         with self._calls_lock:
             self._calls.append(work)
         self._wake()
+
+    def call_later(self, delay: float, work: Callback) -> None:
+        """Run `work` on the loop thread `delay` seconds from now (or later, never sooner)."""
+        with self._calls_lock:
+            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_order), work))
+        if threading.current_thread() is not self._thread:
+            self._wake()  # the loop may be sleeping past the new deadline
 
     def add_reader(self, fd: int, callback: Callback) -> None:
         self._change(fd, 0, callback)
@@ -108,7 +123,7 @@ class IoLoop:
 
     def _run(self) -> None:
         while not self._stopping:
-            for key, mask in self._selector.select():
+            for key, mask in self._selector.select(self._time_to_next_timer()):
                 if key.fd == self._wake_fd:
                     self._drain_wake()
                     continue
@@ -125,6 +140,20 @@ class IoLoop:
                         break
                     work = self._calls.popleft()
                 self._safely(work)
+            self._run_due_timers()
+
+    def _time_to_next_timer(self) -> float | None:
+        with self._calls_lock:
+            return max(self._timers[0][0] - time.monotonic(), 0.0) if self._timers else None
+
+    def _run_due_timers(self) -> None:
+        now = time.monotonic()
+        while True:
+            with self._calls_lock:
+                if not self._timers or self._timers[0][0] > now:
+                    return
+                work = heapq.heappop(self._timers)[2]
+            self._safely(work)
 
     def _safely(self, work: Callback) -> None:
         try:

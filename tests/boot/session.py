@@ -26,7 +26,7 @@ class GuestSession:
         self.process = subprocess.Popen(
             program or [sys.executable, "-m", "vmm", "boot", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, cwd=REPO, start_new_session=True, preexec_fn=die_with_test_runner, env={**os.environ, **(env or {})})
-        self.output = b""
+        self.output = bytearray()  # appended to in place: a guest may print megabytes
         self._consumed = 0
         self._selector = selectors.DefaultSelector()
         self._selector.register(self.process.stdout, selectors.EVENT_READ)
@@ -35,10 +35,11 @@ class GuestSession:
         """Wait until `text` appears after what earlier expects consumed; return what came before it."""
         needle = text.encode() if isinstance(text, str) else text
         deadline = time.monotonic() + (timeout or self.timeout)
+        searched = self._consumed  # where `needle` may start that has not been looked at
         while True:
-            found = self.output.find(needle, self._consumed)
+            found = self.output.find(needle, searched)
             if found >= 0:
-                before = self.output[self._consumed : found]
+                before = bytes(self.output[self._consumed : found])
                 self._consumed = found + len(needle)
                 return before
             remaining = deadline - time.monotonic()
@@ -51,6 +52,9 @@ class GuestSession:
                     raise AssertionError(f"pyvmm exited ({self.process.wait()}) while waiting for {needle!r}; "
                                          f"stderr: {self.process.stderr.read().decode(errors='replace')}\n"
                                          f"guest said:\n{self.output[-3000:].decode(errors='replace')}")
+                # Only the new bytes (and a needle's length before them) need looking at: a guest
+                # printing much must not wait while the test searches its whole output again.
+                searched = max(searched, len(self.output) - len(needle) + 1)
                 self.output += chunk
 
     def send(self, line: str) -> None:

@@ -22,6 +22,7 @@ from devices.virtio import mmio as r
 from devices.virtio.blk import VirtioBlock
 from devices.virtio.console import VirtioConsole
 from devices.virtio.fs import VirtioFs
+from devices.virtio.io_loop import IoLoop
 from devices.virtio.net import VirtioNet
 from devices.virtio.rng import VirtioRng
 from tests.fuzzing import fuzz_cases, time_bound
@@ -53,7 +54,8 @@ def build(kind: str, tmp_path):
         backend.incoming = [bytes(range(256)) * 6, b"", b"\xff" * 70000]
         return VirtioNet(backend, mac=b"\x52\x54\x00\x01\x02\x03", loop=object()), lambda: None
     if kind == "console":
-        return VirtioConsole(lambda data: None, room_available=lambda: None), lambda: None
+        loop = IoLoop()  # not started: the transmit queue's interrupt decisions wait forever
+        return VirtioConsole(lambda data: None, loop, room_available=lambda: None), loop.stop
     if kind == "fs":
         share = tmp_path / "share"
         if not share.exists():

@@ -12,6 +12,7 @@ import pytest
 from devices.virtio import constants as c
 from devices.virtio.console import VirtioConsole
 from devices.virtio.io_loop import IoLoop
+from devices.virtio.mmio import STATUS
 from devices.virtio.net import VirtioNet
 from devices.virtio.net_backends import (
     F_GUEST_CSUM,
@@ -56,15 +57,40 @@ def test_rng_gives_real_randomness_and_ignores_readable_only_chains():
 # -- virtio-console --------------------------------------------------------------------
 
 
+class DueWork:
+    """An I/O loop whose delayed work the test runs itself, once its time has come."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[float, object]] = []
+
+    def call_later(self, delay: float, work) -> None:
+        self.pending.append((time.monotonic() + delay, work))
+
+    def run_due(self) -> None:
+        """Wait for the earliest piece of work and run it (and anything else due by then)."""
+        self.pending.sort(key=lambda item: item[0])
+        time.sleep(max(self.pending[0][0] - time.monotonic(), 0))
+        now = time.monotonic()
+        due = [work for when, work in self.pending if when <= now]
+        self.pending = [(when, work) for when, work in self.pending if when > now]
+        for work in due:
+            work()
+
+
 class ConsoleHarness:
     def __init__(self) -> None:
         self.output = bytearray()
         self.wakeups = 0
-        self.device = VirtioConsole(self.output.extend, room_available=self._wake)
+        self.loop = DueWork()
+        self.device = VirtioConsole(self.output.extend, self.loop, room_available=self._wake)
         self.transport, self.driver, self.memory, self.irq = make_transport(self.device)
 
     def _wake(self) -> None:
         self.wakeups += 1
+
+    def send(self, tx, text: bytes) -> int:
+        buf = self.driver.heap.alloc(len(text), data=text)
+        return tx.add([Buffer(buf, len(text))])
 
 
 def test_console_output_reaches_the_writer():
@@ -97,7 +123,49 @@ def test_console_input_waits_for_receive_buffers():
     assert h.device.receive(b"0123456789") == 8
     assert h.memory.read(buf1, 4) + h.memory.read(buf2, 4) == b"01234567"
     assert [length for _, length in rx.take_used()] == [4, 4]
-    assert h.irq.edges == 2  # one for the output, one for the input
+    assert h.irq.edges == 1  # for the input; the output's interrupt is decided later
+    h.loop.run_due()
+    assert h.irq.edges == 2  # the driver did not take the output buffer back: it wants to hear
+
+
+def test_console_output_taken_back_by_polling_raises_no_interrupt():
+    # Linux's hvc write: kick, poll until the buffer is used, take it back, and
+    # move used_event on (virtqueue_get_buf), all with interrupts disabled.
+    h = ConsoleHarness()
+    rx, tx = h.driver.start(2)
+    for n in range(200):
+        head = h.send(tx, b"line %d\n" % n)
+        assert tx.take_used() == [(head, 0)]
+        tx.set_used_event(tx.last_used)
+    assert len(h.loop.pending) == 1  # one decision for the whole burst, not one per write
+    while h.loop.pending:
+        h.loop.run_due()
+    assert h.irq.edges == 0
+    assert bytes(h.output) == b"".join(b"line %d\n" % n for n in range(200))
+
+
+def test_console_output_interrupt_waits_for_the_queue_to_be_quiet():
+    h = ConsoleHarness()
+    rx, tx = h.driver.start(2)
+    h.send(tx, b"a")
+    # A second write just before the first decision is due puts the decision off.
+    when, _ = h.loop.pending[0]
+    time.sleep(max(when - time.monotonic() - 0.002, 0))
+    h.send(tx, b"b")
+    h.loop.run_due()
+    assert h.irq.edges == 0 and h.loop.pending  # still busy: decided later
+    h.loop.run_due()
+    assert h.irq.edges == 1  # used_event (0) still asks: the driver waits for this interrupt
+    assert [length for _, length in tx.take_used()] == [0, 0]
+
+
+def test_console_output_decision_after_a_reset_does_nothing():
+    h = ConsoleHarness()
+    rx, tx = h.driver.start(2)
+    h.send(tx, b"x")
+    h.driver.write(STATUS, 0)  # the driver resets the device
+    h.loop.run_due()
+    assert h.irq.edges == 0 and not h.loop.pending
 
 
 def test_console_config_has_one_port():
@@ -312,6 +380,23 @@ def test_io_loop_runs_callbacks_and_survives_a_failing_one():
     finally:
         loop.stop()
         os.close(efd)
+
+
+def test_io_loop_runs_delayed_work_in_time_order_and_not_early():
+    loop = IoLoop()
+    loop.start()
+    ran: list[tuple[str, float]] = []
+    done = threading.Event()
+    try:
+        start = time.monotonic()
+        loop.call_later(0.05, lambda: (ran.append(("late", time.monotonic())), done.set()))
+        loop.call_later(0.01, lambda: ran.append(("early", time.monotonic())))
+        loop.call_later(0.01, lambda: ran.append(("early, second", time.monotonic())))
+        assert done.wait(5)
+        assert [name for name, _ in ran] == ["early", "early, second", "late"]
+        assert ran[0][1] - start >= 0.01 and ran[2][1] - start >= 0.05  # never sooner than asked
+    finally:
+        loop.stop()
 
 
 def test_header_layout():
