@@ -45,5 +45,11 @@ class Board:
     # Who takes what the user types: the serial port, unless a later device
     # (virtio-console) takes over.
     console_input: Callable[[bytes], int] | None = None
+    # Whether a person types that input at a terminal (not a pipe or a file).
+    console_interactive: bool = False
+    # One line of pyvmm's own for the user, on the console's notice stream.
+    console_notice: Callable[[str], object] = lambda text: None
+    # Whether the guest has written to the serial port (set by the serial port).
+    serial_in_use: Callable[[], bool] = lambda: False
     # Set by the boot timer when the guest marks "userspace reached" (seconds since `started`).
     userspace_reached: float | None = None

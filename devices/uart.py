@@ -496,4 +496,5 @@ def plug(board: Board) -> Uart16550:
         )),
     ))
     board.console_input = uart.receive
+    board.serial_in_use = lambda: uart.transmitted > 0
     return uart

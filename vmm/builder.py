@@ -125,7 +125,8 @@ def plug_devices(machine: Machine, irqchip: bool) -> Board:
         irq=(lambda gsi: vm.irq_line(gsi)) if irqchip else (lambda gsi: NullIrqLine()),
         stop=stop.request_stop, reset=machine.resets.reset, console_write=console.write,
         console_room_available=console.room_available, started=machine.started,
-        serial_write=machine.boot_failure)
+        serial_write=machine.boot_failure, console_interactive=console.interactive,
+        console_notice=console.notice)
     for name, plug, wanted in DEVICES:
         if wanted(config):
             machine.devices[name] = plug(board)

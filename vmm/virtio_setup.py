@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from devices.board import Board
@@ -151,13 +152,42 @@ def plug_virtio_devices(board: Board, vm, specs: VirtioSpecs, *, irqchip: bool) 
             result.windows.append(where)
             board.acpi.append(mmio.acpi_description(index, where))
         if result.console is not None:
-            board.console_input = result.console.receive
+            board.console_input = console_input_route(board, result.console)
     except BaseException:
         for _, device in devices:
             device.close()
         loop.stop()
         raise
     return result
+
+
+def console_input_route(board: Board, console: VirtioConsole) -> Callable[[bytes], int]:
+    """Where typed input goes once virtio-console has the host console (--console virtio).
+
+    To hvc0 once the guest's driver has the port up (it has written to it).
+    Until then, at a terminal, to the serial port if the guest has written
+    there: a person types to what they see, and a guest without the driver
+    (or before it loads it) can be used on ttyS0 as with --console serial.
+    One notice says so the first time. Otherwise (nothing on the serial
+    port yet, or input from a pipe or a file, which is meant for hvc0) input
+    waits for hvc0.
+    """
+    serial_receive = board.console_input
+    if not board.console_interactive or serial_receive is None:
+        return console.receive
+    told = False
+
+    def receive(data: bytes) -> int:
+        nonlocal told
+        if console.takes_input() or not board.serial_in_use():
+            return console.receive(data)
+        if not told:
+            told = True
+            board.console_notice("the guest has not set up virtio-console (hvc0) yet: "
+                                 "what you type goes to the serial port (ttyS0) until it has")
+        return serial_receive(data)
+
+    return receive
 
 
 def raise_open_file_limit() -> None:

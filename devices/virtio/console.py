@@ -119,10 +119,17 @@ class VirtioConsole(VirtioDevice):
         """Host input for the guest (any thread); returns how many bytes the guest took."""
         return self.run_locked(self._fill_receive_buffers, data, default=0)
 
+    def takes_input(self) -> bool:
+        """Whether the guest's driver has the port up, so that input reaches it (any thread)."""
+        return bool(self.run_locked(self._port_up, default=False))
+
+    def _port_up(self) -> bool:
+        return self.guest_has_written and self.queue(RECEIVE_QUEUE).ready
+
     def _fill_receive_buffers(self, data: bytes) -> int:
-        queue = self.queue(RECEIVE_QUEUE)
-        if not queue.ready or not self.guest_has_written:
+        if not self._port_up():
             return 0
+        queue = self.queue(RECEIVE_QUEUE)
         taken = 0
         while taken < len(data) and (chain := queue.pop()) is not None:
             written = chain.write(self.memory, memoryview(data)[taken:])

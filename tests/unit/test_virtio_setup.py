@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from devices import uart
 from devices.virtio import blk
 from devices.virtio import mmio as r
 from devices.virtio.irqfd_line import IrqfdLine
@@ -270,3 +271,49 @@ def test_a_shared_directory_is_a_virtio_fs_device(tmp_path):
         devices.close()
     with pytest.raises(PyvmmError, match="no such directory"):
         build(SoftwareVm(), VirtioSpecs(filesystems=[FsSpec(str(tmp_path / "nope"), "t")]))
+
+
+# -- where typed input goes with --console virtio -------------------------------------------
+
+
+def console_machine(*, interactive: bool):
+    """A board with the serial port and a virtio-console; (board, the UART, the console's driver)."""
+    memory = GuestMemory(16 << 20)
+    board = make_board(memory)
+    board.console_interactive = interactive
+    board.notices = []
+    board.console_notice = board.notices.append
+    serial = uart.plug(board)
+    devices = plug_virtio_devices(board, SoftwareVm(), VirtioSpecs(console=True), irqchip=True)
+    return board, serial, FakeDriver(devices.transports[0], memory), devices
+
+
+def test_typed_input_goes_to_the_serial_port_until_the_guest_has_hvc0_up():
+    board, serial, driver, devices = console_machine(interactive=True)
+    try:
+        typed = board.console_input
+        assert typed(b"early") == 0  # the guest has written nowhere yet: the input waits
+        serial.write(0, 1, ord("$"))  # the guest's shell prompt on ttyS0
+        assert typed(b"ls\r") == 3 and serial.read(0, 1) == ord("l")
+        assert len(board.notices) == 1 and "ttyS0" in board.notices[0]
+        rx, tx = driver.start(2)
+        receive_buffer = driver.heap.alloc(16)
+        rx.add([Buffer(receive_buffer, 16, True)])
+        assert typed(b"x") == 1 and serial.read(0, 1) == ord("s")  # the port is not up: still ttyS0
+        prompt = driver.heap.alloc(2, data=b"# ")
+        tx.add([Buffer(prompt, 2)])  # the guest wrote to hvc0: its port is up
+        assert typed(b"pwd\r") == 4
+        assert driver.memory.read(receive_buffer, 4) == b"pwd\r"
+        assert len(board.notices) == 1  # said once
+    finally:
+        devices.close()
+
+
+def test_piped_input_waits_for_hvc0():
+    board, serial, driver, devices = console_machine(interactive=False)
+    try:
+        serial.write(0, 1, ord("$"))
+        assert board.console_input(b"meant for hvc0\n") == 0
+        assert board.notices == []
+    finally:
+        devices.close()
