@@ -2,13 +2,17 @@
 
 `GuestSession` starts `pyvmm boot`, with stdin and stdout as pipes, and offers
 `expect(text)` and `run(command)`; everything the guest printed is kept in
-`output` for assertion messages.
+`output` for assertion messages. `converse_on_a_terminal` runs pyvmm on a
+pseudo-terminal instead, for what pyvmm does only at a terminal.
 """
 
 from __future__ import annotations
 
 import os
+import pty
+import select
 import selectors
+import signal
 import subprocess
 import sys
 import time
@@ -78,3 +82,35 @@ class GuestSession:
             self.process.wait()
         for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
             stream.close()
+
+
+def converse_on_a_terminal(argv: list[str], replies: list[tuple[bytes, bytes]], *, timeout: float = 300,
+                           env: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """Run `argv` (from the repository) on a new pseudo-terminal, and type each reply's second part
+    once the output so far holds its first part, in turn. Returns the exit status and all output
+    (stdout and stderr: the terminal's). Killed if it has not ended after `timeout` seconds."""
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a session leader on the pseudo-terminal
+        os.chdir(REPO)
+        os.environ.update(env or {})
+        os.execv(argv[0], argv)
+    output, replied, deadline = b"", 0, time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([terminal], [], [], 1)[0]:
+                try:
+                    chunk = os.read(terminal, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            if replied < len(replies) and replies[replied][0] in output:
+                os.write(terminal, replies[replied][1])
+                replied += 1
+        else:
+            os.kill(pid, signal.SIGKILL)
+        _, wait_status = os.waitpid(pid, 0)
+    finally:
+        os.close(terminal)
+    return os.waitstatus_to_exitcode(wait_status), output

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pty
-import select
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
+from tests.boot.session import converse_on_a_terminal
 from tests.guest.gdb_driver import DebuggedVm
 from tests.helpers import REPO
 
@@ -160,31 +158,12 @@ def test_dogfood_unit_tests_from_the_read_only_checkout(run):
 
 
 def test_without_a_command_a_shell_runs_on_the_terminal(linux_assets, linux_module_tree):
-    pid, terminal = pty.fork()
-    if pid == 0:  # the child: pyvmm run on the pseudo-terminal, with a plain shell
-        os.chdir(REPO)
-        os.environ.update(PYTHONPATH=str(REPO), SHELL="/bin/sh")
-        os.execv(sys.executable, [sys.executable, "-m", "vmm", "run", "--kernel", str(linux_assets.kernel),
-                                  "--modules", str(linux_module_tree)])
-    output, typed, deadline = b"", [], time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline:
-            if select.select([terminal], [], [], 1)[0]:
-                try:
-                    chunk = os.read(terminal, 4096)
-                except OSError:  # the child closed the terminal
-                    break
-                if not chunk:
-                    break
-                output += chunk
-            if not typed and b"# " in output:
-                typed.append(os.write(terminal, b"echo $((6*7)); tty\r"))
-            elif len(typed) == 1 and b"/dev/hvc0\r\n# " in output:  # the answer, then the next prompt
-                typed.append(os.write(terminal, b"exit 3\r"))
-        _, wait_status = os.waitpid(pid, 0)
-    finally:
-        os.close(terminal)
-    assert os.waitstatus_to_exitcode(wait_status) == 3, output
+    # A plain shell; the answer, then the next prompt, before it exits.
+    status, output = converse_on_a_terminal(
+        [sys.executable, "-m", "vmm", "run", "--kernel", str(linux_assets.kernel), "--modules", str(linux_module_tree)],
+        [(b"# ", b"echo $((6*7)); tty\r"), (b"/dev/hvc0\r\n# ", b"exit 3\r")],
+        env={"PYTHONPATH": str(REPO), "SHELL": "/bin/sh"})
+    assert status == 3, output
     assert b"\r\n42\r\n/dev/hvc0\r\n" in output, output
 
 

@@ -10,18 +10,12 @@ IRQ_NONE, and after 100,000 the kernel disabled the device's interrupt
 
 from __future__ import annotations
 
-import os
-import pty
-import select
-import signal
 import sys
-import time
 
 import pytest
 
-from tests.boot.session import PROMPT, GuestSession
+from tests.boot.session import PROMPT, GuestSession, converse_on_a_terminal
 from tests.boot.virtio_guest import overlay_initrd, pyvmm_command
-from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -73,33 +67,12 @@ def test_hvc0_takes_input_after_a_long_stream_of_output(linux_assets, tmp_path):
 def test_at_a_terminal_a_guest_without_virtio_console_is_typed_to_on_the_serial_port(linux_assets):
     # The test initramfs loads no virtio module: the guest never sets up hvc0, and its
     # shell is on ttyS0 (the kernel's console=ttyS0 is the one that registers).
-    pid, terminal = pty.fork()
-    if pid == 0:  # the child: pyvmm on the pseudo-terminal, as a person would start it
-        os.chdir(REPO)
-        os.execv(sys.executable, [sys.executable, "-m", "vmm", "boot", "--kernel", str(linux_assets.kernel),
-                                  "--initrd", str(linux_assets.initrd), "--console", "virtio", "--accel", "tcg",
-                                  "--memory", "256M"])
-    output, typed, deadline = b"", 0, time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline:
-            if select.select([terminal], [], [], 1)[0]:
-                try:
-                    chunk = os.read(terminal, 4096)
-                except OSError:  # the child closed the terminal
-                    break
-                if not chunk:
-                    break
-                output += chunk
-            if typed == 0 and PROMPT in output:
-                typed += os.write(terminal, b"echo typed-$((6*7))\r") and 1
-            elif typed == 1 and b"\r\ntyped-42\r\n" in output:  # the answer, not the echoed command
-                typed += os.write(terminal, b"poweroff -f\r") and 1
-        else:
-            os.kill(pid, signal.SIGKILL)
-        _, wait_status = os.waitpid(pid, 0)
-    finally:
-        os.close(terminal)
-    assert b"\r\ntyped-42\r\n" in output, output[-3000:]
-    assert os.waitstatus_to_exitcode(wait_status) == 0, output[-3000:]
+    answer = b"\r\ntyped-42\r\n"  # the command's output, not its echo
+    status, output = converse_on_a_terminal(
+        [sys.executable, "-m", "vmm", "boot", "--kernel", str(linux_assets.kernel), "--initrd",
+         str(linux_assets.initrd), "--console", "virtio", "--accel", "tcg", "--memory", "256M"],
+        [(PROMPT, b"echo typed-$((6*7))\r"), (answer, b"poweroff -f\r")])
+    assert answer in output, output[-3000:]
+    assert status == 0, output[-3000:]
     # One notice says where the input went, once.
     assert output.count(b"pyvmm: the guest has not set up virtio-console (hvc0) yet") == 1, output[-3000:]
