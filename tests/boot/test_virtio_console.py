@@ -10,6 +10,7 @@ IRQ_NONE, and after 100,000 the kernel disabled the device's interrupt
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -26,7 +27,10 @@ pytestmark = pytest.mark.slow
 LINES = 100_000
 TYPED = "typed-after-the-output"
 
+# Kernel messages stay off the console (dmesg -n 1): on the serial port they could land
+# inside a line printed on hvc0, as both reach the same terminal.
 OUTPUT_THEN_INPUT = f"""
+dmesg -n 1
 interrupts() {{ awk '/virtio0/ {{ print $2 }}' /proc/interrupts; }}
 exec 3<>/dev/hvc0
 before=$(interrupts)
@@ -46,7 +50,6 @@ def test_hvc0_takes_input_after_a_long_stream_of_output(linux_assets, tmp_path):
     session = GuestSession(program=pyvmm_command(linux_assets, initrd, "--console", "virtio", "--accel", "tcg"),
                            timeout=600)
     try:
-        during_output = int(session.expect("\r\nnobody-cared").split(b"interrupts-during-output=")[-1])
         session.expect("ready-for-input")
         session.send(TYPED)
         session.expect(f"hvc0-read={TYPED}", timeout=120)
@@ -55,10 +58,10 @@ def test_hvc0_takes_input_after_a_long_stream_of_output(linux_assets, tmp_path):
         session.close()
     output = session.output.decode(errors="replace")
     assert status == 0, stderr
+    during_output = int(re.search(r"interrupts-during-output=(\d+)", output)[1])
     # The guest took back every buffer itself: none of them called for an interrupt.
     assert during_output < TOLERATED_INTERRUPTS, f"{during_output} interrupts while the guest printed"
     assert "nobody-cared=0" in output, output[-3000:]
-    assert "nobody cared" not in output.replace("nobody-cared=0", ""), output[-3000:]
     # Every line arrived, in order.
     numbers = [line for line in output.replace("\r\n", "\n").splitlines() if line.isdigit()]
     assert numbers == [str(n) for n in range(1, LINES + 1)]
