@@ -102,15 +102,21 @@ class VirtioConsole(VirtioDevice):
 
     def _transmit_decision_due(self) -> None:
         """On the I/O thread: decide, or wait on while the driver is still sending."""
-        self.run_locked(self._decide_transmit_interrupt, inactive=self._disarm_transmit_decision)
+        # Not waiting for the lock: its holder may be a vCPU sending, blocked until the host
+        # reads its output, and the I/O thread has other devices to serve meanwhile.
+        ran = self.run_locked(self._decide_transmit_interrupt, inactive=self._disarm_transmit_decision,
+                              wait=False)
+        if ran is None and self._transmit_decision_armed:  # the device is busy: not quiet yet
+            self.loop.call_later(TRANSMIT_INTERRUPT_DELAY, self._transmit_decision_due)
 
-    def _decide_transmit_interrupt(self) -> None:
+    def _decide_transmit_interrupt(self) -> bool:
         still_busy = self._transmit_quiet_at - time.monotonic()
         if still_busy > 0:
             self.loop.call_later(still_busy, self._transmit_decision_due)
-            return
+            return True
         self._disarm_transmit_decision()
         self.used_buffers(self.queue(TRANSMIT_QUEUE))  # interrupts only if used_event still asks
+        return True
 
     def _disarm_transmit_decision(self) -> None:
         self._transmit_decision_armed = False

@@ -50,10 +50,10 @@ class VirtioDevice:
     _run_locked: RunLocked | None = None
 
     def connect(self, run_locked: RunLocked) -> None:
-        """The transport's `run_locked(work, *args, default=None, inactive=None)`, for
-        work the device starts itself: runs `work(*args)` under the transport's lock if
-        the device is active (else calls `inactive()`, under the lock, and returns
-        `default`)."""
+        """The transport's `run_locked(work, *args, default=None, inactive=None, wait=True)`,
+        for work the device starts itself: runs `work(*args)` under the transport's lock
+        if the device is active (else calls `inactive()`, under the lock, and returns
+        `default`); with `wait=False` it returns `default` at once if the lock is held."""
         self._run_locked = run_locked
 
     def features(self) -> int:
@@ -93,5 +93,5 @@ class VirtioDevice:
         self.activation.used_buffers(queue)
 
     def run_locked(self, work: Callable[..., object], *args: object, default: object = None,
-                   inactive: Callable[[], object] | None = None) -> object:
-        return self._run_locked(work, *args, default=default, inactive=inactive)
+                   inactive: Callable[[], object] | None = None, wait: bool = True) -> object:
+        return self._run_locked(work, *args, default=default, inactive=inactive, wait=wait)

@@ -306,19 +306,24 @@ class VirtioMmioTransport:
             self._guarded(self.device.queue_notify, index)
 
     def run_locked(self, work: Callable[..., object], *args: object, default: object = None,
-                   inactive: Callable[[], object] | None = None) -> object:
+                   inactive: Callable[[], object] | None = None, wait: bool = True) -> object:
         """Run device work that the device started itself (host input), if the device is active.
 
         Returns what `work` returned, or `default` when the device is not
         active (after calling `inactive()`, still under the lock) or the work
-        broke a queue.
+        broke a queue. With `wait=False`, also `default` at once, running
+        nothing, when another thread holds the lock.
         """
-        with self.lock:
+        if not self.lock.acquire(blocking=wait):
+            return default
+        try:
             if not self.active:
                 if inactive is not None:
                     inactive()
                 return default
             return self._guarded(work, *args, default=default)
+        finally:
+            self.lock.release()
 
     def _guarded(self, work: Callable[..., object], *args: object, default: object = None) -> object:
         try:

@@ -159,6 +159,30 @@ def test_console_output_interrupt_waits_for_the_queue_to_be_quiet():
     assert [length for _, length in tx.take_used()] == [0, 0]
 
 
+def test_console_output_decision_does_not_wait_for_a_busy_device():
+    h = ConsoleHarness()
+    rx, tx = h.driver.start(2)
+    h.send(tx, b"x")
+    held, release = threading.Event(), threading.Event()
+
+    def vcpu_sending():  # holds the device, as a vCPU blocked on the host's output does
+        with h.transport.lock:
+            held.set()
+            release.wait(5)
+
+    vcpu = threading.Thread(target=vcpu_sending)
+    vcpu.start()
+    assert held.wait(5)
+    try:
+        h.loop.run_due()  # returns at once
+        assert h.irq.edges == 0 and len(h.loop.pending) == 1  # and looks again later
+    finally:
+        release.set()
+        vcpu.join()
+    h.loop.run_due()
+    assert h.irq.edges == 1
+
+
 def test_console_output_decision_after_a_reset_does_nothing():
     h = ConsoleHarness()
     rx, tx = h.driver.start(2)
