@@ -35,7 +35,6 @@ cannot tell a late read from a slow device), so this keeps the rule.
 from __future__ import annotations
 
 import struct
-import time
 from collections.abc import Callable
 
 from devices.virtio import constants as c
@@ -95,7 +94,7 @@ class VirtioConsole(VirtioDevice):
         self._decide_transmit_interrupt_later()
 
     def _decide_transmit_interrupt_later(self) -> None:
-        self._transmit_quiet_at = time.monotonic() + TRANSMIT_INTERRUPT_DELAY
+        self._transmit_quiet_at = self.loop.time() + TRANSMIT_INTERRUPT_DELAY
         if not self._transmit_decision_armed:
             self._transmit_decision_armed = True
             self.loop.call_later(TRANSMIT_INTERRUPT_DELAY, self._transmit_decision_due)
@@ -110,7 +109,7 @@ class VirtioConsole(VirtioDevice):
             self.loop.call_later(TRANSMIT_INTERRUPT_DELAY, self._transmit_decision_due)
 
     def _decide_transmit_interrupt(self) -> bool:
-        still_busy = self._transmit_quiet_at - time.monotonic()
+        still_busy = self._transmit_quiet_at - self.loop.time()
         if still_busy > 0:
             self.loop.call_later(still_busy, self._transmit_decision_due)
             return True

@@ -51,10 +51,14 @@ class IoLoop:
             self._calls.append(work)
         self._wake()
 
+    def time(self) -> float:
+        """The clock `call_later` counts on (time.monotonic)."""
+        return time.monotonic()
+
     def call_later(self, delay: float, work: Callback) -> None:
         """Run `work` on the loop thread `delay` seconds from now (or later, never sooner)."""
         with self._calls_lock:
-            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_order), work))
+            heapq.heappush(self._timers, (self.time() + delay, next(self._timer_order), work))
         if threading.current_thread() is not self._thread:
             self._wake()  # the loop may be sleeping past the new deadline
 
@@ -144,10 +148,10 @@ class IoLoop:
 
     def _time_to_next_timer(self) -> float | None:
         with self._calls_lock:
-            return max(self._timers[0][0] - time.monotonic(), 0.0) if self._timers else None
+            return max(self._timers[0][0] - self.time(), 0.0) if self._timers else None
 
     def _run_due_timers(self) -> None:
-        now = time.monotonic()
+        now = self.time()
         while True:
             with self._calls_lock:
                 if not self._timers or self._timers[0][0] > now:
