@@ -124,8 +124,8 @@ def fetch_module_tree(assets: LinuxAssets) -> Path:
     name, version, _arch = manifest["kernel_package"].removesuffix(".deb").split("_")
     with tempfile.TemporaryDirectory(dir=assets.kernel.parent, prefix="fetch-") as scratch_name:
         scratch = Path(scratch_name)
-        deb = _download(f"{name}={urllib.parse.unquote(version)}", scratch)
-        _run(["dpkg-deb", "-x", str(deb), str(scratch / "root")])
+        deb = apt_download(f"{name}={urllib.parse.unquote(version)}", scratch)
+        run_tool(["dpkg-deb", "-x", str(deb), str(scratch / "root")])
         _keep_module_tree(scratch / "root" / "lib" / "modules" / assets.kernel_version, assets)
     return module_tree_path(assets)
 
@@ -143,7 +143,8 @@ def _keep_module_tree(unpacked: Path, assets: LinuxAssets) -> None:
 # -- fetching --------------------------------------------------------------------------
 
 
-def _run(command: list[str], cwd: Path | None = None) -> str:
+def run_tool(command: list[str], cwd: Path | None = None) -> str:
+    """`command`'s output; a missing tool or a failure ends the program with one line saying which."""
     try:
         result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
     except FileNotFoundError:
@@ -154,9 +155,11 @@ def _run(command: list[str], cwd: Path | None = None) -> str:
     return result.stdout
 
 
-def _download(package: str, into: Path) -> Path:
+def apt_download(package: str, into: Path, apt_options: tuple[str, ...] = ()) -> Path:
+    """`package` (a name, name=version or name/suite) downloaded into `into`; `apt_options`
+    (`-o` settings) point apt at other sources than the machine's."""
     before = set(into.glob("*.deb"))
-    _run(["apt-get", "download", package], cwd=into)
+    run_tool(["apt-get", *apt_options, "download", package], cwd=into)
     new = set(into.glob("*.deb")) - before
     if len(new) != 1:
         sys.exit(f"tests.assets: apt-get download {package} produced {sorted(new)}")
@@ -165,7 +168,7 @@ def _download(package: str, into: Path) -> Path:
 
 def _kernel_package(meta_deb: Path) -> str:
     """The versioned image package the meta package depends on, as name=version."""
-    depends = _run(["dpkg-deb", "-f", str(meta_deb), "Depends"]).strip()
+    depends = run_tool(["dpkg-deb", "-f", str(meta_deb), "Depends"]).strip()
     first = depends.split(",")[0].split("|")[0].strip()  # "linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)"
     name, _, version = first.partition(" ")
     version = version.strip("()= ")
@@ -175,9 +178,9 @@ def _kernel_package(meta_deb: Path) -> str:
 def download_cloud_kernel(into: Path) -> tuple[Path, Path]:
     """Debian's current cloud kernel package downloaded into `into` and unpacked
     under into/root: (the unpacked tree, the .deb)."""
-    meta = _download(KERNEL_META_PACKAGE, into)
-    kernel_deb = _download(_kernel_package(meta), into)
-    _run(["dpkg-deb", "-x", str(kernel_deb), str(into / "root")])
+    meta = apt_download(KERNEL_META_PACKAGE, into)
+    kernel_deb = apt_download(_kernel_package(meta), into)
+    run_tool(["dpkg-deb", "-x", str(kernel_deb), str(into / "root")])
     return into / "root", kernel_deb
 
 
@@ -188,8 +191,8 @@ def fetch_linux_assets(directory: Path | None = None) -> LinuxAssets:
     with tempfile.TemporaryDirectory(dir=directory, prefix="fetch-") as scratch_name:
         scratch = Path(scratch_name)
         tree, kernel_deb = download_cloud_kernel(scratch)
-        busybox_deb = _download(BUSYBOX_PACKAGE, scratch)
-        _run(["dpkg-deb", "-x", str(busybox_deb), str(tree)])
+        busybox_deb = apt_download(BUSYBOX_PACKAGE, scratch)
+        run_tool(["dpkg-deb", "-x", str(busybox_deb), str(tree)])
 
         kernels = sorted((tree / "boot").glob("vmlinuz-*"))
         if len(kernels) != 1:
@@ -242,8 +245,8 @@ def build_boot_mark() -> bytes:
     with tempfile.TemporaryDirectory() as scratch:
         source, obj, binary = (Path(scratch) / name for name in ("boot-mark.S", "boot-mark.o", "boot-mark"))
         source.write_text(BOOT_MARK_SOURCE)
-        _run(["as", "--64", "-o", str(obj), str(source)])
-        _run(["ld", "-static", "-o", str(binary), str(obj)])
+        run_tool(["as", "--64", "-o", str(obj), str(source)])
+        run_tool(["ld", "-static", "-o", str(binary), str(obj)])
         return binary.read_bytes()
 
 

@@ -1,14 +1,16 @@
 """Boot the L1 Linux under QEMU's software CPU and run one shell script inside it.
 
-L1 is QEMU's microvm with `-cpu max` (AMD SVM with nested paging, emulated),
-two vCPUs and 3 GiB. Its /init loads kvm-amd (so /dev/kvm is a real KVM),
+L1 is QEMU 10's microvm (tests/nested/l1_qemu.py says why not Debian 12's
+QEMU 7.2) with `-cpu max` (AMD SVM with nested paging, emulated), two vCPUs
+and 3 GiB. Its /init loads kvm-amd (so /dev/kvm is a real KVM),
 runs the script with its output on the console and in /results, and writes
 /results as a tar archive to a virtio-blk disk the host reads afterwards:
 no parsing of a console that the L1 kernel also writes to. When L1 runs out
-of time, QEMU's monitor adds every L1 vCPU's registers and the code at its RIP
-to the console log: a hung L1 cannot say where it is stuck itself.
+of time, or falls silent for minutes though it says it is alive every minute,
+QEMU's monitor adds every L1 vCPU's registers and the code at its RIP to the
+console log: a hung L1 cannot say where it is stuck itself.
 
-Traps (PLATFORM.md, "A real KVM, nested"): without `tsc_early_khz=` about
+Traps (PLATFORM.md, "A real KVM, nested"; measured under QEMU 7.2, settings kept): without `tsc_early_khz=` about
 4 L1 boots in 6 hang calibrating the TSC; without `pit=on` microvm under TCG
 hangs in about half the boots; without `tsc=reliable` L1 keeps time by
 counting timer ticks, and its clock falls behind when the host is busy (below).
@@ -33,6 +35,7 @@ from tests.assets import find_linux_assets
 from tests.helpers import die_with_test_runner
 from tests.nested import l1_image
 from tests.nested.l1_image import ASSETS, MODULES, RESULTS, SITE, SRC, python_in_l1
+from tests.nested.l1_qemu import l1_qemu
 
 RESULTS_DISK_MIB = 64
 # Run scripts start with this: the checkout as cwd, its code and the venv's
@@ -49,6 +52,11 @@ L1_CPUS = 2
 # rewritten live, and QEMU 7.2's threaded software CPU could keep running a stale
 # int3 from it, forever (L1 hung; pyvmm's vCPU thread spun in KVM, L2 froze).
 HOLD_KEYS = f"{SRC}/tests/nested/kvm_static_keys.py hold"
+# L1 says it is alive this often; as long again five times over without a line
+# from L1, and it is taken for hung (its timers stopped): no need to wait out
+# the whole run's timeout.
+HEARTBEAT_SECONDS = 60
+SILENT_SECONDS = 5 * HEARTBEAT_SECONDS
 
 INIT = f"""#!/bin/sh
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
@@ -62,6 +70,8 @@ echo "pyvmm-l1: $(nproc) CPUs, $(grep -c svm /proc/cpuinfo) with svm, /dev/kvm: 
 # Where KASLR put the kernel and the modules: what the monitor's RIPs of a hung L1 are read against.
 echo "pyvmm-l1: $(grep -w _text /proc/kallsyms); modules at $(cut -d' ' -f1,6 /proc/modules | tr '\n' ' ')"
 {PYTHON} {HOLD_KEYS} </dev/null >/dev/console 2>&1 &
+(while sleep {HEARTBEAT_SECONDS}; do echo "pyvmm-l1: alive, uptime $(cut -d' ' -f1 /proc/uptime) s"; done) \
+    </dev/null >/dev/console 2>&1 &
 for i in $(seq 300); do [ -e /tmp/vm-held ] && break; sleep 0.1; done
 [ -e /tmp/vm-held ] || echo "pyvmm-l1: could not hold KVM's static keys"
 {{ sh /run.sh; echo $? > {RESULTS}/status; }} 2>&1 | tee {RESULTS}/output.txt
@@ -99,7 +109,7 @@ def qemu_command(kernel: Path, initrd: Path, results_disk: Path) -> list[str]:
     append = "console=ttyS0 panic=-1 tsc=reliable"
     if khz := host_tsc_khz():
         append += f" tsc_early_khz={khz}"
-    return ["qemu-system-x86_64", "-accel", "tcg,thread=multi,tb-size=1024", "-cpu", "max",
+    return [*l1_qemu().command, "-accel", "tcg,thread=multi,tb-size=1024", "-cpu", "max",
             "-M", "microvm,acpi=on,pit=on,rtc=on", "-smp", str(L1_CPUS), "-m", L1_MEMORY,
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
@@ -132,32 +142,33 @@ def run_in_l1(script: str, repo: Path, timeout: float, work: Path,
         f.truncate(RESULTS_DISK_MIB << 20)
 
     lines: list[str] = []
-    started = time.monotonic()
+    started = last_line = time.monotonic()
     monitor = work / "l1-monitor.sock"
     process = subprocess.Popen([*qemu_command(kernel.kernel, initrd, results_disk),
                                 "-monitor", f"unix:{monitor},server=on,wait=off", *qemu_args],
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True, preexec_fn=die_with_test_runner)
 
+    def say(line: str) -> None:
+        lines.append(line)
+        if echo:
+            echo(line)
+
     def pump() -> None:
+        nonlocal last_line
         for raw in process.stdout:
+            last_line = time.monotonic()
             # Host seconds first: L1's own timestamps cannot tell a slow L1 from a stuck one.
-            line = f"[{time.monotonic() - started:7.1f}] " + raw.decode(errors="replace").rstrip("\r\n")
-            lines.append(line)
-            if echo:
-                echo(line)
+            say(f"[{last_line - started:7.1f}] " + raw.decode(errors="replace").rstrip("\r\n"))
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # Where L1's vCPUs are, for a hang that keeps L1 from saying anything itself.
-        notes = [f"pyvmm-l1: monitor: {line}" for line in vcpu_state(monitor).splitlines()]
-        for line in [*notes, f"pyvmm-l1: timed out after {timeout:.0f} s; QEMU killed"]:
-            lines.append(line)
-            if echo:
-                echo(line)
+        if hang := wait_for_l1(process, started, timeout, lambda: last_line):
+            # Where L1's vCPUs are, for a hang that keeps L1 from saying anything itself.
+            for line in vcpu_state(monitor).splitlines():
+                say(f"pyvmm-l1: monitor: {line}")
+            say(f"pyvmm-l1: {hang}; QEMU killed")
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -170,6 +181,19 @@ def run_in_l1(script: str, repo: Path, timeout: float, work: Path,
     results_disk.unlink(missing_ok=True)
     status = files.get("status")
     return L1Result(int(status) if status and status.strip().isdigit() else None, files, console)
+
+
+def wait_for_l1(process: subprocess.Popen, started: float, timeout: float,
+                last_line: Callable[[], float]) -> str | None:
+    """Wait for QEMU to end; None if it did, else why L1 is taken for hung."""
+    while process.poll() is None:
+        now = time.monotonic()
+        if now - started >= timeout:
+            return f"timed out after {timeout:.0f} s"
+        if now - last_line() >= SILENT_SECONDS:
+            return f"silent for {now - last_line():.0f} s (it says it is alive every {HEARTBEAT_SECONDS} s)"
+        time.sleep(1)
+    return None
 
 
 def vcpu_state(monitor: Path, seconds: float = 20) -> str:

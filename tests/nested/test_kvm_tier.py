@@ -61,7 +61,7 @@ def inner_script(tests: list[str]) -> str:
 export PYVMM_NO_SKIP=1
 {PYTHON} -m vmm check
 # What L1 is busy with, now and then: a test that hangs shows its processes here.
-(while sleep {MONITOR_SECONDS}; do echo "pyvmm-l1: uptime $(cut -d' ' -f1 /proc/uptime) s"; top -b -n1 | head -12; done) \\
+(while sleep {MONITOR_SECONDS}; do top -b -n1 | head -12; done) \\
     >/dev/console 2>&1 &
 monitor=$!
 {PYTHON} -m pytest -p no:cacheprovider -v -rfE --durations=0 --junitxml={RESULTS}/junit.xml \\

@@ -1,4 +1,5 @@
-"""The test helpers' own promises that a wrong answer would hide: no VM outlives its test runner."""
+"""The test helpers' own promises that a wrong answer would hide: no VM outlives its test runner, and a
+hung L1 is found without waiting out its timeout."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import time
 
 from tests.helpers import REPO
+from tests.nested.l1_run import SILENT_SECONDS, wait_for_l1
 
 # A stand-in for a test runner: it starts a long child the way GuestSession starts
 # pyvmm (a session of its own, tied to the runner) and tells us the child's pid.
@@ -47,3 +49,28 @@ def test_a_child_in_its_own_session_dies_with_a_killed_runner():
             os.kill(child, signal.SIGKILL)
         runner.stdin.close()
         runner.stdout.close()
+
+
+def test_an_l1_silent_for_five_heartbeats_is_taken_for_hung_before_its_timeout():
+    # A 5 s timeout: were silence not noticed, the answer would be the timeout.
+    with subprocess.Popen(["sleep", "600"]) as qemu:
+        try:
+            started = time.monotonic()
+            hang = wait_for_l1(qemu, started, 5, last_line=lambda: started - SILENT_SECONDS)
+        finally:
+            qemu.kill()
+    assert hang is not None and hang.startswith("silent for")
+
+
+def test_an_l1_that_keeps_talking_runs_until_its_timeout():
+    with subprocess.Popen(["sleep", "600"]) as qemu:
+        try:
+            hang = wait_for_l1(qemu, time.monotonic() - 3600, 3600, last_line=time.monotonic)
+        finally:
+            qemu.kill()
+    assert hang == "timed out after 3600 s"
+
+
+def test_an_l1_that_ends_is_not_hung():
+    with subprocess.Popen(["true"]) as qemu:
+        assert wait_for_l1(qemu, time.monotonic(), 3600, last_line=time.monotonic) is None
