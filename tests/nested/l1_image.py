@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.assets import (
+    MANIFEST,
     CpioWriter,
     LinuxAssets,
     assets_dir,
@@ -286,7 +287,7 @@ def base_tree(kernel: L1Kernel, assets: LinuxAssets) -> Tree:
     for module in kernel.modules:
         tree.file(f"{MODULES}/{module.name}", module)
     tree.file(f"{MODULES}/order", "".join(f"{MODULES}/{m.name}\n" for m in kernel.modules).encode())
-    for path in (assets.kernel, assets.initrd, assets.kernel.parent / "manifest.json"):
+    for path in (assets.kernel, assets.initrd, assets.kernel.parent / MANIFEST):
         tree.file(f"{ASSETS}/{path.name}", path)
     add_run_modules(tree, find_module_tree(assets) or fetch_module_tree(assets))
     return tree
