@@ -60,15 +60,6 @@ def host_is_qemu_tcg() -> bool:
         return False
 
 
-def unexpected_warnings(warnings: list[str], accel: str) -> list[str]:
-    """The guest kernel's WARNING: lines (from dmesg) that point at pyvmm."""
-    if accel == "kvm" and host_is_qemu_tcg():
-        # Not pyvmm's fault: QEMU 7.2's emulated SVM does not intercept XSETBV, so a
-        # guest of a KVM nested in it finds XCR0 other than it set (PLATFORM.md).
-        return [line for line in warnings if "fpu__init_system_xstate" not in line]
-    return warnings
-
-
 def assemble(source: Path, output_dir: Path, *, bits: int = 32, link_address: int = 0) -> Path:
     """Assemble a flat guest with GNU as into a raw binary linked at `link_address`.
 
