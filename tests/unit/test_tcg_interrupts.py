@@ -161,3 +161,88 @@ def test_an_acknowledged_interrupt_the_guest_could_not_take_yet_survives_the_sli
     vcpu._take_back_undelivered()
     assert vcpu._withdrawn == 0x31
     assert injector.withdraw() is None
+
+
+class PulsingPort:
+    """A device that raises its interrupt inside the guest's own write to it, as a disk that
+    completes a request inside the queue notification does."""
+
+    def __init__(self, line) -> None:
+        self.line = line
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.line.pulse()
+
+
+# Real mode, the 8259's IRQ4 at vector 0x24. The guest writes the device's port with
+# interrupts enabled (or, with `cli` for CLI, disabled until a later `sti`), then spins
+# until the handler has run: no exit in between that would end the engine's run.
+DEVICE_GUEST = r"""
+    .code16
+    mov %cs, %ax
+    mov %ax, %ds
+    xor %bx, %bx
+    mov %bx, %es
+    mov %bx, %ss
+    mov $0x1000, %sp
+    movw $handler, %es:(0x24 * 4)
+    movw %ax, %es:(0x24 * 4 + 2)
+    mov $0x11, %al
+    out %al, $0x20
+    mov $0x20, %al
+    out %al, $0x21
+    mov $0x04, %al
+    out %al, $0x21
+    mov $0x01, %al
+    out %al, $0x21
+    mov $0xef, %al                  /* only IRQ4 */
+    out %al, $0x21
+    sti
+    CLI
+    out %al, $0x80                  /* the device raises IRQ4 in this access */
+    mov $'a', %al
+    out %al, $0xe9
+    sti
+1:  cmpb $0, done
+    je 1b
+    mov $0, %al
+    out %al, $0xf4
+    hlt
+handler:
+    movb $1, %cs:done
+    push %ax
+    mov $'i', %al
+    out %al, $0xe9
+    mov $0x20, %al
+    out %al, $0x20
+    pop %ax
+    iret
+done: .byte 0
+"""
+
+
+@pytest.mark.parametrize("interrupts_enabled", [True, False])
+def test_an_interrupt_raised_in_the_guests_own_access_is_delivered_without_ending_the_run(
+        machine, tmp_path, monkeypatch, interrupts_enabled):
+    machine.io.pio.register(0x80, 1, PulsingPort(machine.vm.irq_line(4)), "pulsing")
+    source = DEVICE_GUEST.replace("CLI", "" if interrupts_enabled else "cli")
+    machine.load(assemble(source, tmp_path))
+    engine = machine.vcpus[0].engine
+    runs = []
+    real_start = engine.start
+    monkeypatch.setattr(engine, "start", lambda rip: (runs.append(rip), real_start(rip)))
+    run_in_thread(machine)
+    assert machine.exit.status == 0
+    assert machine.vm.delivery.delivered == 0  # the engine's own delivery, not Python's
+    if interrupts_enabled:
+        # Handed to the engine inside the access and taken at the next block: one engine
+        # run from the first instruction to the exit port, and the handler ran before the
+        # guest got far (the block with the access ends at the `out` to port 0xe9).
+        assert bytes(machine.output.data) in (b"ia", b"ai")
+        assert len(runs) == 1
+    else:
+        # IF was clear: the interrupt waits for the `sti`, then comes before the spin.
+        assert bytes(machine.output.data) == b"ai"

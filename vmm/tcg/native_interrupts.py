@@ -31,6 +31,16 @@ can take it, so the engine delivers it before the first instruction of the
 next slice. A fault while QEMU builds the frame is raised inside the engine
 like any guest fault (to vmm/tcg/native_exceptions.py's hook).
 
+`inject_running(vector)` does the same from one of the engine's own hooks (a
+guest's device access raised the interrupt), and also stores -1 in the high
+half of the CPU's instruction-count word, as QEMU's `cpu_interrupt` does on
+the CPU's own thread (Unicorn's version of it no longer does): the check at
+the start of every translated block sees it, goes back to the execution
+loop, and the loop delivers the interrupt before the next block, without
+leaving `emu_start`. The word's address comes from the library's own
+`cpu_exit` (vmm/tcg/unicorn_lib.py); if that code is not as expected, only
+`inject` is available.
+
 The change is made once per process, only when the function is byte for
 byte the known 2.1.4 build (vmm/tcg/text_patch.py); otherwise `Injector`
 is not available and Python delivers as before.
@@ -44,7 +54,7 @@ import mmap
 import threading
 
 from vmm.tcg.text_patch import jump, map_near, sha256, write_text
-from vmm.tcg.unicorn_lib import uc_cpu_offset, uclib
+from vmm.tcg.unicorn_lib import cpu_icount_decr_ptr_offset, uc_cpu_offset, uclib
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +114,12 @@ class Injector:
         self._vector = ctypes.c_uint32.from_address(base + 8)
         self._request = ctypes.c_uint32.from_address(cpu + INTERRUPT_REQUEST)
         self._cpu.value = cpu
+        # The high half of the CPU's IcountDecr word (None: not found in this library).
+        pointer_offset = cpu_icount_decr_ptr_offset()
+        self._exit_check: ctypes.c_uint16 | None = None
+        if pointer_offset is not None:
+            icount_decr = ctypes.c_uint64.from_address(cpu + pointer_offset).value
+            self._exit_check = ctypes.c_uint16.from_address(icount_decr + 2)
 
     @classmethod
     def for_engine(cls, handle) -> Injector | None:
@@ -130,6 +146,15 @@ class Injector:
     def inject(self, vector: int) -> None:
         self._vector.value = vector
         self._request.value |= CPU_INTERRUPT_HARD
+
+    @property
+    def can_inject_running(self) -> bool:
+        return self._exit_check is not None
+
+    def inject_running(self, vector: int) -> None:
+        """From a hook of the running engine: delivered before the next translated block."""
+        self.inject(vector)
+        self._exit_check.value = 0xFFFF
 
     def withdraw(self) -> int | None:
         """Take back an interrupt still pending (its vector), so that it is not delivered later."""

@@ -53,6 +53,10 @@ _LOAD_CPU = re.compile(rb"\x48\x8b\xbf(?P<cpu>.{4})\x48\x85\xff", re.DOTALL)
 # Where the x86 CPU state (CPUX86State) sits in QEMU's X86CPU, after CPUState:
 # `do_interrupt_x86_hardirq(env, ...)` starts with `sub rdi, 0x8a50` to get the
 # CPU back from the state.
+# `cpu_exit(cpu)` starts with `mov rax, [rdi + icount_decr_ptr]`, then stores -1 in the
+# high half of the counter it points to (`mov [rax + 2], dx`): the word every translated
+# block's first check reads to know whether to go back to the execution loop.
+_CPU_EXIT = re.compile(rb"\x48\x8b\x87(?P<ptr>.{4})\xba\xff\xff\xff\xff.{0,24}?\x66\x89\x50\x02\xc3", re.DOTALL)
 _ENV_FROM_CPU = re.compile(rb"\x41\x89\xd1\x48\x81\xef(?P<env>.{4})", re.DOTALL)
 
 
@@ -63,11 +67,19 @@ def uc_cpu_offset() -> int | None:
     return int.from_bytes(match["cpu"], "little") if match else None
 
 
+def cpu_icount_decr_ptr_offset() -> int | None:
+    """offsetof(CPUState, icount_decr_ptr) in this library, None if its code is not as expected."""
+    code = ctypes.string_at(ctypes.cast(uclib.cpu_exit, ctypes.c_void_p).value, 0x20)
+    match = _CPU_EXIT.match(code)
+    return int.from_bytes(match["ptr"], "little") if match else None
+
+
 def cpu_env_offset() -> int | None:
     """offsetof(X86CPU, env) in this library, None if its code is not as expected."""
     code = ctypes.string_at(ctypes.cast(uclib.do_interrupt_x86_hardirq_x86_64, ctypes.c_void_p).value, 16)
     match = _ENV_FROM_CPU.match(code)
     return int.from_bytes(match["env"], "little") if match else None
 
-__all__ = ["HOOK_INTR_CFUNC", "Uc", "UcError", "uc_const", "uc_hook_h", "uccallback", "uclib", "uc_cpu_offset", "cpu_env_offset", "x86",
+__all__ = ["HOOK_INTR_CFUNC", "Uc", "UcError", "uc_const", "uc_hook_h", "uccallback", "uclib", "uc_cpu_offset", "cpu_env_offset",
+           "cpu_icount_decr_ptr_offset", "x86",
            "REQUIRED_VERSION"]

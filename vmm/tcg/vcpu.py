@@ -179,11 +179,14 @@ class TcgVcpu(Vcpu):
         has not started and the interrupt is looked at before it does.
 
         A wake caused by its own guest code, in a device access (a UART raising
-        its line, an EOI that unblocks the next interrupt), comes mostly with
-        interrupts disabled (drivers touch their devices under a lock), and the
-        slice would stop now only to find that and stop again where the guest
-        enables them: instead it runs on to that point (the stop hook watches for
-        it). An NMI, and INIT and SIPI (`at_once`), stop it at the next block.
+        its line, an EOI that unblocks the next interrupt, a disk completing a
+        request inside its queue notification), is handed to the engine at once
+        when the guest can take it (`_inject_from_access`), without ending the
+        slice. Otherwise, mostly with interrupts disabled (drivers touch their
+        devices under a lock), the slice would stop now only to find that and
+        stop again where the guest enables them: instead it runs on to that point
+        (the stop hook watches for it). An NMI, and INIT and SIPI (`at_once`),
+        stop it at the next block.
         """
         own_thread = threading.get_ident() == self._slice_thread
         with self.scheduler.lock:
@@ -194,9 +197,33 @@ class TcgVcpu(Vcpu):
         if not running or (own_thread and not self._in_guest):
             return
         if own_thread and not at_once and not self.router.has_nmi(self.index):
-            self.engine.stop_hook.stop_at_interrupt_window()
+            if not self._inject_from_access():
+                self.engine.stop_hook.stop_at_interrupt_window()
         else:
             self.engine.stop_hook.request()
+
+    def _inject_from_access(self) -> bool:
+        """In this vCPU's own device access: hand the interrupt that just became pending to the
+        running engine, which delivers it before the next translated block (as QEMU's TCG
+        takes an interrupt its devices raise), if the guest can take it now. True if handed
+        over (or nothing is pending any more).
+
+        Only with RFLAGS.IF set and nothing in service: the vector is acknowledged now and
+        delivered a few instructions later, and an EOI in between (from a handler still
+        running) would end it instead of the handler's own vector. An interrupt shadow
+        needs no look: the engine's own delivery waits for it. Only when nothing was handed
+        over yet, in this slice or kept from the last one.
+        """
+        injector, engine, router = self.engine.injector, self.engine, self.router
+        if (injector is None or not injector.can_inject_running or injector.pending
+                or self._withdrawn is not None or self.debug_step):
+            return False
+        if not engine.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF or router.in_service(self.index):
+            return False
+        vector = router.acknowledge(self.index)
+        if vector is not None:
+            injector.inject_running(vector)
+        return True
 
     def receive_init(self) -> None:
         self.started = False
