@@ -60,6 +60,7 @@ S_IOERR = 1
 S_UNSUPP = 2
 
 HEADER = struct.Struct("<IIQ")
+_STATUS_BYTES = {status: bytes((status,)) for status in (S_OK, S_IOERR, S_UNSUPP)}
 SEGMENT = struct.Struct("<QII")  # struct virtio_blk_discard_write_zeroes
 WRITE_ZEROES_FLAG_UNMAP = 1
 
@@ -114,42 +115,47 @@ class VirtioBlock(VirtioDevice):
 
     def _handle(self, chain: DescriptorChain) -> int:
         """Carry out one request; returns the bytes written into its writable buffers."""
-        if chain.writable_length < 1:
+        status_address = chain.last_writable_byte()
+        if status_address is None:
             raise VirtqueueError(f"virtio-blk request {chain.head} has no room for a status byte")
         self.requests += 1
-        data_room = chain.writable_length - 1
-        status, written = self._execute(chain, data_room)
+        status, written, data_ranges = self._execute(chain, chain.writable_length - 1)
         if status != S_OK:
             self.errors += 1
-        chain.write(self.memory, bytes([status]), offset=data_room)
+        memory = self.memory
+        memory.write(status_address, _STATUS_BYTES[status])
+        # One report for the data and the status byte: the software CPU drops code translated from them.
+        memory.devices_wrote([*data_ranges, (status_address, 1)])
         return written + 1
 
-    def _execute(self, chain: DescriptorChain, data_room: int) -> tuple[int, int]:
+    def _execute(self, chain: DescriptorChain, data_room: int) -> tuple[int, int, list[tuple[int, int]]]:
+        """The request's status, the bytes of data it wrote and where it wrote them (still to be
+        reported to the accelerator)."""
         if chain.readable_length < HEADER.size:
             self._odd("header", "request without a full header")
-            return S_IOERR, 0
+            return S_IOERR, 0, []
         kind, _ioprio, sector = HEADER.unpack(chain.read(self.memory, 0, HEADER.size))
         payload = chain.readable_length - HEADER.size
         try:
             if kind == T_IN:
                 return self._read(chain, sector, data_room)
             if kind == T_OUT:
-                return self._write(chain, sector, payload), 0
+                return self._write(chain, sector, payload), 0, []
             if kind == T_FLUSH:
                 if not self.readonly:
                     self.image.flush()
-                return S_OK, 0
+                return S_OK, 0, []
             if kind == T_GET_ID:
                 ident = self.serial.ljust(ID_BYTES, b"\0")[: min(ID_BYTES, data_room)]
-                return S_OK, chain.write(self.memory, ident)
+                return S_OK, chain.write(self.memory, ident), []  # (write() reported it)
             if kind in (T_DISCARD, T_WRITE_ZEROES):
-                return self._segments(chain, kind, payload), 0
+                return self._segments(chain, kind, payload), 0, []
         except (OSError, PyvmmError) as err:
             # A host I/O error, an out-of-range access the image refused, a corrupt qcow2.
             self._odd(f"io-{type(err).__name__}", "request type %d at sector %d failed: %s", kind, sector, err)
-            return S_IOERR, 0
+            return S_IOERR, 0, []
         self._odd(f"type-{kind}", "unsupported request type %d", kind)
-        return S_UNSUPP, 0
+        return S_UNSUPP, 0, []
 
     def _range(self, sector: int, length: int) -> int | None:
         """The byte offset of a transfer, or None when it does not fit the disk."""
@@ -161,18 +167,19 @@ class VirtioBlock(VirtioDevice):
             return None
         return sector * SECTOR_SIZE
 
-    def _read(self, chain: DescriptorChain, sector: int, length: int) -> tuple[int, int]:
+    def _read(self, chain: DescriptorChain, sector: int, length: int) -> tuple[int, int, list[tuple[int, int]]]:
         offset = self._range(sector, length)
         if offset is None:
-            return S_IOERR, 0
+            return S_IOERR, 0, []
         # Straight into the guest's buffers (one preadv for a raw image).
         ranges = chain.writable_ranges(0, length)
         try:
             with self.memory.views(ranges) as buffers:
                 self.image.read_into(offset, buffers)
-        finally:
-            self.memory.devices_wrote(ranges)  # the software CPU drops code translated from them
-        return S_OK, length
+        except BaseException:
+            self.memory.devices_wrote(ranges)  # whatever it wrote before it failed
+            raise
+        return S_OK, length, ranges
 
     def _write(self, chain: DescriptorChain, sector: int, length: int) -> int:
         if self.readonly:

@@ -64,18 +64,23 @@ def full_barrier() -> None:
         pass
 
 
-@dataclass
+@dataclass(slots=True)
 class DescriptorChain:
     """One request: its head index and its buffers, as (guest address, length) pairs."""
 
     head: int
     readable: list[tuple[int, int]] = field(default_factory=list)
     writable: list[tuple[int, int]] = field(default_factory=list)
+    # A chain's buffers do not change once walked (a 1 MiB request has 256 of them): the
+    # walk counts their bytes as it goes; a chain made by hand has them summed here.
+    readable_length: int = field(default=-1, compare=False)
+    writable_length: int = field(default=-1, compare=False)
 
     def __post_init__(self) -> None:
-        # A chain's buffers do not change once walked; a 1 MiB request has 256 of them.
-        self.readable_length = sum(length for _, length in self.readable)
-        self.writable_length = sum(length for _, length in self.writable)
+        if self.readable_length < 0:
+            self.readable_length = sum(length for _, length in self.readable)
+        if self.writable_length < 0:
+            self.writable_length = sum(length for _, length in self.writable)
 
     def readable_ranges(self, offset: int = 0, length: int | None = None) -> list[tuple[int, int]]:
         """The (guest address, length) pieces of `length` bytes (default: all) of the
@@ -88,7 +93,19 @@ class DescriptorChain:
 
     def read(self, memory: GuestMemory, offset: int = 0, length: int | None = None) -> bytes:
         """`length` bytes (default: all) of the device-readable buffers, as one stream, from `offset`."""
+        if self.readable and length is not None and 0 <= offset and 0 <= length:
+            address, size = self.readable[0]
+            if offset + length <= size:  # all in the first buffer: a request's header, usually
+                return memory.read(address + offset, length)
         return b"".join(memory.read(address, count) for address, count in self.readable_ranges(offset, length))
+
+    def last_writable_byte(self) -> int | None:
+        """The guest address of the device-writable stream's last byte (a virtio-blk status
+        byte), None if the stream is empty."""
+        for address, size in reversed(self.writable):
+            if size:
+                return address + size - 1
+        return None
 
     def write(self, memory: GuestMemory, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Scatter `data` into the device-writable buffers from stream position `offset`; returns bytes written."""
@@ -227,57 +244,70 @@ class Virtqueue:
         _U16.pack_into(self._used, 4 + 8 * self.size, value)
 
     def _walk(self, head: int) -> DescriptorChain:
-        name = f"queue {self.index}, chain {head}"
         if head >= self.size:
-            raise VirtqueueError(f"{name}: head index is beyond the queue size {self.size}")
+            raise self._chain_error(head, f"head index is beyond the queue size {self.size}")
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
+        readable_length = writable_length = 0
         contains = self.memory.contains
         unpack = _DESCRIPTOR.unpack_from
-        table: bytes | memoryview = self._table  # the queue's, until the chain moves into an indirect one
+        table = self._table
+        # Once the chain moves into an indirect table: all its descriptors, unpacked at once
+        # (a 1 MiB request is a table of 256).
+        indirect: list[tuple[int, int, int, int]] | None = None
         limit = self.size  # descriptors a chain may have; more means a loop
         index, seen = head, 0
         while True:
             seen += 1
             if seen > limit:
-                raise VirtqueueError(f"{name}: more than {limit} descriptors (a loop?)")
-            address, length, flags, following = unpack(table, DESCRIPTOR_SIZE * index)
+                raise self._chain_error(head, f"more than {limit} descriptors (a loop?)")
+            if indirect is None:
+                address, length, flags, following = unpack(table, DESCRIPTOR_SIZE * index)
+            else:
+                address, length, flags, following = indirect[index]
             if flags & DESC_F_INDIRECT:
-                table = self._indirect_table(name, table is not self._table, seen, flags, address, length)
-                limit = len(table) // DESCRIPTOR_SIZE
+                indirect = self._indirect_table(head, indirect is not None, seen, flags, address, length)
+                limit = len(indirect)
                 index, seen = 0, 0
                 continue
             if not contains(address, length):
-                raise VirtqueueError(f"{name}: buffer {address:#x}+{length:#x} is not in guest RAM")
+                raise self._chain_error(head, f"buffer {address:#x}+{length:#x} is not in guest RAM")
             if flags & DESC_F_WRITE:
                 writable.append((address, length))
+                writable_length += length
             elif writable:
-                raise VirtqueueError(f"{name}: a device-readable buffer follows a device-writable one")
+                raise self._chain_error(head, "a device-readable buffer follows a device-writable one")
             else:
                 readable.append((address, length))
+                readable_length += length
             if not flags & DESC_F_NEXT:
-                return DescriptorChain(head, readable, writable)
+                return DescriptorChain(head, readable, writable, readable_length, writable_length)
             index = following
             if index >= limit:
-                raise VirtqueueError(f"{name}: next index {index} is beyond the table of {limit}")
+                raise self._chain_error(head, f"next index {index} is beyond the table of {limit}")
 
-    def _indirect_table(self, name: str, nested: bool, position: int, flags: int,
-                        address: int, length: int) -> bytes:
+    def _chain_error(self, head: int, problem: str) -> VirtqueueError:
+        # (The name is made only for an error: a walk per request has no use for it.)
+        return VirtqueueError(f"queue {self.index}, chain {head}: {problem}")
+
+    def _indirect_table(self, head: int, nested: bool, position: int, flags: int,
+                        address: int, length: int) -> list[tuple[int, int, int, int]]:
         if not self.indirect:
-            raise VirtqueueError(f"{name}: indirect descriptor, but VIRTIO_F_INDIRECT_DESC was not negotiated")
+            raise self._chain_error(head, "indirect descriptor, but VIRTIO_F_INDIRECT_DESC was not negotiated")
         if nested:
-            raise VirtqueueError(f"{name}: an indirect table refers to another indirect table")
+            raise self._chain_error(head, "an indirect table refers to another indirect table")
         if position != 1 or flags & DESC_F_NEXT:
             # Only a chain's sole descriptor may refer to an indirect table (Linux's layout).
-            raise VirtqueueError(f"{name}: an indirect descriptor must be the only descriptor of its chain")
+            raise self._chain_error(head, "an indirect descriptor must be the only descriptor of its chain")
         if length == 0 or length % DESCRIPTOR_SIZE:
-            raise VirtqueueError(f"{name}: indirect table length {length} is not a multiple of {DESCRIPTOR_SIZE}")
+            raise self._chain_error(head, f"indirect table length {length} is not a multiple of {DESCRIPTOR_SIZE}")
         if length // DESCRIPTOR_SIZE > self.size:
-            raise VirtqueueError(f"{name}: indirect table of {length // DESCRIPTOR_SIZE} descriptors is longer "
-                                 f"than the queue ({self.size})")
-        if not self.memory.contains(address, length):
-            raise VirtqueueError(f"{name}: indirect table {address:#x}+{length:#x} is not in guest RAM")
-        return self.memory.read(address, length)
+            raise self._chain_error(head, f"indirect table of {length // DESCRIPTOR_SIZE} descriptors is longer "
+                                          f"than the queue ({self.size})")
+        try:
+            return list(_DESCRIPTOR.iter_unpack(self.memory.read(address, length)))
+        except GuestMemoryError:
+            raise self._chain_error(head, f"indirect table {address:#x}+{length:#x} is not in guest RAM") from None
 
     # -- the device's side: used buffers ----------------------------------------
 

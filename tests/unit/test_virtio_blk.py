@@ -172,6 +172,27 @@ def test_host_io_error_becomes_ioerr(raw_path):
         assert d.transport.device.errors == 2
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_read_reports_its_data_and_status_byte_to_the_accelerator_at_once(raw_path, fails):
+    # The software CPU drops code translated from what a device wrote: one report per
+    # request, with the data (even what a failing read wrote) and the status byte.
+    with open_image(raw_path, "raw", readonly=False) as image:
+        d = BlkDriver(VirtioBlock(image), indirect=True)
+        if fails:
+            def half_then_error(offset, buffers):
+                buffers[0][:256] = b"x" * 256
+                raise OSError(5, "Input/output error")
+
+            image.read_into = half_then_error
+        reports = []
+        d.memory.device_write_listener = lambda ranges: reports.append(sorted(ranges))
+        status, _, _ = d.request(blk.T_IN, 8, in_length=1024)
+    assert status == (blk.S_IOERR if fails else blk.S_OK)
+    (data, length), status_byte = reports[0][0], reports[-1][-1]
+    assert length == 1024 and status_byte[1] == 1 and d.memory.read_u8(status_byte[0]) == status
+    assert len(reports) == (2 if fails else 1)  # a failing read reports its data before the status
+
+
 def test_qcow2_image_through_the_image_library(tmp_path):
     path = str(tmp_path / "disk.qcow2")
     create_image(path, "qcow2", DISK_SIZE)

@@ -71,6 +71,25 @@ def test_ranges_cut_the_stream_the_buffers_form(offset, length, pieces):
     assert chain.readable_ranges(offset, length) == [(a, n) for a, n in pieces if n]
 
 
+@pytest.mark.parametrize(("writable", "last"), [
+    ([(DATA, 512), (DATA + 700, 1)], DATA + 700),
+    ([(DATA, 512), (DATA + 700, 4), (DATA + 900, 0)], DATA + 703),  # empty buffers carry nothing
+    ([(DATA, 0)], None),
+    ([], None),
+])
+def test_the_last_writable_byte_is_where_a_status_byte_goes(writable, last):
+    assert DescriptorChain(0, [(DATA, 16)], writable).last_writable_byte() == last
+
+
+def test_reading_the_stream_within_its_first_buffer_or_across_buffers():
+    MEMORY.write(DATA, bytes(range(64)))
+    chain = DescriptorChain(0, [(DATA, 16), (DATA + 32, 0), (DATA + 48, 16)])
+    assert chain.read(MEMORY, 4, 8) == bytes(range(4, 12))
+    assert chain.read(MEMORY, 12, 8) == bytes(range(12, 16)) + bytes(range(48, 52))
+    assert chain.read(MEMORY, 30, 10) == bytes(range(62, 64))  # never beyond the end
+    assert chain.read(MEMORY) == bytes(range(16)) + bytes(range(48, 64))
+
+
 def test_a_queue_enabled_again_uses_its_new_areas():
     queue = fresh_queue()
     descriptor(0, DATA, 4)

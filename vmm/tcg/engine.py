@@ -43,7 +43,16 @@ from vmm.tcg.native_interrupts import Injector
 from vmm.tcg.native_syscall import patch_syscall
 from vmm.tcg.qemu_env import OFF_XCR0, ContextBuffer, EnvLayoutError, check_layout
 from vmm.tcg.stop_hook import StopHook
-from vmm.tcg.unicorn_lib import Uc, UcError, uc_const, uclib, x86
+from vmm.tcg.unicorn_lib import (
+    MMIO_READ_CFUNC,
+    MMIO_WRITE_CFUNC,
+    Uc,
+    UcError,
+    uc_const,
+    uccallback,
+    uclib,
+    x86,
+)
 
 UC_CTL_TLB_FLUSH_WRITE = (uc_const.UC_CTL_IO_WRITE << 30) | uc_const.UC_CTL_TLB_FLUSH
 PAGE_SIZE = 0x1000
@@ -95,6 +104,7 @@ class Engine:
         self.context.env.set_u64(OFF_XCR0, XCR0_X87)
         self.context.restore()  # forget the probes' register values
         self.stop_hook = StopHook(self.uc)
+        self._mmio_callbacks: list[tuple] = []
         # Delivers external interrupts inside the engine; None: Python builds their frames.
         self.injector = Injector.for_engine(self.handle)
 
@@ -176,7 +186,14 @@ class Engine:
         self.uc.mem_map_ptr(guest_address, size, uc_const.UC_PROT_ALL, host_address)
 
     def map_mmio(self, guest_address: int, size: int, read, write) -> None:
-        self.uc.mmio_map(guest_address, size, read, None, write, None)
+        """MMIO at [guest_address, +size): the library calls `read(uc, offset, size, user_data)`
+        and `write(uc, offset, size, value, user_data)` through the binding's exception guard
+        alone (its `mmio_map` adds two more Python calls to every access)."""
+        callbacks = (uccallback(self.uc, MMIO_READ_CFUNC)(read), uccallback(self.uc, MMIO_WRITE_CFUNC)(write))
+        status = uclib.uc_mmio_map(self.handle, guest_address, size, callbacks[0], None, callbacks[1], None)
+        if status != uc_const.UC_ERR_OK:
+            raise UcError(status)
+        self._mmio_callbacks.append(callbacks)  # the library holds only their addresses
 
     # -- probing the emulated CPU, before any hook or guest memory exists ---------
 

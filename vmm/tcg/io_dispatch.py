@@ -50,14 +50,8 @@ class IoHooks:
         take at most 4 bytes, so an 8-byte access arrives as two, low half first."""
         engine.uc.hook_add(uc_const.UC_HOOK_INSN, self.port_out, None, 1, 0, x86.UC_X86_INS_OUT)
         engine.uc.hook_add(uc_const.UC_HOOK_INSN, self.port_in, None, 1, 0, x86.UC_X86_INS_IN)
-
-        def mmio_read(uc, offset, size, user_data):
-            return self.mmio_read(mmio_start + offset, size)
-
-        def mmio_write(uc, offset, size, value, user_data):
-            self.mmio_write(mmio_start + offset, size, value)
-
-        engine.map_mmio(mmio_start, mmio_end - mmio_start, mmio_read, mmio_write)
+        self.mmio_start = mmio_start
+        engine.map_mmio(mmio_start, mmio_end - mmio_start, self.mmio_read, self.mmio_write)
 
     def port_out(self, uc, port: int, size: int, value: int, user_data) -> None:
         vcpu = self.scheduler.owner
@@ -80,17 +74,19 @@ class IoHooks:
         vcpu.io_counts["IoIn"] += 1
         return self.pio.read(port, size)
 
-    def mmio_read(self, address: int, size: int) -> int:
-        self.scheduler.owner.io_counts["MmioRead"] += 1
-        return self.mmio.read(address, size)
+    # The MMIO callbacks get the offset into the window that `install` mapped.
 
-    def mmio_write(self, address: int, size: int, value: int) -> None:
+    def mmio_read(self, uc, offset: int, size: int, user_data) -> int:
+        self.scheduler.owner.io_counts["MmioRead"] += 1
+        return self.mmio.read(self.mmio_start + offset, size)
+
+    def mmio_write(self, uc, offset: int, size: int, value: int, user_data) -> None:
         self.scheduler.owner.io_counts["MmioWrite"] += 1
         router = self.router
         if router is None:
-            self.mmio.write(address, size, value)
+            self.mmio.write(self.mmio_start + offset, size, value)
             return
         changes = router.deadline_changes
-        self.mmio.write(address, size, value)
+        self.mmio.write(self.mmio_start + offset, size, value)
         if router.deadline_changes != changes:
             self.timer_moved()

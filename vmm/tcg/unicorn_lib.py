@@ -25,7 +25,13 @@ try:
     from unicorn import unicorn_const as uc_const
     from unicorn import x86_const as x86
     from unicorn.unicorn_py3.arch.types import uc_hook_h
-    from unicorn.unicorn_py3.unicorn import HOOK_INTR_CFUNC, uccallback, uclib
+    from unicorn.unicorn_py3.unicorn import (
+        HOOK_INTR_CFUNC,
+        MMIO_READ_CFUNC,
+        MMIO_WRITE_CFUNC,
+        uccallback,
+        uclib,
+    )
 except ImportError as err:  # the package is missing, or a layout we do not know
     raise PyvmmError(
         f"the software CPU needs the Python package unicorn {REQUIRED_VERSION} ({INSTALL_HINT}): {err}"
@@ -80,6 +86,6 @@ def cpu_env_offset() -> int | None:
     match = _ENV_FROM_CPU.match(code)
     return int.from_bytes(match["env"], "little") if match else None
 
-__all__ = ["HOOK_INTR_CFUNC", "Uc", "UcError", "uc_const", "uc_hook_h", "uccallback", "uclib", "uc_cpu_offset", "cpu_env_offset",
+__all__ = ["HOOK_INTR_CFUNC", "MMIO_READ_CFUNC", "MMIO_WRITE_CFUNC", "Uc", "UcError", "uc_const", "uc_hook_h", "uccallback", "uclib", "uc_cpu_offset", "cpu_env_offset",
            "cpu_icount_decr_ptr_offset", "x86",
            "REQUIRED_VERSION"]
