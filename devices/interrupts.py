@@ -340,6 +340,15 @@ class InterruptRouter:
                 return True
             return apic.accepts_pic_interrupts() and bool(self.pic.master.isr | self.pic.slave.isr)
 
+    def acknowledge_if_idle(self, cpu: int) -> int | None:
+        """`acknowledge`, only if `cpu` has no NMI waiting and no interrupt in service (one
+        decision under the lock): for a vCPU that hands the vector on and delivers it a few
+        instructions later, when an NMI must come first and an EOI must not end it early."""
+        with self._critical:
+            if self.lapics[cpu].nmi_pending or self.in_service(cpu):
+                return None
+            return self.acknowledge(cpu)
+
     def has_nmi(self, cpu: int) -> bool:
         """An NMI (an NMI IPI, or LINT1) waits for `cpu`; NMIs ignore RFLAGS.IF."""
         with self._critical:

@@ -158,6 +158,24 @@ def test_in_service_lasts_from_acknowledge_to_eoi(clock, rec):
     assert not router.in_service(0)
 
 
+def test_acknowledge_if_idle_waits_for_the_handler_in_service_and_for_a_waiting_nmi(clock, rec):
+    router, pio, mmio, _ = make(1, clock, rec)
+    init_pic(pio)
+    enable_apic(router, 0)
+    ioapic_route(mmio, 4, 0x24)
+    ioapic_route(mmio, 5, 0x35)
+    router.irq_line(4).pulse()
+    assert router.acknowledge_if_idle(0) == 0x24
+    router.irq_line(5).pulse()  # deliverable above 0x24, but 0x24's handler has not sent its EOI
+    assert router.has_interrupt(0) and router.acknowledge_if_idle(0) is None
+    router.lapic_write(0, L.REG_EOI, 4, 0)
+    router.lapics[0].nmi_pending = True
+    assert router.acknowledge_if_idle(0) is None
+    assert router.take_nmi(0)
+    assert router.acknowledge_if_idle(0) == 0x35
+    assert router.in_service(0)
+
+
 def test_pic_is_cut_off_when_lint0_is_masked(clock, rec):
     router, pio, _, _ = make(1, clock, rec)
     init_pic(pio, imr_master=0xFF & ~(1 << 4))

@@ -188,7 +188,7 @@ def test_a_read_reports_its_data_and_status_byte_to_the_accelerator_at_once(raw_
         d.memory.device_write_listener = lambda ranges: reports.append(sorted(ranges))
         status, _, _ = d.request(blk.T_IN, 8, in_length=1024)
     assert status == (blk.S_IOERR if fails else blk.S_OK)
-    (data, length), status_byte = reports[0][0], reports[-1][-1]
+    (_, length), status_byte = reports[0][0], reports[-1][-1]
     assert length == 1024 and status_byte[1] == 1 and d.memory.read_u8(status_byte[0]) == status
     assert len(reports) == (2 if fails else 1)  # a failing read reports its data before the status
 

@@ -196,33 +196,35 @@ class TcgVcpu(Vcpu):
             running = self.scheduler.owner is self
         if not running or (own_thread and not self._in_guest):
             return
-        if own_thread and not at_once and not self.router.has_nmi(self.index):
-            if not self._inject_from_access():
+        if own_thread and not at_once:
+            if self._inject_from_access():
+                return
+            if not self.router.has_nmi(self.index):
                 self.engine.stop_hook.stop_at_interrupt_window()
-        else:
-            self.engine.stop_hook.request()
+                return
+        self.engine.stop_hook.request()
 
     def _inject_from_access(self) -> bool:
         """In this vCPU's own device access: hand the interrupt that just became pending to the
         running engine, which delivers it before the next translated block (as QEMU's TCG
         takes an interrupt its devices raise), if the guest can take it now. True if handed
-        over (or nothing is pending any more).
+        over.
 
-        Only with RFLAGS.IF set and nothing in service: the vector is acknowledged now and
-        delivered a few instructions later, and an EOI in between (from a handler still
-        running) would end it instead of the handler's own vector. An interrupt shadow
-        needs no look: the engine's own delivery waits for it. Only when nothing was handed
-        over yet, in this slice or kept from the last one.
+        Only with RFLAGS.IF set, no NMI waiting (it comes first) and nothing in service:
+        the vector is acknowledged now and delivered a few instructions later, and an EOI
+        in between (from a handler still running) would end it instead of the handler's
+        own vector. An interrupt shadow needs no look: the engine's own delivery waits for
+        it. Only when nothing was handed over yet, in this slice or kept from the last one.
         """
-        injector, engine, router = self.engine.injector, self.engine, self.router
+        injector, engine = self.engine.injector, self.engine
         if (injector is None or not injector.can_inject_running or injector.pending
-                or self._withdrawn is not None or self.debug_step):
+                or self._withdrawn is not None or self.debug_step
+                or not engine.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF):
             return False
-        if not engine.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF or router.in_service(self.index):
+        vector = self.router.acknowledge_if_idle(self.index)
+        if vector is None:
             return False
-        vector = router.acknowledge(self.index)
-        if vector is not None:
-            injector.inject_running(vector)
+        injector.inject_running(vector)
         return True
 
     def receive_init(self) -> None:
