@@ -8,10 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from devices.virtio import queue as queue_module
 from devices.virtio.queue import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
+    IN_ORDER_CHECK_MIN,
     DescriptorChain,
     Virtqueue,
     VirtqueueError,
@@ -278,3 +280,87 @@ def test_fuzz_random_descriptor_tables(table, indirect_table, heads, avail_idx, 
         chain.read(MEMORY, 0, min(chain.readable_length, 4096))
         chain.write(MEMORY, bytes(min(chain.writable_length, 4096)))
         queue.push(chain, 0)
+
+
+# -- long indirect tables: checked whole when they run in order (queue._in_order) --------
+
+LONG = 40  # descriptors: above queue.IN_ORDER_CHECK_MIN
+TABLE = DATA + 0x8000
+
+
+def long_table(entries: list[tuple[int, int, int, int]]) -> Virtqueue:
+    queue = fresh_queue(size=64)
+    for i, entry in enumerate(entries):
+        descriptor(i, *entry, table=TABLE)
+    descriptor(0, TABLE, 16 * len(entries), DESC_F_INDIRECT)
+    make_available(0)
+    return queue
+
+
+def linux_request(data_buffers: int = LONG - 2) -> list[tuple[int, int, int, int]]:
+    """A read as Linux lays it out: header, data pages in descending order, status byte."""
+    pages = [(DATA + 0x1000 * (data_buffers - i), 0x200, DESC_F_NEXT | DESC_F_WRITE, 2 + i)
+             for i in range(data_buffers)]
+    return [(DATA, 16, DESC_F_NEXT, 1), *pages, (DATA + 0x40, 1, DESC_F_WRITE, 0)]
+
+
+def test_a_long_table_in_order_gives_the_chain_a_walk_gives(monkeypatch):
+    entries = linux_request()
+    checked_whole = []
+    in_order = queue_module._in_order
+    monkeypatch.setattr(queue_module, "_in_order", lambda *args: checked_whole.append(in_order(*args)) or
+                        checked_whole[-1])
+    chain = long_table(entries).pop()
+    assert checked_whole == [chain]  # the table was checked whole, and that gave the chain
+    monkeypatch.setattr(queue_module, "IN_ORDER_CHECK_MIN", 1 << 20)  # descriptor by descriptor
+    assert long_table(entries).pop() == chain
+    assert chain.readable == [(DATA, 16)]
+    assert chain.writable == [(address, length) for address, length, _, _ in entries[1:]]
+    assert (chain.readable_length, chain.writable_length) == (16, 0x200 * (LONG - 2) + 1)
+
+
+@pytest.mark.parametrize("fault", ["outside-ram", "readable-after-writable", "nested-indirect", "loop"])
+def test_a_long_table_in_order_with_a_fault_is_refused(fault):
+    entries = linux_request()
+    if fault == "outside-ram":
+        entries[5] = (MEMORY.size - 0x100, 0x200, DESC_F_NEXT | DESC_F_WRITE, 6)
+    elif fault == "readable-after-writable":
+        entries[5] = (DATA + 0x100, 0x200, DESC_F_NEXT, 6)
+    elif fault == "nested-indirect":
+        entries[5] = (TABLE, 16 * 4, DESC_F_INDIRECT | DESC_F_NEXT, 6)
+    else:
+        entries[-1] = (DATA + 0x40, 1, DESC_F_NEXT | DESC_F_WRITE, 1)
+    with pytest.raises(VirtqueueError):
+        long_table(entries).pop()
+
+
+@fuzz_settings(300)
+@given(size=st.integers(IN_ORDER_CHECK_MIN + 1, 62),
+       changes=st.lists(st.tuples(st.integers(0, 61), st.integers(0, 3), st.integers(0, 7)), max_size=3))
+def test_fuzz_long_tables_give_what_a_walk_descriptor_by_descriptor_gives(size, changes):
+    """Linux's layout with a few fields changed (a buffer moved beyond RAM or made empty,
+    other flags, a next that skips or goes back): the table checked whole and the walk
+    agree on every one, chain or refusal."""
+    table = linux_request(size - 2)
+    for index, field, value in changes:
+        address, length, flags, following = table[index % size]
+        if field == 0:
+            address = (DATA, DATA + 0x4000, MEMORY.size - 0x100, 1 << 40)[value % 4]
+        elif field == 1:
+            length = (0, 1, 0x200, 0x10000)[value % 4]
+        elif field == 2:
+            flags = value
+        else:
+            following = max(index % size + value - 3, 0)
+        table[index % size] = (address, length, flags, following)
+
+    def pop():
+        try:
+            return long_table(table).pop()
+        except VirtqueueError:
+            return "refused"
+
+    checked_whole = pop()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(queue_module, "IN_ORDER_CHECK_MIN", 1 << 20)
+        assert pop() == checked_whole
