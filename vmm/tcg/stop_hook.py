@@ -30,13 +30,15 @@ delivered as soon as the guest can take it: QEMU's translator ends a block
 right after every instruction that can open that window (STI and the
 instruction in its shadow, POPF, IRET), so looking at each block start is
 exact. While the vCPU asks for it (`watch_*`), the hook lets a number of
-block starts pass, then stops at the first one where IF is set (reading
-RFLAGS with `uc_reg_read`), or at the next one whatever IF is (an NMI: only
-IRET unblocks it, and NMI blocking is not readable through Unicorn's API).
-With no watch the hook costs one more comparison. Its state is four words:
+block starts pass, then stops at the first one where IF is set, or at the
+next one whatever IF is (an NMI: only IRET unblocks it, and NMI blocking is
+not readable through Unicorn's API). With no watch the hook costs one more
+comparison. Its state is four words:
 
     [0] stop requested     [1] watch: 0 none, 1 until IF is set, 2 any block
-    [2] block starts to let pass first     [3] scratch for RFLAGS
+    [2] block starts to let pass first
+    [3] where IF is read: the engine's live RFLAGS word (QEMU keeps IF in
+        `env->eflags` as it runs), or scratch for `uc_reg_read`
 
     hook:  cmp  qword [rcx], 0          ; rcx = user_data = the state
            jne  stop
@@ -49,6 +51,24 @@ With no watch the hook costs one more comparison. Its state is four words:
            ret
     check: cmp  qword [rcx+8], 2
            je   open
+           mov  rax, [rcx+24]           ; the live RFLAGS word
+           test dword [rax], 0x200      ; IF
+           jnz  open
+           ret
+    open:  mov  qword [rcx+8], 0        ; the window is open: stop as requested
+           mov  qword [rcx], 1
+    stop:  mov  rax, uc_emu_stop
+           jmp  rax                     ; tail call uc_emu_stop(uc): rdi still holds uc
+
+Reading the word directly matters: a guest runs long stretches with
+interrupts disabled while one is pending (a timer that fell due in a
+critical section), and every block start of those stretches is a check.
+`uc_reg_read(EFLAGS)` there, which also folds in the lazily computed
+arithmetic flags, cost a Linux boot on the software CPU about a tenth of its
+time. Where the word's address cannot be found (the offsets are read from
+the library's code, vmm/tcg/unicorn_lib.py), `check` calls `uc_reg_read`
+instead, into state[3]:
+
            push rbx                     ; keep the state and uc, align the stack
            push rdi
            sub  rsp, 8
@@ -64,10 +84,6 @@ With no watch the hook costs one more comparison. Its state is four words:
            test dword [rcx+24], 0x200   ; IF
            jnz  open
            ret
-    open:  mov  qword [rcx+8], 0        ; the window is open: stop as requested
-           mov  qword [rcx], 1
-    stop:  mov  rax, uc_emu_stop
-           jmp  rax                     ; tail call uc_emu_stop(uc): rdi still holds uc
 """
 
 from __future__ import annotations
@@ -77,29 +93,27 @@ import logging
 import mmap
 import platform
 
-from vmm.tcg.unicorn_lib import Uc, uc_const, uc_hook_h, uclib, x86
+from vmm.tcg.qemu_env import OFF_EFLAGS
+from vmm.tcg.unicorn_lib import Uc, cpu_env_offset, uc_const, uc_cpu_offset, uc_hook_h, uclib, x86
 
 log = logging.getLogger(__name__)
 
-STOP, WATCH, SKIP, SCRATCH = range(4)  # the hook's state words
+STOP, WATCH, SKIP, SCRATCH = range(4)  # the hook's state words (SCRATCH: where IF is read)
 WATCH_NONE, WATCH_INTERRUPT_FLAG, WATCH_ANY_BLOCK = 0, 1, 2
 RFLAGS_IF = 1 << 9
 
 
-def _machine_code(emu_stop_address: int, reg_read_address: int) -> bytes:
-    """The hook in the module docstring; the jumps' displacements are fixed by its layout."""
-    code = b"".join([
-        bytes.fromhex("48 83 39 00"),            # hook:  cmp qword [rcx], 0
-        bytes.fromhex("75 5b"),                  #        jne stop
-        bytes.fromhex("48 83 79 08 00"),         #        cmp qword [rcx+8], 0
-        bytes.fromhex("75 01"),                  #        jne watch
-        bytes.fromhex("c3"),                     #        ret
-        bytes.fromhex("48 83 79 10 00"),         # watch: cmp qword [rcx+16], 0
-        bytes.fromhex("74 05"),                  #        je check
-        bytes.fromhex("48 ff 49 10"),            #        dec qword [rcx+16]
-        bytes.fromhex("c3"),                     #        ret
-        bytes.fromhex("48 83 79 08 02"),         # check: cmp qword [rcx+8], 2
-        bytes.fromhex("74 31"),                  #        je open
+def _read_flags_directly() -> bytes:
+    """`check`'s read of IF from the live RFLAGS word whose address is in state[3]; ZF clear if set."""
+    return b"".join([
+        bytes.fromhex("48 8b 41 18"),            #        mov rax, [rcx+24]
+        bytes.fromhex("f7 00") + RFLAGS_IF.to_bytes(4, "little"),  # test dword [rax], IF
+    ])
+
+
+def _read_flags_through_the_api(reg_read_address: int) -> bytes:
+    """`check`'s read of IF through uc_reg_read into state[3]; ZF clear if set."""
+    return b"".join([
         bytes.fromhex("53 57 48 83 ec 08"),      #        push rbx; push rdi; sub rsp, 8
         bytes.fromhex("48 89 cb"),               #        mov rbx, rcx
         bytes.fromhex("be") + x86.UC_X86_REG_EFLAGS.to_bytes(4, "little"),  # mov esi, EFLAGS
@@ -109,15 +123,37 @@ def _machine_code(emu_stop_address: int, reg_read_address: int) -> bytes:
         bytes.fromhex("48 83 c4 08 5f"),         #        add rsp, 8; pop rdi
         bytes.fromhex("48 89 d9 5b"),            #        mov rcx, rbx; pop rbx
         bytes.fromhex("f7 41 18") + RFLAGS_IF.to_bytes(4, "little"),  # test dword [rcx+24], IF
-        bytes.fromhex("75 01"),                  #        jne open
-        bytes.fromhex("c3"),                     #        ret
-        bytes.fromhex("48 c7 41 08 00 00 00 00"),  # open: mov qword [rcx+8], 0
-        bytes.fromhex("48 c7 01 01 00 00 00"),   #        mov qword [rcx], 1
+    ])
+
+
+def _machine_code(emu_stop_address: int, read_flags: bytes) -> bytes:
+    """The hook in the module docstring, with `read_flags` as check's read of IF."""
+    check_tail = read_flags + bytes.fromhex("75 01 c3")  # jnz open; ret
+    open_ = bytes.fromhex("48 c7 41 08 00 00 00 00") + bytes.fromhex("48 c7 01 01 00 00 00")
+    check = bytes.fromhex("48 83 79 08 02") + bytes((0x74, len(check_tail))) + check_tail  # je open
+    watch = (bytes.fromhex("48 83 79 10 00") + bytes.fromhex("74 05")  # je check
+             + bytes.fromhex("48 ff 49 10") + bytes.fromhex("c3"))
+    after_jne_stop = bytes.fromhex("48 83 79 08 00") + bytes.fromhex("75 01") + bytes.fromhex("c3")
+    to_stop = len(after_jne_stop) + len(watch) + len(check) + len(open_)
+    return b"".join([
+        bytes.fromhex("48 83 39 00"),            # hook:  cmp qword [rcx], 0
+        bytes((0x75, to_stop)),                  #        jne stop
+        after_jne_stop,                          #        cmp qword [rcx+8], 0; jne watch; ret
+        watch,
+        check,
+        open_,
         bytes.fromhex("48 b8") + emu_stop_address.to_bytes(8, "little"),   # stop: movabs rax, uc_emu_stop
         bytes.fromhex("ff e0"),                  #        jmp rax
     ])
-    assert len(code) == 0x6D  # the layout the displacements above were computed for
-    return code
+
+
+def live_rflags_address(handle) -> int | None:
+    """The address of the engine's running RFLAGS word (`env->eflags`), None if not found."""
+    cpu_offset, env_offset = uc_cpu_offset(), cpu_env_offset()
+    if cpu_offset is None or env_offset is None:
+        return None
+    cpu = ctypes.c_uint64.from_address(ctypes.cast(handle, ctypes.c_void_p).value + cpu_offset).value
+    return cpu + env_offset + OFF_EFLAGS if cpu else None
 
 
 class StopHook:
@@ -131,6 +167,7 @@ class StopHook:
         self.state = (ctypes.c_uint64 * (SCRATCH + 1))()
         self._code_page: mmap.mmap | None = None
         self.native = False
+        self.reads_rflags_directly = False  # the native hook's read of IF (module docstring)
         if platform.machine() in ("x86_64", "AMD64"):
             try:
                 self._install_native(uc)
@@ -142,9 +179,15 @@ class StopHook:
 
     def _install_native(self, uc: Uc) -> None:
         emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
-        reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
+        rflags = live_rflags_address(uc._uch)
+        self.reads_rflags_directly = rflags is not None
+        if rflags is not None:
+            self.state[SCRATCH] = rflags
+            read_flags = _read_flags_directly()
+        else:
+            read_flags = _read_flags_through_the_api(ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value)
         page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-        page.write(_machine_code(emu_stop, reg_read))
+        page.write(_machine_code(emu_stop, read_flags))
         self._code_page = page
         address = ctypes.addressof(ctypes.c_char.from_buffer(page))
         handle = uc_hook_h()
