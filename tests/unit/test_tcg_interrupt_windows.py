@@ -82,16 +82,20 @@ nmis:       .long 0
 """
 
 
-@pytest.mark.parametrize("hook", ["native", "native-api", "python"])
+@pytest.mark.parametrize("hook", ["exit-check", "native", "native-api", "python"])
 def test_pending_interrupts_are_taken_in_the_first_window(tmp_path, monkeypatch, hook):
+    if hook != "exit-check":  # a library pyvmm cannot patch there: a block hook
+        monkeypatch.setattr(stop_hook.ExitCheckSlot, "claim", lambda handle: None)
     if hook == "python":  # the stop hook other hosts get
         monkeypatch.setattr(stop_hook.platform, "machine", lambda: "riscv64")
     if hook == "native-api":  # a library whose CPU state pyvmm cannot locate: IF through uc_reg_read
         monkeypatch.setattr(stop_hook, "live_rflags_address", lambda handle: None)
     machine = TcgMachine(irqchip=True)
     try:
-        assert machine.vm.engine.stop_hook.native == (hook != "python")
-        assert machine.vm.engine.stop_hook.reads_rflags_directly == (hook == "native")
+        hook_of = machine.vm.engine.stop_hook
+        assert hook_of.in_exit_check == (hook == "exit-check")
+        assert hook_of.native == (hook != "python")
+        assert hook_of.reads_rflags_directly == (hook in ("exit-check", "native"))
         machine.memory.write(LOAD_ADDRESS, assemble(GUEST, tmp_path, link_address=LOAD_ADDRESS))
         machine.vcpus[0].set_state(long_mode_state(machine.memory, LOAD_ADDRESS))
         run_in_thread(machine)

@@ -103,7 +103,7 @@ class Engine:
         # Unicorn's reset enables every XSAVE component; a CPU leaves reset with x87 only.
         self.context.env.set_u64(OFF_XCR0, XCR0_X87)
         self.context.restore()  # forget the probes' register values
-        self.stop_hook = StopHook(self.uc)
+        self.stop_hook = StopHook(self.uc, exit_check_per_block=self._no_exit_request is not None)
         self._mmio_callbacks: list[tuple] = []
         # Delivers external interrupts inside the engine; None: Python builds their frames.
         self.injector = Injector.for_engine(self.handle)
@@ -257,6 +257,7 @@ class Engine:
         self.uc.emu_start(rip, 0)
 
     def close(self) -> None:
+        self.stop_hook.close()
         if self.injector is not None:
             self.injector.close()
         self.context.free()

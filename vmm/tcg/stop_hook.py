@@ -20,8 +20,13 @@ in an executable page, called directly by Unicorn (no GIL, no ctypes):
     mov  rax, uc_emu_stop
     jmp  rax                 ; tail call uc_emu_stop(uc): rdi still holds uc
 
-Measured on a register/memory loop: no measurable slowdown against no hook.
-Elsewhere a Python hook does the same job, slowly.
+On a register/memory loop that looked free, but it is not: a block hook
+adds a call (with its arguments and a store of the PC) to every translated
+block, and on a Linux boot that made the generated code about a quarter
+slower. So where the library allows it, these checks are made without a
+block hook, in the exit check every block already calls
+(vmm/tcg/exit_check_stop.py, `in_exit_check`); the block hook below is the
+fallback. Elsewhere (not x86-64) a Python hook does the same job, slowly.
 
 The same hook finds interrupt windows exactly. An interrupt that is pending
 while the guest cannot take it (RFLAGS.IF clear, the one-instruction shadow
@@ -93,6 +98,7 @@ import logging
 import mmap
 import platform
 
+from vmm.tcg.exit_check_stop import ExitCheckSlot
 from vmm.tcg.qemu_env import OFF_EFLAGS
 from vmm.tcg.unicorn_lib import Uc, cpu_env_offset, uc_const, uc_cpu_offset, uc_hook_h, uclib, x86
 
@@ -163,26 +169,47 @@ class StopHook:
     the emulating thread. `clear` re-arms it before the next `emu_start`.
     """
 
-    def __init__(self, uc: Uc) -> None:
+    def __init__(self, uc: Uc, *, exit_check_per_block: bool) -> None:
+        """`exit_check_per_block`: the engine's exit check runs at block starts only (no
+        checks after memory accesses), so the checks can be made there
+        (vmm/tcg/exit_check_stop.py) instead of in a block hook."""
         self.state = (ctypes.c_uint64 * (SCRATCH + 1))()
         self._code_page: mmap.mmap | None = None
+        self._slot: ExitCheckSlot | None = None  # the checks run in the engine's exit check
         self.native = False
         self.reads_rflags_directly = False  # the native hook's read of IF (module docstring)
         if platform.machine() in ("x86_64", "AMD64"):
+            rflags = live_rflags_address(uc._uch)
+            if rflags is not None:
+                if exit_check_per_block:
+                    self._slot = ExitCheckSlot.claim(uc._uch)
+                    if self._slot is not None:
+                        self.state = self._slot.state
+                self.state[SCRATCH] = rflags
+                self.reads_rflags_directly = True
             try:
-                self._install_native(uc)
+                if self._slot is None:
+                    self._install_native(uc)
                 self.native = True
             except (OSError, ValueError) as err:  # e.g. a host that forbids executable mappings
                 log.warning("software CPU: native stop hook unavailable (%s); guests will run slower", err)
         if not self.native:
             uc.hook_add(uc_const.UC_HOOK_BLOCK, self._python_hook)
 
+    @property
+    def in_exit_check(self) -> bool:
+        """Whether the checks run in the engine's exit check, with no block hook."""
+        return self._slot is not None
+
+    def close(self) -> None:
+        """The engine is closing: give up its place in the exit check's table."""
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
+
     def _install_native(self, uc: Uc) -> None:
         emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
-        rflags = live_rflags_address(uc._uch)
-        self.reads_rflags_directly = rflags is not None
-        if rflags is not None:
-            self.state[SCRATCH] = rflags
+        if self.reads_rflags_directly:
             read_flags = _read_flags_directly()
         else:
             read_flags = _read_flags_through_the_api(ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value)

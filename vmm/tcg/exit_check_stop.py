@@ -1,0 +1,151 @@
+"""The stop hook's checks (vmm/tcg/stop_hook.py) made in the exit check every block already has,
+instead of in a block hook of their own.
+
+Unicorn starts every translated block with a call to
+`helper_check_exit_request(uc, 0)`, which leaves the block when another
+thread has asked the CPU to exit (QEMU's `cpu_exit`, which `uc_emu_stop`
+uses). A `UC_HOOK_BLOCK` adds a second call to every block, with its
+arguments and a store of the PC before it: on a Linux boot that second call,
+not the few instructions of the hook itself, made the generated code about a
+quarter slower and cost about a sixth of the boot's CPU time.
+
+So where it can, pyvmm installs no block hook at all and runs the same checks
+at the entry of `helper_check_exit_request`: the function's first
+instruction (`mov r8, [rdi + uc.cpu]`, 7 bytes) becomes a jump to this code,
+which finds the engine's stop-hook state in a table keyed by the engine
+(`uc`, in rdi), does what the block hook does, and goes on into the original
+function:
+
+    stub:  mov  rax, table
+           mov  ecx, SLOTS
+      1:   cmp  rdi, [rax]             ; this engine's slot?
+           je   2f
+           add  rax, 64
+           dec  ecx
+           jnz  1b
+           jmp  original               ; an engine without a slot: nothing to check
+      2:   lea  rcx, [rax + 8]         ; the stop hook's state: the slot's next four words
+           cmp  qword [rcx], 0
+           jne  stop
+           cmp  qword [rcx + 8], 0
+           je   original
+           cmp  qword [rcx + 16], 0
+           je   check
+           dec  qword [rcx + 16]       ; let this block start pass
+           jmp  original
+    check: cmp  qword [rcx + 8], 2
+           je   open
+           mov  rax, [rcx + 24]        ; the live RFLAGS word
+           test dword [rax], 0x200     ; IF
+           jz   original
+    open:  mov  qword [rcx + 8], 0
+           mov  qword [rcx], 1
+    stop:  push rdi; push rsi; sub rsp, 8
+           mov  rax, uc_emu_stop
+           call rax                    ; uc_emu_stop(uc): cpu_exit, which the original sees
+           add  rsp, 8; pop rsi; pop rdi
+    original:
+           mov  r8, [rdi + 0x1b8]      ; the instruction the jump replaced
+           jmp  helper_check_exit_request + 7
+
+A slot is a cache line: the engine, then the hook's state, so that a block
+start with nothing to do costs a dozen instructions and one line of memory.
+The original then finds the exit requested and leaves the block before its
+first instruction, as it does for a block hook's `uc_emu_stop`. The exit
+check runs at every block start only while the engine skips the checks after
+memory accesses (vmm/tcg/engine.py), so an engine that makes those gets the
+block hook. (While a debugger has the engine stop precisely, `stop_precisely`,
+the checks after accesses come back: a watch then also counts them, and a
+window found after an access in a block stops there, at most the rest of that
+block early.)
+
+The change is made once per process, only when the function is byte for
+byte the known 2.1.4 build (vmm/tcg/text_patch.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import threading
+
+from vmm.tcg.text_patch import OncePerProcess, jump, map_near, sha256, write_text
+from vmm.tcg.unicorn_lib import uclib
+
+log = logging.getLogger(__name__)
+
+CHECK_SIZE = 0x78
+CHECK_SHA256 = "f33b501f686d26670b5a79eddb71a8518bade6825f7d4fc8fcf27061303a5e5a"
+REPLACED_SIZE = 7  # mov r8, [rdi + 0x1b8]
+SLOTS = 64  # engines alive at once in one process
+SLOT_SIZE = 64  # uc_engine *uc; the stop hook's four words; padding
+STATE_WORDS = 4
+
+STUB = (  # hex, with the table's and uc_emu_stop's addresses to fill in
+    "48b8{table}b940000000483b38740a4883c040ffc975f3eb58488d4808488339007536488379080074"
+    "474883791000740648ff4910eb3a4883790802740c488b4118f70000020000742748c7410800000000"
+    "48c7010100000057564883ec0848b8{emu_stop}ffd04883c4085e5f4c8b87b8010000e900000000"
+)
+
+_lock = threading.Lock()
+_table: mmap.mmap | None = None  # the slots, once the library is patched
+
+
+def _le64(value: int) -> str:
+    return value.to_bytes(8, "little").hex()
+
+
+def _apply() -> bool:
+    global _table
+    function = ctypes.cast(uclib.helper_check_exit_request_x86_64, ctypes.c_void_p).value
+    if sha256(function, CHECK_SIZE) != CHECK_SHA256:
+        log.debug("software CPU: libunicorn is not the known 2.1.4 build; the stop hook stays a block hook")
+        return False
+    table = mmap.mmap(-1, SLOTS * SLOT_SIZE)  # never unmapped: the library's code points at it
+    emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+    stub = bytes.fromhex(STUB.format(table=_le64(ctypes.addressof(ctypes.c_char.from_buffer(table))),
+                                     emu_stop=_le64(emu_stop)))
+    address = map_near(function, stub)
+    back = function + REPLACED_SIZE - (address + len(stub))
+    write_text(address + len(stub) - 4, back.to_bytes(4, "little", signed=True))  # the last jump's rel32
+    jump(function, address)
+    write_text(function + 5, bytes.fromhex("66 90"))  # the rest of the replaced instruction, never reached
+    _table = table
+    return True
+
+
+_patched = OncePerProcess(_apply, "the stop hook stays a block hook")
+
+
+class ExitCheckSlot:
+    """One engine's entry in the table: while it is claimed, the engine's exit check makes the
+    stop hook's checks on `state`, the hook's four words (vmm/tcg/stop_hook.py)."""
+
+    def __init__(self, engine: ctypes.c_uint64, state) -> None:
+        self._engine = engine
+        self.state = state
+
+    @classmethod
+    def claim(cls, handle) -> ExitCheckSlot | None:
+        """A slot for the engine `handle`, its state cleared; None if the library is not
+        patched or every slot is taken."""
+        if not _patched():
+            return None
+        uc = ctypes.cast(handle, ctypes.c_void_p).value
+        with _lock:
+            engines = [ctypes.c_uint64.from_buffer(_table, slot * SLOT_SIZE) for slot in range(SLOTS)]
+            for engine in engines:
+                if engine.value == uc:  # left by an engine never closed, whose memory this one reuses
+                    engine.value = 0
+            for slot, engine in enumerate(engines):
+                if engine.value == 0:
+                    state = (ctypes.c_uint64 * STATE_WORDS).from_buffer(_table, slot * SLOT_SIZE + 8)
+                    ctypes.memset(state, 0, ctypes.sizeof(state))
+                    engine.value = uc  # last: the stub may look at the slot from now on
+                    return cls(engine, state)
+        return None
+
+    def release(self) -> None:
+        with _lock:
+            self._engine.value = 0
