@@ -70,7 +70,7 @@ import logging
 import mmap
 import threading
 
-from vmm.tcg.text_patch import OncePerProcess, jump, map_near, sha256, write_text
+from vmm.tcg.text_patch import OncePerProcess, free_slot, jump, map_near, sha256, write_text
 from vmm.tcg.unicorn_lib import uclib
 
 log = logging.getLogger(__name__)
@@ -134,17 +134,14 @@ class ExitCheckSlot:
             return None
         uc = ctypes.cast(handle, ctypes.c_void_p).value
         with _lock:
-            engines = [ctypes.c_uint64.from_buffer(_table, slot * SLOT_SIZE) for slot in range(SLOTS)]
-            for engine in engines:
-                if engine.value == uc:  # left by an engine never closed, whose memory this one reuses
-                    engine.value = 0
-            for slot, engine in enumerate(engines):
-                if engine.value == 0:
-                    state = (ctypes.c_uint64 * STATE_WORDS).from_buffer(_table, slot * SLOT_SIZE + 8)
-                    ctypes.memset(state, 0, ctypes.sizeof(state))
-                    engine.value = uc  # last: the stub may look at the slot from now on
-                    return cls(engine, state)
-        return None
+            slot = free_slot(_table, SLOTS, SLOT_SIZE, uc)
+            if slot is None:
+                return None
+            state = (ctypes.c_uint64 * STATE_WORDS).from_buffer(_table, slot * SLOT_SIZE + 8)
+            ctypes.memset(state, 0, ctypes.sizeof(state))
+            engine = ctypes.c_uint64.from_buffer(_table, slot * SLOT_SIZE)
+            engine.value = uc  # last: the stub may look at the slot from now on
+            return cls(engine, state)
 
     def release(self) -> None:
         with _lock:

@@ -53,7 +53,7 @@ import logging
 import mmap
 import threading
 
-from vmm.tcg.text_patch import jump, map_near, sha256, write_text
+from vmm.tcg.text_patch import free_slot, jump, map_near, sha256, write_text
 from vmm.tcg.unicorn_lib import cpu_icount_decr_ptr_offset, uc_cpu_offset, uclib
 
 log = logging.getLogger(__name__)
@@ -129,14 +129,8 @@ class Injector:
         uc = ctypes.cast(handle, ctypes.c_void_p).value
         cpu = ctypes.c_uint64.from_address(uc + uc_cpu_offset()).value
         with _lock:
-            slots = [ctypes.c_uint64.from_buffer(_table, slot * SLOT_SIZE) for slot in range(SLOTS)]
-            for entry in slots:
-                if entry.value == cpu:  # left by an engine never closed, whose memory this one reuses
-                    entry.value = 0
-            for slot, entry in enumerate(slots):
-                if entry.value == 0:
-                    return cls(slot, cpu)
-        return None
+            slot = free_slot(_table, SLOTS, SLOT_SIZE, cpu)
+            return None if slot is None else cls(slot, cpu)
 
     @property
     def pending(self) -> bool:

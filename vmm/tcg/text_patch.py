@@ -73,6 +73,21 @@ def write_text(address: int, data: bytes) -> None:
         _protect(start, length, PROT_READ | PROT_EXEC)
 
 
+def free_slot(table: mmap.mmap, slots: int, slot_size: int, key: int) -> int | None:
+    """The index of the first free slot of a table of per-engine slots that patched code
+    looks up by `key` (each slot starts with its u64 key, 0 when free); None if none is free.
+
+    A slot still holding `key` is freed first: it was left by an engine never closed,
+    whose memory the new one reuses. The caller holds the table's lock, fills the slot,
+    and writes the key last.
+    """
+    keys = [ctypes.c_uint64.from_buffer(table, slot * slot_size) for slot in range(slots)]
+    for entry in keys:
+        if entry.value == key:
+            entry.value = 0
+    return next((slot for slot, entry in enumerate(keys) if entry.value == 0), None)
+
+
 def _protect(address: int, length: int, prot: int) -> None:
     if _libc.mprotect(address, length, prot) != 0:
         raise OSError(ctypes.get_errno(), "mprotect failed")
