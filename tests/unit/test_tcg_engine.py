@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.unit.tcg_support import assemble
+from vmm.tcg import engine
 
 
 def test_the_pinned_unicorn_lets_the_per_access_exit_checks_be_skipped(machine):
@@ -147,3 +148,39 @@ def test_code_rewritten_through_a_non_executable_alias_is_not_run_stale(machine,
     machine.run()
     assert machine.exit.status == 0x2A
     assert bytes(machine.output.data) == b"12"
+
+
+# The rate pyvmm tells the guest (CPUID 0x15) is measured on the host's counter, read
+# directly: it must be the very counter the guest's RDTSC reads.
+RDTSC = """
+    .code16
+    rdtsc
+    hlt
+"""
+
+
+def test_the_counter_measured_on_the_host_is_the_one_the_guest_reads(machine, tmp_path):
+    rdtsc = engine.host_rdtsc()
+    assert rdtsc is not None  # an x86-64 host that allows executable mappings
+    machine.load(assemble(RDTSC, tmp_path))
+    before = rdtsc()
+    machine.run()
+    after = rdtsc()
+    registers = machine.vcpus[0].registers()
+    guest = (registers["rdx"] & 0xFFFFFFFF) << 32 | registers["rax"] & 0xFFFFFFFF
+    assert before < guest < after
+
+
+def test_without_the_direct_read_the_engine_measures_the_same_rate(monkeypatch):
+    direct = engine.Engine()
+    try:
+        direct_hz = direct.tsc_hz
+    finally:
+        direct.close()
+    monkeypatch.setattr(engine, "host_rdtsc", lambda: None)
+    monkeypatch.setattr(engine.Engine, "_tsc_hz_cache", None)
+    through_the_engine = engine.Engine()
+    try:
+        assert abs(through_the_engine.tsc_hz - direct_hz) < direct_hz / 100
+    finally:
+        through_the_engine.close()
