@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.qemu_peer import tsc_cmdline  # noqa: E402
-from bench.report import figure, python_env, skipped  # noqa: E402
+from bench.report import figure, process_cpu_seconds, python_env, skipped  # noqa: E402
 from tests.assets import find_linux_assets  # noqa: E402
 from tests.boot.virtio_guest import overlay_initrd, script_output  # noqa: E402
 
@@ -54,13 +54,6 @@ echo "console-time virtio $t0 $t1"
 """
 # The guest's lines around each run, as the host reads them (the kernel console adds \r).
 MARKER = re.compile(rb"console-(?:begin|time) (?:serial|virtio)")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system time of a running process, all its threads (/proc/PID/stat, fields 14-15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def run_vmm(command: list[str]) -> tuple[int, str, dict[str, float]]:
