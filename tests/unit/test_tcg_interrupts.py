@@ -95,8 +95,9 @@ def test_halted_guest_sleeps_instead_of_spinning(machine, tmp_path):
     assert time.process_time() - before < 0.15
 
 
-def test_device_interrupt_from_another_thread_wakes_the_halted_guest(machine, tmp_path):
-    source = r"""
+# Real mode: a handler for vector 0x24 (label `handler`, to be defined by the rest of
+# the guest) and the 8259 set up with IRQ4 at that vector, the only line unmasked.
+PIC_IRQ4_GUEST_START = r"""
     .code16
     mov %cs, %ax
     mov %ax, %ds
@@ -116,6 +117,11 @@ def test_device_interrupt_from_another_thread_wakes_the_halted_guest(machine, tm
     out %al, $0x21
     mov $0xef, %al                  /* only IRQ4 */
     out %al, $0x21
+"""
+
+
+def test_device_interrupt_from_another_thread_wakes_the_halted_guest(machine, tmp_path):
+    source = PIC_IRQ4_GUEST_START + r"""
     mov $'r', %al                   /* ready: the PIC is set up */
     out %al, $0xe9
     sti
@@ -180,26 +186,7 @@ class PulsingPort:
 # Real mode, the 8259's IRQ4 at vector 0x24. The guest writes the device's port with
 # interrupts enabled (or, with `cli` for CLI, disabled until a later `sti`), then spins
 # until the handler has run: no exit in between that would end the engine's run.
-DEVICE_GUEST = r"""
-    .code16
-    mov %cs, %ax
-    mov %ax, %ds
-    xor %bx, %bx
-    mov %bx, %es
-    mov %bx, %ss
-    mov $0x1000, %sp
-    movw $handler, %es:(0x24 * 4)
-    movw %ax, %es:(0x24 * 4 + 2)
-    mov $0x11, %al
-    out %al, $0x20
-    mov $0x20, %al
-    out %al, $0x21
-    mov $0x04, %al
-    out %al, $0x21
-    mov $0x01, %al
-    out %al, $0x21
-    mov $0xef, %al                  /* only IRQ4 */
-    out %al, $0x21
+DEVICE_GUEST = PIC_IRQ4_GUEST_START + r"""
     sti
     CLI
     out %al, $0x80                  /* the device raises IRQ4 in this access */
