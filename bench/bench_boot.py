@@ -93,6 +93,12 @@ def median_times(commands: dict[str, list[str]]) -> tuple[dict[str, tuple[float,
             for name, runs in samples.items()}, first_output
 
 
+def cpu_note(cpu: float, peer_cpu: float | None) -> str:
+    """The figure's note: the medians' CPU time beside the wall time the figure compares."""
+    note = f"median of {REPEATS}; CPU time (user + system) to userspace: pyvmm {cpu:.2f} s"
+    return note if peer_cpu is None else f"{note}, QEMU {peer_cpu:.2f} s"
+
+
 def main() -> None:
     assets = find_linux_assets()
     if assets is None:
@@ -116,11 +122,8 @@ def main() -> None:
     peer_wall, peer_cpu = results.pop("QEMU", (None, None))
     missing = "" if qemu else "apt-get install qemu-system-x86"
     for name, (seconds, cpu) in results.items():
-        note = f"median of {REPEATS}; CPU time (user + system) to userspace: pyvmm {cpu:.2f} s"
-        if peer_cpu is not None:
-            note += f", QEMU {peer_cpu:.2f} s"
         figure(f"Linux boot to userspace ({accel}, {name})", "s", seconds, "QEMU microvm", peer_wall,
-               missing=missing, note=note)
+               missing=missing, note=cpu_note(cpu, peer_cpu))
     timer = re.search(r"userspace reached ([0-9.]+) s", output)
     if timer:
         print(f"  pyvmm boot-timer port (host decompression): {float(timer.group(1)):.2f} s")

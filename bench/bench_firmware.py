@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_boot import median_times  # noqa: E402
+from bench.bench_boot import cpu_note, median_times  # noqa: E402
 from bench.qemu_peer import tsc_cmdline  # noqa: E402
 from bench.report import figure, skipped  # noqa: E402
 from boot.firmware import DEFAULT_BIOS  # noqa: E402
@@ -51,8 +51,10 @@ def main() -> None:
                 "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-bios", str(DEFAULT_BIOS),
                 "-drive", f"if=none,id=disk,format=raw,file={disk}", "-device", "virtio-blk-device,drive=disk"]
         results, _ = median_times(commands)
-    figure(f"{NAME} ({accel})", "s", results["pyvmm"], "QEMU microvm with the same SeaBIOS",
-           results.get("QEMU"), missing="" if qemu else "apt-get install qemu-system-x86")
+    seconds, cpu = results["pyvmm"]
+    peer_wall, peer_cpu = results.get("QEMU", (None, None))
+    figure(f"{NAME} ({accel})", "s", seconds, "QEMU microvm with the same SeaBIOS", peer_wall,
+           missing="" if qemu else "apt-get install qemu-system-x86", note=cpu_note(cpu, peer_cpu))
 
 
 if __name__ == "__main__":
