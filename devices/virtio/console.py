@@ -112,10 +112,10 @@ class VirtioConsole(VirtioDevice):
         still_busy = self._transmit_quiet_at - self.loop.time()
         if still_busy > 0:
             self.loop.call_later(still_busy, self._transmit_decision_due)
-            return True
-        self._disarm_transmit_decision()
-        self.used_buffers(self.queue(TRANSMIT_QUEUE))  # interrupts only if used_event still asks
-        return True
+        else:
+            self._disarm_transmit_decision()
+            self.used_buffers(self.queue(TRANSMIT_QUEUE))  # interrupts only if used_event still asks
+        return True  # ran (run_locked gives None when it did not)
 
     def _disarm_transmit_decision(self) -> None:
         self._transmit_decision_armed = False

@@ -113,7 +113,7 @@ class Engine:
         # Unicorn's reset enables every XSAVE component; a CPU leaves reset with x87 only.
         self.context.env.set_u64(OFF_XCR0, XCR0_X87)
         self.context.restore()  # forget the probes' register values
-        self.stop_hook = StopHook(self.uc, exit_check_per_block=self._no_exit_request is not None)
+        self.stop_hook = StopHook(self.uc, exit_check_per_block=not self.per_access_exit_checks)
         self._mmio_callbacks: list[tuple] = []
         # Delivers external interrupts inside the engine; None: Python builds their frames.
         self.injector = Injector.for_engine(self.handle)

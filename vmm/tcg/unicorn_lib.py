@@ -13,6 +13,7 @@ line instead of a guest that misbehaves later.
 from __future__ import annotations
 
 import ctypes
+import functools
 import re
 
 from vmm.errors import PyvmmError
@@ -66,6 +67,7 @@ _CPU_EXIT = re.compile(rb"\x48\x8b\x87(?P<ptr>.{4})\xba\xff\xff\xff\xff.{0,24}?\
 _ENV_FROM_CPU = re.compile(rb"\x41\x89\xd1\x48\x81\xef(?P<env>.{4})", re.DOTALL)
 
 
+@functools.cache  # the library's code is the same for every engine
 def uc_cpu_offset() -> int | None:
     """offsetof(struct uc_struct, cpu) in this library, None if its code is not as expected."""
     code = ctypes.string_at(ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value, 0x40)
@@ -73,6 +75,7 @@ def uc_cpu_offset() -> int | None:
     return int.from_bytes(match["cpu"], "little") if match else None
 
 
+@functools.cache  # the library's code is the same for every engine
 def cpu_icount_decr_ptr_offset() -> int | None:
     """offsetof(CPUState, icount_decr_ptr) in this library, None if its code is not as expected."""
     code = ctypes.string_at(ctypes.cast(uclib.cpu_exit, ctypes.c_void_p).value, 0x20)
@@ -80,6 +83,7 @@ def cpu_icount_decr_ptr_offset() -> int | None:
     return int.from_bytes(match["ptr"], "little") if match else None
 
 
+@functools.cache  # the library's code is the same for every engine
 def cpu_env_offset() -> int | None:
     """offsetof(X86CPU, env) in this library, None if its code is not as expected."""
     code = ctypes.string_at(ctypes.cast(uclib.do_interrupt_x86_hardirq_x86_64, ctypes.c_void_p).value, 16)
