@@ -17,7 +17,7 @@ NOKASLR_CMDLINE = "console=ttyS0 reboot=acpi panic=-1 nokaslr quiet"
 
 
 def kernel_symbols(linux_assets, names: list[str]) -> dict[str, int]:
-    """Each named text symbol's address with KASLR off."""
+    """Each named code or data symbol's address with KASLR off."""
     session = GuestSession("--kernel", str(linux_assets.kernel), "--initrd", str(linux_assets.initrd),
                            "--accel", "tcg", "--cmdline", NOKASLR_CMDLINE)
     found = {}
@@ -25,7 +25,7 @@ def kernel_symbols(linux_assets, names: list[str]) -> dict[str, int]:
         session.expect(PROMPT)
         for name in names:  # one short command each: the terminal wraps a long one's echo
             listing = session.run(f"grep -w {name} /proc/kallsyms")
-            match = re.search(rf"^([0-9a-f]{{16}}) [Tt] {re.escape(name)}$", listing, re.M)
+            match = re.search(rf"^([0-9a-f]{{16}}) [TtDdBb] {re.escape(name)}$", listing, re.M)
             assert match, listing
             found[name] = int(match.group(1), 16)
         session.send("poweroff")

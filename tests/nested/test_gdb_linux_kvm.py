@@ -6,33 +6,33 @@ tests/nested/gdb_in_l1.py relays between the port and the stub of a
 `pyvmm boot -S --gdb unix:... --accel kvm --cmdline "... nokaslr"` inside
 L1. One gdb session, no vmlinux:
 
-- `continue` from -S boots the kernel to init and its shell, which L1's
+- a hardware breakpoint (`hbreak`, the guest's debug registers through
+  KVM_SET_GUEST_DEBUG) at start_kernel, found in the kernel's symbols
+  (tests/boot/kernel_symbols.py) and with `nokaslr` where they say: gdb's
+  `continue` from -S stops there, and `info registers rip` agrees;
+- `delete` and `continue` boot the kernel to init and its shell, which L1's
   driver sets sleeping in a loop;
 - gdb's Ctrl-C stops it (the stub kicks the vCPU out of KVM_RUN), and
   `info registers rip` agrees with the stop;
-- single steps (KVM_GUESTDBG_SINGLESTEP), each landing where gdb's
+- a hardware watchpoint (`watch`, a debug register) on jiffies_64: `continue`
+  stops just past the timer tick's write, with gdb's old and new values;
+- `delete`, then single steps (KVM_GUESTDBG_SINGLESTEP), each landing where gdb's
   disassembly of the instruction (guest memory read through the guest's
   page tables) says it must;
 - `kill` ends the VM with status 130.
 
-Breakpoints cannot be checked on this KVM: it runs on QEMU 7.2's emulated
-SVM, which gets two things about a nested guest wrong (QEMU's
-target/i386/tcg/sysemu/svm_helper.c and excp_helper.c):
-- VMRUN loads the guest's DR7 from the VMCB by assignment, without arming
-  QEMU's breakpoints for it, so debug-register breakpoints and watchpoints
-  never fire: with `hbreak *start_kernel` the guest booted straight past it;
-- INT3 is checked against the INTn intercept, not the #BP exception
-  intercept KVM sets for KVM_GUESTDBG_USE_SW_BP, so the guest's kernel takes
-  gdb's int3 itself: with `break *hrtimer_nanosleep` it panicked at the next
-  `sleep`, and pyvmm, run with -vv, saw no KVM_EXIT_DEBUG at all.
-QEMU's own gdb stub (`qemu-system-x86_64 -accel kvm -S -gdb ...` in the same
-L1, the same kernel, gdb on the host through the same serial relay) fared
-the same, once by hand: `hbreak *start_kernel` was run past (Ctrl-C found
-the kernel idle), and `break *hrtimer_interrupt` ended in the guest's
-"int3: 0000 [#1]" at hrtimer_interrupt+0x1 and a panic.
-tests/boot/test_gdb_linux.py checks the hardware breakpoint at start_kernel
-on the software CPU; tests/guest/test_gdb.py checks breakpoints and
-watchpoints there and, as far as kvm_pvm allows, on KVM.
+Software breakpoints (`break`, an int3 in guest memory) cannot be checked
+on this KVM: it runs on QEMU's emulated SVM, which checks INT3 against the
+INTn intercept, not the #BP exception intercept KVM sets for
+KVM_GUESTDBG_USE_SW_BP (raise_interrupt2 in QEMU's
+target/i386/tcg/excp_helper.c), so the guest's
+kernel takes gdb's int3 itself: with `break *hrtimer_nanosleep` after the
+stop above it panicked at the next `sleep` (QEMU 10.0 as L1; on QEMU 7.2
+QEMU's own gdb stub in the same L1 fared the same, and there the hardware
+breakpoint was not hit either: 7.2's VMRUN loaded the guest's DR7 without
+arming its breakpoints). tests/boot/test_gdb_linux.py checks the same
+hardware breakpoint on the software CPU; tests/guest/test_gdb.py checks
+breakpoints and watchpoints there and, as far as kvm_pvm allows, on KVM.
 
 It boots an L1 of its own, about a minute, in both tiers (`make test-kvm`,
 and `make test-kvm-ci` for CI).
@@ -46,6 +46,7 @@ import subprocess
 import threading
 
 from tests.assets import MARKER, linux_assets  # noqa: F401 - linux_assets is a fixture
+from tests.boot.kernel_symbols import kernel_symbols
 from tests.guest.gdb_driver import gdb_command
 from tests.helpers import REPO
 from tests.nested.gdb_in_l1 import READY, SLEEPING, WARNING
@@ -93,6 +94,8 @@ def check_single_steps(out: str, steps: int) -> None:
 
 
 def test_gdb_on_the_debian_kernel_on_a_real_kvm(tmp_path, linux_assets):  # noqa: F811
+    symbols = kernel_symbols(linux_assets, ["start_kernel", "jiffies_64"])
+    start_kernel, jiffies = symbols["start_kernel"], symbols["jiffies_64"]
     channel = tmp_path / "gdb.sock"
     ready, sleeping = threading.Event(), threading.Event()
     runs = []
@@ -115,7 +118,9 @@ def test_gdb_on_the_debian_kernel_on_a_real_kvm(tmp_path, linux_assets):  # noqa
     try:
         wait_for(ready, "pyvmm's stub was reachable")
         gdb = subprocess.Popen(gdb_command(str(channel), [
-            "continue", "info registers rip", *["x/2i $pc", "stepi"] * STEPS, "x/2i $pc", "kill"]),
+            f"hbreak *{start_kernel:#x}", "continue", "info registers rip", "delete", "continue",
+            "info registers rip", f"watch *(long *){jiffies:#x}", "continue", "delete",
+            *["x/2i $pc", "stepi"] * STEPS, "x/2i $pc", "kill"]),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_for(sleeping, "the guest's shell was reached")
         gdb.send_signal(signal.SIGINT)  # Ctrl-C at gdb's prompt: gdb sends the interrupt byte
@@ -130,9 +135,14 @@ def test_gdb_on_the_debian_kernel_on_a_real_kvm(tmp_path, linux_assets):  # noqa
     guest = result.files.get("output.txt", b"").decode(errors="replace")
     assert result.status == KILLED, f"L1 said:\n{guest or result.console[-5000:]}\ngdb said:\n{out}"
 
+    assert f"Hardware assisted breakpoint 1 at {start_kernel:#x}" in out, out
+    assert re.search(rf"^rip\s+{start_kernel:#x}\s", out, re.M), out
     interrupted = re.search(r"Program received signal SIGINT, Interrupt\.\n(0x[0-9a-f]+) in \?\? \(\)", out)
     assert interrupted, out
     assert re.search(rf"^rip\s+{interrupted.group(1)}\s", out, re.M), out
+    ticked = re.search(rf"Hardware watchpoint 2: \*\(long \*\){jiffies:#x}\n\nOld value = (\d+)\n"
+                       r"New value = (\d+)\n", out)
+    assert ticked and int(ticked.group(2)) > int(ticked.group(1)), out
     check_single_steps(out, STEPS)  # only `x/2i $pc` marks the stop with =>
     assert "[Inferior 1 (Remote target) killed]" in out, out
 
