@@ -63,3 +63,35 @@ def test_a_request_made_before_the_slice_starts_stops_it_at_its_first_block(mach
         hook.request()  # let the thread end; the request made first was lost
         slice_.join(5)
     assert not stuck
+
+
+def slot_of(engine: Engine) -> int:
+    table, handle = exit_check_stop._table, engine.stop_hook._slot._engine.value
+    return next(slot for slot in range(exit_check_stop.SLOTS)
+                if int.from_bytes(table[slot * exit_check_stop.SLOT_SIZE:][:8], "little") == handle)
+
+
+def test_a_request_from_another_thread_stops_an_engine_in_any_slot():
+    """The exit check looks at the table's first slot before it searches the others
+    (exit_check_stop.py): a spinning engine found there, or further on, stops."""
+    engines = [Engine(measure_tsc=False) for _ in range(2)]
+    try:
+        assert slot_of(engines[1]) > slot_of(engines[0])
+        for engine in engines:
+            engine.uc.mem_map(0x10000, 0x1000)
+            engine.uc.mem_write(0x10000, bytes.fromhex("eb fe"))  # 1: jmp 1b
+            timer = threading.Timer(0.2, engine.stop_hook.request)
+            timer.start()
+            slice_ = threading.Thread(target=engine.start, args=(0x10000,), daemon=True)
+            slice_.start()
+            slice_.join(10)
+            stuck = slice_.is_alive()
+            if stuck:
+                engine.uc.emu_stop()  # let the thread end
+                slice_.join(5)
+            timer.join()
+            assert not stuck, f"the engine in slot {slot_of(engine)} did not stop"
+            assert engine.reg(x86.UC_X86_REG_RIP) == 0x10000
+    finally:
+        for engine in engines:
+            engine.close()

@@ -13,18 +13,27 @@ So where it can, pyvmm installs no block hook at all and runs the same checks
 at the entry of `helper_check_exit_request`: the function's first
 instruction (`mov r8, [rdi + uc.cpu]`, 7 bytes) becomes a jump to this code,
 which finds the engine's stop-hook state in a table keyed by the engine
-(`uc`, in rdi), does what the block hook does, and goes on into the original
-function:
+(`uc`, in rdi), does what the block hook does, and either returns for the
+original function or goes on into it:
 
     stub:  mov  rax, table
-           mov  ecx, SLOTS
-      1:   cmp  rdi, [rax]             ; this engine's slot?
-           je   2f
-           add  rax, 64
+           cmp  rdi, [rax]             ; the first slot's engine (nearly always the only one)?
+           jne  scan
+           mov  rcx, [rax + 8]         ; a stop requested or a watch on: the checks below
+           or   rcx, [rax + 16]
+           jnz  found
+           mov  r8, [rdi + 0x1b8]      ; else the original's own check, made here:
+           cmp  dword [r8 + 0x8a40], 0 ; uc->cpu's instruction-count word < 0: exit requested
+           jl   original
+           ret                         ; nothing to do, the common case
+    scan:  mov  ecx, SLOTS - 1
+      1:   add  rax, 64                ; this engine's slot?
+           cmp  rdi, [rax]
+           je   found
            dec  ecx
            jnz  1b
            jmp  original               ; an engine without a slot: nothing to check
-      2:   lea  rcx, [rax + 8]         ; the stop hook's state: the slot's next four words
+    found: lea  rcx, [rax + 8]         ; the stop hook's state: the slot's next four words
            cmp  qword [rcx], 0
            jne  stop
            cmp  qword [rcx + 8], 0
@@ -48,8 +57,19 @@ function:
            mov  r8, [rdi + 0x1b8]      ; the instruction the jump replaced
            jmp  helper_check_exit_request + 7
 
+The first lines up to the `ret` are the path of nearly every block, with no
+taken branch before the return. Searching the table first and finishing with
+the jump back into the library (four taken branches) cost a guest's short
+blocks a fifth to a third of their CPU time more (a four-instruction kernel
+loop, a shell loop; README, Benchmarks). The original's fast path it repeats
+is two loads and a comparison: `uc->cpu` at 0x1b8, the CPU's
+`icount_decr.u32` at 0x8a40 (`cpu_loop_exit_requested`), both offsets read
+from the known build's bytes, which the SHA-256 below pins; the original
+also tests `in_delay_slot` (esi), which matters only once an exit is
+requested, so the stub leaves that case to it.
+
 A slot is a cache line: the engine, then the hook's state, so that a block
-start with nothing to do costs a dozen instructions and one line of memory.
+start with nothing to do reads one line of the table.
 The original then finds the exit requested and leaves the block before its
 first instruction, as it does for a block hook's `uc_emu_stop`. The exit
 check runs at every block start only while the engine skips the checks after
@@ -83,9 +103,10 @@ SLOT_SIZE = 64  # uc_engine *uc; the stop hook's four words; padding
 STATE_WORDS = 4
 
 STUB = (  # hex, with the table's and uc_emu_stop's addresses to fill in
-    "48b8{table}b940000000483b38740a4883c040ffc975f3eb58488d4808488339007536488379080074"
-    "474883791000740648ff4910eb3a4883790802740c488b4118f70000020000742748c7410800000000"
-    "48c7010100000057564883ec0848b8{emu_stop}ffd04883c4085e5f4c8b87b8010000e900000000"
+    "48b8{table}483b38751c488b4808480b481075264c8b87b80100004183b8408a0000007c6dc3b93f000000"
+    "4883c040483b387406ffc975f3eb58488d4808488339007536488379080074474883791000740648ff4910"
+    "eb3a4883790802740c488b4118f70000020000742748c741080000000048c7010100000057564883ec08"
+    "48b8{emu_stop}ffd04883c4085e5f4c8b87b8010000e900000000"
 )
 
 _lock = threading.Lock()
