@@ -87,3 +87,5 @@ ACPI_RESET_VALUE = 0x42
 ACPI_SLP_TYP_S5 = 5  # the value _S5 in the DSDT tells the guest to write into SLP_TYP
 ACPI_SLEEP_CONTROL_SLP_TYP_SHIFT = 2  # SLP_TYP is bits 2-4 of the sleep control register
 ACPI_SLEEP_CONTROL_SLP_EN = 1 << 5
+# The ACPI PM timer's 32-bit register (devices/acpi_pm.py), where QEMU's q35 chipset has it.
+ACPI_PM_TIMER_PORT = 0x608

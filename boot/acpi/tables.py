@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 
 from vmm.layout import (
+    ACPI_PM_TIMER_PORT,
     ACPI_RESET_PORT,
     ACPI_RESET_VALUE,
     ACPI_SLEEP_CONTROL_PORT,
@@ -42,6 +43,7 @@ FADT_MINOR_REVISION = 0
 FADT_SIZE = 276
 FADT_DSDT_OFFSET = 40  # 32-bit
 FADT_X_DSDT_OFFSET = 140  # 64-bit
+PM_TIMER_LENGTH = 4  # bytes, PM_TMR_LEN
 FADT_FLAG_PWR_BUTTON = 1 << 4  # no fixed-hardware power button
 FADT_FLAG_SLP_BUTTON = 1 << 5  # no fixed-hardware sleep button
 FADT_FLAG_RESET_REG_SUP = 1 << 10
@@ -53,6 +55,7 @@ HYPERVISOR_VENDOR = b"pyvmm\0\0\0"
 # Generic Address Structure
 GAS_SYSTEM_IO = 1
 GAS_ACCESS_BYTE = 1
+GAS_ACCESS_DWORD = 3
 
 # MADT (ACPI 5.0 layout, revision 3)
 MADT_REVISION = 3
@@ -102,13 +105,15 @@ def xsdt(table_addresses: list[int]) -> bytes:
     return sdt(b"XSDT", XSDT_REVISION, struct.pack(f"<{len(table_addresses)}Q", *table_addresses))
 
 
-def generic_address(port: int, bit_width: int = 8) -> bytes:
-    """A Generic Address Structure for a byte-wide register in port I/O space."""
-    return struct.pack("<BBBBQ", GAS_SYSTEM_IO, bit_width, 0, GAS_ACCESS_BYTE, port)
+def generic_address(port: int, access_size: int = GAS_ACCESS_BYTE) -> bytes:
+    """A Generic Address Structure for a register in port I/O space, read whole (1 byte or 4)."""
+    bit_width = 8 << (access_size - 1)
+    return struct.pack("<BBBBQ", GAS_SYSTEM_IO, bit_width, 0, access_size, port)
 
 
 def fadt(dsdt_address: int) -> bytes:
-    """A hardware-reduced FADT: no PM1/GPE blocks, no SCI; sleep and reset registers in port I/O."""
+    """A hardware-reduced FADT: no PM1/GPE blocks, no SCI; sleep and reset registers and the
+    PM timer in port I/O."""
     body = bytearray(FADT_SIZE - SDT_HEADER_SIZE)
 
     def put(offset: int, fmt: str, *values) -> None:
@@ -117,6 +122,9 @@ def fadt(dsdt_address: int) -> bytes:
     # FIRMWARE_CTRL stays 0. The DSDT's address goes in both DSDT fields: Linux
     # reads X_DSDT, SeaBIOS only the 32-bit one (it finds virtio-mmio disks there).
     put(FADT_DSDT_OFFSET, "I", dsdt_address)
+    # The PM timer in both fields too: Linux reads X_PM_TMR_BLK, SeaBIOS the 32-bit one.
+    put(76, "I", ACPI_PM_TIMER_PORT)
+    put(91, "B", PM_TIMER_LENGTH)
     put(109, "H", IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
     put(112, "I", FADT_FLAG_HW_REDUCED_ACPI | FADT_FLAG_RESET_REG_SUP
         | FADT_FLAG_PWR_BUTTON | FADT_FLAG_SLP_BUTTON)
@@ -124,6 +132,7 @@ def fadt(dsdt_address: int) -> bytes:
     put(128, "B", ACPI_RESET_VALUE)
     put(131, "B", FADT_MINOR_REVISION)
     put(FADT_X_DSDT_OFFSET, "Q", dsdt_address)
+    body[208 - SDT_HEADER_SIZE : 220 - SDT_HEADER_SIZE] = generic_address(ACPI_PM_TIMER_PORT, GAS_ACCESS_DWORD)
     body[244 - SDT_HEADER_SIZE : 256 - SDT_HEADER_SIZE] = generic_address(ACPI_SLEEP_CONTROL_PORT)
     body[256 - SDT_HEADER_SIZE : 268 - SDT_HEADER_SIZE] = generic_address(ACPI_SLEEP_STATUS_PORT)
     body[268 - SDT_HEADER_SIZE : 276 - SDT_HEADER_SIZE] = HYPERVISOR_VENDOR

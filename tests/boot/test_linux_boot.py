@@ -96,3 +96,25 @@ def test_the_guest_ending_itself_gives_its_exit_status(boot_linux, command, stat
     exit_status, stderr = guest.wait()
     assert exit_status == status, stderr
     assert message in stderr
+
+
+def test_an_amd_guest_finds_its_clock_rates_on_the_software_cpu(linux_assets):
+    # An AMD CPU model tells Linux no TSC rate (Intel's CPUID leaf 0x15 does,
+    # vmm/tcg/cpuid.py): Linux measures it against the ACPI PM timer, then
+    # each CPU's local APIC timer against the TSC (devices/acpi_pm.py).
+    # Without a reference it waited forever for a timer tick.
+    guest = GuestSession("--kernel", str(linux_assets.kernel), "--initrd", str(linux_assets.initrd),
+                         "--accel", "tcg", "--cpu-vendor", "amd", "--cpus", "2", "--memory", "256M")
+    try:
+        guest.expect(PROMPT)
+        assert "AuthenticAMD" in guest.run("grep -m1 vendor_id /proc/cpuinfo")
+        dmesg = guest.run("dmesg")
+        assert "tsc: Detected" in dmesg and "could not calculate TSC khz" not in dmesg, dmesg
+        # The local timer has interrupted both CPUs: their APIC timers run at the calibrated rate.
+        local_timer = guest.run("grep LOC: /proc/interrupts").split()[1:3]
+        assert all(int(count) > 0 for count in local_timer), local_timer
+        guest.send("poweroff")
+        status, stderr = guest.wait()
+    finally:
+        guest.close()
+    assert status == 0, stderr

@@ -17,6 +17,7 @@ from vmm.builder import DEVICES
 from vmm.config import MachineConfig
 from vmm.errors import PyvmmError
 from vmm.layout import (
+    ACPI_PM_TIMER_PORT,
     ACPI_RESET_PORT,
     ACPI_RESET_VALUE,
     ACPI_RSDP_ADDRESS,
@@ -102,7 +103,7 @@ def test_checksum_helper():
     assert (sum(b"\x01\x02") + checksum(b"\x01\x02")) % 256 == 0
 
 
-def test_fadt_is_hardware_reduced_with_sleep_and_reset_registers(memory):
+def test_fadt_is_hardware_reduced_with_sleep_reset_and_pm_timer_registers(memory):
     fadt = walk(memory, build_acpi_tables(memory, cpus=1))[b"FACP"]
     assert len(fadt) == 276 and fadt[8] == 6  # ACPI 6.0 FADT
     flags = struct.unpack_from("<I", fadt, 112)[0]
@@ -119,6 +120,10 @@ def test_fadt_is_hardware_reduced_with_sleep_and_reset_registers(memory):
     assert fadt[128] == ACPI_RESET_VALUE
     assert gas(244) == (1, 8, 0, 1, ACPI_SLEEP_CONTROL_PORT)
     assert gas(256) == (1, 8, 0, 1, ACPI_SLEEP_STATUS_PORT)
+    # The PM timer: a 4-byte register (PM_TMR_LEN), read as a dword, in both fields.
+    assert struct.unpack_from("<I", fadt, 76)[0] == ACPI_PM_TIMER_PORT and fadt[91] == 4
+    assert gas(208) == (1, 32, 0, 3, ACPI_PM_TIMER_PORT)
+    assert not flags & (1 << 8)  # TMR_VAL_EXT clear: the timer counts in 24 bits
     assert struct.unpack_from("<H", fadt, 109)[0] & 0b10  # i8042 present
 
 

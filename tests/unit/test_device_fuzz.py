@@ -28,7 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from boot.firmware import add_machine_facts
-from devices.acpi_pm import AcpiPowerManagement
+from devices.acpi_pm import AcpiPmTimer, AcpiPowerManagement
 from devices.boot_timer import BootTimer
 from devices.debug_exit import DebugExit
 from devices.fw_cfg import PORT_COUNT as FW_CFG_PORT_COUNT
@@ -157,6 +157,7 @@ def small_port_rig() -> Rig:
         ("pvpanic", PvPanic(calls("panic"), crash_loaded=calls("crash")), 1),
         ("boot-timer", BootTimer(clock.seconds(), clock=clock.seconds, on_mark=calls("mark")), 1),
         ("acpi-pm", AcpiPowerManagement(power_off=calls("off"), reset=calls("reset")), 3),
+        ("acpi-pm-timer", AcpiPmTimer(clock.ns), 4),
         ("debug-exit", DebugExit(calls("stop")), 1),
         ("post-code", SilentDevice(), 1),
         ("port-a", SystemControlPortA(calls("reset")), 1),

@@ -32,7 +32,10 @@ only what the rest of the emulation decides:
   guest's TSC is monotonic and identical on every vCPU. Leaf 0x15 gives its
   exact frequency (and the local APIC timer's, as the crystal clock), so
   Linux neither calibrates against the PIT nor the APIC timer; leaf
-  0x80000007 marks it invariant.
+  0x80000007 marks it invariant. Linux reads leaf 0x15 on Intel CPUs only:
+  on the AMD model it calibrates the TSC against the ACPI PM timer
+  (devices/acpi_pm.py says why not against the PIT), then the APIC timer
+  against the TSC.
 """
 
 from __future__ import annotations
