@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -50,11 +52,23 @@ def test_success_prints_nothing_else_and_a_missing_command_is_127(run, linux_acc
     assert b"no-such-command-anywhere" in result.stderr and result.stdout == b""
 
 
-def test_a_working_directory_the_guest_cannot_see_is_125(run, tmp_path):
-    # /tmp is the guest's own tmpfs: a host directory there is not visible unless shared.
-    result = run("--", "true", cwd=tmp_path)
-    assert result.returncode == 125
-    assert result.stderr == f"pyvmm: cannot enter {tmp_path} in the guest\n".encode()
+def test_a_working_directory_in_the_guests_own_tmp_is_shared_read_only(run):
+    # The guest has a tmpfs of its own on /tmp, which hides the host's: pyvmm shares
+    # the working directory there at its path, read-only as the rest of the host.
+    with tempfile.TemporaryDirectory(dir="/tmp") as name:
+        work = Path(name)
+        (work / "input").write_text("from the host\n")
+        script = "pwd; cat input; touch new 2>/dev/null || echo read-only; echo scratch >/tmp/s && cat /tmp/s"
+        result = run("--", "sh", "-c", script, cwd=work)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"{work}\nfrom the host\nread-only\nscratch\n".encode()
+        # Exactly /tmp: the host's files show through an overlay, and what the guest
+        # writes there stays in the guest, as in its own tmpfs.
+        written = f"{work.name}-from-the-guest"
+        result = run("--", "sh", "-c", f"cat {work.name}/input && echo x >{written} && cat {written}", cwd="/tmp")
+        assert (result.returncode, result.stdout) == (0, b"from the host\nx\n"), result.stderr
+        assert not (Path("/tmp") / written).exists()
+        assert os.listdir(work) == ["input"]
 
 
 def test_a_hundred_thousand_lines_arrive_intact(run):

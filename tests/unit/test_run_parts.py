@@ -19,7 +19,8 @@ from tests.unit.fuse_client import FuseClient
 from vmm.errors import PyvmmError
 from vmm.fuse import protocol as p
 from vmm.fuse.request import BytesRequest, Deferred
-from vmm.run.init_program import InitProgram
+from vmm.run.init_program import InitProgram, Mount
+from vmm.run.initramfs import hidden_working_directory
 from vmm.run.modules import guest_modules, kernel_release
 from vmm.run.runner import guest_environment
 from vmm.run.stdio_share import STATUS, STDERR, STDIN, STDOUT, StdioShare
@@ -101,6 +102,16 @@ def test_a_kernel_without_virtio_fs_is_named(tmp_path):
         guest_modules(tree)
 
 
+def test_overlayfs_is_loaded_only_when_asked_for_and_named_when_missing(tmp_path):
+    tree = module_tree(tmp_path, {"virtio_mmio": "", "virtiofs": "", "overlay": ""})
+    assert "overlay" not in [name for name, _ in guest_modules(tree)]
+    assert [name for name, _ in guest_modules(tree, overlay=True)][-1] == "overlay"
+    (tree / "kernel/drivers/overlay.ko").unlink()
+    (tree / "modules.order").write_text("kernel/drivers/virtio_mmio.ko\nkernel/drivers/virtiofs.ko\n")
+    with pytest.raises(PyvmmError, match="CONFIG_OVERLAY_FS"):
+        guest_modules(tree, overlay=True)
+
+
 def test_a_missing_dependency_is_named(tmp_path):
     tree = module_tree(tmp_path, {"virtio_mmio": "", "virtiofs": "fuse"})
     with pytest.raises(PyvmmError, match="module fuse, needed by virtiofs, is missing"):
@@ -144,10 +155,37 @@ def test_init_execs_its_program_with_arguments_and_environment(tmp_path):
     assert (result.returncode, result.stdout) == (0, b"zero one hello\n")
 
 
+def test_init_makes_an_overlays_directories_with_their_modes_before_mounting(tmp_path):
+    private = tmp_path / os.fsdecode(b"private-\xff")  # a host path need not be UTF-8
+    upper, work = private / ".upper", private / ".work"
+    # Not a mount namespace of its own: the mount fails, which this one may.
+    overlay = Mount("overlay", str(private), "overlay", required=False,
+                    make_first=((str(upper), 0o1777), (str(work), 0o700)))
+    program = InitProgram(mounts=[overlay], argv=[b"/usr/bin/stat", b"-c", b"%a", os.fsencode(upper), os.fsencode(work)])
+    result = run_init_sandboxed(tmp_path, program)
+    assert (result.returncode, result.stdout) == (0, b"1777\n700\n"), result.stderr
+
+
 def test_init_reports_a_failed_step_with_its_errno(tmp_path):
     result = run_init_sandboxed(tmp_path, InitProgram(modules=["/no/such/module.ko"], argv=[b"/bin/true"]))
     assert result.stderr == b"pyvmm-init: cannot open /no/such/module.ko (errno 002)\n"
     assert result.returncode != 0
+
+
+@pytest.mark.parametrize(("cwd", "writable", "shared"), [
+    ("/home/user/src", [], None),               # the host's root shows it
+    ("/tmp/build", [], "/tmp/build"),           # the guest's /tmp hides it
+    ("/tmp", [], "/tmp"),
+    ("/var/tmp/x", [], "/var/tmp/x"),
+    ("/run/user/1000/x", [], "/run/user/1000/x"),
+    ("/dev/shm/x", [], "/dev/shm/x"),
+    ("/tmp/build", ["/tmp"], None),             # --rw shows it
+    ("/tmp/build", ["/tmp/build"], None),
+    ("/tmp/build", ["/tmp/build/out"], "/tmp/build"),
+    ("/tmpx/build", [], None),                  # not under /tmp
+])
+def test_a_working_directory_the_guests_tmpfs_hide_is_shared(cwd, writable, shared):
+    assert hidden_working_directory(cwd, writable) == shared
 
 
 # -- the stdio share ----------------------------------------------------------------------------

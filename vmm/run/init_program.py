@@ -20,6 +20,7 @@ before the code at addresses known when the code is emitted.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ SYS_CLOSE = 3
 SYS_IOCTL = 16
 SYS_EXECVE = 59
 SYS_CHDIR = 80
+SYS_CHMOD = 90
 SYS_MKDIR = 83
 SYS_CHROOT = 161
 SYS_MOUNT = 165
@@ -136,6 +138,8 @@ class Mount:
     options: str = ""
     required: bool = True
     make_target: bool = False  # mkdir the target and its parents first (where it may not exist)
+    # Other directories to make first, with their modes (an overlay's upper and work directories).
+    make_first: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -154,22 +158,28 @@ class InitProgram:
 
         def fail(what: str) -> str:
             label = f"fail{len(failures)}"
-            failures.append((label, f"pyvmm-init: {what}".encode()))
+            failures.append((label, os.fsencode(f"pyvmm-init: {what}")))
             return label
 
+        def make_directory(path: str) -> None:
+            parts = path.strip("/").split("/")
+            for depth in range(1, len(parts) + 1):
+                asm.syscall(SYS_MKDIR, asm.string(os.fsencode("/" + "/".join(parts[:depth]))), 0o755)
+
         def mount(m: Mount, target: str) -> None:
+            for path, mode in m.make_first:
+                make_directory(path)
+                asm.syscall(SYS_CHMOD, asm.string(os.fsencode(path)), mode)  # mkdir's mode is masked by the umask
             if m.make_target:
-                parts = target.strip("/").split("/")
-                for depth in range(1, len(parts) + 1):
-                    asm.syscall(SYS_MKDIR, asm.string(("/" + "/".join(parts[:depth])).encode()), 0o755)
+                make_directory(target)
             options = asm.string(m.options.encode()) if m.options else 0
-            asm.syscall(SYS_MOUNT, asm.string(m.source.encode()), asm.string(target.encode()),
+            asm.syscall(SYS_MOUNT, asm.string(os.fsencode(m.source)), asm.string(os.fsencode(target)),
                         asm.string(m.fstype.encode()), m.flags, options)
             if m.required:
                 asm.jump_if_negative(fail(f"cannot mount {m.source} ({m.fstype}) on {target}"))
 
         for number, path in enumerate(self.modules):
-            asm.syscall(SYS_OPEN, asm.string(path.encode()), O_CLOEXEC, 0)
+            asm.syscall(SYS_OPEN, asm.string(os.fsencode(path)), O_CLOEXEC, 0)
             asm.jump_if_negative(fail(f"cannot open {path}"))
             asm.keep_result()
             asm.result_as_first_argument()

@@ -149,11 +149,13 @@ class ModuleTree:
 
 # An interactive shell runs on virtio-console's hvc0.
 TERMINAL = (("virtio_console", "CONFIG_VIRTIO_CONSOLE"),)
+# A working directory of the host's that is one of the guest's own (/tmp) is overlaid on it.
+OVERLAY = (("overlay", "CONFIG_OVERLAY_FS"),)
 
 
-def guest_modules(root: Path, *, terminal: bool = False) -> list[tuple[str, bytes]]:
+def guest_modules(root: Path, *, terminal: bool = False, overlay: bool = False) -> list[tuple[str, bytes]]:
     """The modules the guest must load, in load order, as (name, contents);
-    `terminal`: also what an interactive shell's terminal needs."""
+    `terminal`: also what an interactive shell's terminal needs; `overlay`: also overlayfs."""
     tree = ModuleTree.open(root)
     order: list[str] = []
 
@@ -168,7 +170,7 @@ def guest_modules(root: Path, *, terminal: bool = False) -> list[tuple[str, byte
             visit(dependency, path + (name,))
         order.append(name)
 
-    required = REQUIRED + (TERMINAL if terminal else ())
+    required = REQUIRED + (TERMINAL if terminal else ()) + (OVERLAY if overlay else ())
     for name, option in required:
         if name not in tree.builtin and name not in tree.files:
             raise PyvmmError(f"the kernel has no {name}: it needs {option}=y or =m "

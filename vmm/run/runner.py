@@ -2,7 +2,9 @@
 
 The guest sees the host's / read-only (virtio-fs, enforced by pyvmm's
 server), its own /proc, /sys, /dev and fresh tmpfs on /tmp, /run, /var/tmp,
-and each --rw directory writable at the same path. /init (built for this run)
+/dev/shm, and each --rw directory writable at the same path. A working
+directory that those tmpfs hide and no --rw shows is shared read-only at
+its path (vmm/run/initramfs.py). /init (built for this run)
 mounts all that and execs the host's /bin/sh with a short script that enters
 the host's working directory, runs the command with the stdio share
 (vmm/run/stdio_share.py) as its stdin, stdout and stderr, and writes its exit
@@ -34,7 +36,16 @@ from vmm.config import MachineConfig
 from vmm.console import Console
 from vmm.errors import PyvmmError
 from vmm.gdb.options import GdbSpec
-from vmm.run.initramfs import ROOT_TAG, STDIO_DIR, STDIO_TAG, GuestPlan, build_initramfs
+from vmm.run.initramfs import (
+    PRIVATE_DIRECTORIES,
+    ROOT_TAG,
+    STDIO_DIR,
+    STDIO_TAG,
+    WORKDIR_TAG,
+    GuestPlan,
+    build_initramfs,
+    hidden_working_directory,
+)
 from vmm.run.modules import default_kernel, guest_modules, kernel_release
 from vmm.run.stdio_share import StdioShare
 from vmm.session import current_machine, run_machine_quietly
@@ -106,9 +117,11 @@ def guest_environment(extra: list[str], cwd: str) -> list[bytes]:
     return [name + b"=" + value for name, value in env.items()]
 
 
-def _writable_shares(directories: list[str]) -> list[tuple[str, str]]:
-    if len(directories) > MAX_WRITABLE:
-        raise PyvmmError(f"{len(directories)} --rw directories; pyvmm run shares at most {MAX_WRITABLE}")
+def _writable_shares(directories: list[str], workdir: bool) -> list[tuple[str, str]]:
+    """The --rw shares; `workdir`: the working directory takes a slot of its own."""
+    if len(directories) > MAX_WRITABLE - workdir:
+        also = " beside the working directory" if workdir else ""
+        raise PyvmmError(f"{len(directories)} --rw directories; pyvmm run shares at most {MAX_WRITABLE - workdir}{also}")
     shares = []
     for n, directory in enumerate(directories):
         path = os.path.realpath(directory)
@@ -170,7 +183,8 @@ def run_command(options: RunOptions) -> int:
     """Boot, run the command, and return the status pyvmm run exits with."""
     cwd = os.getcwd()
     kernel, modules = _kernel_and_modules(options)
-    shares = _writable_shares(options.writable)
+    workdir = hidden_working_directory(cwd, [os.path.realpath(directory) for directory in options.writable])
+    shares = _writable_shares(options.writable, workdir is not None)
     terminal = not options.command and os.isatty(0) and os.isatty(1)
     command = options.command or [os.environ.get("SHELL", "/bin/sh"), "-i"]
     env = options.env
@@ -179,20 +193,20 @@ def run_command(options: RunOptions) -> int:
         env = [*env, f"PYVMM_ROWS={size.lines}", f"PYVMM_COLS={size.columns}"]
     script = TERMINAL_SCRIPT if terminal else SCRIPT
     plan = GuestPlan(
-        modules=guest_modules(modules, terminal=terminal), writable=shares,
+        modules=guest_modules(modules, terminal=terminal, overlay=workdir in PRIVATE_DIRECTORIES), writable=shares,
         argv=[b"/bin/sh", b"-c", script.encode(), b"sh", os.fsencode(cwd), *map(os.fsencode, command)],
-        env=guest_environment(env, cwd))
+        env=guest_environment(env, cwd), workdir=workdir)
     scratch = Path(tempfile.mkdtemp(prefix="pyvmm-run-"))
     try:
         initrd = scratch / "initramfs.cpio"
         initrd.write_bytes(build_initramfs(plan))
-        return _boot(options, kernel, initrd, shares, scratch / "console.log", terminal)
+        return _boot(options, kernel, initrd, shares, workdir, scratch / "console.log", terminal)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[str, str]], log_path: Path,
-          terminal: bool) -> int:
+def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[str, str]], workdir: str | None,
+          log_path: Path, terminal: bool) -> int:
     reported: list[int] = []
 
     def stop(status: int, reason: str) -> None:
@@ -206,6 +220,8 @@ def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[st
 
     stdio = StdioShare(stdin_fd=0, stdout_fd=1, stderr_fd=2, on_status=on_status)
     filesystems = [FsSpec("/", ROOT_TAG, readonly=True, hidden=HIDDEN)] + [FsSpec(path, tag) for tag, path in shares]
+    if workdir:
+        filesystems.append(FsSpec(workdir, WORKDIR_TAG, readonly=True))
     cmdline = CMDLINE if not options.verbose else CMDLINE.replace(" quiet", "")
     if terminal and not options.verbose:
         cmdline += " loglevel=1"  # the serial port shares the terminal: only emergencies on it
