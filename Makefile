@@ -6,7 +6,8 @@ PYVMM  := $(VENV)/bin/pyvmm
 
 # Debian packages pyvmm needs at run time: a Python that can make the venv
 # (pip brings the rest). make install and make demo need nothing more
-# (with gcc and python3-dev there, make install also builds the compiled KVM exit loop).
+# (with gcc and python3-dev there, make install also builds the compiled KVM exit loop
+# and virtio-blk's compiled request path).
 RUNTIME_PACKAGES := python3-venv
 # What the tests and benchmarks use as well: binutils assembles the test
 # guests; qemu-utils is the disk-image reference; acpica-tools disassembles
@@ -23,14 +24,14 @@ TEST_PACKAGES := binutils gcc python3-dev make qemu-utils qemu-system-x86 acpica
 # Cases per fuzz test for make fuzz (the suite runs a few from a fixed seed).
 FUZZ_EXAMPLES ?= 5000
 
-.PHONY: install exit-loop deps deps-runtime demo demo-linux test test-fast test-kvm test-kvm-ci lint bench bench-kvm \
+.PHONY: install exit-loop blk-requests deps deps-runtime demo demo-linux test test-fast test-kvm test-kvm-ci lint bench bench-kvm \
         fuzz test-assets kvm-unit-tests kvm-unit-tests-nested clean
 
 # The KVM structures' C declarations are parsed once here, not at every start
 # (vmm/cffi_prebuilt.py); without this step pyvmm parses them at import.
 CFFI_PREBUILT := vmm/kvm/_uapi_prebuilt.py
 
-install: deps-runtime $(VENV)/.installed $(CFFI_PREBUILT) exit-loop
+install: deps-runtime $(VENV)/.installed $(CFFI_PREBUILT) exit-loop blk-requests
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +47,10 @@ $(CFFI_PREBUILT): vmm/kvm/uapi.py vmm/cffi_prebuilt.py $(VENV)/.installed
 # C compiler and Python's headers it says so and pyvmm uses the Python exit loop.
 exit-loop: $(VENV)/.installed
 	$(PY) -m vmm.kvm.exit_loop_build
+
+# virtio-blk's compiled request path (devices/virtio/blk_requests.py), the same way.
+blk-requests: $(VENV)/.installed
+	$(PY) -m devices.virtio.blk_requests_build
 
 # System packages, installed only when missing (needs root, as apt-get does);
 # on a system without dpkg, installing them is left to the user.
@@ -131,4 +136,4 @@ fuzz: install
 	PYVMM_FUZZ_SEED=$$seed PYVMM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -k fuzz tests/unit tests/fuzz
 
 clean:
-	rm -rf build .pytest_cache $(CFFI_PREBUILT) vmm/kvm/_exit_loop*.so
+	rm -rf build .pytest_cache $(CFFI_PREBUILT) vmm/kvm/_exit_loop*.so devices/virtio/_blk_requests*.so

@@ -1,32 +1,33 @@
-"""`pip install` builds the compiled KVM exit loop (vmm/kvm/exit_loop_build.py) when it can.
+"""`pip install` builds pyvmm's optional C modules when it can (vmm/compiled_module.py).
 
-Everything else is in pyproject.toml. The loop is optional: on a host without a
-C compiler or Python's headers the install goes on without it, says so in one
-line, and pyvmm uses the Python exit loop (vmm/kvm/exit_loop.py).
+They are the compiled KVM exit loop (vmm/kvm/exit_loop_build.py) and
+virtio-blk's compiled request path (devices/virtio/blk_requests_build.py).
+Everything else is in pyproject.toml. On a host without a C compiler or
+Python's headers the install goes on without them, says so in one line each,
+and pyvmm uses their Python versions.
 """
 
-import importlib.util
+import sys
 from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-
-def exit_loop_builder():
-    """vmm/kvm/exit_loop_build.py's builder, loaded from this checkout by path (an installed
-    pyvmm may shadow the `vmm` package here)."""
-    spec = importlib.util.spec_from_file_location("exit_loop_build", Path(__file__).parent / "vmm/kvm/exit_loop_build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.builder()
+# This checkout's build modules (an installed pyvmm may shadow the packages here); they
+# import nothing but cffi.
+sys.path.insert(0, str(Path(__file__).parent))
+from devices.virtio import blk_requests_build  # noqa: E402
+from vmm.kvm import exit_loop_build  # noqa: E402
 
 
 class OptionalBuildExt(build_ext):
     def build_extension(self, ext) -> None:
         try:
             super().build_extension(ext)
-        except Exception as err:  # noqa: BLE001 - any compiler failure leaves the Python loop
-            print(f"pyvmm: the compiled KVM exit loop was not built ({err}); pyvmm will use the Python one")
+        except Exception as err:  # noqa: BLE001 - any compiler failure leaves the Python version
+            print(f"pyvmm: {ext.name} was not built ({err}); pyvmm will use its Python version")
 
 
-setup(ext_modules=[exit_loop_builder().distutils_extension("build/exit_loop")], cmdclass={"build_ext": OptionalBuildExt})
+setup(ext_modules=[exit_loop_build.builder().distutils_extension("build/exit_loop"),
+                   blk_requests_build.builder().distutils_extension("build/blk_requests")],
+      cmdclass={"build_ext": OptionalBuildExt})

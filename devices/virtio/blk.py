@@ -24,10 +24,12 @@ import struct
 
 from devices.log_once import LogOnce
 from devices.virtio import constants as c
-from devices.virtio.device import VirtioDevice
+from devices.virtio.blk_requests import CompiledRequests, use_compiled_requests
+from devices.virtio.device import Activation, VirtioDevice
 from devices.virtio.queue import DescriptorChain, VirtqueueError
 from vmm.errors import PyvmmError
 from vmm.image.base import BlockDevice
+from vmm.image.raw import RawImage
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,8 @@ class VirtioBlock(VirtioDevice):
         self._odd = LogOnce(log, f"virtio-blk {image.filename}")
         self.requests = 0
         self.errors = 0
+        # A raw disk's requests in C where that was built (blk_requests.py), from DRIVER_OK on.
+        self._compiled: CompiledRequests | None = None
 
     def features(self) -> int:
         bits = (1 << F_SIZE_MAX) | (1 << F_SEG_MAX) | (1 << F_BLK_SIZE) | (1 << F_FLUSH)
@@ -104,9 +108,26 @@ class VirtioBlock(VirtioDevice):
             MAX_SEGMENT_SECTORS, MAX_SEGMENTS, 1,   # write zeroes, which may unmap
         )
 
+    def activate(self, activation: Activation) -> None:
+        super().activate(activation)
+        self._stop_compiled()
+        if isinstance(self.image, RawImage) and use_compiled_requests():
+            self._compiled = CompiledRequests(activation.memory, self.image.fileno(), self.readonly,
+                                              self.capacity)
+
     def queue_notify(self, index: int) -> None:
         queue = self.queue(index)
-        while (chain := queue.pop()) is not None:
+        compiled = self._compiled
+        while True:
+            if compiled is not None:
+                # Everything up to the first request it leaves to Python (blk_requests.py).
+                drained, completed = compiled.drain(queue)
+                self.requests += completed
+                if drained:
+                    break
+            chain = queue.pop()
+            if chain is None:
+                break
             written = self._handle(chain)
             queue.push(chain, written)
         self.used_buffers(queue)
@@ -227,5 +248,11 @@ class VirtioBlock(VirtioDevice):
             return None
         return sector * SECTOR_SIZE
 
+    def _stop_compiled(self) -> None:
+        if self._compiled is not None:
+            self._compiled.close()
+            self._compiled = None
+
     def close(self) -> None:
+        self._stop_compiled()  # before the file closes: its number could be reused
         self.image.close()

@@ -1,4 +1,10 @@
-"""virtio-blk through the transport and a fake driver, on raw (and qcow2) images."""
+"""virtio-blk through the transport and a fake driver, on raw (and qcow2) images.
+
+A raw disk's requests go through the compiled request path where it was
+built (devices/virtio/blk_requests.py): the tests that take `request_path`
+run through it and through the Python path; the others, which replace the
+image's Python methods to see what the device does with them, through Python.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +19,23 @@ from devices.virtio import blk
 from devices.virtio import constants as c
 from devices.virtio.blk import VirtioBlock
 from tests.fuzzing import fuzz_settings
-from tests.unit.virtio_driver import BlkDriver, Buffer, make_transport
+from tests.unit.virtio_driver import BlkDriver, Buffer, blk_requests, make_transport
 from vmm.image.open import create_image, open_image
 
 MiB = 1 << 20
 DISK_SIZE = 4 * MiB
+
+
+@pytest.fixture(autouse=True)
+def python_requests():
+    with blk_requests("python"):
+        yield
+
+
+@pytest.fixture(params=["compiled", "python"])
+def request_path(request, python_requests):
+    with blk_requests(request.param):
+        yield request.param
 
 
 @pytest.fixture
@@ -29,7 +47,7 @@ def raw_path(tmp_path):
 
 
 @pytest.mark.parametrize("indirect", [False, True])
-def test_write_then_read_back(raw_path, indirect):
+def test_write_then_read_back(request_path, raw_path, indirect):
     with open_image(raw_path, "raw", readonly=False) as image:
         d = BlkDriver(VirtioBlock(image), indirect=indirect)
         payload = os.urandom(4096)
@@ -53,7 +71,7 @@ def test_config_space_describes_the_disk(raw_path):
         assert not features & (1 << blk.F_RO)
 
 
-def test_read_beyond_the_end_fails_the_request_only(raw_path):
+def test_read_beyond_the_end_fails_the_request_only(request_path, raw_path):
     with open_image(raw_path, "raw", readonly=False) as image:
         d = BlkDriver(VirtioBlock(image))
         last = DISK_SIZE // 512
@@ -65,7 +83,7 @@ def test_read_beyond_the_end_fails_the_request_only(raw_path):
         assert not d.driver.status & c.STATUS_NEEDS_RESET
 
 
-def test_read_only_disk_advertises_it_and_fails_writes(raw_path):
+def test_read_only_disk_advertises_it_and_fails_writes(request_path, raw_path):
     with open(raw_path, "r+b") as f:
         f.write(b"original")
     with open_image(raw_path, "raw", readonly=True) as image:
@@ -78,7 +96,7 @@ def test_read_only_disk_advertises_it_and_fails_writes(raw_path):
         assert d.request(blk.T_FLUSH)[0] == blk.S_OK
 
 
-def test_readonly_option_on_a_writable_image(raw_path):
+def test_readonly_option_on_a_writable_image(request_path, raw_path):
     with open_image(raw_path, "raw", readonly=False) as image:
         d = BlkDriver(VirtioBlock(image, readonly=True))
         assert d.request(blk.T_OUT, 0, out=b"x" * 512)[0] == blk.S_IOERR
@@ -113,7 +131,7 @@ def test_flush_calls_fdatasync_on_a_raw_image(raw_path, monkeypatch):
             assert f.read(512) == b"y" * 512
 
 
-def test_get_id_returns_the_serial_padded(raw_path):
+def test_get_id_returns_the_serial_padded(request_path, raw_path):
     with open_image(raw_path, "raw", readonly=False) as image:
         d = BlkDriver(VirtioBlock(image, serial="disk-0"))
         status, data, used = d.request(blk.T_GET_ID, in_length=20)
@@ -126,7 +144,7 @@ def segment(sector: int, count: int, flags: int = 0) -> bytes:
     return struct.pack("<QII", sector, count, flags)
 
 
-def test_write_zeroes_and_discard(raw_path):
+def test_write_zeroes_and_discard(request_path, raw_path):
     with open_image(raw_path, "raw", readonly=False) as image:
         d = BlkDriver(VirtioBlock(image))
         d.request(blk.T_OUT, 0, out=b"\xaa" * 8192)
@@ -140,7 +158,7 @@ def test_write_zeroes_and_discard(raw_path):
         assert d.request(blk.T_WRITE_ZEROES, out=b"short")[0] == blk.S_UNSUPP
 
 
-def test_unknown_request_type_and_short_header(raw_path):
+def test_unknown_request_type_and_short_header(request_path, raw_path):
     with open_image(raw_path, "raw", readonly=False) as image:
         d = BlkDriver(VirtioBlock(image))
         assert d.request(99)[0] == blk.S_UNSUPP
@@ -152,7 +170,7 @@ def test_unknown_request_type_and_short_header(raw_path):
         assert d.memory.read_u8(status) == blk.S_IOERR
 
 
-def test_chain_without_status_byte_needs_reset(raw_path):
+def test_chain_without_status_byte_needs_reset(request_path, raw_path):
     with open_image(raw_path, "raw", readonly=False) as image:
         d = BlkDriver(VirtioBlock(image))
         header = d.driver.heap.alloc(16, data=struct.pack("<IIQ", blk.T_IN, 0, 0))
@@ -170,6 +188,22 @@ def test_host_io_error_becomes_ioerr(raw_path):
         assert d.request(blk.T_IN, 0, in_length=512)[0] == blk.S_IOERR
         assert d.request(blk.T_OUT, 0, out=b"w" * 512)[0] == blk.S_IOERR
         assert d.transport.device.errors == 2
+
+
+def test_a_host_io_error_on_the_compiled_path_fails_the_request_in_python(raw_path):
+    # blk_requests.c leaves a request whose preadv/pwritev/fdatasync failed to Python, which
+    # tries it once more and names the error: on a pipe all three fail.
+    with blk_requests("compiled"), open_image(raw_path, "raw", readonly=False) as image:
+        d = BlkDriver(VirtioBlock(image))
+        disk, (read_end, write_end) = os.dup(image.fileno()), os.pipe()
+        os.dup2(read_end, image.fileno())
+        os.close(read_end), os.close(write_end)
+        assert d.request(blk.T_IN, 0, in_length=512)[0] == blk.S_IOERR
+        assert d.request(blk.T_OUT, 0, out=b"w" * 512)[0] == blk.S_IOERR
+        assert d.request(blk.T_FLUSH)[0] == blk.S_IOERR
+        assert d.transport.device.errors == 3 and d.transport.device.requests == 3
+        os.dup2(disk, image.fileno())  # the disk back, for the image's close
+        os.close(disk)
 
 
 @pytest.mark.parametrize("fails", [False, True])
@@ -204,7 +238,7 @@ def test_qcow2_image_through_the_image_library(tmp_path):
         assert image.read(100 * 512, 1024) == b"q" * 1024
 
 
-def test_event_idx_suppresses_interrupts_until_used_event(raw_path):
+def test_event_idx_suppresses_interrupts_until_used_event(request_path, raw_path):
     with open_image(raw_path, "raw", readonly=False) as image:
         d = BlkDriver(VirtioBlock(image))
         assert d.driver.features & (1 << c.F_EVENT_IDX)
@@ -220,7 +254,7 @@ def test_event_idx_suppresses_interrupts_until_used_event(raw_path):
         assert d.queue.avail_event == d.queue.avail_idx
 
 
-def test_without_event_idx_every_request_interrupts(raw_path):
+def test_without_event_idx_every_request_interrupts(request_path, raw_path):
     with open_image(raw_path, "raw", readonly=False) as image:
         device = VirtioBlock(image)
         probe, _, _, _ = make_transport(VirtioBlock(image))
@@ -240,7 +274,7 @@ def test_without_event_idx_every_request_interrupts(raw_path):
     headers=st.lists(st.tuples(st.sampled_from([0, 1, 4, 8, 11, 13, 99]), st.integers(0, (1 << 64) - 1)),
                      min_size=4, max_size=4),
 )
-def test_fuzz_blk_requests_never_break_the_vmm(raw_path, descriptors, heads, headers):
+def test_fuzz_blk_requests_never_break_the_vmm(request_path, raw_path, descriptors, heads, headers):
     with open_image(raw_path, "raw", readonly=False) as image:
         d = BlkDriver(VirtioBlock(image), accept=None)
         queue = d.queue

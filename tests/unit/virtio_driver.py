@@ -7,12 +7,18 @@ chains by hand (including malformed ones) to see what the device does.
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+import pytest
 
 from devices.virtio import constants as c
 from devices.virtio import mmio as r
 from devices.virtio.blk import VirtioBlock
+from devices.virtio.blk_requests import REQUESTS_ENV, compiled_requests_built
 from devices.virtio.mmio import VirtioMmioTransport
 from devices.virtio.net_backends import NetBackend
 from devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
@@ -252,3 +258,21 @@ class FakeBackend(NetBackend):
 
     def close(self):
         pass
+
+
+@contextmanager
+def blk_requests(path: str) -> Iterator[None]:
+    """Within the block, virtio-blk devices activated carry raw disks' requests out through
+    `path`: "compiled" (devices/virtio/blk_requests.c; the test is skipped where it was not
+    built) or "python"."""
+    if path == "compiled" and not compiled_requests_built():
+        pytest.skip("virtio-blk's compiled request path is not built (make install, with gcc and python3-dev)")
+    previous = os.environ.pop(REQUESTS_ENV, None)
+    if path == "python":
+        os.environ[REQUESTS_ENV] = "python"
+    try:
+        yield
+    finally:
+        os.environ.pop(REQUESTS_ENV, None)
+        if previous is not None:
+            os.environ[REQUESTS_ENV] = previous

@@ -163,5 +163,9 @@ class RawImage(BlockDevice):
                 self._closed = True
                 os.close(self._fd)
 
+    def fileno(self) -> int:
+        """The open file (virtio-blk's compiled request path reads and writes it itself)."""
+        return self._fd
+
     def file_size(self) -> int:
         return os.fstat(self._fd).st_size

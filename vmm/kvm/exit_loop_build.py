@@ -8,9 +8,9 @@ Python exit loop (vmm/kvm/exit_loop.py says which runs, and why both exist).
 
 from __future__ import annotations
 
-import sys
-import zlib
 from pathlib import Path
+
+from vmm import compiled_module
 
 MODULE = "vmm.kvm._exit_loop"
 SOURCE = Path(__file__).with_name("exit_loop.c")
@@ -37,38 +37,16 @@ extern "Python" int exit_loop_mmio_read(void *vcpu, uint64_t address, uint32_t s
 
 def source_digest() -> int | None:
     """A checksum of what the module is built from (None: the sources are not installed)."""
-    try:
-        return zlib.crc32(SOURCE.read_bytes() + DECLARATIONS.encode())
-    except OSError:
-        return None
+    return compiled_module.source_digest(SOURCE, DECLARATIONS)
 
 
 def builder():
-    from cffi import FFI
-
-    ffi = FFI()
-    ffi.cdef(DECLARATIONS)
-    # The module records what it was built from (exit_loop.py compares it).
-    source = f"#define EXIT_LOOP_DIGEST {source_digest()}u\n" + SOURCE.read_text()
-    ffi.set_source(MODULE, source, extra_compile_args=["-O2"])
-    return ffi
+    return compiled_module.builder(MODULE, SOURCE, DECLARATIONS, "EXIT_LOOP_DIGEST")
 
 
 def build() -> bool:
     """Compile the module next to this file; False (and one line on stderr) when this host cannot."""
-    from cffi import VerificationError
-
-    tmpdir = Path(__file__).resolve().parents[2] / "build" / "exit_loop"
-    try:
-        built = Path(builder().compile(tmpdir=str(tmpdir), verbose=False))
-    except (VerificationError, OSError) as err:  # no compiler, no headers, no room
-        print(f"pyvmm: the compiled KVM exit loop was not built ({err}); pyvmm will use the "
-              "Python one (apt-get install gcc python3-dev, then make install)", file=sys.stderr)
-        return False
-    # cffi leaves the module under tmpdir in its package's directories: put it beside this file.
-    target = Path(__file__).with_name(built.name)
-    built.replace(target)
-    return True
+    return compiled_module.build(builder(), SOURCE, "the compiled KVM exit loop", "the Python one")
 
 
 if __name__ == "__main__":

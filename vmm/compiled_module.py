@@ -1,0 +1,55 @@
+"""pyvmm's optional C modules (cffi API mode): building them, and telling a stale one apart.
+
+There are two, each with a Python version that does the same work and runs
+where the module is absent: the KVM exit loop (vmm/kvm/exit_loop_build.py)
+and virtio-blk's request path (devices/virtio/blk_requests_build.py). Both
+are built at install time (`make install`, or `pip install` through
+setup.py) where a C compiler and Python's headers are present; elsewhere the
+build says so in one line. A module records a checksum of what it was built
+from (its C source and the declarations Python sees), and its Python side
+uses it only while that still matches the files beside it.
+
+Nothing here imports more than cffi: setup.py loads the build modules before
+pyvmm's dependencies are installed.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from pathlib import Path
+
+
+def source_digest(source: Path, declarations: str) -> int | None:
+    """A checksum of what a module is built from (None: the sources are not installed)."""
+    try:
+        return zlib.crc32(source.read_bytes() + declarations.encode())
+    except OSError:
+        return None
+
+
+def builder(module: str, source: Path, declarations: str, digest_name: str):
+    """The cffi builder of `module` from `source`; the module records its digest as `digest_name`."""
+    from cffi import FFI
+
+    ffi = FFI()
+    ffi.cdef(declarations)
+    text = f"#define {digest_name} {source_digest(source, declarations)}u\n" + source.read_text()
+    ffi.set_source(module, text, extra_compile_args=["-O2"])
+    return ffi
+
+
+def build(ffi, source: Path, what: str, fallback: str) -> bool:
+    """Compile the module next to `source`; False (and one line on stderr) when this host cannot."""
+    from cffi import VerificationError
+
+    tmpdir = Path(__file__).resolve().parents[1] / "build" / source.stem
+    try:
+        built = Path(ffi.compile(tmpdir=str(tmpdir), verbose=False))
+    except (VerificationError, OSError) as err:  # no compiler, no headers, no room
+        print(f"pyvmm: {what} was not built ({err}); pyvmm will use {fallback} "
+              "(apt-get install gcc python3-dev, then make install)", file=sys.stderr)
+        return False
+    # cffi leaves the module under tmpdir in its package's directories: put it beside the source.
+    built.replace(source.with_name(built.name))
+    return True
