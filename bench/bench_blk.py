@@ -26,7 +26,9 @@ read. One boot runs the three tests in turn; pyvmm and QEMU alternate,
 REPEATS times (PYVMM_BENCH_BLK_REPEATS, default 3), and the medians are
 kept. 256 MiB each way and 10000 random reads; PYVMM_BENCH_BLK_MB and
 PYVMM_BENCH_BLK_IOPS_COUNT change the sizes, and PYVMM_BENCH_ACCEL=kvm
-compares on KVM.
+compares on KVM. pyvmm carries requests out through its compiled request
+path where it was built (devices/virtio/blk_requests.py), and the figures
+say which path ran; PYVMM_BLK_REQUESTS=python measures the Python one.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.qemu_peer import tsc_cmdline  # noqa: E402
 from bench.report import figure, python_env, skipped  # noqa: E402
+from devices.virtio.blk_requests import use_compiled_requests  # noqa: E402
 from tests.assets import find_linux_assets  # noqa: E402
 from tests.boot.virtio_guest import overlay_initrd, script_output  # noqa: E402
 
@@ -163,6 +166,8 @@ def report(samples: dict[tuple[str, str], list[tuple[float, float]]]) -> None:
         return statistics.median(sample[which] for sample in samples[(vmm, test)])
 
     have_qemu = ("QEMU", "rand-read") in samples
+    # (PYVMM_BLK_REQUESTS=python measures the Python one where the compiled one was built.)
+    request_path = "compiled" if use_compiled_requests() else "Python"
     for test, unit, what, work, per in (
             ("seq-write", "MB/s", f"sequential write, dd bs=1M oflag=direct, {SIZE_MB} MiB", SIZE_MB, "ms per MiB"),
             ("seq-read", "MB/s", f"sequential read, dd bs=1M iflag=direct, {SIZE_MB} MiB", SIZE_MB, "ms per MiB"),
@@ -170,7 +175,8 @@ def report(samples: dict[tuple[str, str], list[tuple[float, float]]]) -> None:
              "us per read")):
         cpu = {vmm: median(vmm, test, 1) / work * 1000 for vmm in ("pyvmm", "QEMU") if (vmm, test) in samples}
         note = (f"median of {REPEATS}; CPU time (user + system) of the VMM during the test, {per}: "
-                + ", ".join(f"{vmm} {value:.2f}" for vmm, value in cpu.items()))
+                + ", ".join(f"{vmm} {value:.2f}" for vmm, value in cpu.items())
+                + f"; pyvmm's request path: {request_path}")
         figure(f"virtio-blk {what} ({ACCEL})", unit, median("pyvmm", test, 0), "QEMU microvm",
                median("QEMU", test, 0) if have_qemu else None, lower_is_better=False,
                missing="" if have_qemu else "apt-get install qemu-system-x86", note=note)

@@ -77,7 +77,8 @@ class Run:
         self.memory = GuestMemory(memory_size)
         self.memory.write(0, state["memory"])
         self.reports: list[tuple[int, int]] = []
-        self.memory.device_write_listener = self.reports.extend
+        # The software CPU listens for device writes to guest RAM; KVM does not.
+        self.memory.device_write_listener = self.reports.extend if state["listening"] else None
         self.interrupts: list[bool] = []
         self.image = open_image(str(self.file), "raw", readonly=state["image_readonly"])
         self.device = VirtioBlock(self.image, serial="differential", readonly=state["readonly"])
@@ -133,7 +134,7 @@ def encode(entries: list[tuple[int, int, int, int]]) -> bytes:
 
 
 def make_state(*, headers, heads, changes=(), avail_idx=None, start=0, event_idx=True, indirect=True,
-               readonly=False, image_readonly=False) -> dict:
+               readonly=False, image_readonly=False, listening=True) -> dict:
     table, tables = list(LAYOUT), [list(t) for t in TABLES]
     for where, field, value in changes:
         entries, index = (table, where) if where < SIZE else (tables[where % 2], (where - SIZE) % len(tables[where % 2]))
@@ -153,17 +154,27 @@ def make_state(*, headers, heads, changes=(), avail_idx=None, start=0, event_idx
     struct.pack_into("<H", memory, AVAIL + 2, (start + len(heads) if avail_idx is None else avail_idx) & 0xFFFF)
     struct.pack_into("<H", memory, AVAIL + 4 + 2 * SIZE, (start + len(heads) // 2) & 0xFFFF)  # used_event
     return {"memory": bytes(memory), "disk": os.urandom(DISK_SECTORS * blk.SECTOR_SIZE), "start": start,
-            "event_idx": event_idx, "indirect": indirect, "readonly": readonly, "image_readonly": image_readonly}
+            "event_idx": event_idx, "indirect": indirect, "readonly": readonly, "image_readonly": image_readonly,
+            "listening": listening}
 
 
 WELL_FORMED = [0, 3, 6, 10, 11, 12, 14]
 GOOD_HEADERS = [(blk.T_IN, 8), (blk.T_OUT, 16), (blk.T_IN, DISK_SECTORS - 1), (blk.T_FLUSH, 0)]
 
 
-def test_well_formed_requests_give_the_same_guest_memory_used_ring_and_disk(tmp_path):
-    outcome = both_paths(tmp_path, make_state(headers=GOOD_HEADERS, heads=WELL_FORMED * 2))
+@pytest.mark.parametrize("listening", [True, False])
+def test_well_formed_requests_give_the_same_guest_memory_used_ring_and_disk(tmp_path, listening):
+    state = make_state(headers=GOOD_HEADERS, heads=WELL_FORMED * 2, listening=listening)
+    outcome = both_paths(tmp_path, state)
     assert outcome["broken"] == [None] and outcome["used_idx"] == 2 * len(WELL_FORMED)
-    assert outcome["requests"] == 14
+    assert outcome["requests"] == 14 and len(outcome["reported"]) == (18 if listening else 0)
+
+
+def test_a_full_report_of_written_ranges_is_handed_over_and_the_drain_goes_on(tmp_path, monkeypatch):
+    # Room for one chain's writable buffers and status byte (at most the queue's size), no more.
+    monkeypatch.setattr(blk_requests_module, "WRITTEN_CAPACITY", SIZE + 1)
+    outcome = both_paths(tmp_path, make_state(headers=GOOD_HEADERS, heads=WELL_FORMED * 2))
+    assert outcome["used_idx"] == 2 * len(WELL_FORMED) and len(outcome["reported"]) == 18
 
 
 def test_the_compiled_path_carries_requests_out_without_pythons_handler(tmp_path, monkeypatch):
@@ -276,10 +287,10 @@ def test_edge_chains_give_the_same_outcome(tmp_path, edge, indirect):
        headers=st.lists(st.tuples(st.sampled_from(TYPES), st.sampled_from(SECTORS)), min_size=4, max_size=4),
        heads=st.lists(st.one_of(st.sampled_from(WELL_FORMED), st.integers(0, SIZE + 1)), max_size=SIZE + 2),
        avail_ahead=st.sampled_from([None, None, None, 0, SIZE, SIZE + 1, 0x8000]),
-       start=st.sampled_from([0, 5, 0xFFFE]), flags=st.integers(0, 15))
+       start=st.sampled_from([0, 5, 0xFFFE]), flags=st.integers(0, 31))
 def test_fuzz_the_compiled_and_python_paths_agree(tmp_path, changes, headers, heads, avail_ahead, start, flags):
     state = make_state(headers=headers, heads=heads[:SIZE] if avail_ahead is None else heads, changes=changes,
                        avail_idx=None if avail_ahead is None else start + avail_ahead, start=start,
                        event_idx=bool(flags & 1), indirect=bool(flags & 2), readonly=bool(flags & 4),
-                       image_readonly=bool(flags & 8))
+                       image_readonly=bool(flags & 8), listening=not flags & 16)
     both_paths(tmp_path, state, notifications=2)
