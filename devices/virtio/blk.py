@@ -15,6 +15,11 @@ data and status may be split across descriptors in any way).
 A request the device cannot carry out (out of range, a host I/O error, a
 malformed header) fails with an error status in its own status byte; only a
 chain with no room for a status byte breaks the queue (NEEDS_RESET).
+
+On a raw disk, where blk_requests.c was built, the reads, writes and flushes
+that succeed are carried out in C, a whole queue in one call; every other
+request, and every request where it was not built, goes through the code
+here (blk_requests.py).
 """
 
 from __future__ import annotations
