@@ -266,7 +266,8 @@ def blk_requests(path: str) -> Iterator[None]:
     `path`: "compiled" (devices/virtio/blk_requests.c; the test is skipped where it was not
     built) or "python"."""
     if path == "compiled" and not compiled_requests_built():
-        pytest.skip("virtio-blk's compiled request path is not built (make install, with gcc and python3-dev)")
+        pytest.skip("virtio-blk's compiled request path is not built (make install, or "
+                    "python -m devices.virtio.blk_requests_build, with gcc and python3-dev)")
     previous = os.environ.pop(REQUESTS_ENV, None)
     if path == "python":
         os.environ[REQUESTS_ENV] = "python"
