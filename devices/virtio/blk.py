@@ -117,8 +117,8 @@ class VirtioBlock(VirtioDevice):
         super().activate(activation)
         self._stop_compiled()
         if isinstance(self.image, RawImage) and use_compiled_requests():
-            self._compiled = CompiledRequests(activation.memory, self.image.fileno(), self.readonly,
-                                              self.capacity)
+            self._compiled = CompiledRequests(activation.memory, self.image.fileno(), readonly=self.readonly,
+                                              capacity=self.capacity, max_transfer=MAX_TRANSFER)
 
     def queue_notify(self, index: int) -> None:
         queue = self.queue(index)

@@ -43,7 +43,6 @@
 #define HEADER_SIZE 16
 /* The longest queue (and so chain) handled here: blk.QUEUE_SIZE. */
 #define MAX_DESCRIPTORS 256
-#define MAX_TRANSFER (32u << 20) /* blk.MAX_TRANSFER */
 #define IOV_MAX_PER_CALL 1024    /* Linux's UIO_MAXIOV */
 
 struct blk_region {
@@ -57,7 +56,8 @@ struct blk_device {
     uint32_t region_count;
     int fd;
     uint8_t readonly;
-    uint64_t capacity; /* in sectors */
+    uint64_t capacity;     /* in sectors */
+    uint64_t max_transfer; /* blk.MAX_TRANSFER: the longest read or write, in bytes */
 };
 
 /* One virtqueue as Python's Virtqueue holds it; the indices are written back. */
@@ -233,7 +233,7 @@ static int64_t execute(const struct blk_device *dev, struct chain *c, struct blk
         uint64_t length = type == T_IN ? c->writable_length - 1 : c->readable_length - HEADER_SIZE;
         if (type == T_OUT && dev->readonly)
             return -1;
-        if (length % SECTOR_SIZE || length > MAX_TRANSFER || sector > dev->capacity ||
+        if (length % SECTOR_SIZE || length > dev->max_transfer || sector > dev->capacity ||
             length / SECTOR_SIZE > dev->capacity - sector)
             return -1;
         uint32_t count = type == T_IN

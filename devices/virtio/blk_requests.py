@@ -58,7 +58,7 @@ def use_compiled_requests() -> bool:
 class CompiledRequests:
     """One raw disk's compiled request path, from DRIVER_OK until the device is reset or closed."""
 
-    def __init__(self, memory: GuestMemory, fd: int, readonly: bool, capacity: int) -> None:
+    def __init__(self, memory: GuestMemory, fd: int, *, readonly: bool, capacity: int, max_transfer: int) -> None:
         self._memory = memory
         # Held (and so kept mapped) until close(): blk_drain writes through these addresses.
         self._mappings = [ffi.from_buffer("uint8_t[]", region.mapping) for region in memory.regions]
@@ -66,7 +66,7 @@ class CompiledRequests:
             (region.guest_address, region.size, mapping)
             for region, mapping in zip(memory.regions, self._mappings, strict=True)])
         self._device = ffi.new("struct blk_device *", (self._regions, len(self._mappings), fd, readonly,
-                                                        capacity))
+                                                        capacity, max_transfer))
         self._queue = ffi.new("struct blk_queue *")
         self._pairs = ffi.new("uint64_t[]", 2 * WRITTEN_CAPACITY)
         self._written = ffi.new("struct blk_written *", (self._pairs, WRITTEN_CAPACITY, 0))
@@ -85,6 +85,8 @@ class CompiledRequests:
         completed = 0
         while True:
             status = lib.blk_drain(self._device, q, written, self._completed)
+            # (Before anything that could raise: the used ring already holds what was carried out.)
+            queue.last_avail, queue.used_idx = q.last_avail, q.used_idx
             completed += self._completed[0]
             if listening and self._written.count:
                 pairs = ffi.unpack(self._pairs, 2 * self._written.count)
@@ -92,7 +94,6 @@ class CompiledRequests:
                 self._memory.devices_wrote(list(zip(pairs[0::2], pairs[1::2], strict=True)))
             if status != lib.BLK_FULL:
                 break
-        queue.last_avail, queue.used_idx = q.last_avail, q.used_idx
         return status == lib.BLK_DRAINED, completed
 
     def close(self) -> None:

@@ -30,6 +30,7 @@ struct blk_device {
     int fd;
     uint8_t readonly;
     uint64_t capacity;
+    uint64_t max_transfer;
 };
 struct blk_queue {
     uint64_t desc, avail, used;

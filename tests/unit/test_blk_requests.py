@@ -201,6 +201,12 @@ def test_a_module_built_from_another_source_is_not_used(tmp_path, monkeypatch):
     assert not blk_requests_module.use_compiled_requests()
 
 
+def test_the_longest_transfer_is_blks_on_both_paths(tmp_path, monkeypatch):
+    monkeypatch.setattr(blk, "MAX_TRANSFER", 2048)  # (read at activation, and by _range)
+    outcome = both_paths(tmp_path, make_state(headers=GOOD_HEADERS, heads=[0, 3]))
+    assert outcome["errors"] == 1 and outcome["requests"] == 2  # the 4 KiB read fails, the 1 KiB write not
+
+
 @pytest.mark.parametrize("event_idx", [False, True])
 def test_many_kicks_across_the_16_bit_index_wrap(tmp_path, event_idx):
     state = make_state(headers=GOOD_HEADERS, heads=WELL_FORMED + [0, 3], start=0xFFFA, event_idx=event_idx)
