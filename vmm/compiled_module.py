@@ -28,6 +28,12 @@ def source_digest(source: Path, declarations: str) -> int | None:
         return None
 
 
+def built_from_sources(lib, digest_name: str, expected: int | None) -> bool:
+    """Whether a loaded module (`lib`; None: not built) was built from the sources beside it
+    (`expected`, their digest; None: not installed, nothing to compare with)."""
+    return lib is not None and (expected is None or getattr(lib, digest_name) == expected)
+
+
 def builder(module: str, source: Path, declarations: str, digest_name: str):
     """The cffi builder of `module` from `source`; the module records its digest as `digest_name`."""
     from cffi import FFI

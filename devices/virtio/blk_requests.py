@@ -28,6 +28,7 @@ import os
 
 from devices.virtio.blk_requests_build import source_digest
 from devices.virtio.queue import Virtqueue
+from vmm.compiled_module import built_from_sources
 from vmm.memory import GuestMemory
 
 REQUESTS_ENV = "PYVMM_BLK_REQUESTS"  # "python": carry every request out in Python
@@ -45,10 +46,7 @@ WRITTEN_CAPACITY = 1024
 def compiled_requests_built() -> bool:
     """True when the module was built from the blk_requests.c beside this file (one built
     from another version could disagree with the Python side here)."""
-    if lib is None:
-        return False
-    expected = source_digest()
-    return expected is None or lib.BLK_REQUESTS_DIGEST == expected
+    return built_from_sources(lib, "BLK_REQUESTS_DIGEST", source_digest())
 
 
 def use_compiled_requests() -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 
 from vmm.accel import MachineIo
+from vmm.compiled_module import built_from_sources
 from vmm.kvm import ioctls
 from vmm.kvm.exit_loop_build import source_digest
 from vmm.kvm.fd import KvmError
@@ -44,10 +45,7 @@ def compiled_loop_built() -> bool:
 
     A module built from another version of the source (exit_loop.c changed, `make install`
     not run since) is not used: it could disagree with the Python side here."""
-    if lib is None:
-        return False
-    expected = source_digest()
-    return expected is None or lib.EXIT_LOOP_DIGEST == expected
+    return built_from_sources(lib, "EXIT_LOOP_DIGEST", source_digest())
 
 
 def use_compiled_loop() -> bool:
