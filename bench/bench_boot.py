@@ -11,6 +11,8 @@ from its boot-timer port (--stats) is printed too.
 
 The accelerator is what `--accel auto` picks here: KVM where KVM can run
 Linux, the software CPU (QEMU: -accel tcg) elsewhere, e.g. on kvm_pvm hosts.
+Each boots PYVMM_BENCH_REPEATS times (default 3), in turn; the figures are
+medians.
 """
 
 from __future__ import annotations

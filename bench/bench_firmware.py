@@ -7,6 +7,7 @@ build (Debian's bios-microvm.bin), on the same accelerator, in the same run.
 Prints the median of each and the ratio. The kernel decompresses itself in
 both guests (a bootloader loads a bzImage), so the figure sits beside
 bench_boot.py's `--guest-decompress` one plus the firmware and syslinux.
+Each VMM boots PYVMM_BENCH_REPEATS times (default 3), alternating.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ ratio, as bench/report.py prints it):
     size, as qemu-img bench computes it), on copies of the converted qcow2.
 
 Everything lives in a temporary directory that is removed at the end.
+PYVMM_BENCH_IMG_MB changes the image's size (default 1024) and
+PYVMM_BENCH_IMG_READS the number of reads (default 20000; half as many
+writes), for a quick run.
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ from bench.report import figure  # noqa: E402
 from vmm.image.convert import convert  # noqa: E402
 from vmm.image.open import open_image  # noqa: E402
 
-GiB = 1 << 30
+MiB = 1 << 20
 CLUSTER = 65536
-IMAGE_SIZE = 1 * GiB
+IMAGE_MB = int(os.environ.get("PYVMM_BENCH_IMG_MB", "1024"))
+IMAGE_SIZE = IMAGE_MB * MiB
+SIZE = f"{IMAGE_MB // 1024} GiB" if IMAGE_MB % 1024 == 0 else f"{IMAGE_MB} MiB"
 REQUEST = 4096
 STEP = REQUEST * 7919  # coprime with the number of 4 KiB blocks: visits them all, scattered
-READS = 20000
-WRITES = 10000
+READS = int(os.environ.get("PYVMM_BENCH_IMG_READS", "20000"))
+WRITES = READS // 2
 
 
 def make_source(path: Path) -> None:
@@ -103,7 +108,7 @@ def main() -> None:
         ours = timed(lambda: convert(str(d / "src.raw"), "raw", str(d / "py.qcow2"), "qcow2"))
         theirs = timed(lambda: qemu("convert", "-t", "writeback", "-f", "raw", "-O", "qcow2",
                                     str(d / "src.raw"), str(d / "q.qcow2"))) if have_qemu else None
-        report("convert raw->qcow2, 1 GiB, 1/4 of clusters hold data", ours, theirs)
+        report(f"convert raw->qcow2, {SIZE}, 1/4 of clusters hold data", ours, theirs)
 
         source = d / ("q.qcow2" if have_qemu else "py.qcow2")
         ours = timed(lambda: convert(str(source), "qcow2", str(d / "py.raw"), "raw"))

@@ -7,7 +7,8 @@ second, to the VMM process ending. pyvmm runs it with `boot --flat`; QEMU
 (microvm, 512 MiB like pyvmm's default, isa-debug-exit on 0xf4) runs the
 same instructions from a 64 KiB firmware image whose last 16 bytes, at the
 reset vector, hold them. Each accelerator this host has is measured; pyvmm
-and QEMU alternate and each figure is a median. The second line also gives
+and QEMU alternate, PYVMM_BENCH_REPEATS times (default 5), and each figure
+is a median. The second line also gives
 each process's CPU time (user + system), which the machine's load moves
 less than the wall time.
 """

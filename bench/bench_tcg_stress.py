@@ -26,6 +26,8 @@ vCPU counts (default "1,2"). The guest's own window is the measurement, so
 the boot's time does not count. On a shared host one window can catch a
 burst of someone else's load: each case runs PYVMM_BENCH_STRESS_REPEATS
 times (default 2), pyvmm and QEMU alternating, and the medians are kept.
+PYVMM_BENCH_STRESS_FIXED_HASHES and PYVMM_BENCH_STRESS_FIXED_DISK_LOOPS
+change the fixed job (defaults 500 and 80), for a quick run.
 """
 
 from __future__ import annotations
@@ -86,8 +88,8 @@ echo "stress hash $(cat /tmp/hash.* | awk '{{s += $1}} END {{print s}}') disk $(
 """
 
 
-FIXED_HASHES = 500
-FIXED_DISK_LOOPS = 80
+FIXED_HASHES = int(os.environ.get("PYVMM_BENCH_STRESS_FIXED_HASHES", "500"))
+FIXED_DISK_LOOPS = int(os.environ.get("PYVMM_BENCH_STRESS_FIXED_DISK_LOOPS", "80"))
 FIXED_JOB = f"""
 mkdir -p /tmp
 head -c 262144 /dev/urandom > /tmp/block
