@@ -122,8 +122,9 @@ def fadt(dsdt_address: int) -> bytes:
     # FIRMWARE_CTRL stays 0. The DSDT's address goes in both DSDT fields: Linux
     # reads X_DSDT, SeaBIOS only the 32-bit one (it finds virtio-mmio disks there).
     put(FADT_DSDT_OFFSET, "I", dsdt_address)
-    # The PM timer in both fields too: Linux reads X_PM_TMR_BLK, SeaBIOS the 32-bit one.
-    put(76, "I", ACPI_PM_TIMER_PORT)
+    # The PM timer only in X_PM_TMR_BLK, which Linux reads (PM_TMR_BLK stays 0, as
+    # the spec allows): SeaBIOS reads only the 32-bit field, and would otherwise time
+    # everything with port reads of it (an exit each, on KVM) instead of the TSC.
     put(91, "B", PM_TIMER_LENGTH)
     put(109, "H", IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_VGA_NOT_PRESENT)
     put(112, "I", FADT_FLAG_HW_REDUCED_ACPI | FADT_FLAG_RESET_REG_SUP
