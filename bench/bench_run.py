@@ -74,7 +74,7 @@ def main() -> None:
     accel = "kvm" if os.path.exists("/dev/kvm") and quirks.can_run_linux()[0] else "tcg"
     run = [sys.executable, "-m", "vmm", "run", "--accel", accel, "--kernel", str(assets.kernel),
            "--modules", str(modules)]
-    env = {**python_env(), "PYTHONPATH": str(REPO)}
+    env = python_env()
     # Not under /tmp: the guest has a tmpfs of its own there.
     (REPO / "build").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-run-", dir=REPO / "build") as name:

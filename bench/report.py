@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+
 JSON_ENV = "PYVMM_BENCH_JSON"
 REPEATS = int(os.environ.get("PYVMM_BENCH_REPEATS", "5"))
 
@@ -120,14 +122,19 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 def python_env() -> dict[str, str]:
-    """The environment a user's pyvmm runs in: bytecode caches written and used.
+    """The environment a user's pyvmm runs in: bytecode caches written and used;
+    and `python -m vmm` runs the pyvmm of the tree this script is in.
 
     (Some shells, this project's development sessions among them, export
     PYTHONDONTWRITEBYTECODE, which makes every start compile the sources
-    again: a cost no installed pyvmm pays.)
+    again: a cost no installed pyvmm pays. And `python -m` would otherwise
+    import vmm from the current directory, or from wherever the venv's
+    editable install points, which need not be this tree.)
     """
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONSAFEPATH"] = "1"  # no current directory at the front of sys.path
     return env
 
 
