@@ -42,11 +42,12 @@ import re
 import time
 from collections.abc import Callable
 
+from vmm.cpu_state import RFLAGS_IF
 from vmm.tcg.code_pages import patch_code_page_tracking
 from vmm.tcg.native_interrupts import Injector
 from vmm.tcg.native_syscall import patch_syscall
 from vmm.tcg.qemu_env import OFF_XCR0, ContextBuffer, EnvLayoutError, check_layout
-from vmm.tcg.stop_hook import StopHook
+from vmm.tcg.stop_hook import StopHook, live_rflags_address
 from vmm.tcg.unicorn_lib import (
     MMIO_READ_CFUNC,
     MMIO_WRITE_CFUNC,
@@ -114,6 +115,10 @@ class Engine:
         self.context.env.set_u64(OFF_XCR0, XCR0_X87)
         self.context.restore()  # forget the probes' register values
         self.stop_hook = StopHook(self.uc, exit_check_per_block=not self.per_access_exit_checks)
+        # Where RFLAGS.IF is read (`interrupts_enabled`): the engine's live word, as the stop hook
+        # reads it; None where its address is not found.
+        rflags = live_rflags_address(self.handle)
+        self._live_rflags = ctypes.c_uint32.from_address(rflags) if rflags is not None else None
         self._mmio_callbacks: list[tuple] = []
         # Delivers external interrupts inside the engine; None: Python builds their frames.
         self.injector = Injector.for_engine(self.handle)
@@ -130,6 +135,14 @@ class Engine:
         if status:
             raise EngineError(f"uc_reg_read({regid}) failed with error {status}")
         return self._one.value
+
+    def interrupts_enabled(self) -> bool:
+        """RFLAGS.IF. QEMU keeps IF in the live RFLAGS word as the guest runs, also inside a
+        hook, so it is read there; `uc_reg_read` would fold in the lazily computed arithmetic
+        flags as well, which a device access raising an interrupt does not need."""
+        if self._live_rflags is not None:
+            return bool(self._live_rflags.value & RFLAGS_IF)
+        return bool(self.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF)
 
     def write_reg(self, regid: int, value: int) -> None:
         self._one.value = value & 0xFFFFFFFFFFFFFFFF

@@ -98,6 +98,7 @@ import logging
 import mmap
 import platform
 
+from vmm.cpu_state import RFLAGS_IF
 from vmm.tcg.exit_check_stop import ExitCheckSlot
 from vmm.tcg.qemu_env import OFF_EFLAGS
 from vmm.tcg.unicorn_lib import Uc, cpu_env_offset, uc_const, uc_cpu_offset, uc_hook_h, uclib, x86
@@ -106,7 +107,6 @@ log = logging.getLogger(__name__)
 
 STOP, WATCH, SKIP, SCRATCH = range(4)  # the hook's state words (SCRATCH: where IF is read)
 WATCH_NONE, WATCH_INTERRUPT_FLAG, WATCH_ANY_BLOCK = 0, 1, 2
-RFLAGS_IF = 1 << 9
 
 
 def _read_flags_directly() -> bytes:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vmm.accel import MachineIo, Vcpu
-from vmm.cpu_state import RFLAGS_IF, CpuState
+from vmm.cpu_state import CpuState
 from vmm.errors import GuestMemoryError
 from vmm.exits import SUBERROR_EMULATION, EmulationFailure, Exit, Hlt, Interrupted, Shutdown
 from vmm.guest_debug import GuestDebug
@@ -219,7 +219,7 @@ class TcgVcpu(Vcpu):
         injector, engine = self.engine.injector, self.engine
         if (injector is None or not injector.can_inject_running or injector.pending
                 or self._withdrawn is not None or self.debug_step
-                or not engine.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF):
+                or not engine.interrupts_enabled()):
             return False
         vector = self.router.acknowledge_if_idle(self.index)
         if vector is None:
@@ -338,7 +338,7 @@ class TcgVcpu(Vcpu):
             return exit
         if not engine.stop_hook.requested:
             self.halted = True  # emu_start returns by itself only at HLT
-            self._interrupts_enabled = bool(engine.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF)
+            self._interrupts_enabled = engine.interrupts_enabled()
         return None
 
     def _take_back_undelivered(self) -> None:
@@ -383,7 +383,7 @@ class TcgVcpu(Vcpu):
             return
         # (A watch for a blocked NMI is kept: it stops within its look-ahead, and the slice
         # still ends at the next timer deadline.)
-        if not engine.reg(x86.UC_X86_REG_RFLAGS) & RFLAGS_IF:
+        if not engine.interrupts_enabled():
             if not engine.stop_hook.watching:
                 engine.stop_hook.watch_interrupt_flag(skip_blocks=0)
             return
