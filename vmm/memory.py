@@ -49,10 +49,25 @@ def ram_layout(size: int) -> list[tuple[int, int]]:
     return [(0, MMIO_HOLE_START), (HIGH_RAM_START, size - MMIO_HOLE_START)]
 
 
+@dataclass(frozen=True)
+class NativeWriteListener:
+    """GuestMemory's device-write listener as a C function, for devices written in C:
+    `void function(void *context, uint64_t start, uint64_t end)`, told each written range
+    as [start, end) in the listener's own numbering of RAM, in which the first byte of
+    `GuestMemory.regions[i]` is `region_starts[i]`."""
+
+    function: int  # addresses in this process
+    context: int
+    region_starts: tuple[int, ...]
+
+
 class GuestMemory:
     # Set by an accelerator that keeps translations of guest code (the software
     # CPU): told the (address, length) ranges of each device write into guest RAM.
     device_write_listener: Callable[[list[tuple[int, int]]], None] | None = None
+    # Set with it: the same listener as a C function, or None while the calling thread
+    # may not call it (a compiled device then reports through devices_wrote).
+    native_write_listener: Callable[[], NativeWriteListener | None] | None = None
 
     def __init__(self, size: int) -> None:
         if size < 1 << 20:

@@ -67,11 +67,17 @@ struct blk_queue {
     uint8_t event_idx, indirect;
 };
 
-/* The (guest address, length) pairs of guest RAM written, for the software CPU's code
- * invalidation (GuestMemory.devices_wrote); pairs is NULL when nobody listens. */
+/* Where the ranges of guest RAM a request wrote go, for the software CPU's code invalidation
+ * (nowhere when blk_drain is given NULL: nobody listens). With `wrote` set, to that function
+ * at once (GuestMemory.native_write_listener): each range as [start, end) in the listener's
+ * numbering of RAM, region i starting at starts[i]. Otherwise into pairs, as (guest address,
+ * length), for Python to hand to GuestMemory.devices_wrote. */
 struct blk_written {
     uint64_t *pairs;
     uint32_t capacity, count; /* in pairs */
+    void (*wrote)(void *context, uint64_t start, uint64_t end);
+    void *context;
+    const uint64_t *starts; /* one per region */
 };
 
 struct descriptor {
@@ -191,14 +197,49 @@ static int transfer(int fd, int write, struct iovec *iov, uint32_t count, uint64
     return 0;
 }
 
-static void report(struct blk_written *written, const uint64_t *guest, const struct iovec *iov, uint32_t count) {
+/* Hands the listener [start, end) of a run of guest RAM in region `region`. */
+static void tell(const struct blk_device *dev, const struct blk_written *written, uint32_t region,
+                 uint64_t start, uint64_t end) {
+    uint64_t base = written->starts[region] - dev->regions[region].guest;
+    written->wrote(written->context, base + start, base + end);
+}
+
+/* Reports the buffers iov[0..count) at guest addresses guest[0..count), each inside one
+ * region of guest RAM (walk() checked them). The listener gets runs of adjacent buffers
+ * as one range (a 1 MiB read's 256 pages are often adjacent in twos and threes). */
+static void report(const struct blk_device *dev, struct blk_written *written, const uint64_t *guest,
+                   const struct iovec *iov, uint32_t count) {
     if (!written)
         return;
-    for (uint32_t i = 0; i < count; i++) {
-        written->pairs[2 * written->count] = guest[i];
-        written->pairs[2 * written->count + 1] = iov[i].iov_len;
-        written->count++;
+    if (!written->wrote) {
+        for (uint32_t i = 0; i < count; i++) {
+            written->pairs[2 * written->count] = guest[i];
+            written->pairs[2 * written->count + 1] = iov[i].iov_len;
+            written->count++;
+        }
+        return;
     }
+    uint32_t region = 0;
+    uint64_t start = 0, end = 0; /* the run so far, empty at first */
+    for (uint32_t i = 0; i < count; i++) {
+        uint64_t address = guest[i], length = iov[i].iov_len;
+        if (length == 0)
+            continue;
+        if (start < end && address == end && address - dev->regions[region].guest < dev->regions[region].size) {
+            end += length; /* (a buffer starting inside the run's region lies wholly in it) */
+            continue;
+        }
+        if (start < end)
+            tell(dev, written, region, start, end);
+        for (region = 0; region < dev->region_count; region++)
+            if (address - dev->regions[region].guest < dev->regions[region].size)
+                break;
+        start = end = 0;
+        if (region < dev->region_count) /* (always) */
+            start = address, end = address + length;
+    }
+    if (start < end)
+        tell(dev, written, region, start, end);
 }
 
 /* Carry out a walked request as VirtioBlock._handle would when all goes well: the bytes
@@ -240,7 +281,7 @@ static int64_t execute(const struct blk_device *dev, struct chain *c, struct blk
             ? cut(writable, writable_guest, c->writable, 0, length, data, data_guest)
             : cut(c->buffers, c->guest, c->readable, HEADER_SIZE, length, data, data_guest);
         if (type == T_IN)
-            report(written, data_guest, data, count); /* before the read: a failed one wrote some */
+            report(dev, written, data_guest, data, count); /* before the read: a failed one wrote some */
         if (transfer(dev->fd, type == T_OUT, data, count, sector * SECTOR_SIZE) < 0)
             return -1;
         data_written = type == T_IN ? (int64_t)length : 0;
@@ -252,7 +293,7 @@ static int64_t execute(const struct blk_device *dev, struct chain *c, struct blk
     }
     *status = S_OK;
     struct iovec status_iov = {status, 1};
-    report(written, &status_guest, &status_iov, 1);
+    report(dev, written, &status_guest, &status_iov, 1);
     return data_written + 1;
 }
 

@@ -29,7 +29,7 @@ import os
 from devices.virtio.blk_requests_build import source_digest
 from devices.virtio.queue import Virtqueue
 from vmm.compiled_module import built_from_sources
-from vmm.memory import GuestMemory
+from vmm.memory import GuestMemory, NativeWriteListener
 
 REQUESTS_ENV = "PYVMM_BLK_REQUESTS"  # "python": carry every request out in Python
 
@@ -69,6 +69,8 @@ class CompiledRequests:
         self._pairs = ffi.new("uint64_t[]", 2 * WRITTEN_CAPACITY)
         self._written = ffi.new("struct blk_written *", (self._pairs, WRITTEN_CAPACITY, 0))
         self._completed = ffi.new("uint32_t *")
+        # The same report, made straight to the listener's C function (_tell_listener).
+        self._native: tuple[NativeWriteListener, object, object] | None = None
 
     def drain(self, queue: Virtqueue) -> tuple[bool, int]:
         """Carry out the available requests up to the first one for Python: (whether the queue
@@ -79,7 +81,7 @@ class CompiledRequests:
         q.event_idx, q.indirect = queue.event_idx, queue.indirect
         # The software CPU drops code translated from what devices wrote; on KVM nobody listens.
         listening = self._memory.device_write_listener is not None
-        written = self._written if listening else ffi.NULL
+        written = (self._tell_listener() or self._written) if listening else ffi.NULL
         completed = 0
         while True:
             status = lib.blk_drain(self._device, q, written, self._completed)
@@ -93,6 +95,20 @@ class CompiledRequests:
             if status != lib.BLK_FULL:
                 break
         return status == lib.BLK_DRAINED, completed
+
+    def _tell_listener(self):
+        """A report that goes to the listener's C function, if it may be called now (else None)."""
+        ask = self._memory.native_write_listener
+        listener = ask() if ask is not None else None
+        if listener is None:
+            return None
+        if self._native is None or self._native[0] is not listener:
+            starts = ffi.new("uint64_t[]", listener.region_starts)
+            report = ffi.new("struct blk_written *", (self._pairs, WRITTEN_CAPACITY, 0,
+                                                      ffi.cast("void (*)(void *, uint64_t, uint64_t)", listener.function),
+                                                      ffi.cast("void *", listener.context), starts))
+            self._native = (listener, report, starts)
+        return self._native[1]
 
     def close(self) -> None:
         for mapping in self._mappings:

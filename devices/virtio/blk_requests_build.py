@@ -37,7 +37,13 @@ struct blk_queue {
     uint16_t size, last_avail, used_idx;
     uint8_t event_idx, indirect;
 };
-struct blk_written { uint64_t *pairs; uint32_t capacity, count; };
+struct blk_written {
+    uint64_t *pairs;
+    uint32_t capacity, count;
+    void (*wrote)(void *context, uint64_t start, uint64_t end);
+    void *context;
+    const uint64_t *starts;
+};
 
 int blk_drain(const struct blk_device *dev, struct blk_queue *q, struct blk_written *written,
               uint32_t *completed);

@@ -34,7 +34,7 @@ from tests.fuzzing import fuzz_settings
 from tests.unit.virtio_driver import blk_requests
 from vmm.image.open import open_image
 from vmm.layout import HIGH_RAM_START, MMIO_HOLE_START
-from vmm.memory import GuestMemory
+from vmm.memory import GuestMemory, NativeWriteListener
 
 MEMORY_SIZE = 2 << 20
 SIZE = 16  # queue entries
@@ -77,8 +77,14 @@ class Run:
         self.memory = GuestMemory(memory_size)
         self.memory.write(0, state["memory"])
         self.reports: list[tuple[int, int]] = []
-        # The software CPU listens for device writes to guest RAM; KVM does not.
+        # The software CPU listens for device writes to guest RAM; KVM does not. On the
+        # vCPU's thread the compiled path calls the listener's C function instead.
         self.memory.device_write_listener = self.reports.extend if state["listening"] else None
+        self.native_reports: list[tuple[int, int]] = []
+        if state["listening"] in ("native", "native elsewhere"):
+            self._native = native_listener(self.memory, self.native_reports)
+            available = state["listening"] == "native"
+            self.memory.native_write_listener = lambda: self._native[0] if available else None
         self.interrupts: list[bool] = []
         self.image = open_image(str(self.file), "raw", readonly=state["image_readonly"])
         self.device = VirtioBlock(self.image, serial="differential", readonly=state["readonly"])
@@ -106,7 +112,7 @@ class Run:
                 "disk": self.file.read_bytes(), "last_avail": self.queue.last_avail,
                 "used_idx": self.queue.used_idx, "requests": self.device.requests,
                 "errors": self.device.errors, "interrupts": self.interrupts,
-                "reported": sorted(self.reports)}
+                "reported": covered(self.reports + self.native_reports)}
 
     def close(self) -> None:
         self.device.close()
@@ -114,19 +120,51 @@ class Run:
         self.memory.close()
 
 
+def native_listener(memory: GuestMemory, reports: list[tuple[int, int]]):
+    """A NativeWriteListener whose C function records each range, as a guest address and length,
+    in `reports`; it numbers RAM its own way (region i from (i + 1) << 40). Returns it with
+    what must stay alive while it is used."""
+    region_starts = tuple((i + 1) << 40 for i in range(len(memory.regions)))
+
+    def wrote(context, start, end):
+        region = (start >> 40) - 1
+        reports.append((memory.regions[region].guest_address + start - region_starts[region], end - start))
+
+    ffi = blk_requests_module.ffi
+    function = ffi.callback("void (*)(void *, uint64_t, uint64_t)", wrote)
+    address = int(ffi.cast("uintptr_t", function))
+    return NativeWriteListener(address, 0, region_starts), function
+
+
+def covered(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (address, length) runs of guest RAM that `ranges` cover together."""
+    runs: list[list[int]] = []
+    for address, length in sorted(ranges):
+        if length == 0:
+            continue
+        if runs and address <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], address + length)
+        else:
+            runs.append([address, address + length])
+    return [(start, end - start) for start, end in runs]
+
+
 def both_paths(tmp_path, state: dict, notifications: int = 1, memory_size: int = MEMORY_SIZE,
                windows: list[tuple[int, int]] | None = None) -> dict:
-    """The outcome of `notifications` kicks through each path; asserts they are the same."""
+    """The outcome of `notifications` kicks through each path; asserts they are the same.
+    (What the compiled path reported through Python's listener is in "python_reports".)"""
     outcomes = {}
     for path in ("compiled", "python"):
         run = Run(path, tmp_path, state, memory_size)
         try:
             broken = [run.notify() for _ in range(notifications)]
             outcomes[path] = {"broken": broken, **run.outcome(windows or [(0, memory_size)])}
+            if path == "compiled":
+                python_reports = run.reports
         finally:
             run.close()
     assert outcomes["compiled"] == outcomes["python"]
-    return outcomes["python"]
+    return {**outcomes["python"], "python_reports": python_reports}
 
 
 def encode(entries: list[tuple[int, int, int, int]]) -> bytes:
@@ -134,7 +172,7 @@ def encode(entries: list[tuple[int, int, int, int]]) -> bytes:
 
 
 def make_state(*, headers, heads, changes=(), avail_idx=None, start=0, event_idx=True, indirect=True,
-               readonly=False, image_readonly=False, listening=True) -> dict:
+               readonly=False, image_readonly=False, listening="python") -> dict:
     table, tables = list(LAYOUT), [list(t) for t in TABLES]
     for where, field, value in changes:
         entries, index = (table, where) if where < SIZE else (tables[where % 2], (where - SIZE) % len(tables[where % 2]))
@@ -162,19 +200,45 @@ WELL_FORMED = [0, 3, 6, 10, 11, 12, 14]
 GOOD_HEADERS = [(blk.T_IN, 8), (blk.T_OUT, 16), (blk.T_IN, DISK_SECTORS - 1), (blk.T_FLUSH, 0)]
 
 
-@pytest.mark.parametrize("listening", [True, False])
+# What WELL_FORMED's requests write: five status bytes, a 4 KiB read, a 512-byte read and its status byte.
+WELL_FORMED_WRITES = [(STATUS + 16 * i, 1) for i in range(5)] + [(DATA, 4096), (DATA + 0x4000, 512),
+                                                                 (DATA + 0x4800, 1)]
+
+
+@pytest.mark.parametrize("listening", ["python", "native", "native elsewhere", None])
 def test_well_formed_requests_give_the_same_guest_memory_used_ring_and_disk(tmp_path, listening):
+    """And the same writes reported: through Python's listener, or (compiled, on the thread that
+    may call it) the listener's C function alone."""
     state = make_state(headers=GOOD_HEADERS, heads=WELL_FORMED * 2, listening=listening)
     outcome = both_paths(tmp_path, state)
     assert outcome["broken"] == [None] and outcome["used_idx"] == 2 * len(WELL_FORMED)
-    assert outcome["requests"] == 14 and len(outcome["reported"]) == (18 if listening else 0)
+    assert outcome["requests"] == 14 and outcome["reported"] == (WELL_FORMED_WRITES if listening else [])
+    assert (outcome["python_reports"] == []) == (listening in ("native", None))
 
 
 def test_a_full_report_of_written_ranges_is_handed_over_and_the_drain_goes_on(tmp_path, monkeypatch):
     # Room for one chain's writable buffers and status byte (at most the queue's size), no more.
     monkeypatch.setattr(blk_requests_module, "WRITTEN_CAPACITY", SIZE + 1)
     outcome = both_paths(tmp_path, make_state(headers=GOOD_HEADERS, heads=WELL_FORMED * 2))
-    assert outcome["used_idx"] == 2 * len(WELL_FORMED) and len(outcome["reported"]) == 18
+    assert outcome["used_idx"] == 2 * len(WELL_FORMED) and outcome["reported"] == WELL_FORMED_WRITES
+    assert len(outcome["python_reports"]) == 18  # each buffer and status byte of the 14 requests
+
+
+def test_the_c_function_hears_of_adjacent_buffers_as_one_range(tmp_path):
+    """A read into pages that follow each other (as a user buffer's often do) is one call,
+    in the listener's own numbering of RAM; the Python listener hears of each buffer."""
+    state = make_state(headers=GOOD_HEADERS, heads=[10], listening="native")
+    memory = bytearray(state["memory"])
+    # Head 10's table: a read (header 0) into DATA + 0x8000 and the 2 KiB that follow.
+    struct.pack_into("<I", memory, HEADER + 96, blk.T_IN)
+    struct.pack_into("<Q", memory, TABLE + 16 * 2, DATA + 0x8800)
+    state["memory"] = bytes(memory)
+    run = Run("compiled", tmp_path, state)
+    try:
+        assert run.notify() is None
+        assert run.native_reports == [(DATA + 0x8000, 4096), (STATUS + 48, 1)] and run.reports == []
+    finally:
+        run.close()
 
 
 def test_the_compiled_path_carries_requests_out_without_pythons_handler(tmp_path, monkeypatch):
@@ -293,10 +357,11 @@ def test_edge_chains_give_the_same_outcome(tmp_path, edge, indirect):
        headers=st.lists(st.tuples(st.sampled_from(TYPES), st.sampled_from(SECTORS)), min_size=4, max_size=4),
        heads=st.lists(st.one_of(st.sampled_from(WELL_FORMED), st.integers(0, SIZE + 1)), max_size=SIZE + 2),
        avail_ahead=st.sampled_from([None, None, None, 0, SIZE, SIZE + 1, 0x8000]),
-       start=st.sampled_from([0, 5, 0xFFFE]), flags=st.integers(0, 31))
+       start=st.sampled_from([0, 5, 0xFFFE]), flags=st.integers(0, 63))
 def test_fuzz_the_compiled_and_python_paths_agree(tmp_path, changes, headers, heads, avail_ahead, start, flags):
     state = make_state(headers=headers, heads=heads[:SIZE] if avail_ahead is None else heads, changes=changes,
                        avail_idx=None if avail_ahead is None else start + avail_ahead, start=start,
                        event_idx=bool(flags & 1), indirect=bool(flags & 2), readonly=bool(flags & 4),
-                       image_readonly=bool(flags & 8), listening=not flags & 16)
+                       image_readonly=bool(flags & 8),
+                       listening=["python", "native", "native elsewhere", None][flags >> 4])
     both_paths(tmp_path, state, notifications=2)

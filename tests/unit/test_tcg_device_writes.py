@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import struct
 import threading
 
+import pytest
+
+from devices.virtio import blk
+from devices.virtio.blk import VirtioBlock
+from devices.virtio.mmio import VirtioMmioTransport
 from devices.virtio.queue import DescriptorChain
 from tests.unit.tcg_support import LOAD_ADDRESS, TcgMachine, assemble
+from tests.unit.virtio_driver import Buffer, FakeDriver, blk_requests
+from vmm.bus import NullIrqLine
 from vmm.cpu_state import CpuState
+from vmm.image.open import open_image
 
 PRINT_AND_EXIT = """
     .code16
@@ -65,3 +74,36 @@ def test_adjacent_ranges_are_one_call_and_ranges_are_clipped_to_ram(tmp_path):
     finally:
         invalidator.stop_owning()
         m.close()
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_a_disk_read_over_code_that_ran_replaces_it_on_either_request_path(machine, tmp_path, path):
+    """virtio-blk reading a program over one that ran, on the vCPU's thread (as in its MMIO
+    hook): the next run is the new program. The compiled path tells the engine itself
+    (GuestMemory.native_write_listener), not through Python's invalidator."""
+    images = {letter: assemble(PRINT_AND_EXIT.format(letter=hex(ord(letter))), tmp_path, name=letter)
+              for letter in "AB"}
+    machine.load(images["A"])
+    assert run_from_the_start(machine) == b"A"
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(images["B"].ljust(4096, b"\0"))
+    image = open_image(str(disk), "raw", readonly=True)
+    transport = VirtioMmioTransport(VirtioBlock(image), machine.memory, NullIrqLine())
+    driver = FakeDriver(transport, machine.memory)
+    driver.heap.next = 0x100_0000  # (the queue and the request's header far from the program)
+    invalidator = machine.vm.invalidator
+    try:
+        with blk_requests(path):
+            (queue,) = driver.start(1)
+        header = driver.heap.alloc(16, data=struct.pack("<IIQ", blk.T_IN, 0, 0))
+        status = driver.heap.alloc(1, data=b"\xff")
+        invalidator.start_owning()  # this thread is the vCPU's, between two slices
+        try:
+            queue.add([Buffer(header, 16), Buffer(LOAD_ADDRESS, 4096, writable=True), Buffer(status, 1, writable=True)])
+        finally:
+            invalidator.stop_owning()
+        assert machine.memory.read_u8(status) == blk.S_OK
+        assert (invalidator.invalidations == 0) == (path == "compiled")
+        assert run_from_the_start(machine) == b"B"
+    finally:
+        transport.close()

@@ -95,7 +95,7 @@ class TcgVirtualMachine(VirtualMachine):
         return DEBUG_SUPPORT
 
     def close(self) -> None:
-        self.memory.device_write_listener = None
+        self.memory.device_write_listener = self.memory.native_write_listener = None
         self.ticker.close()
         for vcpu in self.vcpus.values():
             vcpu.close()
@@ -148,6 +148,7 @@ class TcgVirtualMachine(VirtualMachine):
         # Device writes into RAM must drop the code translated from it (vmm/tcg/device_writes.py).
         self.invalidator = TranslationInvalidator(self.engine.handle, self.memory, hosts)
         self.memory.device_write_listener = self.invalidator.devices_wrote
+        self.memory.native_write_listener = self.invalidator.native_listener
         low_ram_end = self.memory.regions[0].end
         mmio_start = min(max(low_ram_end, 0), MMIO_HOLE_START)
         mmio_start = (mmio_start + PAGE - 1) & ~(PAGE - 1)
