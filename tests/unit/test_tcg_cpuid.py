@@ -119,3 +119,35 @@ def test_cpu_vendor_chooses_the_engines_model_and_what_cpuid_says(tmp_path, vend
         assert machine.vm.engine.vendor == (vendor or "intel")
     finally:
         machine.close()
+
+
+FAST_STRINGS_GUEST = """
+    .code16
+    mov $0x1a0, %ecx          /* IA32_MISC_ENABLE */
+    rdmsr
+    mov $0xe9, %dx
+    outl %eax, %dx
+    mov $7, %eax
+    xor %ecx, %ecx
+    cpuid
+    mov %ebx, %eax
+    mov $0xe9, %dx
+    outl %eax, %dx
+    mov $0, %al
+    out %al, $0xf4
+    hlt
+"""
+MISC_ENABLE_FAST_STRINGS = 1
+ERMS = 1 << 9
+
+
+def test_fast_strings_are_on_and_erms_is_not_shown(machine, tmp_path):
+    """As firmware leaves a CPU (and as QEMU's TCG guest finds it), so Linux clears and copies
+    with `rep stosq`/`rep movsq`; without ERMS, not byte by byte with `rep stosb`/`rep movsb`,
+    one translated block per byte on this engine (vmm/tcg/cpuid.py)."""
+    machine.load(assemble(FAST_STRINGS_GUEST, tmp_path))
+    machine.run()
+    assert machine.exit.status == 0
+    misc_enable, leaf7_ebx = struct.unpack("<2I", machine.output.data)
+    assert misc_enable & MISC_ENABLE_FAST_STRINGS
+    assert not leaf7_ebx & ERMS
