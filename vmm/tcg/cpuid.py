@@ -15,7 +15,7 @@ only what the rest of the emulation decides:
   translated block per byte. Without it, fast strings being on (the engine
   starts with IA32_MISC_ENABLE's bit 0 set, as firmware leaves a CPU), Linux
   uses `rep stosq`/`rep movsq`, as on QEMU's TCG: clearing the 1 MiB buffer
-  of `dd if=/dev/zero` took 0.53-0.56 s of CPU a GiB against 0.84 s with
+  of `dd if=/dev/zero` took 0.47-0.56 s of CPU a GiB against 0.84 s with
   Linux's unrolled loops (fast strings off, Unicorn's default) and 2.96-3.16
   s with ERMS;
 - XSAVE with the state components this TCG saves and has instructions for
