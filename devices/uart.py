@@ -513,8 +513,10 @@ class Uart16550:
     def flush_compiled(self) -> None:
         """Send on the output the compiled port path gathered (the software CPU's slice ended)."""
         with self._lock:
-            self._take_back()
-            self._hand_over()
+            transmitted, output = self._compiled.take_output()
+            self.transmitted += transmitted
+            if output:
+                self._output(output)
 
     def _take_back(self) -> None:
         """The registers back from the compiled path, and its output sent on (lock held)."""

@@ -95,6 +95,20 @@ int uart_ports_take(struct uart_ports *p, struct uart_registers *regs, uint32_t 
     return length;
 }
 
+/* Move the gathered output (and how many bytes were transmitted) to Python, leaving the
+ * registers handed over: what Python sends on at the end of a slice. Returns its length. */
+int uart_ports_take_output(struct uart_ports *p, uint32_t *transmitted, uint8_t *output)
+{
+    pthread_mutex_lock(&p->lock);
+    int length = (int)p->output_length;
+    *transmitted = p->transmitted;
+    memcpy(output, p->output, p->output_length);
+    p->transmitted = 0;
+    p->output_length = 0;
+    pthread_mutex_unlock(&p->lock);
+    return length;
+}
+
 /* Hand the registers over (Python checked that the state is one this file handles). */
 void uart_ports_grant(struct uart_ports *p, const struct uart_registers *regs)
 {

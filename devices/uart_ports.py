@@ -97,9 +97,15 @@ class CompiledPorts:
         if length < 0:
             return None
         taken = self._taken
-        return TakenBack(taken.ier, taken.scr, bool(taken.thr_interrupt),
+        return TakenBack(taken.ier, taken.scr, taken.thr_interrupt != 0,
                          taken.transmitting_since_ns if taken.transmitting else None,
                          self._transmitted[0], ffi.buffer(self._output, length)[:])
+
+    def take_output(self) -> tuple[int, bytes]:
+        """The output gathered so far, and how many bytes were transmitted, leaving the
+        registers handed over."""
+        length = lib.uart_ports_take_output(self._ports, self._transmitted, self._output)
+        return self._transmitted[0], ffi.buffer(self._output, length)[:]
 
     def grant(self) -> None:
         """Hand over the registers as `registers` holds them."""

@@ -31,6 +31,7 @@ struct uart_ports { uint64_t ins, outs; ...; };
 struct uart_ports *uart_ports_new(uint32_t base, const uint64_t *stop, void *python_in, void *python_out);
 void uart_ports_free(struct uart_ports *p);
 int uart_ports_take(struct uart_ports *p, struct uart_registers *regs, uint32_t *transmitted, uint8_t *output);
+int uart_ports_take_output(struct uart_ports *p, uint32_t *transmitted, uint8_t *output);
 void uart_ports_grant(struct uart_ports *p, const struct uart_registers *regs);
 uint32_t uart_ports_waiting(const struct uart_ports *p);
 uint32_t uart_port_in(void *uc, uint32_t port, int size, void *user_data);

@@ -110,7 +110,8 @@ class CompiledUart(PythonUart):
         uart_ports.lib.uart_port_out(uart_ports.ffi.NULL, port, size, value, self._ports)
 
     def state(self) -> dict:
-        self.uart.flush_compiled()
+        with self.uart._lock:  # everything back in Python, to compare
+            self.uart._take_back()
         return super().state()
 
 
