@@ -39,8 +39,9 @@ MCR with OUT2 set, the state firmware leaves the port in.
 
 Threads: vCPU threads call read/write, the console thread calls receive; one
 lock guards all state. The output writer and the IRQ line are called with the
-lock held, so bytes leave in order and levels are never set out of order;
-neither may call back into the UART.
+lock held (the line, from the compiled path, with its own lock held), so
+bytes leave in order and levels are never set out of order; neither may call
+back into the UART.
 
 On the software CPU the common-state accesses may be answered in C instead
 (devices/uart_ports.py): `attach_compiled_ports` hands the registers over
@@ -518,6 +519,11 @@ class Uart16550:
             if output:
                 self._output(output)
 
+    def drive_line(self, level: bool) -> None:
+        """The compiled path moved the interrupt line (its own lock held, which keeps this
+        UART's locked sections out until the level is set)."""
+        self._irq.set_level(level)
+
     def _take_back(self) -> None:
         """The registers back from the compiled path, and its output sent on (lock held)."""
         compiled = self._compiled
@@ -528,6 +534,7 @@ class Uart16550:
             return
         self._ier, self._scr = taken.ier, taken.scr
         self._thr_interrupt = taken.thr_interrupt
+        self._irq_level = taken.irq_level
         self._transmitting_since = taken.transmitting_since_ns
         self.transmitted += taken.transmitted
         if taken.output:

@@ -3,17 +3,21 @@
  *
  * `uart_port_in` and `uart_port_out` are the software CPU's IN and OUT hooks
  * (Unicorn's UC_HOOK_INSN signatures). An access to the UART's eight ports is
- * answered here while Python has handed the registers over (`granted`) and
- * the access leaves the interrupt line as it is; everything else, and every
- * access while the engine has been asked to stop, goes to the Python hook
- * unchanged. The rules are devices/uart.py's, restricted to what a granted
+ * answered here while Python has handed the registers over (`granted`); when
+ * it moves the interrupt line, the new level goes to Python's `python_irq`.
+ * Everything else, and every access while the engine has been asked to stop,
+ * goes to the Python hook unchanged. The rules are devices/uart.py's, restricted to what a granted
  * state allows: both FIFOs empty, no line-status error, no modem-status
  * delta, DLAB and loopback off, so the only interrupt that can be pending is
  * THR empty.
  *
  * One mutex guards the handed-over state: the hook takes it on the vCPU's
  * thread (no GIL), Python's `take`/`grant` on any thread that holds the
- * UART's own lock. The hook never calls Python with the mutex held.
+ * UART's own lock (cffi lets the GIL go for the call). The hook calls
+ * `python_irq` with the mutex held, so that no take comes between a state
+ * and its level: levels reach the line in the order of the states, as the
+ * UART's lock gives them in Python. The hook calls the Python hooks without
+ * it.
  */
 
 #include <pthread.h>
@@ -35,6 +39,7 @@ enum { THR = 0, IER = 1, IIR = 2, LCR = 3, MCR = 4, LSR = 5, MSR = 6, SCR = 7, R
 
 typedef uint32_t (*port_in_fn)(void *uc, uint32_t port, int size, void *user_data);
 typedef void (*port_out_fn)(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
+typedef void (*irq_fn)(void *uc, int level);
 
 struct uart_registers {
     uint8_t ier, lcr, mcr, lsr, msr, scr, fifo_bits;
@@ -53,9 +58,11 @@ struct uart_ports {
     const volatile uint64_t *stop; /* the stop hook's word: set, the access goes to Python */
     port_in_fn python_in;
     port_out_fn python_out;
+    irq_fn python_irq;
 };
 
-struct uart_ports *uart_ports_new(uint32_t base, const uint64_t *stop, void *python_in, void *python_out)
+struct uart_ports *uart_ports_new(uint32_t base, const uint64_t *stop, void *python_in, void *python_out,
+                                  void *python_irq)
 {
     struct uart_ports *p = calloc(1, sizeof(*p));
     if (p == NULL)
@@ -65,6 +72,7 @@ struct uart_ports *uart_ports_new(uint32_t base, const uint64_t *stop, void *pyt
     p->stop = stop;
     p->python_in = (port_in_fn)python_in;
     p->python_out = (port_out_fn)python_out;
+    p->python_irq = (irq_fn)python_irq;
     return p;
 }
 
@@ -197,6 +205,18 @@ static int write_register(struct uart_ports *p, struct uart_registers *r, uint32
     return 0; /* FCR, LCR, MCR change what this file may answer */
 }
 
+/* Make `next` the state (lock held), and drive the line to its level if that moved. */
+static void commit(struct uart_ports *p, void *uc, struct uart_registers *next)
+{
+    int level = irq_level(next);
+    int moved = level != next->irq_level;
+    next->irq_level = (uint8_t)level;
+    p->regs = *next;
+    p->answered = 1;
+    if (moved)
+        p->python_irq(uc, level);
+}
+
 uint32_t uart_port_in(void *uc, uint32_t port, int size, void *user_data)
 {
     struct uart_ports *p = user_data;
@@ -205,9 +225,8 @@ uint32_t uart_port_in(void *uc, uint32_t port, int size, void *user_data)
         pthread_mutex_lock(&p->lock);
         struct uart_registers next = p->regs;
         uint8_t value;
-        if (p->granted && read_register(&next, offset, &value) && irq_level(&next) == p->regs.irq_level) {
-            p->regs = next;
-            p->answered = 1;
+        if (p->granted && read_register(&next, offset, &value)) {
+            commit(p, uc, &next);
             pthread_mutex_unlock(&p->lock);
             p->ins++;
             return value;
@@ -225,13 +244,12 @@ void uart_port_out(void *uc, uint32_t port, int size, uint32_t value, void *user
         pthread_mutex_lock(&p->lock);
         struct uart_registers next = p->regs;
         uint8_t byte = value & 0xFF;
-        if (p->granted && write_register(p, &next, offset, byte) && irq_level(&next) == p->regs.irq_level) {
+        if (p->granted && write_register(p, &next, offset, byte)) {
             if (offset == THR) {
                 p->output[p->output_length++] = byte;
                 p->transmitted++;
             }
-            p->regs = next;
-            p->answered = 1;
+            commit(p, uc, &next);
             pthread_mutex_unlock(&p->lock);
             p->outs++;
             return;

@@ -13,12 +13,14 @@ file's functions (vmm/tcg/io_dispatch.py installs them), and Python's
 state: both FIFOs empty, no line-status error or modem-status delta, DLAB
 and loopback off. Then the C hook answers what it can exactly as the Python
 model would, without the GIL: THR writes (gathered, up to
-UART_OUTPUT_SIZE bytes), reads of every register, IER and SCR writes, as long
-as the access does not move the interrupt line. An access that would (the
-driver enabling THRI, the IIR read that acknowledges it), one to FCR, LCR or
-MCR, a wider one, another port, and every access after the engine was asked
-to stop (a kick drops them, io_dispatch.py) go to the Python hook as before:
-about 4 of the 19.
+UART_OUTPUT_SIZE bytes), reads of every register, IER and SCR writes. When
+one of them moves the interrupt line (the driver enabling THRI, the IIR
+read that acknowledges it), the hook hands the new level to
+`Uart16550.drive_line` through a Python callback, with its state locked so
+that levels reach the line in order. An access to FCR, LCR or MCR, a wider
+one, another port, and every access after the engine was asked to stop (a
+kick drops them, io_dispatch.py) go to the Python hook as before: none of
+the 19 while Linux prints.
 
 Python takes the registers back (and sends the gathered output on, in
 order) at the start of everything it does with the UART under its lock: a
@@ -38,6 +40,7 @@ output and interrupt line).
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -45,6 +48,9 @@ from devices.uart_ports_build import source_digest
 from vmm.compiled_module import built_from_sources
 
 PORTS_ENV = "PYVMM_UART_PORTS"  # "python": every serial port access goes to Python
+
+# The C signature of the callback that drives the interrupt line: (uc, level).
+LINE_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int)
 
 try:
     from devices._uart_ports import ffi, lib
@@ -68,6 +74,7 @@ class TakenBack:
     ier: int
     scr: int
     thr_interrupt: bool
+    irq_level: bool
     transmitting_since_ns: int | None
     transmitted: int
     output: bytes
@@ -76,11 +83,12 @@ class TakenBack:
 class CompiledPorts:
     """One UART's compiled port path: the engine's IN/OUT hooks (`port_in_address`,
     `port_out_address`, called with `user_data`), which pass what they do not answer to
-    `python_in`/`python_out` (C function pointers with Unicorn's hook signatures)."""
+    `python_in`/`python_out` (C function pointers with Unicorn's hook signatures) and the
+    interrupt line's new levels to `python_line` (a LINE_CFUNC)."""
 
-    def __init__(self, base: int, stop_word: int, python_in: int, python_out: int) -> None:
+    def __init__(self, base: int, stop_word: int, python_in: int, python_out: int, python_line: int) -> None:
         ports = lib.uart_ports_new(base, ffi.cast("uint64_t *", stop_word), ffi.cast("void *", python_in),
-                                   ffi.cast("void *", python_out))
+                                   ffi.cast("void *", python_out), ffi.cast("void *", python_line))
         if ports == ffi.NULL:
             raise MemoryError("the serial port's compiled port path")
         self._ports = ffi.gc(ports, lib.uart_ports_free)
@@ -98,7 +106,7 @@ class CompiledPorts:
         if length < 0:
             return None
         taken = self._taken
-        return TakenBack(taken.ier, taken.scr, taken.thr_interrupt != 0,
+        return TakenBack(taken.ier, taken.scr, taken.thr_interrupt != 0, taken.irq_level != 0,
                          taken.transmitting_since_ns if taken.transmitting else None,
                          self._transmitted[0], ffi.buffer(self._output, length)[:])
 

@@ -28,7 +28,8 @@ struct uart_registers {
 };
 struct uart_ports { uint64_t ins, outs; ...; };
 
-struct uart_ports *uart_ports_new(uint32_t base, const uint64_t *stop, void *python_in, void *python_out);
+struct uart_ports *uart_ports_new(uint32_t base, const uint64_t *stop, void *python_in, void *python_out,
+                                  void *python_irq);
 void uart_ports_free(struct uart_ports *p);
 int uart_ports_take(struct uart_ports *p, struct uart_registers *regs, uint32_t *transmitted, uint8_t *output);
 int uart_ports_take_output(struct uart_ports *p, uint32_t *transmitted, uint8_t *output);

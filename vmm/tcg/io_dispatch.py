@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from devices.uart import Uart16550
-from devices.uart_ports import CompiledPorts, use_compiled_ports
+from devices.uart_ports import LINE_CFUNC, CompiledPorts, use_compiled_ports
 from vmm.accel import MachineIo
 from vmm.bus import BusRange
 from vmm.tcg.engine import Engine
@@ -69,6 +69,7 @@ class IoHooks:
         self.timer_moved = timer_moved
         self.serial: tuple[CompiledPorts, Uart16550, BusRange] | None = None  # the compiled port path
         self._python_in = self._python_out = None  # the hooks' Python callbacks, once hooked
+        self._python_line = None  # the compiled port path's interrupt line callback
 
     def install(self, engine: Engine, mmio_start: int, mmio_end: int) -> None:
         """Map [mmio_start, mmio_end) as MMIO. Unicorn's MMIO callbacks take at most 4 bytes,
@@ -90,7 +91,10 @@ class IoHooks:
             _add_port_hook(engine, x86.UC_X86_INS_IN, python_in, None)
             _add_port_hook(engine, x86.UC_X86_INS_OUT, python_out, None)
         else:
-            compiled = CompiledPorts(uart.base, ctypes.addressof(engine.stop_hook.state), python_in, python_out)
+            device = uart.device
+            self._python_line = uccallback(uc, LINE_CFUNC)(lambda uc, level: device.drive_line(bool(level)))
+            compiled = CompiledPorts(uart.base, ctypes.addressof(engine.stop_hook.state), python_in, python_out,
+                                     _address(self._python_line))
             self.serial = (compiled, uart.device, uart)
             uart.device.attach_compiled_ports(compiled)
             _add_port_hook(engine, x86.UC_X86_INS_IN, compiled.port_in_address, compiled.user_data)
