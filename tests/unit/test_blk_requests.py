@@ -72,10 +72,13 @@ SECTORS = [0, 1, 7, DISK_SECTORS - 8, DISK_SECTORS - 1, DISK_SECTORS, DISK_SECTO
 class Run:
     """One device, queue, guest memory and disk file, set up from a state."""
 
-    def __init__(self, path: str, tmp_path, state: dict, memory_size: int = MEMORY_SIZE) -> None:
+    def __init__(self, path: str, tmp_path, state: dict, memory_size: int = MEMORY_SIZE,
+                 firmware_page: int | None = None) -> None:
         self.file = tmp_path / f"{path}.raw"
         self.file.write_bytes(state["disk"])
         self.memory = GuestMemory(memory_size)
+        if firmware_page is not None:  # a region of its own, as SeaBIOS's (GuestMemory.add_firmware)
+            self.memory.add_firmware(firmware_page, bytes(4096))
         self.memory.write(0, state["memory"])
         self.reports: list[tuple[int, int]] = []
         # The software CPU listens for device writes to guest RAM; KVM does not. On the
@@ -123,13 +126,18 @@ class Run:
 
 def native_listener(memory: GuestMemory, reports: list[tuple[int, int]]):
     """A NativeWriteListener whose C function records each range, as a guest address and length,
-    in `reports`; it numbers RAM its own way (region i from (i + 1) << 40). Returns it with
-    what must stay alive while it is used."""
+    in `reports`; it numbers RAM its own way (region i from (i + 1) << 40). A range that is not
+    inside one region in that numbering is recorded as it came, where no guest RAM is, so that
+    it differs from what the Python path reports. Returns the listener with what must stay
+    alive while it is used."""
     region_starts = tuple((i + 1) << 40 for i in range(len(memory.regions)))
 
     def wrote(context, start, end):
-        region = (start >> 40) - 1
-        reports.append((memory.regions[region].guest_address + start - region_starts[region], end - start))
+        for region, region_start in zip(memory.regions, region_starts, strict=True):
+            if region_start <= start <= end <= region_start + region.size:
+                reports.append((region.guest_address + start - region_start, end - start))
+                return
+        reports.append((start, end - start))
 
     ffi = FFI()  # (not the module's: where it was not built, the compiled runs skip, the Python ones run)
     function = ffi.callback("void (*)(void *, uint64_t, uint64_t)", wrote)
@@ -292,12 +300,14 @@ def test_the_avail_index_run_ahead_breaks_the_queue_on_both_paths(tmp_path):
     assert "ahead" in outcome["broken"][0] and outcome["used_idx"] == 0
 
 
-def test_buffers_in_high_ram_and_across_the_end_of_low_ram(tmp_path):
-    """Guest RAM in two regions: a read into high RAM is carried out, a buffer running past
-    low RAM's end breaks the queue, the same on both paths."""
+@pytest.mark.parametrize("listening", ["python", "native"])
+def test_buffers_in_high_ram_and_across_the_end_of_low_ram(tmp_path, listening):
+    """Guest RAM in two regions: a read into high RAM is carried out (and reported in high
+    RAM's own numbering to the listener's C function), a buffer running past low RAM's end
+    breaks the queue, the same on both paths."""
     size = MMIO_HOLE_START + (1 << 20)  # (MAP_NORESERVE: only the pages touched cost anything)
     high = HIGH_RAM_START + 0x1000
-    state = make_state(headers=GOOD_HEADERS, heads=[0, 3])
+    state = make_state(headers=GOOD_HEADERS, heads=[0, 3], listening=listening)
     memory = bytearray(state["memory"])
     struct.pack_into("<Q", memory, DESC + 16 * 1, high)                    # head 0 reads into high RAM
     struct.pack_into("<Q", memory, DESC + 16 * 4, MMIO_HOLE_START - 512)   # head 3's 1 KiB runs past low RAM
@@ -306,6 +316,27 @@ def test_buffers_in_high_ram_and_across_the_end_of_low_ram(tmp_path):
                          windows=[(0, 0x20000), (MMIO_HOLE_START - 4096, 4096), (high - 4096, 3 * 4096)])
     assert outcome["used_idx"] == 1 and "not in guest RAM" in outcome["broken"][0]
     assert outcome["memory"][2][4096:8192] == state["disk"][8 * 512:8 * 512 + 4096]
+    assert outcome["reported"] == [(STATUS, 1), (high, 4096)]
+
+
+def test_adjacent_buffers_in_two_regions_are_a_range_in_each(tmp_path):
+    """Firmware's last page and high RAM meet at 4 GiB but are two regions, numbered apart by
+    the listener: a read into the end of one and the start of the other is two ranges."""
+    state = make_state(headers=GOOD_HEADERS, heads=[10], listening="native")
+    memory = bytearray(state["memory"])
+    # Head 10's table: a read (header 3) into the firmware page's last 2 KiB and high RAM's first.
+    struct.pack_into("<I", memory, HEADER + 96, blk.T_IN)
+    struct.pack_into("<Q", memory, TABLE + 16 * 1, HIGH_RAM_START - 2048)
+    struct.pack_into("<Q", memory, TABLE + 16 * 2, HIGH_RAM_START)
+    state["memory"] = bytes(memory)
+    run = Run("compiled", tmp_path, state, MMIO_HOLE_START + (1 << 20), firmware_page=HIGH_RAM_START - 4096)
+    try:
+        assert run.notify() is None
+        assert run.memory.read(HIGH_RAM_START - 2048, 2048) + run.memory.read(HIGH_RAM_START, 2048) == \
+            state["disk"][:4096]
+        assert run.native_reports == [(HIGH_RAM_START - 2048, 2048), (HIGH_RAM_START, 2048), (STATUS + 48, 1)]
+    finally:
+        run.close()
 
 
 LONG_TABLE = TABLE + 0x200  # (room for SIZE + 1 entries)
