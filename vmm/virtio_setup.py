@@ -93,7 +93,7 @@ def _open_net_backend(spec: NetSpec) -> NetBackend:
     return SocketBackend(spec.socket_mode, spec.socket_path)
 
 
-def _open_disk(spec: DiskSpec) -> VirtioBlock:
+def _open_disk(spec: DiskSpec, compiled_requests: bool) -> VirtioBlock:
     from vmm.image.open import open_image
 
     if not os.path.exists(spec.path):
@@ -102,7 +102,7 @@ def _open_disk(spec: DiskSpec) -> VirtioBlock:
     if image.size % 512:
         image.close()
         raise PyvmmError(f"--disk {spec.path}: size {image.size} is not a multiple of 512 bytes")
-    return VirtioBlock(image, serial=spec.serial, readonly=spec.readonly)
+    return VirtioBlock(image, serial=spec.serial, readonly=spec.readonly, compiled_requests=compiled_requests)
 
 
 def _open_fs(spec: FsSpec) -> VirtioFs:
@@ -115,11 +115,13 @@ def _open_fs(spec: FsSpec) -> VirtioFs:
     return VirtioFs(server, spec.tag)
 
 
-def plug_virtio_devices(board: Board, vm, specs: VirtioSpecs, *, irqchip: bool) -> VirtioDevices:
+def plug_virtio_devices(board: Board, vm, specs: VirtioSpecs, *, irqchip: bool,
+                        compiled_blk: bool) -> VirtioDevices:
     """Create the devices `specs` asks for, put them on `board` and describe them in its DSDT.
 
     `vm` is the accelerator's VirtualMachine (for irq lines, ioeventfds and
-    irqfds); `irqchip` says whether the machine has interrupt controllers. A
+    irqfds); `irqchip` says whether the machine has interrupt controllers;
+    `compiled_blk` whether raw disks use virtio-blk's compiled request path. A
     virtio-console takes over the host console's input from the serial port.
     """
     if specs.count > mmio.MAX_DEVICES:
@@ -130,7 +132,7 @@ def plug_virtio_devices(board: Board, vm, specs: VirtioSpecs, *, irqchip: bool) 
     devices: list[tuple[str, object]] = []
     try:
         for n, disk in enumerate(specs.disks):
-            devices.append((f"virtio-blk{n}", _open_disk(disk)))
+            devices.append((f"virtio-blk{n}", _open_disk(disk, compiled_blk)))
         for n, net in enumerate(specs.nets):
             devices.append((f"virtio-net{n}", VirtioNet(_open_net_backend(net), net.mac, loop)))
         if specs.console:

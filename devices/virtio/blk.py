@@ -81,7 +81,8 @@ class VirtioBlock(VirtioDevice):
     name = "virtio-blk"
     queue_max_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, image: BlockDevice, *, serial: str = "", readonly: bool | None = None) -> None:
+    def __init__(self, image: BlockDevice, *, serial: str = "", readonly: bool | None = None,
+                 compiled_requests: bool = True) -> None:
         self.image = image
         self.readonly = image.readonly if readonly is None else (readonly or image.readonly)
         self.serial = serial.encode()[:ID_BYTES]
@@ -89,7 +90,9 @@ class VirtioBlock(VirtioDevice):
         self._odd = LogOnce(log, f"virtio-blk {image.filename}")
         self.requests = 0
         self.errors = 0
-        # A raw disk's requests in C where that was built (blk_requests.py), from DRIVER_OK on.
+        # A raw disk's requests in C where that was built (blk_requests.py), from DRIVER_OK on,
+        # if the machine asks for it (vmm/virtio_setup.py says when it does not).
+        self.compiled_requests = compiled_requests
         self._compiled: CompiledRequests | None = None
 
     def features(self) -> int:
@@ -116,7 +119,7 @@ class VirtioBlock(VirtioDevice):
     def activate(self, activation: Activation) -> None:
         super().activate(activation)
         self._stop_compiled()
-        if isinstance(self.image, RawImage) and use_compiled_requests():
+        if self.compiled_requests and isinstance(self.image, RawImage) and use_compiled_requests():
             self._compiled = CompiledRequests(activation.memory, self.image.fileno(), readonly=self.readonly,
                                               capacity=self.capacity, max_transfer=MAX_TRANSFER)
 

@@ -144,11 +144,11 @@ def disk(tmp_path):
     return str(path)
 
 
-def build(vm, specs):
+def build(vm, specs, compiled_blk=True):
     """The devices, the board they were plugged into (its .mmio is the bus) and guest memory."""
     memory = GuestMemory(16 << 20)
     board = make_board(memory)
-    return plug_virtio_devices(board, vm, specs, irqchip=True), board, memory
+    return plug_virtio_devices(board, vm, specs, irqchip=True, compiled_blk=compiled_blk), board, memory
 
 
 def test_devices_get_consecutive_windows_and_gsis(disk, tmp_path):
@@ -172,6 +172,16 @@ def test_devices_get_consecutive_windows_and_gsis(disk, tmp_path):
         assert [line.split(":")[0].strip() for line in devices.stats_lines()] == [
             f"{name} at {base + i * 0x1000:#x} gsi {irq + i}" for i, name in enumerate(names)]
         assert "requests 0" in devices.stats_lines()[0] and "bytes_served 0" in devices.stats_lines()[4]
+    finally:
+        devices.close()
+
+
+@pytest.mark.parametrize("compiled_blk", [True, False])
+def test_the_machine_says_whether_disks_use_the_compiled_request_path(disk, compiled_blk):
+    devices, _, _ = build(SoftwareVm(), VirtioSpecs(disks=[DiskSpec(disk), DiskSpec(disk, readonly=True)]),
+                          compiled_blk=compiled_blk)
+    try:
+        assert [t.device.compiled_requests for t in devices.transports] == [compiled_blk, compiled_blk]
     finally:
         devices.close()
 
@@ -284,7 +294,7 @@ def console_machine(*, interactive: bool):
     board.notices = []
     board.console_notice = board.notices.append
     serial = uart.plug(board)
-    devices = plug_virtio_devices(board, SoftwareVm(), VirtioSpecs(console=True), irqchip=True)
+    devices = plug_virtio_devices(board, SoftwareVm(), VirtioSpecs(console=True), irqchip=True, compiled_blk=True)
     return board, serial, FakeDriver(devices.transports[0], memory), devices
 
 
