@@ -91,7 +91,7 @@ class VirtioBlock(VirtioDevice):
         self.requests = 0
         self.errors = 0
         # A raw disk's requests in C where that was built (blk_requests.py), from DRIVER_OK on,
-        # if the machine asks for it (vmm/virtio_setup.py says when it does not).
+        # if the machine asks for it (vmm/builder.py says when it does not).
         self.compiled_requests = compiled_requests
         self._compiled: CompiledRequests | None = None
 

@@ -22,10 +22,9 @@ from pathlib import Path
 
 from tests.assets import find_linux_assets
 from tests.boot.session import PROMPT, GuestSession
+from tests.boot.test_linux_boot import WORK_ON_CPU
 from tests.helpers import REPO
 
-WORK_ON_CPU = ("w() { taskset -c $1 sh -c 'i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; "
-               "cut -d\" \" -f39 /proc/self/stat'; }")
 ROUNDS = 3
 L2_TIMEOUT = 300
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from devices import lapic as lapic_regs
 from vmm.cpu_state import (
+    MISC_ENABLE_FAST_STRINGS,
     MSR_CSTAR,
     MSR_KERNEL_GS_BASE,
     MSR_LSTAR,
@@ -33,7 +34,7 @@ BOOT_MSRS = {
     MSR_STAR: 0, MSR_LSTAR: 0, MSR_CSTAR: 0, MSR_SYSCALL_MASK: 0,
     MSR_KERNEL_GS_BASE: 0,
     MSR_TSC: 0,
-    MSR_MISC_ENABLE: 1,                    # fast strings
+    MSR_MISC_ENABLE: MISC_ENABLE_FAST_STRINGS,
     MSR_MTRR_DEF_TYPE: (1 << 11) | 6,      # enabled, write-back
 }
 

@@ -42,7 +42,7 @@ import re
 import time
 from collections.abc import Callable
 
-from vmm.cpu_state import MSR_MISC_ENABLE, RFLAGS_IF
+from vmm.cpu_state import MISC_ENABLE_FAST_STRINGS, MSR_MISC_ENABLE, RFLAGS_IF
 from vmm.tcg.code_pages import patch_code_page_tracking
 from vmm.tcg.native_interrupts import Injector
 from vmm.tcg.native_syscall import patch_syscall
@@ -68,7 +68,6 @@ XSETBV_HLT = bytes.fromhex("0f 01 d1 f4")  # xsetbv; hlt
 CR4_OSXSAVE = 1 << 18
 XCR0_X87 = 0x1
 XCR0_PROBE = 0x3  # x87 | SSE
-MISC_ENABLE_FAST_STRINGS = 1
 CPUID_OUTPUTS = (x86.UC_X86_REG_EAX, x86.UC_X86_REG_EBX, x86.UC_X86_REG_ECX, x86.UC_X86_REG_EDX)
 # The guest is told the TSC's rate (CPUID 0x15) and never calibrates it, so an
 # error here is a clock drift in the guest: 1000 ppm is 86 s a day. Each end
