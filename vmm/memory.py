@@ -9,6 +9,7 @@ pass in: a bad one raises `GuestMemoryError`, never touches host memory.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import mmap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,25 +22,56 @@ from vmm.layout import HIGH_RAM_START, MMIO_HOLE_START
 # overcommit. (The constant reached the mmap module only in Python 3.12.)
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
+# Guest RAM starts on a host address that is a multiple of this and asks for transparent huge
+# pages (madvise), as QEMU's does: KVM maps guest RAM with 2 MiB pages of its own tables only
+# where the host's page is huge and the host and guest-physical addresses agree modulo 2 MiB
+# (every region's guest address is a multiple of it). With 4 KiB pages every page the guest
+# touches first costs an exit into the host kernel: a Linux boot on the nested KVM took
+# about 17,700 of them against QEMU's 430, a third of the boot's time there.
+HUGE_PAGE = 2 << 20
+
 
 @dataclass
 class MemoryRegion:
     guest_address: int
     size: int
-    mapping: mmap.mmap
-    whole: memoryview | None = None  # made on first `view`, released on close
+    mapping: mmap.mmap  # the host mapping holding the region (RAM's is HUGE_PAGE larger)
+    start: int = 0  # where in it the region starts
 
-    def whole_view(self) -> memoryview:
-        if self.whole is None:
-            self.whole = memoryview(self.mapping)
-        return self.whole
+    def __post_init__(self) -> None:
+        # The region's bytes, for Python's windows onto it. (C is handed the mapping itself, with
+        # `start`: a buffer taken from a memoryview can outlive it when the GC breaks a cycle.)
+        self.host = memoryview(self.mapping)[self.start : self.start + self.size]
+
+    def host_address(self) -> int:
+        """Where the region's first byte is in this process, for an accelerator to map."""
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.mapping)) + self.start
 
     def window(self, offset: int, length: int) -> memoryview:
-        return self.whole_view()[offset : offset + length]
+        return self.host[offset : offset + length]
 
     @property
     def end(self) -> int:
         return self.guest_address + self.size
+
+    def close(self) -> None:
+        try:
+            self.host.release()
+            self.mapping.close()
+        except BufferError:
+            pass  # a view is still exported (e.g. to an accelerator); the GC frees it
+
+
+def _huge_page_aligned(length: int) -> tuple[mmap.mmap, int]:
+    """`length` bytes of anonymous memory on a HUGE_PAGE boundary, backed by huge pages where
+    the host allows: (a mapping HUGE_PAGE longer, where in it they start)."""
+    mapping = mmap.mmap(-1, length + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(mapping)) % HUGE_PAGE
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, length)
+    except (AttributeError, OSError):
+        pass  # a host without transparent huge pages: 4 KiB pages, slower on KVM but correct
+    return mapping, start
 
 
 def ram_layout(size: int) -> list[tuple[int, int]]:
@@ -78,13 +110,11 @@ class GuestMemory:
         self.regions: list[MemoryRegion] = []
         for address, length in ram_layout(size):
             try:
-                mapping = mmap.mmap(
-                    -1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
-                )
+                mapping, start = _huge_page_aligned(length)
             except OSError as err:
                 self.close()
                 raise PyvmmError(f"cannot allocate {length} bytes of guest memory: {err.strerror}") from None
-            self.regions.append(MemoryRegion(address, length, mapping))
+            self.regions.append(MemoryRegion(address, length, mapping, start))
         self._starts = [r.guest_address for r in self.regions]
         # Low RAM starts at 0 and takes nearly every access: checked first.
         self._low, self._low_end = self.regions[0], self.regions[0].size
@@ -107,12 +137,7 @@ class GuestMemory:
 
     def close(self) -> None:
         for region in self.regions:
-            if region.whole is not None:
-                region.whole.release()
-            try:
-                region.mapping.close()
-            except BufferError:
-                pass  # a view is still exported (e.g. to an accelerator); the GC frees it
+            region.close()
         self.regions = []
         self._starts = []
         self._low_end = 0
@@ -141,11 +166,13 @@ class GuestMemory:
 
     def read(self, address: int, length: int) -> bytes:
         region, offset = self._locate(address, length)
-        return region.mapping[offset : offset + length]
+        start = region.start + offset
+        return region.mapping[start : start + length]
 
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         region, offset = self._locate(address, len(data))
-        region.mapping[offset : offset + len(data)] = data
+        start = region.start + offset
+        region.mapping[start : start + len(data)] = data
 
     def devices_wrote(self, ranges: list[tuple[int, int]]) -> None:
         """Devices wrote these (address, length) ranges of guest RAM (DMA): tell the accelerator."""
@@ -163,7 +190,7 @@ class GuestMemory:
         """Windows onto the (address, length) ranges, released on leaving the block."""
         # A 1 MiB disk request is 256 ranges, nearly always in low RAM: those are sliced
         # here, with the check _locate makes; the others go through view().
-        whole = self._low.whole_view() if self._low_end else None
+        whole = self._low.host if self._low_end else None
         low_end = self._low_end if whole is not None else -1  # closed: everything through view()
         windows = [whole[address : address + length]
                    if 0 <= address and 0 <= length and address + length <= low_end

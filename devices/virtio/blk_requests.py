@@ -61,7 +61,7 @@ class CompiledRequests:
         # Held (and so kept mapped) until close(): blk_drain writes through these addresses.
         self._mappings = [ffi.from_buffer("uint8_t[]", region.mapping) for region in memory.regions]
         self._regions = ffi.new("struct blk_region[]", [
-            (region.guest_address, region.size, mapping)
+            (region.guest_address, region.size, mapping + region.start)
             for region, mapping in zip(memory.regions, self._mappings, strict=True)])
         self._device = ffi.new("struct blk_device *", (self._regions, len(self._mappings), fd, readonly,
                                                         capacity, max_transfer))

@@ -1,10 +1,12 @@
 """GuestMemory: RAM layout around the MMIO hole and bounds-checked access."""
 
+from pathlib import Path
+
 import pytest
 
 from vmm.errors import GuestMemoryError, PyvmmError
 from vmm.layout import HIGH_RAM_START, MMIO_HOLE_START, GiB, MiB
-from vmm.memory import GuestMemory, ram_layout
+from vmm.memory import HUGE_PAGE, GuestMemory, ram_layout
 
 
 def test_small_memory_is_one_region_from_zero():
@@ -91,3 +93,35 @@ def test_views_of_low_and_high_ram_are_windows_and_bad_ranges_are_refused():
     for bad in [(MMIO_HOLE_START - 2, 4), (-1, 2), (0x1000, -1), (HIGH_RAM_START + 2 * MiB, 1)]:
         with pytest.raises(GuestMemoryError), memory.views([(0x1000, 4), bad]):
             pass
+
+
+def _smaps_entry(address: int) -> list[str]:
+    """This process's /proc/self/smaps lines for the mapping that holds `address`."""
+    entry, inside = [], False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < end
+        if inside:
+            entry.append(line)
+    return entry
+
+
+def test_ram_sits_on_huge_page_boundaries_and_asks_for_huge_pages():
+    # KVM maps guest RAM with 2 MiB pages only where the host address agrees with the
+    # guest-physical one modulo 2 MiB and the host page is huge (memory.py says why it matters).
+    memory = GuestMemory(4 * GiB + 6 * MiB)
+    try:
+        for region in memory.regions:
+            host = region.host_address()
+            assert host % HUGE_PAGE == 0 and region.guest_address % HUGE_PAGE == 0
+            flags = next(line for line in _smaps_entry(host) if line.startswith("VmFlags:"))
+            assert " hg" in flags, flags  # MADV_HUGEPAGE
+        # What is written through the memory's own methods is what the aligned view holds.
+        memory.write(0x1234, b"huge")
+        memory.write(HIGH_RAM_START + 5, b"high")
+        assert bytes(memory.regions[0].host[0x1234:0x1238]) == b"huge"
+        assert bytes(memory.regions[1].host[5:9]) == b"high"
+    finally:
+        memory.close()

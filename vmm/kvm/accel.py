@@ -65,8 +65,7 @@ class KvmVm(VirtualMachine):
             self.fd.set_tss_address(KVM_TSS_ADDRESS)
             self.fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             for slot, region in enumerate(memory.regions):
-                host_address = int(k.ffi.cast("uintptr_t", k.ffi.from_buffer(region.mapping)))
-                self.fd.set_user_memory_region(slot, region.guest_address, region.size, host_address)
+                self.fd.set_user_memory_region(slot, region.guest_address, region.size, region.host_address())
             if platform.irqchip:
                 self.fd.create_irqchip()
                 mask_8259s(self.fd)

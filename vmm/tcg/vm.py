@@ -16,7 +16,6 @@ thread.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 
 from devices.interrupts import InterruptRouter
@@ -142,7 +141,7 @@ class TcgVirtualMachine(VirtualMachine):
     def _map_memory(self) -> None:
         hosts = []
         for region in self.memory.regions:
-            host = ctypes.addressof(ctypes.c_char.from_buffer(region.mapping))
+            host = region.host_address()
             self.engine.map_ram(region.guest_address, region.size, host)
             hosts.append(host)
         # Device writes into RAM must drop the code translated from it (vmm/tcg/device_writes.py).
