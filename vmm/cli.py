@@ -6,6 +6,7 @@ as one line on stderr with a non-zero status; nothing else is printed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -18,13 +19,14 @@ from vmm import exit_status
 from vmm.accel_select import ACCELERATORS
 from vmm.config import DEFAULT_CMDLINE, MachineConfig, parse_memory_size
 from vmm.cpu_features import CPU_VENDORS, parse_feature_edits
-from vmm.errors import PyvmmError, one_line
+from vmm.errors import PyvmmError, report
 from vmm.gdb.options import gdb_options, gdb_spec
+from vmm.host_output import reserve_standard_fds
 from vmm.virtio_options import DiskSpec, VirtioSpecs, parse_console, parse_disk, parse_fs, parse_net
 
 
 def fail(message: str, status: int = exit_status.ERROR) -> None:
-    click.echo(f"pyvmm: {one_line(message)}", err=True)
+    report(message)
     sys.exit(status)
 
 
@@ -131,8 +133,9 @@ def _exit_now(status: int) -> None:
     of a second on a small guest, longer than the guest itself ran).
     """
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError):  # None when closed at start; or a broken pipe
+            stream.flush()
     os._exit(status)
 
 
@@ -168,11 +171,9 @@ class _stop_on_signals:
 
     @staticmethod
     def _handle(signum, frame):
-        from vmm.session import current_machine
+        from vmm.session import stop_current
 
-        machine = current_machine()
-        if machine is not None:
-            machine.stop.request_stop(exit_status.INTERRUPTED, f"stopped by {signal.Signals(signum).name}")
+        stop_current(exit_status.INTERRUPTED, f"stopped by {signal.Signals(signum).name}")
 
 
 @cli.command(context_settings={"allow_interspersed_args": False})
@@ -226,4 +227,5 @@ def check() -> None:
 
 
 def main() -> None:
+    reserve_standard_fds()
     cli(prog_name="pyvmm")

@@ -6,11 +6,13 @@ written within OUTPUT_DELAY_SECONDS by an output thread, or at once by the
 writer when OUTPUT_BATCH bytes are waiting: a UART hands over one byte per
 guest `out`, virtio-console a buffer per line or two, and two system calls
 per write were most of what a printing guest cost. Whichever thread writes
-makes the system calls itself, so a guest still waits while the host does
-not read. Writes finish partial writes and wait out EAGAIN
-when someone left the fd non-blocking. If the reader of our output goes
-away (EPIPE), guest output is dropped rather than killing the vCPU thread
-that happened to transmit. `stop()` writes what is left.
+makes the system calls itself (vmm/host_output.py), so a guest still waits
+while the host does not read. When the output is gone (the reader of a pipe
+exited, stdout was closed) the injected `output_failed(status, reason)` is
+called once, with status 141 (vmm/exit_status.py), and guest output is
+dropped from then on; any other write error (a full disk) calls it with
+status 1. A stdout closed when pyvmm started fails the guest's first write,
+not a later one of the output thread's. `stop()` writes what is left.
 
 Input: a reader thread moves bytes from the input fd into the UART through
 `receive(data) -> int` (how many bytes it took).
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import fcntl
 import logging
 import os
 import select
@@ -48,10 +51,11 @@ import time
 import tty
 from collections.abc import Callable
 
+from vmm import exit_status
+from vmm.host_output import HostOutput
+
 log = logging.getLogger(__name__)
 
-# How often a guest write blocked on a full pipe looks whether it should give up.
-OUTPUT_RECHECK_SECONDS = 0.2
 # Gathered output waits at most this long (a keystroke's echo too: well under
 # what a person notices), or until this many bytes are waiting.
 OUTPUT_DELAY_SECONDS = 0.002
@@ -154,20 +158,19 @@ class Console:
         raw: bool | None = None,
         keep_signals: bool = False,
         notice_fd: int = 2,
+        output_failed: Callable[[int, str], object] = lambda status, reason: None,
     ) -> None:
         """`raw`: put the input terminal in raw mode and honour Ctrl-A escapes;
         by default, exactly when the input fd is a terminal. `notice_fd`: where
-        pyvmm's own one-line notices go (stderr, or pyvmm run's log)."""
+        pyvmm's own one-line notices go (stderr, or pyvmm run's log).
+        `output_failed(status, reason)`: the output cannot be written any more
+        (by default its output is then dropped quietly)."""
         self._quit = quit
         self._input_fd = input_fd
-        self._output_fd = output_fd
         self._notice_fd = notice_fd
-        # stdout stays blocking (it is shared with the shell that started us),
-        # so writes wait for room with poll() first: a write that blocked in
-        # the kernel could not be interrupted by a stop. One poll object per
-        # writing thread (the UART's vCPU, virtio-console's I/O thread): a
-        # poll object refuses concurrent use.
-        self._output_polls = threading.local()
+        self._output_failed = output_failed
+        self._host_output = HostOutput(output_fd, closed=self._output_closed, give_up=lambda: self._discarding)
+        self._output_writable = _open_for_writing(output_fd)
         is_tty = os.isatty(input_fd)
         self.interactive = is_tty if raw is None else raw
         self._terminal = (
@@ -180,7 +183,7 @@ class Console:
         self._receive: Callable[[bytes], int] | None = None
         self._pending = bytearray()  # input read but not yet taken by the guest
         self.max_pending = 0
-        self._output_broken = False
+        self._output_broken = False  # closed, or failed: guest output is dropped
         self._discarding = False  # stopping, and the output does not drain: give up on it
 
         self._wake_lock = threading.Lock()
@@ -272,13 +275,22 @@ class Console:
     def notice(self, text: str) -> None:
         """One line of pyvmm's own (the terminal may be in raw mode)."""
         end = "\r\n" if self.raw_mode_active else "\n"
-        os.write(self._notice_fd, f"pyvmm: {text}{end}".encode())
+        try:
+            os.write(self._notice_fd, f"pyvmm: {text}{end}".encode())
+        except OSError:
+            pass  # stderr is gone too (`pyvmm ... 2>&1 | head`): the notice with it
 
     def write(self, data: bytes) -> None:
         """Guest output to the host, all of it (the guest waits while the host does not read)."""
         if self._output_broken:
             return
         with self._output_lock:
+            if not self._output_writable:
+                # Closed when pyvmm started: fail this write, the guest's first, not a later one.
+                self._output_writable = True
+                self._output += data
+                self._write_output()
+                return
             was_empty = not self._output
             self._output += data
             if self._output_thread is not None and len(self._output) < OUTPUT_BATCH:
@@ -308,30 +320,17 @@ class Console:
         data, self._output = self._output, bytearray()
         if self._output_broken:
             return
-        view = memoryview(data)
-        while view and not self._discarding:
-            if not self._output_ready():
-                continue  # no room yet: look again, unless the machine is stopping
-            try:
-                # Room for at least PIPE_BUF bytes, so this does not block.
-                written = os.write(self._output_fd, view[: select.PIPE_BUF])
-            except (BlockingIOError, InterruptedError):
-                continue
-            except (BrokenPipeError, OSError) as err:
-                if isinstance(err, BrokenPipeError) or err.errno in (errno.EPIPE, errno.EIO):
-                    self._output_broken = True
-                    log.debug("console output closed (%s); dropping guest output", err)
-                    return
-                raise
-            view = view[written:]
+        try:
+            self._host_output.write(data)
+        except OSError as err:
+            self._output_broken = True
+            self._output_failed(exit_status.ERROR, f"cannot write the guest's output to "
+                                                   f"{self._host_output.name}: {err.strerror}; stopped the guest")
 
-    def _output_ready(self) -> bool:
-        """Whether the output has room, waiting up to OUTPUT_RECHECK_SECONDS."""
-        poller = getattr(self._output_polls, "poller", None)
-        if poller is None:
-            poller = self._output_polls.poller = select.poll()
-            poller.register(self._output_fd, select.POLLOUT)
-        return bool(poller.poll(OUTPUT_RECHECK_SECONDS * 1000))
+    def _output_closed(self, why: str) -> None:
+        self._output_broken = True
+        log.debug("console output closed: %s", why)
+        self._output_failed(exit_status.OUTPUT_CLOSED, f"{why}; stopped the guest")
 
     # -- input thread --------------------------------------------------------
 
@@ -402,6 +401,13 @@ class Console:
                 pass
         except BlockingIOError:
             pass
+
+
+def _open_for_writing(fd: int) -> bool:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+    except OSError:
+        return False  # closed
 
 
 def _in_background(fd: int) -> bool:

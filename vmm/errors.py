@@ -6,6 +6,7 @@ user input and for host-side problems the user can act on; let genuine bugs
 surface as ordinary exceptions.
 """
 
+import os
 
 # Control characters a file name (or a name read from an image) may hold,
 # escaped so that a message stays one line on the user's terminal.
@@ -16,6 +17,22 @@ _CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {
 def one_line(message: str) -> str:
     """`message` with control characters escaped: what the CLI prints after `pyvmm: `."""
     return message.translate(_CONTROL_ESCAPES)
+
+
+def to_stderr(text: str) -> None:
+    """Write `text` to stderr, or nothing when stderr itself is gone (`pyvmm ... 2>&1 | head`,
+    head having exited): a message about a closed output must not end in a traceback."""
+    data = text.encode(errors="replace")
+    try:
+        while data:
+            data = data[os.write(2, data):]
+    except OSError:
+        pass
+
+
+def report(message: str) -> None:
+    """`pyvmm: <message>` as one line on stderr."""
+    to_stderr(f"pyvmm: {one_line(message)}\n")
 
 
 class PyvmmError(Exception):

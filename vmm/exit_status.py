@@ -16,3 +16,6 @@ RESET = 7  # the guest reset the machine (a reboot); pyvmm does not restart gues
 NO_BOOTABLE_DEVICE = 8  # the firmware found nothing to boot on the disks ("No bootable device.")
 TIMED_OUT = 124  # --timeout ran out, as timeout(1) exits
 INTERRUPTED = 130  # Ctrl-C, SIGTERM or the Ctrl-A x escape
+# The guest's output had nowhere to go: pyvmm's stdout was closed, or its reader exited
+# (`pyvmm boot ... | head`). 128 + SIGPIPE, what a shell reports for a writer a broken pipe killed.
+OUTPUT_CLOSED = 141

@@ -6,12 +6,12 @@ and the console's Ctrl-A x find it through `current_machine()`.
 
 from __future__ import annotations
 
-import sys
 import time
 
 from vmm import builder, exit_status
 from vmm.config import MachineConfig
 from vmm.console import Console
+from vmm.errors import report, to_stderr
 from vmm.machine import Machine
 from vmm.stats import stats_report
 
@@ -23,11 +23,18 @@ def current_machine() -> Machine | None:
     return _current
 
 
+def stop_current(status: int, reason: str) -> None:
+    """Stop the machine being run, if any, with this status (any thread)."""
+    machine = _current
+    if machine is not None:
+        machine.stop.request_stop(status, reason)
+
+
 def run_machine(config: MachineConfig) -> int:
     """Build, run and tear down one machine; returns the exit status (vmm/exit_status.py)."""
     status, reason = run_machine_quietly(config)
     if reason:
-        print(f"pyvmm: {reason}", file=sys.stderr)
+        report(reason)
     return status
 
 
@@ -38,8 +45,8 @@ def run_machine_quietly(config: MachineConfig, console: Console | None = None) -
     """
     global _current
     started = time.monotonic()
-    console = console or Console(quit=lambda: _current and _current.stop.request_stop(
-        exit_status.INTERRUPTED, "stopped by Ctrl-A x"))
+    console = console or Console(quit=lambda: stop_current(exit_status.INTERRUPTED, "stopped by Ctrl-A x"),
+                                 output_failed=stop_current)
     machine = _current = Machine(config, console)
     try:
         builder.build(machine)
@@ -50,5 +57,5 @@ def run_machine_quietly(config: MachineConfig, console: Console | None = None) -
         console.restore()
         _current = None
     if config.stats:
-        print(stats_report(machine, time.monotonic() - started), file=sys.stderr)
+        to_stderr(stats_report(machine, time.monotonic() - started) + "\n")
     return status, reason

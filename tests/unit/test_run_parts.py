@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import lzma
@@ -196,8 +197,11 @@ class StdioHarness:
         self.stdin_r, self.stdin_w = os.pipe()
         self.out_r, self.out_w = os.pipe()
         self.statuses: list[int] = []
+        self.closed: list[str] = []
+        self.stopping = threading.Event()
         self.share = StdioShare(stdin_fd=self.stdin_r, stdout_fd=self.out_w, stderr_fd=self.out_w,
-                                on_status=self.statuses.append)
+                                on_status=self.statuses.append, output_closed=self.closed.append,
+                                give_up=self.stopping.is_set)
         self.client = FuseClient(self.share)
         self.client.init()
 
@@ -223,6 +227,36 @@ def test_writes_to_stdout_reach_the_fd_unchanged(stdio):
     data = bytes(range(256)) * 100
     assert stdio.client.write(STDOUT, fh, 12345, data) == len(data)
     assert os.read(stdio.out_r, 1 << 20) == data
+
+
+def test_a_write_to_a_closed_stdout_fails_with_epipe_and_reports_it_once(stdio):
+    fh = stdio.open(STDOUT, os.O_WRONLY)
+    os.close(stdio.out_r)  # the reader exited (`pyvmm run ... | head`)
+    stdio.out_r = os.open(os.devnull, os.O_RDONLY)  # for close()
+    write = p.WRITE_IN.pack(fh, 0, 5, 0, 0, 0, 0)
+    assert stdio.client.error(p.WRITE, STDOUT, write, b"hello") == errno.EPIPE
+    assert stdio.client.error(p.WRITE, STDOUT, write, b"again") == errno.EPIPE
+    assert stdio.closed == ["fd %d was closed (Broken pipe)" % stdio.out_w]
+
+
+def test_a_write_nobody_reads_is_dropped_once_the_run_stops(stdio):
+    fh = stdio.open(STDOUT, os.O_WRONLY)
+    os.set_blocking(stdio.out_w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(stdio.out_w, bytes(65536))  # fill the pipe: nobody reads it
+    os.set_blocking(stdio.out_w, True)
+    codes = []
+    writer = threading.Thread(target=lambda: codes.append(
+        stdio.client.error(p.WRITE, STDOUT, p.WRITE_IN.pack(fh, 0, 5, 0, 0, 0, 0), b"stuck")))
+    writer.start()
+    writer.join(0.5)
+    assert writer.is_alive()  # waiting for the reader, as a pipe's writer does
+    stdio.stopping.set()  # a signal, --timeout: the run stops
+    writer.join(30)  # bounds a hang only
+    assert not writer.is_alive()
+    assert codes == [errno.EPIPE]
+    assert stdio.closed == []  # dropped, not closed: nothing to report
 
 
 def test_a_status_write_reports_the_status(stdio):

@@ -12,7 +12,8 @@ status there, which ends the run.
 
 The serial console carries only the kernel's log: to a file in the run's
 scratch directory, or to stderr with -v. Exit statuses: the command's own;
-124 when --timeout expired; 125 when the guest could not run it (one line on
+124 when --timeout expired; 141 when pyvmm's stdout or stderr was closed
+(its reader exited); 125 when the guest could not run it (one line on
 stderr says why); the shell's 126/127 when it is not executable or not found.
 """
 
@@ -22,7 +23,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +34,7 @@ from devices.virtio.mmio import MAX_DEVICES as VIRTIO_MMIO_MAX_DEVICES
 from vmm import exit_status
 from vmm.config import MachineConfig
 from vmm.console import Console
-from vmm.errors import PyvmmError
+from vmm.errors import PyvmmError, report
 from vmm.gdb.options import GdbSpec
 from vmm.run.initramfs import (
     PRIVATE_DIRECTORIES,
@@ -48,7 +48,7 @@ from vmm.run.initramfs import (
 )
 from vmm.run.modules import default_kernel, guest_modules, kernel_release
 from vmm.run.stdio_share import StdioShare
-from vmm.session import current_machine, run_machine_quietly
+from vmm.session import current_machine, run_machine_quietly, stop_current
 from vmm.virtio_options import FsSpec, VirtioSpecs
 
 CANNOT_RUN = 125
@@ -209,16 +209,19 @@ def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[st
           log_path: Path, terminal: bool) -> int:
     reported: list[int] = []
 
-    def stop(status: int, reason: str) -> None:
-        machine = current_machine()
-        if machine is not None:
-            machine.stop.request_stop(status, reason)
-
     def on_status(status: int) -> None:
         reported.append(status)
-        stop(status, "")
+        stop_current(status, "")
 
-    stdio = StdioShare(stdin_fd=0, stdout_fd=1, stderr_fd=2, on_status=on_status)
+    def output_closed(why: str) -> None:
+        stop_current(exit_status.OUTPUT_CLOSED, f"{why}; stopped the guest")
+
+    def stopping() -> bool:
+        machine = current_machine()
+        return machine is None or machine.stop.stopping
+
+    stdio = StdioShare(stdin_fd=0, stdout_fd=1, stderr_fd=2, on_status=on_status, output_closed=output_closed,
+                       give_up=stopping)
     filesystems = [FsSpec("/", ROOT_TAG, readonly=True, hidden=HIDDEN)] + [FsSpec(path, tag) for tag, path in shares]
     if workdir:
         filesystems.append(FsSpec(workdir, WORKDIR_TAG, readonly=True))
@@ -234,7 +237,8 @@ def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[st
     try:
         if terminal:
             # The terminal, raw (Ctrl-A x quits), for hvc0 and the serial port alike.
-            console = Console(quit=lambda: stop(exit_status.INTERRUPTED, "stopped by Ctrl-A x"), notice_fd=log_fd)
+            console = Console(quit=lambda: stop_current(exit_status.INTERRUPTED, "stopped by Ctrl-A x"),
+                              notice_fd=log_fd, output_failed=stop_current)
         else:
             console = Console(quit=lambda: None, input_fd=null_fd, output_fd=log_fd, raw=False, notice_fd=log_fd)
         with _logging_to(log_fd):
@@ -245,10 +249,9 @@ def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[st
             os.close(log_fd)
     if reported:
         return reported[0]
-    if status in (exit_status.TIMED_OUT, exit_status.INTERRUPTED):
-        print(f"pyvmm: {reason}", file=sys.stderr)
+    if status in (exit_status.TIMED_OUT, exit_status.INTERRUPTED, exit_status.OUTPUT_CLOSED):
+        report(reason)
         return status
     why = _last_init_message(log_path) if not options.verbose else ""
-    print(f"pyvmm: the guest could not run the command: {why or reason or 'it stopped without a status'}",
-          file=sys.stderr)
+    report(f"the guest could not run the command: {why or reason or 'it stopped without a status'}")
     return CANNOT_RUN

@@ -7,7 +7,11 @@ The guest mounts this share on /run/pyvmm and runs the command with
 The files are not files: they are opened with FOPEN_DIRECT_IO and
 FOPEN_STREAM, so every write(2) in the guest arrives here as one FUSE WRITE,
 in order, and goes straight to pyvmm's own stdout or stderr, byte for byte;
-nothing else is ever written there (the kernel log goes elsewhere). A READ of
+nothing else is ever written there (the kernel log goes elsewhere). When
+that output is gone (`pyvmm run ... | head`, head having exited) the write
+fails with EPIPE and `output_closed` stops the run, as SIGPIPE would stop the
+command on the host: a guest shell that shrugs off the error, as a shell's
+builtin `echo` does, would otherwise print forever. A READ of
 stdin is answered with what pyvmm's stdin has delivered so far, or, when
 nothing has, later (a `Deferred` reply): the guest blocks in read(2) as it
 would on a pipe, and other requests carry on meanwhile. End of file on
@@ -30,6 +34,7 @@ from vmm.fuse import protocol as p
 from vmm.fuse.nodes import FuseError
 from vmm.fuse.request import Deferred
 from vmm.fuse.session import MAX_TRANSFER, Arguments, FuseSession
+from vmm.host_output import HostOutput
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +99,14 @@ class InputPump:
 
 
 class StdioShare(FuseSession):
-    def __init__(self, *, stdin_fd: int, stdout_fd: int, stderr_fd: int,
-                 on_status: Callable[[int], object]) -> None:
+    def __init__(self, *, stdin_fd: int, stdout_fd: int, stderr_fd: int, on_status: Callable[[int], object],
+                 output_closed: Callable[[str], object], give_up: Callable[[], bool]) -> None:
+        """`output_closed(why)`: stdout or stderr is gone (vmm/host_output.py). `give_up()`:
+        whether a write waiting for the host to read should drop its data (the run is stopping)."""
         super().__init__("pyvmm-io")
         self.input = InputPump(stdin_fd)
-        self.outputs = {STDOUT: stdout_fd, STDERR: stderr_fd}
+        self.outputs = {name: HostOutput(fd, output_closed, give_up)
+                        for name, fd in ((STDOUT, stdout_fd), (STDERR, stderr_fd))}
         self.on_status = on_status
         self.started = time.time_ns()
         self._operations = {
@@ -171,10 +179,10 @@ class StdioShare(FuseSession):
                 raise FuseError(errno.EINVAL)
             self.on_status(int(text))
             return p.WRITE_OUT.pack(size, 0)
-        fd = self.outputs[nodeid]
+        output = self.outputs[nodeid]
         with args.request.views(args.offset, size) as buffers:
             for buffer in buffers:
-                while len(buffer):
-                    written = os.write(fd, buffer)
-                    buffer = buffer[written:]
+                # Another error (ENOSPC, with stdout a file) reaches the command as its write's error.
+                if not output.write(buffer):
+                    raise FuseError(errno.EPIPE)
         return p.WRITE_OUT.pack(size, 0)
