@@ -14,20 +14,29 @@ import pytest
 
 from tests.boot.session import converse_on_a_terminal
 from tests.guest.gdb_driver import DebuggedVm
-from tests.helpers import REPO
+from tests.helpers import REPO, die_with_test_runner
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def run(linux_assets, linux_module_tree):
-    def run(*args: str, input: bytes = b"", cwd=REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+def pyvmm_run(linux_assets, linux_module_tree):
+    """`pyvmm run ARGS` as a command line, and the environment to run it in."""
+    def pyvmm_run(*args: str) -> tuple[list[str], dict[str, str]]:
         command = [sys.executable, "-m", "vmm", "run", "--kernel", str(linux_assets.kernel),
                    "--modules", str(linux_module_tree), *args]
         # PYTHONPATH: the checkout under test first, whatever the working directory
         # (and what was there: inside make test-kvm's L1 it names the packages).
         paths = [str(REPO), os.environ.get("PYTHONPATH")]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in paths if path)}
+        return command, {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in paths if path)}
+
+    return pyvmm_run
+
+
+@pytest.fixture
+def run(pyvmm_run):
+    def run(*args: str, input: bytes = b"", cwd=REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+        command, env = pyvmm_run(*args)
         return subprocess.run(command, input=input, capture_output=True, cwd=cwd, timeout=timeout, env=env)
 
     return run
@@ -211,3 +220,21 @@ def test_an_ordinary_user_runs_a_command_and_owns_what_it_writes(unprivileged, l
     assert result.stdout == f"{work}\nwritten in the guest\n".encode()
     assert (work / "note").read_bytes() == b"written in the guest\n"
     assert (work / "note").stat().st_uid == unprivileged.user.pw_uid
+
+
+def test_a_command_printing_forever_is_stopped_when_the_reader_of_its_output_exits(pyvmm_run):
+    # `pyvmm run -- sh -c 'while :; do echo x; done' | head`: the shell's builtin echo
+    # shrugs off the write error, so only stopping the run ends it (SIGPIPE would, on the host).
+    command, env = pyvmm_run("--", "sh", "-c", "while :; do echo x; done")
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=REPO, env=env, preexec_fn=die_with_test_runner)
+    try:
+        assert process.stdout.read(100) == b"x\n" * 50
+        process.stdout.close()  # the reader exits
+        status = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert status == 141
+    assert process.stderr.read() == b"pyvmm: stdout was closed (Broken pipe); stopped the guest\n"

@@ -67,6 +67,27 @@ def test_hvc0_takes_input_after_a_long_stream_of_output(linux_assets, tmp_path):
     assert numbers == [str(n) for n in range(1, LINES + 1)]
 
 
+FLOOD_ON_HVC0 = """
+echo hvc0-flooding >/dev/hvc0
+while :; do echo x; done >/dev/hvc0
+"""
+
+
+def test_a_guest_printing_forever_on_hvc0_is_stopped_when_the_reader_exits(linux_assets, tmp_path):
+    # `pyvmm boot --console virtio ... | head`: virtio-console's output meets the closed pipe.
+    initrd = overlay_initrd(linux_assets, FLOOD_ON_HVC0, tmp_path / "initrd.img")
+    session = GuestSession(program=pyvmm_command(linux_assets, initrd, "--console", "virtio", "--accel", "tcg"),
+                           timeout=600)
+    try:
+        session.expect("hvc0-flooding\r\nx\r\n")
+        session.process.stdout.close()  # the reader exits
+        status, stderr = session.wait()
+    finally:
+        session.close()
+    assert status == 141, stderr
+    assert stderr.splitlines()[-1] == "pyvmm: stdout was closed (Broken pipe); stopped the guest"
+
+
 def test_at_a_terminal_a_guest_without_virtio_console_is_typed_to_on_the_serial_port(linux_assets):
     # The test initramfs loads no virtio module: the guest never sets up hvc0, and its
     # shell is on ttyS0 (the kernel's console=ttyS0 is the one that registers).

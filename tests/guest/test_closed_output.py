@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import termios
 
 import pytest
 
@@ -19,9 +20,9 @@ from tests.helpers import REPO
 CLOSED = 141
 
 
-def pyvmm_boot(image, accel: str, **popen) -> subprocess.Popen:
+def pyvmm_boot(image, accel: str, stdin=subprocess.DEVNULL, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "vmm", "boot", "--flat", str(image), "--accel", accel],
-                            stdin=subprocess.DEVNULL, cwd=REPO, **popen)
+                            stdin=stdin, cwd=REPO, **popen)
 
 
 def finish(process: subprocess.Popen) -> int:
@@ -85,3 +86,19 @@ def test_a_guest_that_prints_a_little_to_a_pipe_nobody_reads_still_ends(guest, a
     status = finish(process)
     stderr = process.stderr.read()
     assert (status, stderr) in [(42, b""), (CLOSED, b"pyvmm: stdout was closed (Broken pipe); stopped the guest\n")]
+
+
+def test_the_terminal_is_restored_when_the_reader_exits(guest, accel):
+    # `pyvmm boot ... | head` typed at a terminal: stdin is the terminal, in raw mode while the guest runs.
+    controller, terminal = os.openpty()
+    try:
+        before = termios.tcgetattr(terminal)
+        process = pyvmm_boot(guest("flood"), accel, stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout.readline() == b"flooding\n"
+        assert termios.tcgetattr(terminal) != before  # raw
+        process.stdout.close()
+        assert finish(process) == CLOSED
+        assert termios.tcgetattr(terminal) == before
+    finally:
+        os.close(controller)
+        os.close(terminal)

@@ -296,11 +296,13 @@ def test_write_finishes_partial_writes_on_a_nonblocking_pipe() -> None:
     os.close(write_end)
 
 
-def test_write_to_a_closed_reader_drops_output_quietly(monkeypatch) -> None:
+def test_write_to_a_closed_reader_reports_it_once_and_drops_output(monkeypatch) -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)
     null_in = os.open(os.devnull, os.O_RDONLY)
-    console = Console(lambda: None, input_fd=null_in, output_fd=write_end)
+    failures = []
+    console = Console(lambda: None, input_fd=null_in, output_fd=write_end,
+                      output_failed=lambda status, reason: failures.append((status, reason)))
     attempts = []
     real_write = os.write
 
@@ -313,9 +315,20 @@ def test_write_to_a_closed_reader_drops_output_quietly(monkeypatch) -> None:
     console.write(b"nobody listens")  # EPIPE: no exception, and no SIGPIPE kills us
     console.write(b"still nobody")  # dropped without trying the pipe again
     assert attempts == [b"nobody listens"]
+    assert failures == [(141, f"fd {write_end} was closed (Broken pipe); stopped the guest")]
     console.stop()
     os.close(write_end)
     os.close(null_in)
+
+
+def test_a_notice_to_a_closed_stderr_is_dropped_without_an_exception() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    null = os.open(os.devnull, os.O_RDONLY)
+    console = Console(lambda: None, input_fd=null, output_fd=null, notice_fd=write_end, raw=False)
+    console.notice("using the software CPU")  # `pyvmm boot ... 2>&1 | head`, head gone
+    os.close(write_end)
+    os.close(null)
 
 
 def test_pipe_through_the_real_uart_loses_nothing() -> None:

@@ -236,7 +236,7 @@ def test_a_write_to_a_closed_stdout_fails_with_epipe_and_reports_it_once(stdio):
     write = p.WRITE_IN.pack(fh, 0, 5, 0, 0, 0, 0)
     assert stdio.client.error(p.WRITE, STDOUT, write, b"hello") == errno.EPIPE
     assert stdio.client.error(p.WRITE, STDOUT, write, b"again") == errno.EPIPE
-    assert stdio.closed == ["fd %d was closed (Broken pipe)" % stdio.out_w]
+    assert stdio.closed == [f"fd {stdio.out_w} was closed (Broken pipe)"]
 
 
 def test_a_write_nobody_reads_is_dropped_once_the_run_stops(stdio):

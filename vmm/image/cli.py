@@ -57,7 +57,8 @@ def _fails_with(status: int | None = None) -> Callable:
 @contextlib.contextmanager
 def _progress(length: int, label: str, quiet: bool) -> Iterator[Callable[[int], None] | None]:
     """A progress bar on a terminal, nothing otherwise."""
-    if quiet or not sys.stdout.isatty() or length <= 0:
+    # sys.stdout is None when pyvmm started with stdout closed (`>&-`).
+    if quiet or sys.stdout is None or not sys.stdout.isatty() or length <= 0:
         yield None
         return
     with click.progressbar(length=length, label=label) as bar:
