@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 # what a person notices), or until this many bytes are waiting.
 OUTPUT_DELAY_SECONDS = 0.002
 OUTPUT_BATCH = select.PIPE_BUF
+# How long a stopping machine waits for its output to drain before dropping what nobody reads.
+OUTPUT_GRACE_SECONDS = 1.0
 
 ESCAPE_KEY = 0x01  # Ctrl-A
 READ_CHUNK = 4096
@@ -217,7 +219,7 @@ class Console:
         self._thread.start()
 
     def discard_output(self) -> None:
-        """From now on drop guest output instead of waiting for the host to read it.
+        """From now on drop guest output the host does not read, instead of waiting for room.
 
         For a machine that is stopping while a vCPU is stuck writing to a pipe
         nobody reads: it then returns from the write and can stop.
@@ -229,11 +231,12 @@ class Console:
         self._stopping = True
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+            # It may wait for a device that is writing output (virtio-console's lock).
+            self._join_or_discard(self._thread)
         output_thread, self._output_thread = self._output_thread, None
         if output_thread is not None:
             self._output_waiting.set()
-            output_thread.join()
+            self._join_or_discard(output_thread)
         self.flush()
         self.restore()
         with self._wake_lock:
@@ -241,6 +244,14 @@ class Console:
                 self._wake_closed = True
                 os.close(self._wake_r)
                 os.close(self._wake_w)
+
+    def _join_or_discard(self, thread: threading.Thread) -> None:
+        """Wait for `thread`; if it is still busy after OUTPUT_GRACE_SECONDS, output nobody reads
+        holds it (or the writer it waits for: virtio-console on KVM's I/O thread): drop that output."""
+        thread.join(OUTPUT_GRACE_SECONDS)
+        if thread.is_alive():
+            self.discard_output()
+            thread.join()
 
     def restore(self) -> None:
         """Put the terminal back as it was; safe from signal handlers, idempotent."""

@@ -5,7 +5,8 @@ The serial console (vmm/console.py) and `pyvmm run`'s stdio share
 fd is shared with the shell that started us, so it stays blocking; a write
 waits for room with poll() first, looking every OUTPUT_RECHECK_SECONDS
 whether it should give up (the machine is stopping and nobody reads): a write
-blocked in the kernel could not be interrupted by a stop. Partial writes are
+blocked in the kernel could not be interrupted by a stop. Output that the
+reader takes is written even then. Partial writes are
 finished and EAGAIN is waited out, for a caller that left the fd non-blocking.
 
 When the reader is gone (EPIPE: `pyvmm ... | head` after head exited), the
@@ -34,7 +35,7 @@ _NAMES = {1: "stdout", 2: "stderr"}
 class HostOutput:
     def __init__(self, fd: int, closed: Callable[[str], object], give_up: Callable[[], bool]) -> None:
         """`closed(why)`: called once when the output is gone, `why` being e.g. "stdout was closed
-        (Broken pipe)". `give_up()`: whether a write still waiting for room should drop its data."""
+        (Broken pipe)". `give_up()`: whether a write that finds no room should drop its data."""
         self.fd = fd
         self.name = _NAMES.get(fd, f"fd {fd}")
         self._closed = closed
@@ -48,10 +49,12 @@ class HostOutput:
         Raises OSError for an error other than a closed output."""
         view = memoryview(data)
         while view:
-            if self.is_closed or self._give_up():
+            if self.is_closed:
                 return False
             if not self._ready():
-                continue  # no room yet: look again, unless we should give up
+                if self._give_up():
+                    return False  # still no room, and no more waiting for it
+                continue
             try:
                 # Room for at least PIPE_BUF bytes, so this does not block.
                 written = os.write(self.fd, view[: select.PIPE_BUF])

@@ -19,7 +19,7 @@ from vmm import exit_status
 from vmm.accel import MachineIo
 from vmm.bus import Bus
 from vmm.config import MachineConfig
-from vmm.console import Console
+from vmm.console import OUTPUT_GRACE_SECONDS, Console
 from vmm.lifecycle import StopController
 from vmm.memory import GuestMemory
 from vmm.stuck_vcpu import LOOK_INTERVAL, StuckVcpuWatch
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 # How long shutdown waits for a kicked vCPU thread before giving up on it.
 VCPU_JOIN_TIMEOUT = 5.0
-# How long the vCPUs get to finish writing console output before it is dropped.
-OUTPUT_GRACE_SECONDS = 1.0
 
 
 class Machine:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import termios
@@ -460,3 +461,32 @@ def test_stop_writes_what_was_gathered():
     os.close(write_fd)
     os.close(null)
     assert _read_all(read_fd) == b"last words"
+
+
+def test_stop_ends_though_nobody_reads_and_no_vcpu_is_blocked():
+    # virtio-console on KVM writes from the I/O thread: with the output thread stuck on
+    # a full pipe and that thread waiting behind it, no vCPU is stuck to tell shutdown
+    # to drop the output. stop() must end anyway, dropping what nobody reads.
+    read_fd, write_fd = os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.set_blocking(write_fd, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_fd, bytes(65536))  # nobody reads: the pipe is full
+    os.set_blocking(write_fd, True)
+    console = Console(lambda: None, input_fd=null, output_fd=write_fd, raw=False)
+    console.start(lambda data: len(data))
+    try:
+        console.write(b"gathered")  # the output thread takes it, and waits for room
+        io_thread = threading.Thread(target=console.write, args=(b"i" * OUTPUT_BATCH,), daemon=True)
+        io_thread.start()  # a batch: written by the writer itself, behind the output thread
+        stopper = threading.Thread(target=console.stop, daemon=True)
+        stopper.start()
+        stopper.join(HANG_GUARD)
+        assert not stopper.is_alive()
+        io_thread.join(HANG_GUARD)
+        assert not io_thread.is_alive()
+    finally:
+        os.close(null)
+        os.close(write_fd)
+        os.close(read_fd)
