@@ -15,12 +15,11 @@ import logging
 import os
 import select
 import socket
-import sys
 import threading
 
 from vmm import exit_status
 from vmm.accel import Vcpu, VirtualMachine
-from vmm.errors import PyvmmError
+from vmm.errors import PyvmmError, report
 from vmm.gdb.debugger import Debugger
 from vmm.gdb.options import GdbAddress, GdbSpec
 from vmm.gdb.packets import Ack, Interrupt, Packet, PacketReader, frame
@@ -56,10 +55,9 @@ class GdbServer:
 
     def start(self) -> None:
         if self.debugger.support.notice:
-            print(f"pyvmm: gdb: {self.debugger.support.notice}", file=sys.stderr, flush=True)
+            report(f"gdb: {self.debugger.support.notice}")
         if self.debugger.paused_at_start:
-            print(f"pyvmm: gdb: waiting for a debugger on {self.bound_address} "
-                  "(-S: the guest starts when it continues)", file=sys.stderr, flush=True)
+            report(f"gdb: waiting for a debugger on {self.bound_address} (-S: the guest starts when it continues)")
         self._thread.start()
 
     @property
@@ -111,7 +109,7 @@ class GdbServer:
 
     def _refuse(self, connection: socket.socket) -> None:
         """A second debugger: answer its first packet with an error that says why, then hang up."""
-        print("pyvmm: gdb: refused a second debugger connection (one is attached)", file=sys.stderr, flush=True)
+        report("gdb: refused a second debugger connection (one is attached)")
         try:
             connection.settimeout(REFUSAL_TIMEOUT)
             reader = PacketReader(PACKET_SIZE)
