@@ -24,14 +24,14 @@ TEST_PACKAGES := binutils gcc python3-dev make qemu-utils qemu-system-x86 acpica
 # Cases per fuzz test for make fuzz (the suite runs a few from a fixed seed).
 FUZZ_EXAMPLES ?= 5000
 
-.PHONY: install exit-loop blk-requests deps deps-runtime demo demo-linux test test-fast test-kvm test-kvm-ci lint bench bench-kvm \
+.PHONY: install exit-loop blk-requests uart-ports deps deps-runtime demo demo-linux test test-fast test-kvm test-kvm-ci lint bench bench-kvm \
         fuzz test-assets kvm-unit-tests kvm-unit-tests-nested clean
 
 # The KVM structures' C declarations are parsed once here, not at every start
 # (vmm/cffi_prebuilt.py); without this step pyvmm parses them at import.
 CFFI_PREBUILT := vmm/kvm/_uapi_prebuilt.py
 
-install: deps-runtime $(VENV)/.installed $(CFFI_PREBUILT) exit-loop blk-requests
+install: deps-runtime $(VENV)/.installed $(CFFI_PREBUILT) exit-loop blk-requests uart-ports
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ exit-loop: $(VENV)/.installed
 # virtio-blk's compiled request path (devices/virtio/blk_requests.py), the same way.
 blk-requests: $(VENV)/.installed
 	$(PY) -m devices.virtio.blk_requests_build
+
+# The serial port's compiled port path on the software CPU (devices/uart_ports.py), the same way.
+uart-ports: $(VENV)/.installed
+	$(PY) -m devices.uart_ports_build
 
 # System packages, installed only when missing (needs root, as apt-get does);
 # on a system without dpkg, installing them is left to the user.
@@ -136,4 +140,4 @@ fuzz: install
 	PYVMM_FUZZ_SEED=$$seed PYVMM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -k fuzz tests/unit tests/fuzz
 
 clean:
-	rm -rf build .pytest_cache $(CFFI_PREBUILT) vmm/kvm/_exit_loop*.so devices/virtio/_blk_requests*.so
+	rm -rf build .pytest_cache $(CFFI_PREBUILT) vmm/kvm/_exit_loop*.so devices/virtio/_blk_requests*.so devices/_uart_ports*.so

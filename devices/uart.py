@@ -16,7 +16,7 @@ line, half the interrupts of a printing guest). So bytes written to THR
 leave at once, but the transmitter reports itself empty (the THRE
 interrupt) only when the guest turns to any other register, or, for a
 driver that writes THR and then waits for the interrupt without looking at
-the chip, after TRANSMIT_BACKSTOP_SECONDS (a thread that lives while
+the chip, after TRANSMIT_BACKSTOP_NS (a thread that lives while
 transmissions are outstanding). A guest can never read LSR with THRE or
 TEMT clear: the read itself turns to another register.
 
@@ -39,8 +39,15 @@ MCR with OUT2 set, the state firmware leaves the port in.
 
 Threads: vCPU threads call read/write, the console thread calls receive; one
 lock guards all state. The output writer and the IRQ line are called with the
-lock held, so bytes leave in order and levels are never set out of order;
-neither may call back into the UART.
+lock held (the line, from the compiled path, with its own lock held), so
+bytes leave in order and levels are never set out of order; neither may call
+back into the UART.
+
+On the software CPU the common-state accesses may be answered in C instead
+(devices/uart_ports.py): `attach_compiled_ports` hands the registers over
+whenever a locked section leaves them in a state the C hook handles, and
+every locked section starts by taking them back, with the output the C hook
+gathered.
 """
 
 from __future__ import annotations
@@ -50,10 +57,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from boot.acpi import aml
 from devices.board import Board
 from vmm.bus import IrqLine
+
+if TYPE_CHECKING:
+    from devices.uart_ports import CompiledPorts
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +139,7 @@ HW_FIFO_SIZE = 16
 # empty after this long at most: what 16 bytes take on a real line at 9600 baud. (Longer
 # would slow such a driver below a real line's speed; shorter wakes the thread more often
 # while a guest prints, as Linux does, without need: its driver always looks again.)
-TRANSMIT_BACKSTOP_SECONDS = 0.016
+TRANSMIT_BACKSTOP_NS = 16_000_000
 DEFAULT_HOST_BUFFER = 4096
 DEFAULT_DIVISOR = 12  # 9600 baud from the PC's 1.8432 MHz clock
 
@@ -161,6 +172,7 @@ class Uart16550:
         self._host_waiting = False  # receive() turned bytes away; tell it about room
 
         self._backstop: threading.Thread | None = None  # see _run_backstop
+        self._compiled: CompiledPorts | None = None  # see attach_compiled_ports
         self.overruns = 0  # bytes lost to a full receiver
         self.transmitted = 0
         self._reset_registers()
@@ -176,7 +188,7 @@ class Uart16550:
         self._fifo_enabled = False
         self._rx_trigger = 1
         self._thr_interrupt = False  # "THR became empty" waiting to be seen in IIR
-        self._transmitting_since: float | None = None  # THR written, not reported empty yet
+        self._transmitting_since: int | None = None  # THR written, not reported empty yet (monotonic ns)
         self._irq_level = False
 
     # ---------------------------------------------------------------- guest side
@@ -185,20 +197,24 @@ class Uart16550:
         # The 16550A sits on an 8-bit bus: a wider access is a run of byte cycles.
         value = 0
         with self._lock:
+            self._take_back()
             for index in range(size):
                 value |= self._read_byte(offset + index) << (8 * index)
             self._update_irq()
             notify = self._take_room_notification()
+            self._hand_over()
         if notify:
             notify()  # outside the lock: the host side may call receive() at once
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
         with self._lock:
+            self._take_back()
             for index in range(size):
                 self._write_byte(offset + index, (value >> (8 * index)) & 0xFF)
             self._update_irq()
             notify = self._take_room_notification()
+            self._hand_over()
         if notify:
             notify()
 
@@ -261,7 +277,7 @@ class Uart16550:
         # again once the burst of writes is over (the module docstring says why).
         self._thr_interrupt = False
         if self._transmitting_since is None:
-            self._transmitting_since = time.monotonic()
+            self._transmitting_since = time.monotonic_ns()
             if self._backstop is None:
                 self._backstop = threading.Thread(target=self._run_backstop, name="uart-transmitter",
                                                   daemon=True)
@@ -272,24 +288,35 @@ class Uart16550:
         self._thr_interrupt = True
 
     def _run_backstop(self) -> None:
-        """Report the transmitter empty once it has been busy TRANSMIT_BACKSTOP_SECONDS with
-        the guest not looking; end when no transmission is outstanding (a printing guest
-        keeps the thread, an idle one costs none)."""
+        """Report the transmitter empty once it has been busy TRANSMIT_BACKSTOP_NS with
+        the guest not looking; end once no byte was sent for that long (a printing guest
+        keeps the thread, an idle one costs none). Not sooner: a printing guest spends
+        most of its time between two bursts of THR writes, and a thread started for
+        each burst cost more than the guest's writes. Each wake-up also sends on what
+        the compiled port path gathered."""
+        transmitted_at_last_look = None
         while True:
             with self._lock:
+                self._take_back()
                 since = self._transmitting_since
                 if since is None:
-                    self._backstop = None
-                    return
-                delay = since + TRANSMIT_BACKSTOP_SECONDS - time.monotonic()
-                if delay <= 0:
-                    self._transmitter_empty()
-                    try:
-                        self._update_irq()
-                    except Exception:  # noqa: BLE001 - a stopped machine closed the line under us
-                        log.debug("UART transmitter: the interrupt line is gone", exc_info=True)
-                    continue
-            time.sleep(delay)
+                    if self.transmitted == transmitted_at_last_look:
+                        self._backstop = None
+                        self._hand_over()
+                        return
+                    delay = TRANSMIT_BACKSTOP_NS
+                else:
+                    delay = since + TRANSMIT_BACKSTOP_NS - time.monotonic_ns()
+                    if delay <= 0:
+                        self._transmitter_empty()
+                        try:
+                            self._update_irq()
+                        except Exception:  # noqa: BLE001 - a stopped machine closed the line under us
+                            log.debug("UART transmitter: the interrupt line is gone", exc_info=True)
+                transmitted_at_last_look = self.transmitted
+                self._hand_over()
+            if delay > 0:
+                time.sleep(delay / 1e9)
 
     def _write_ier(self, value: int) -> None:
         value &= IER_MASK
@@ -438,6 +465,7 @@ class Uart16550:
         they are discarded instead and the guest sees an overrun.
         """
         with self._lock:
+            self._take_back()
             taken = min(self._room(), len(data))
             self._wire.extend(data[:taken])
             if taken < len(data):
@@ -447,6 +475,7 @@ class Uart16550:
                     self._host_waiting = True
             self._refill_fifo()
             self._update_irq()
+            self._hand_over()
         return taken
 
     def can_receive(self) -> bool:
@@ -473,6 +502,62 @@ class Uart16550:
     @property
     def divisor(self) -> int:
         return self._divisor
+
+    # ------------------------------------------------------- the compiled port path
+
+    def attach_compiled_ports(self, compiled: CompiledPorts) -> None:
+        """Let `compiled` answer the common-state accesses from now on (devices/uart_ports.py)."""
+        with self._lock:
+            self._compiled = compiled
+            self._hand_over()
+
+    def flush_compiled(self) -> None:
+        """Send on the output the compiled port path gathered (the software CPU's slice ended)."""
+        with self._lock:
+            transmitted, output = self._compiled.take_output()
+            self.transmitted += transmitted
+            if output:
+                self._output(output)
+
+    def drive_line(self, level: bool) -> None:
+        """The compiled path moved the interrupt line (its own lock held, which keeps this
+        UART's locked sections out until the level is set)."""
+        self._irq.set_level(level)
+
+    def _take_back(self) -> None:
+        """The registers back from the compiled path, and its output sent on (lock held)."""
+        compiled = self._compiled
+        if compiled is None:
+            return
+        taken = compiled.take()
+        if taken is None:
+            return
+        self._ier, self._scr = taken.ier, taken.scr
+        self._thr_interrupt = taken.thr_interrupt
+        self._irq_level = taken.irq_level
+        self._transmitting_since = taken.transmitting_since_ns
+        self.transmitted += taken.transmitted
+        if taken.output:
+            self._output(taken.output)
+
+    def _hand_over(self) -> None:
+        """Give the registers to the compiled path if they are in a state it handles (lock held):
+        both FIFOs empty, no line-status error or modem-status delta, DLAB and loopback off, no
+        host input waiting for room."""
+        compiled = self._compiled
+        if (compiled is None or self._fifo or self._lsr & LSR_ERRORS or self._msr & MSR_DELTAS
+                or self._lcr & LCR_DLAB or self._mcr & MCR_LOOP or self._host_waiting):
+            return
+        registers = compiled.registers
+        registers.ier, registers.lcr, registers.mcr = self._ier, self._lcr, self._mcr
+        registers.lsr, registers.msr, registers.scr = self._lsr, self._msr, self._scr
+        registers.fifo_bits = IIR_FIFO_ENABLED if self._fifo_enabled else 0
+        registers.thr_interrupt = self._thr_interrupt
+        registers.transmitting = self._transmitting_since is not None
+        registers.transmitting_since_ns = self._transmitting_since or 0
+        registers.may_start_transmitting = self._backstop is not None
+        registers.irq_level = self._irq_level
+        compiled.grant()
 
 
 # -- where it sits: COM1 ------------------------------------------------------------

@@ -1,8 +1,9 @@
 """pyvmm's optional C modules (cffi API mode): building them, and telling a stale one apart.
 
-There are two, each with a Python version that does the same work and runs
-where the module is absent: the KVM exit loop (vmm/kvm/exit_loop_build.py)
-and virtio-blk's request path (devices/virtio/blk_requests_build.py). Both
+There are three, each with a Python version that does the same work and runs
+where the module is absent: the KVM exit loop (vmm/kvm/exit_loop_build.py),
+virtio-blk's request path (devices/virtio/blk_requests_build.py) and the
+serial port's port path on the software CPU (devices/uart_ports_build.py). Both
 are built at install time (`make install`, or `pip install` through
 setup.py) where a C compiler and Python's headers are present; elsewhere the
 build says so in one line. A module records a checksum of what it was built

@@ -67,13 +67,16 @@ class TcgMachine:
     """A software-CPU VM with RAM, two test ports and one vCPU, for guests in tests."""
 
     def __init__(self, memory_size: int = 32 << 20, cpus: int = 1, irqchip: bool = False,
-                 cpu_vendor: str | None = None) -> None:
+                 cpu_vendor: str | None = None, ports: tuple[tuple[int, int, object], ...] = ()) -> None:
+        """`ports`: more devices on the port bus, as (base, size, device)."""
         self.memory = GuestMemory(memory_size)
         self.io = MachineIo(pio=Bus("pio"), mmio=Bus("mmio"))
         self.output = OutputPort()
         self.exit = ExitPort()
         self.io.pio.register(OUTPUT_PORT, 1, self.output, "output")
         self.io.pio.register(EXIT_PORT, 1, self.exit, "exit")
+        for base, size, device in ports:
+            self.io.pio.register(base, size, device, type(device).__name__)
         self.accel = TcgAccelerator()
         self.vm = self.accel.create_vm(self.memory, self.io,
                                        PlatformOptions(cpus=cpus, irqchip=irqchip, cpu_vendor=cpu_vendor))

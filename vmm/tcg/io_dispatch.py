@@ -16,17 +16,40 @@ An access that makes the machine stop (the debug-exit port, a power-off)
 ends the vCPU's run on KVM at once. Here the rest of the translated block
 still executes before the stop hook runs, so the port accesses it makes are
 dropped, as if they had not happened.
+
+The IN and OUT hooks are registered through Unicorn's C API with the
+binding's own wrapper around the methods below (an exception in them stops
+the engine and is re-raised by `emu_start`, as for the binding's hooks),
+which saves a Python frame per access over `hook_add`. Where the serial
+port's compiled port path is built (devices/uart_ports.py), the hooks are its
+C functions, which answer the UART's common-state accesses themselves and
+pass everything else to these methods; `slice_ended` then moves what they
+counted into the vCPU's and the bus's counts and sends on the output they
+gathered.
 """
 
 from __future__ import annotations
 
+import ctypes
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from devices.uart import Uart16550
+from devices.uart_ports import LINE_CFUNC, CompiledPorts, use_compiled_ports
 from vmm.accel import MachineIo
+from vmm.bus import BusRange
 from vmm.tcg.engine import Engine
 from vmm.tcg.scheduler import CpuScheduler
-from vmm.tcg.unicorn_lib import uc_const, x86
+from vmm.tcg.unicorn_lib import (
+    HOOK_INSN_IN_CFUNC,
+    HOOK_INSN_OUT_CFUNC,
+    uc_const,
+    uc_hook_h,
+    uccallback,
+    uclib,
+    x86,
+)
 
 if TYPE_CHECKING:
     from devices.interrupts import InterruptRouter
@@ -44,14 +67,52 @@ class IoHooks:
         # slice's alarm re-armed (`timer_moved`): not the ~17,000 console writes of a boot.
         self.router = router
         self.timer_moved = timer_moved
+        self.serial: tuple[CompiledPorts, Uart16550, BusRange] | None = None  # the compiled port path
+        self._python_in = self._python_out = None  # the hooks' Python callbacks, once hooked
+        self._python_line = None  # the compiled port path's interrupt line callback
 
     def install(self, engine: Engine, mmio_start: int, mmio_end: int) -> None:
-        """Hook IN and OUT, and map [mmio_start, mmio_end) as MMIO. Unicorn's MMIO callbacks
-        take at most 4 bytes, so an 8-byte access arrives as two, low half first."""
-        engine.uc.hook_add(uc_const.UC_HOOK_INSN, self.port_out, None, 1, 0, x86.UC_X86_INS_OUT)
-        engine.uc.hook_add(uc_const.UC_HOOK_INSN, self.port_in, None, 1, 0, x86.UC_X86_INS_IN)
+        """Map [mmio_start, mmio_end) as MMIO. Unicorn's MMIO callbacks take at most 4 bytes,
+        so an 8-byte access arrives as two, low half first."""
         self.mmio_start = mmio_start
         engine.map_mmio(mmio_start, mmio_end - mmio_start, self.mmio_read, self.mmio_write)
+
+    def hook_ports(self, engine: Engine) -> None:
+        """Hook IN and OUT, once the devices are on the port bus (the serial port among them
+        may get its compiled path); again does nothing."""
+        if self._python_in is not None:
+            return
+        uc = engine.uc
+        self._python_in = uccallback(uc, HOOK_INSN_IN_CFUNC)(self.port_in)
+        self._python_out = uccallback(uc, HOOK_INSN_OUT_CFUNC)(self.port_out)
+        python_in, python_out = _address(self._python_in), _address(self._python_out)
+        uart = next((r for r in self.pio.ranges if isinstance(r.device, Uart16550)), None)
+        if uart is None or not use_compiled_ports():
+            _add_port_hook(engine, x86.UC_X86_INS_IN, python_in, None)
+            _add_port_hook(engine, x86.UC_X86_INS_OUT, python_out, None)
+        else:
+            device = uart.device
+            self._python_line = uccallback(uc, LINE_CFUNC)(lambda uc, level: device.drive_line(bool(level)))
+            compiled = CompiledPorts(uart.base, ctypes.addressof(engine.stop_hook.state), python_in, python_out,
+                                     _address(self._python_line))
+            self.serial = (compiled, uart.device, uart)
+            uart.device.attach_compiled_ports(compiled)
+            _add_port_hook(engine, x86.UC_X86_INS_IN, compiled.port_in_address, compiled.user_data)
+            _add_port_hook(engine, x86.UC_X86_INS_OUT, compiled.port_out_address, compiled.user_data)
+
+    def slice_ended(self, io_counts: Counter[str]) -> None:
+        """After each slice, on its vCPU's thread: count what the compiled port path answered
+        (into that vCPU's `io_counts`), and send on the output it gathered."""
+        if self.serial is None:
+            return
+        compiled, uart, bus_range = self.serial
+        ins, outs = compiled.take_counts()
+        if ins or outs:
+            io_counts["IoIn"] += ins
+            io_counts["IoOut"] += outs
+            bus_range.accesses += ins + outs
+        if compiled.output_waiting:
+            uart.flush_compiled()
 
     def port_out(self, uc, port: int, size: int, value: int, user_data) -> None:
         vcpu = self.scheduler.owner
@@ -90,3 +151,17 @@ class IoHooks:
         self.mmio.write(self.mmio_start + offset, size, value)
         if router.deadline_changes != changes:
             self.timer_moved()
+
+
+def _address(callback) -> int:
+    return ctypes.cast(callback, ctypes.c_void_p).value
+
+
+def _add_port_hook(engine: Engine, instruction: int, callback: int, user_data: int | None) -> None:
+    """A UC_HOOK_INSN for IN or OUT calling `callback` (a C function pointer) with `user_data`."""
+    handle = uc_hook_h()
+    status = uclib.uc_hook_add(engine.uc._uch, ctypes.byref(handle), uc_const.UC_HOOK_INSN, ctypes.c_void_p(callback),
+                               ctypes.c_void_p(user_data), ctypes.c_uint64(1), ctypes.c_uint64(0),
+                               ctypes.c_int(instruction))
+    if status != uc_const.UC_ERR_OK:
+        raise RuntimeError(f"uc_hook_add(UC_HOOK_INSN) failed with error {status}")

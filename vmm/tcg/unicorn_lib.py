@@ -25,6 +25,7 @@ try:
     import unicorn
     from unicorn import unicorn_const as uc_const
     from unicorn import x86_const as x86
+    from unicorn.unicorn_py3.arch.intel import HOOK_INSN_IN_CFUNC, HOOK_INSN_OUT_CFUNC
     from unicorn.unicorn_py3.arch.types import uc_hook_h
     from unicorn.unicorn_py3.unicorn import (
         HOOK_INTR_CFUNC,
@@ -90,6 +91,6 @@ def cpu_env_offset() -> int | None:
     match = _ENV_FROM_CPU.match(code)
     return int.from_bytes(match["env"], "little") if match else None
 
-__all__ = ["HOOK_INTR_CFUNC", "MMIO_READ_CFUNC", "MMIO_WRITE_CFUNC", "Uc", "UcError", "uc_const", "uc_hook_h", "uccallback", "uclib", "uc_cpu_offset", "cpu_env_offset",
+__all__ = ["HOOK_INSN_IN_CFUNC", "HOOK_INSN_OUT_CFUNC", "HOOK_INTR_CFUNC", "MMIO_READ_CFUNC", "MMIO_WRITE_CFUNC", "Uc", "UcError", "uc_const", "uc_hook_h", "uccallback", "uclib", "uc_cpu_offset", "cpu_env_offset",
            "cpu_icount_decr_ptr_offset", "x86",
            "REQUIRED_VERSION"]

@@ -62,6 +62,7 @@ from vmm.tcg.ticker import Ticker
 
 if TYPE_CHECKING:
     from devices.interrupts import InterruptRouter
+    from vmm.tcg.io_dispatch import IoHooks
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class SharedCpu:
     io: MachineIo
     pristine: ContextBuffer  # the reset state every new vCPU starts from
     debug_hooks: TcgDebugHooks  # the gdb stub's breakpoints, watchpoints and single-step
+    io_hooks: IoHooks  # port I/O and MMIO straight to the buses
 
 
 class TcgVcpu(Vcpu):
@@ -333,6 +335,7 @@ class TcgVcpu(Vcpu):
                 self._take_back_undelivered()
             self.shared.invalidator.stop_owning()
             self.shared.ticker.disarm()
+            self.shared.io_hooks.slice_ended(self.io_counts)
         if self._pending_exit is not None:
             exit, self._pending_exit = self._pending_exit, None
             return exit

@@ -73,7 +73,8 @@ class TcgVirtualMachine(VirtualMachine):
         self._pristine.save()
         self._map_memory()
         self.shared = SharedCpu(self.engine, self.scheduler, self.delivery, self.invalidator, self.ticker,
-                                self.router, memory, io, self._pristine, TcgDebugHooks(self.engine, self.scheduler))
+                                self.router, memory, io, self._pristine, TcgDebugHooks(self.engine, self.scheduler),
+                                self.io_hooks)
         self._install_hooks()
 
     # -- the VirtualMachine interface -------------------------------------------------
@@ -81,6 +82,7 @@ class TcgVirtualMachine(VirtualMachine):
     def create_vcpu(self, index: int) -> TcgVcpu:
         if index in self.vcpus:
             raise ValueError(f"vCPU {index} exists already")
+        self.io_hooks.hook_ports(self.engine)  # the devices are on the buses by now
         vcpu = TcgVcpu(self.shared, index)
         self.vcpus[index] = vcpu
         return vcpu
@@ -155,8 +157,8 @@ class TcgVirtualMachine(VirtualMachine):
         mmio_end = min([r.guest_address for r in self.memory.regions[1:] if r.guest_address < MMIO_HOLE_END],
                        default=MMIO_HOLE_END)
         # Port I/O and the MMIO hole go straight to the buses (vmm/tcg/io_dispatch.py).
-        IoHooks(self.scheduler, self.io, self.router, self.after_device_write).install(
-            self.engine, mmio_start, mmio_end)
+        self.io_hooks = IoHooks(self.scheduler, self.io, self.router, self.after_device_write)
+        self.io_hooks.install(self.engine, mmio_start, mmio_end)
 
     # -- hooks -------------------------------------------------------------------
 
