@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from boot.firmware import BootFailureWatch
 from devices import uart_ports
+from devices.legacy import register_legacy_ports
 from devices.uart import COM1_PORT, Uart16550
-from tests.unit.tcg_support import TcgMachine, assemble
+from tests.unit.tcg_support import LOAD_ADDRESS, TcgMachine, assemble, long_mode_state
 from vmm.bus import NullIrqLine
 
 # Polls LSR for THRE before each byte, as firmware and early printk do; leaves a value in the
@@ -63,5 +65,122 @@ def test_a_guest_prints_on_the_serial_port(path, monkeypatch, tmp_path):
         # IER, one LSR read and one THR write a byte at least, SCR written and read back.
         assert accesses >= 1 + 2 * len(output) + 2
         assert counts["IoIn"] + counts["IoOut"] == accesses + 1  # and the exit port
+    finally:
+        machine.close()
+
+
+def _use_path(path: str, monkeypatch) -> None:
+    if path == "compiled" and not uart_ports.compiled_ports_built():
+        pytest.skip("the serial port's compiled port path is not built (python -m devices.uart_ports_build)")
+    if path == "python":
+        monkeypatch.setenv(uart_ports.PORTS_ENV, "python")
+
+
+class Recorder:
+    """A device that appends each byte written to it to a log it shares with the UART's output."""
+
+    def __init__(self, log: bytearray) -> None:
+        self.log = log
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.log.append(value & 0xFF)
+
+
+RECORDER_PORT = 0x80
+RECORDER_MMIO = 0xD000_0000
+
+# Each byte goes to the serial port (LSR polled first), then to a port and an MMIO register
+# of another device: the way a Linux guest's serial line comes before its virtio-console
+# output (an MMIO queue notification), or firmware's last words before its reset.
+INTERLEAVED = f"""
+    .code64
+    lea message(%rip), %rsi
+next:
+    mov $0x3fd, %dx
+wait:
+    in %dx, %al
+    test $0x20, %al
+    jz wait
+    lodsb
+    test %al, %al
+    jz done
+    mov $0x3f8, %dx
+    out %al, %dx
+    out %al, ${RECORDER_PORT:#x}
+    mov %al, {RECORDER_MMIO:#x}
+    jmp next
+done:
+    out %al, $0xf4
+message: .asciz "in the order the guest wrote it\\r\\n"
+"""
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_serial_output_reaches_the_host_before_the_guests_next_access_to_another_device(path, monkeypatch,
+                                                                                          tmp_path):
+    _use_path(path, monkeypatch)
+    log = bytearray()
+    uart = Uart16550(NullIrqLine(), log.extend)
+    machine = TcgMachine(ports=((COM1_PORT, 8, uart), (RECORDER_PORT, 1, Recorder(log))))
+    machine.io.mmio.register(RECORDER_MMIO, 1, Recorder(log), "recorder")
+    try:
+        machine.memory.write(LOAD_ADDRESS, assemble(INTERLEAVED, tmp_path, link_address=LOAD_ADDRESS))
+        machine.vcpus[0].set_state(long_mode_state(machine.memory, LOAD_ADDRESS))
+        machine.run()
+        assert machine.exit.status == 0
+        message = b"in the order the guest wrote it\r\n"
+        assert bytes(log) == b"".join(bytes([byte]) * 3 for byte in message)
+    finally:
+        machine.close()
+
+
+# SeaBIOS with nothing to boot: its last words on the serial port, then a reset through
+# port 0xcf9 (RST_CPU | SYS_RST), after which the machine tells the two apart.
+LAST_WORDS = """
+    .code16
+    mov %cs, %ax
+    mov %ax, %ds
+    mov $message, %si
+next:
+    mov $0x3fd, %dx
+wait:
+    in %dx, %al
+    test $0x20, %al
+    jz wait
+    lodsb
+    test %al, %al
+    jz done
+    mov $0x3f8, %dx
+    out %al, %dx
+    jmp next
+done:
+    mov $0xcf9, %dx
+    mov $0x06, %al
+    out %al, %dx
+    out %al, $0xf4
+message: .asciz "No bootable device.\\r\\n"
+"""
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_the_boot_failure_watch_has_seen_the_firmwares_last_words_when_it_resets(path, monkeypatch, tmp_path):
+    # Machine.run reads the watch as soon as the reset stops the machine, on another thread:
+    # the words must have reached it by the time the reset is handled.
+    _use_path(path, monkeypatch)
+    output = bytearray()
+    watch = BootFailureWatch(output.extend)
+    seen_at_reset = []
+    uart = Uart16550(NullIrqLine(), watch)
+    machine = TcgMachine(ports=((COM1_PORT, 8, uart),))
+    register_legacy_ports(machine.io.pio, lambda: seen_at_reset.append(watch.seen))
+    try:
+        machine.load(assemble(LAST_WORDS, tmp_path))
+        machine.run()
+        assert machine.exit.status is not None
+        assert seen_at_reset == [True]
+        assert bytes(output) == b"No bootable device.\r\n"
     finally:
         machine.close()

@@ -26,6 +26,15 @@ C functions, which answer the UART's common-state accesses themselves and
 pass everything else to these methods; `slice_ended` then moves what they
 counted into the vCPU's and the bus's counts and sends on the output they
 gathered.
+
+The output they gathered is also sent on before each access that reaches
+these methods is dispatched, so that nothing the guest does after writing it
+reaches the host first: another device's output (a Linux guest's serial line
+before its virtio-console output, an MMIO queue notification), a reset that
+ends the machine (whose status depends on what the firmware said before it,
+boot/firmware.py's BootFailureWatch, read by another thread as soon as the
+machine stops), or a stop. Only the serial port's own accesses go without
+Python, and those keep their order among themselves.
 """
 
 from __future__ import annotations
@@ -111,10 +120,16 @@ class IoHooks:
             io_counts["IoIn"] += ins
             io_counts["IoOut"] += outs
             bus_range.accesses += ins + outs
-        if compiled.output_waiting:
-            uart.flush_compiled()
+        self._serial_output_first()
+
+    def _serial_output_first(self) -> None:
+        """Send on the serial output the compiled port path gathered, before what comes after it."""
+        serial = self.serial
+        if serial is not None and serial[0].output_waiting:
+            serial[1].flush_compiled()
 
     def port_out(self, uc, port: int, size: int, value: int, user_data) -> None:
+        self._serial_output_first()
         vcpu = self.scheduler.owner
         if vcpu.kick_pending:
             return
@@ -129,6 +144,7 @@ class IoHooks:
             self.timer_moved()
 
     def port_in(self, uc, port: int, size: int, user_data) -> int:
+        self._serial_output_first()
         vcpu = self.scheduler.owner
         if vcpu.kick_pending:
             return (1 << (8 * size)) - 1
@@ -138,10 +154,12 @@ class IoHooks:
     # The MMIO callbacks get the offset into the window that `install` mapped.
 
     def mmio_read(self, uc, offset: int, size: int, user_data) -> int:
+        self._serial_output_first()
         self.scheduler.owner.io_counts["MmioRead"] += 1
         return self.mmio.read(self.mmio_start + offset, size)
 
     def mmio_write(self, uc, offset: int, size: int, value: int, user_data) -> None:
+        self._serial_output_first()
         self.scheduler.owner.io_counts["MmioWrite"] += 1
         router = self.router
         if router is None:
