@@ -28,7 +28,11 @@ guest access that came to Python, host input arriving, the transmitter's
 backstop thread (which runs while a transmission is outstanding, so output
 never waits longer than its 16 ms), and at the end of each slice of the
 software CPU (vmm/tcg/io_dispatch.py), which also moves the accesses counted
-here into the per-vCPU and per-device counts of --stats. The C hook starts a
+here into the per-vCPU and per-device counts of --stats. The gathered output
+alone (the registers stay handed over) is also sent on before every other
+access that reaches Python is dispatched: what the guest does after
+printing, another device's output, a reset or a stop, never reaches the
+host before what it printed (io_dispatch.py). The C hook starts a
 transmission only while that backstop thread lives, so that its rule (a
 transmitter left busy reports itself empty after 16 ms) holds too.
 
