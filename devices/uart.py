@@ -512,12 +512,15 @@ class Uart16550:
             self._hand_over()
 
     def flush_compiled(self) -> None:
-        """Send on the output the compiled port path gathered (the software CPU's slice ended)."""
+        """Send on the output the compiled port path gathered, before what the guest does next
+        (vmm/tcg/io_dispatch.py). Under the lock even when the C buffer is empty: another thread
+        (the backstop, host input) may have taken bytes back and not yet sent them on."""
         with self._lock:
+            if not self._compiled.output_waiting:
+                return
             transmitted, output = self._compiled.take_output()
             self.transmitted += transmitted
-            if output:
-                self._output(output)
+            self._output(output)
 
     def drive_line(self, level: bool) -> None:
         """The compiled path moved the interrupt line (its own lock held, which keeps this

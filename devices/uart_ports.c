@@ -126,12 +126,6 @@ void uart_ports_grant(struct uart_ports *p, const struct uart_registers *regs)
     pthread_mutex_unlock(&p->lock);
 }
 
-/* Output bytes waiting here; a hint, read without the lock. */
-uint32_t uart_ports_waiting(const struct uart_ports *p)
-{
-    return __atomic_load_n(&p->output_length, __ATOMIC_RELAXED);
-}
-
 static int irq_level(const struct uart_registers *r)
 {
     int wired = (r->mcr & (MCR_OUT2 | MCR_LOOP)) == MCR_OUT2;

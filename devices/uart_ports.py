@@ -126,7 +126,10 @@ class CompiledPorts:
 
     @property
     def output_waiting(self) -> bool:
-        return lib.uart_ports_waiting(self._ports) > 0
+        """Output gathered since the last take (read without the C lock: exact on the engine's
+        thread, which alone adds to it, and on any thread that holds the UART's lock, under
+        which every take is made)."""
+        return self._ports.output_length > 0
 
     def take_counts(self) -> tuple[int, int]:
         """Port reads and writes answered here since the last call (on the engine's thread)."""

@@ -26,7 +26,7 @@ struct uart_registers {
     uint8_t thr_interrupt, transmitting, may_start_transmitting, irq_level;
     uint64_t transmitting_since_ns;
 };
-struct uart_ports { uint64_t ins, outs; ...; };
+struct uart_ports { uint64_t ins, outs; uint32_t output_length; ...; };
 
 struct uart_ports *uart_ports_new(uint32_t base, const uint64_t *stop, void *python_in, void *python_out,
                                   void *python_irq);
@@ -34,7 +34,6 @@ void uart_ports_free(struct uart_ports *p);
 int uart_ports_take(struct uart_ports *p, struct uart_registers *regs, uint32_t *transmitted, uint8_t *output);
 int uart_ports_take_output(struct uart_ports *p, uint32_t *transmitted, uint8_t *output);
 void uart_ports_grant(struct uart_ports *p, const struct uart_registers *regs);
-uint32_t uart_ports_waiting(const struct uart_ports *p);
 uint32_t uart_port_in(void *uc, uint32_t port, int size, void *user_data);
 void uart_port_out(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
 """

@@ -124,9 +124,8 @@ class IoHooks:
 
     def _serial_output_first(self) -> None:
         """Send on the serial output the compiled port path gathered, before what comes after it."""
-        serial = self.serial
-        if serial is not None and serial[0].output_waiting:
-            serial[1].flush_compiled()
+        if self.serial is not None:
+            self.serial[1].flush_compiled()
 
     def port_out(self, uc, port: int, size: int, value: int, user_data) -> None:
         self._serial_output_first()
