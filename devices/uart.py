@@ -295,7 +295,12 @@ class Uart16550:
         each burst cost more than the guest's writes. Each wake-up also sends on what
         the compiled port path gathered."""
         transmitted_at_last_look = None
+        # Started by a transmission that has just begun: nothing to look at before this long
+        # (nor to take back: a take hands the accesses to Python until the next grant).
+        delay = TRANSMIT_BACKSTOP_NS
         while True:
+            if delay > 0:
+                time.sleep(delay / 1e9)
             with self._lock:
                 self._take_back()
                 since = self._transmitting_since
@@ -315,8 +320,6 @@ class Uart16550:
                             log.debug("UART transmitter: the interrupt line is gone", exc_info=True)
                 transmitted_at_last_look = self.transmitted
                 self._hand_over()
-            if delay > 0:
-                time.sleep(delay / 1e9)
 
     def _write_ier(self, value: int) -> None:
         value &= IER_MASK

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from devices import uart as uart_module
 from devices import uart_ports
 from devices.uart import (
     IER,
@@ -243,6 +244,10 @@ def test_the_backstop_reports_thre_and_sends_what_c_gathered(monkeypatch) -> Non
     # A driver that writes THR and waits for the interrupt without touching the chip again
     # gets it from the backstop thread, which also sends on the bytes the C hook kept.
     monkeypatch.undo()
+    # The thread's first look comes a period after "a": "b" must come before it, or the look's
+    # take would hand "b" to Python (rightly: a take hands the accesses to Python until the next
+    # grant). A period far longer than the test's two lines leaves no race to lose.
+    monkeypatch.setattr(uart_module, "TRANSMIT_BACKSTOP_NS", 200_000_000)
     uart = CompiledUart()
     uart.port_out(BASE + IER, 1, IER_THRI)
     uart.port_in(BASE + IIR, 1)
