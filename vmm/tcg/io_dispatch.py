@@ -120,7 +120,7 @@ class IoHooks:
             io_counts["IoIn"] += ins
             io_counts["IoOut"] += outs
             bus_range.accesses += ins + outs
-        self._serial_output_first()
+        uart.flush_compiled()
 
     def _serial_output_first(self) -> None:
         """Send on the serial output the compiled port path gathered, before what comes after it."""
