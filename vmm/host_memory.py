@@ -1,8 +1,20 @@
-"""Handing memory pyvmm no longer uses back to the host."""
+"""Host memory: asking for huge pages, and handing memory pyvmm no longer uses back to the host."""
 
 from __future__ import annotations
 
 import ctypes
+import mmap
+
+
+def ask_for_huge_pages(mapping: mmap.mmap, start: int = 0, length: int | None = None) -> None:
+    """Ask the host to back `length` bytes of `mapping` from `start` (page-aligned) with
+    transparent huge pages, as QEMU does for guest RAM: 512 times fewer page faults to fill
+    them, which KVM's own tables and a nested or emulated CPU make dear. A host without
+    them keeps 4 KiB pages: slower, never wrong."""
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, len(mapping) - start if length is None else length)
+    except (AttributeError, OSError):
+        pass
 
 
 def release_freed_heap() -> None:

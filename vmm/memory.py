@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from vmm.errors import GuestMemoryError, PyvmmError
+from vmm.host_memory import ask_for_huge_pages
 from vmm.layout import HIGH_RAM_START, MMIO_HOLE_START
 
 # Untouched guest RAM then costs the host nothing and does not count against
@@ -67,10 +68,7 @@ def _huge_page_aligned(length: int) -> tuple[mmap.mmap, int]:
     the host allows: (a mapping HUGE_PAGE longer, where in it they start)."""
     mapping = mmap.mmap(-1, length + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
     start = -ctypes.addressof(ctypes.c_char.from_buffer(mapping)) % HUGE_PAGE
-    try:
-        mapping.madvise(mmap.MADV_HUGEPAGE, start, length)
-    except (AttributeError, OSError):
-        pass  # a host without transparent huge pages: 4 KiB pages, slower on KVM but correct
+    ask_for_huge_pages(mapping, start, length)
     return mapping, start
 
 
