@@ -19,7 +19,7 @@ MACHINE = {"vmm.__main__", "vmm.cli", "vmm.session", "vmm.builder", "vmm.machine
            "vmm.accel_select", "vmm.host_check", "vmm.run.runner"}
 # Below the devices: what devices, loaders and accelerators stand on.
 FOUNDATION = {"vmm.bus", "vmm.memory", "vmm.layout", "vmm.errors", "vmm.exit_status", "vmm.exits",
-              "vmm.cpu_state", "vmm.cpu_features"}
+              "vmm.cpu_state", "vmm.cpu_features", "vmm.host_memory"}
 
 
 def module_name(path: Path) -> str:
