@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import random
+import threading
 import time
 
 import pytest
@@ -240,20 +241,35 @@ def test_the_environment_or_a_stale_module_chooses_python(monkeypatch) -> None:
     assert not uart_ports.use_compiled_ports()
 
 
+class HeldSleep:
+    """devices/uart.py's clock, whose sleeps (the backstop thread's) wait for `release`."""
+
+    monotonic_ns = staticmethod(time.monotonic_ns)
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def sleep(self, seconds: float) -> None:
+        self.release.wait(10)  # bounds a hang only
+        time.sleep(seconds)
+
+
 def test_the_backstop_reports_thre_and_sends_what_c_gathered(monkeypatch) -> None:
     # A driver that writes THR and waits for the interrupt without touching the chip again
     # gets it from the backstop thread, which also sends on the bytes the C hook kept.
     monkeypatch.undo()
     # The thread's first look comes a period after "a": "b" must come before it, or the look's
     # take would hand "b" to Python (rightly: a take hands the accesses to Python until the next
-    # grant). A period far longer than the test's two lines leaves no race to lose.
-    monkeypatch.setattr(uart_module, "TRANSMIT_BACKSTOP_NS", 200_000_000)
+    # grant). The thread's sleeps wait until "b" is written, however late this thread gets to it.
+    clock = HeldSleep()
+    monkeypatch.setattr(uart_module, "time", clock)
     uart = CompiledUart()
     uart.port_out(BASE + IER, 1, IER_THRI)
     uart.port_in(BASE + IIR, 1)
     uart.port_out(BASE + THR, 1, ord("a"))  # starts the backstop thread (in Python)
     uart.port_out(BASE + THR, 1, ord("b"))  # kept by the C hook
     assert uart.passed_on == 1
+    clock.release.set()
     deadline = time.monotonic() + 10
     while not uart.irq.level and time.monotonic() < deadline:
         time.sleep(0.001)
