@@ -226,17 +226,23 @@ class Console:
         """
         self._discarding = True
 
-    def stop(self) -> None:
-        """Stop the input thread, wait for it, write what output is left, and give the terminal back."""
+    def stop(self, *, drain: bool = False) -> None:
+        """Stop the input thread, wait for it, write what output is left, and give the terminal back.
+
+        `drain`: the guest ended itself, and its last output waits for the reader however long
+        it takes (`pyvmm boot ... | less` with the user still on the first screen), as any
+        writer to a pipe does, until `discard_output()` (a signal, Ctrl-A x). Without it (the
+        host stopped the machine) output nobody takes within OUTPUT_GRACE_SECONDS is dropped.
+        """
         self._stopping = True
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             # It may wait for a device that is writing output (virtio-console's lock).
-            self._join_or_discard(self._thread)
+            self._join_or_discard(self._thread, drain)
         output_thread, self._output_thread = self._output_thread, None
         if output_thread is not None:
             self._output_waiting.set()
-            self._join_or_discard(output_thread)
+            self._join_or_discard(output_thread, drain)
         self.flush()
         self.restore()
         with self._wake_lock:
@@ -245,13 +251,14 @@ class Console:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
 
-    def _join_or_discard(self, thread: threading.Thread) -> None:
+    def _join_or_discard(self, thread: threading.Thread, drain: bool) -> None:
         """Wait for `thread`; if it is still busy after OUTPUT_GRACE_SECONDS, output nobody reads
-        holds it (or the writer it waits for: virtio-console on KVM's I/O thread): drop that output."""
+        holds it (or the writer it waits for: virtio-console on KVM's I/O thread): drop that
+        output, unless draining. (The join is interrupted by signals, whose handler discards.)"""
         thread.join(OUTPUT_GRACE_SECONDS)
-        if thread.is_alive():
+        if thread.is_alive() and not drain:
             self.discard_output()
-            thread.join()
+        thread.join()
 
     def restore(self) -> None:
         """Put the terminal back as it was; safe from signal handlers, idempotent."""

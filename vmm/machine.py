@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # How long shutdown waits for a kicked vCPU thread before giving up on it.
 VCPU_JOIN_TIMEOUT = 5.0
+# Stops the host asked for, rather than the guest.
+HOST_STOPS = (exit_status.TIMED_OUT, exit_status.INTERRUPTED)
 
 
 class Machine:
@@ -101,10 +103,13 @@ class Machine:
     def shutdown(self) -> None:
         """Stop every vCPU thread and release host resources; safe to call more than once."""
         self.stop.request_stop(exit_status.INTERRUPTED, "stopped")
+        # A guest that ended itself (power-off, its exit status, a reset) keeps its last output
+        # until a slow reader takes it; a stop the host asked for does not wait for a reader.
+        drain = self.stop.status not in HOST_STOPS
         deadline = time.monotonic() + VCPU_JOIN_TIMEOUT
         for thread in self.threads:
             thread.join(min(OUTPUT_GRACE_SECONDS, max(0.0, deadline - time.monotonic())))
-        if any(thread.is_alive() for thread in self.threads):
+        if not drain and any(thread.is_alive() for thread in self.threads):
             # A vCPU may be blocked writing console output nobody reads (a full
             # pipe): drop the output so that it can see the stop.
             self.console.discard_output()
@@ -112,7 +117,7 @@ class Machine:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("%s did not stop within %.0f s", thread.name, VCPU_JOIN_TIMEOUT)
-        self.console.stop()
+        self.console.stop(drain=drain)
         if self.virtio is not None and not any(thread.is_alive() for thread in self.threads):
             self.virtio.close()  # flushes the disks
         if self.gdb is not None:

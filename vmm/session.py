@@ -28,6 +28,10 @@ def stop_current(status: int, reason: str) -> None:
     machine = _current
     if machine is not None:
         machine.stop.request_stop(status, reason)
+        if status == exit_status.INTERRUPTED:
+            # The host asked (a signal, Ctrl-A x): output nobody reads is not waited for, also
+            # when the guest had ended and its last output was waiting for a reader.
+            machine.console.discard_output()
 
 
 def run_machine(config: MachineConfig) -> int:

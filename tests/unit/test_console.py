@@ -11,7 +11,15 @@ import time
 
 import pytest
 
-from vmm.console import HELP_TEXT, OUTPUT_BATCH, READ_CHUNK, Console, EscapeParser, RawTerminal
+from vmm.console import (
+    HELP_TEXT,
+    OUTPUT_BATCH,
+    OUTPUT_GRACE_SECONDS,
+    READ_CHUNK,
+    Console,
+    EscapeParser,
+    RawTerminal,
+)
 
 HANG_GUARD = 10  # seconds; only keeps a broken build from hanging, never asserted on
 
@@ -486,6 +494,73 @@ def test_stop_ends_though_nobody_reads_and_no_vcpu_is_blocked():
         assert not stopper.is_alive()
         io_thread.join(HANG_GUARD)
         assert not io_thread.is_alive()
+    finally:
+        os.close(null)
+        os.close(write_fd)
+        os.close(read_fd)
+
+
+def test_a_reader_that_pauses_still_gets_the_guests_last_words():
+    # `pyvmm boot ... | less`: the pipe is full, the user is still on the first screen, and the
+    # guest prints its last line and powers off. As for `cat big | less`, the line must wait for
+    # the reader (the README: the output is held back "as a pipe holds back any writer"), not be
+    # dropped a second after the stop (Machine.shutdown drains when the guest ended itself).
+    read_fd, write_fd = os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.set_blocking(write_fd, False)
+    earlier = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            earlier += os.write(write_fd, bytes(4096))  # what the guest printed before
+    os.set_blocking(write_fd, True)
+    console = Console(lambda: None, input_fd=null, output_fd=write_fd, raw=False)
+    console.start(lambda data: len(data))
+    reader_may_go = threading.Event()
+    got = bytearray()
+
+    def reader() -> None:
+        reader_may_go.wait(HANG_GUARD)
+        while chunk := os.read(read_fd, 65536):
+            got.extend(chunk)
+
+    reading = threading.Thread(target=reader, daemon=True)
+    reading.start()
+    console.write(b"the last words\n")
+    stopper = threading.Thread(target=lambda: console.stop(drain=True), daemon=True)
+    stopper.start()
+    stopper.join(OUTPUT_GRACE_SECONDS + 1)  # past the grace: a console that drops has dropped by now
+    assert stopper.is_alive()  # still waiting for the reader
+    reader_may_go.set()
+    stopper.join(HANG_GUARD)
+    os.close(write_fd)
+    reading.join(HANG_GUARD)
+    os.close(null)
+    os.close(read_fd)
+    assert bytes(got[earlier:]) == b"the last words\n"
+
+
+def test_a_drain_nobody_reads_ends_when_the_host_gives_up():
+    # The guest ended, its last output waits for a reader that never reads (`pyvmm boot ... |
+    # sleep 1000`): as `cat big | sleep 1000` would, until the user interrupts (the signal's
+    # handler, vmm/session.stop_current, calls discard_output).
+    read_fd, write_fd = os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.set_blocking(write_fd, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_fd, bytes(4096))
+    os.set_blocking(write_fd, True)
+    console = Console(lambda: None, input_fd=null, output_fd=write_fd, raw=False)
+    console.start(lambda data: len(data))
+    try:
+        console.write(b"never read\n")
+        stopper = threading.Thread(target=lambda: console.stop(drain=True), daemon=True)
+        stopper.start()
+        stopper.join(OUTPUT_GRACE_SECONDS + 0.5)
+        assert stopper.is_alive()
+        console.discard_output()
+        stopper.join(HANG_GUARD)
+        assert not stopper.is_alive()
     finally:
         os.close(null)
         os.close(write_fd)
