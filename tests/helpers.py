@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -84,3 +85,15 @@ if __name__ == "__main__":
     output_dir = Path(sys.argv[1])
     output_dir.mkdir(parents=True, exist_ok=True)
     print(assemble(Path(sys.argv[2]), output_dir))
+
+
+def full_pipe() -> tuple[int, int, int]:
+    """A pipe already full, as if its reader had stopped reading: (read end, write end, the bytes in it)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    earlier = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            earlier += os.write(write_fd, bytes(4096))
+    os.set_blocking(write_fd, True)
+    return read_fd, write_fd, earlier

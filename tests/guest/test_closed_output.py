@@ -8,7 +8,6 @@ timing assertions.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import termios
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, full_pipe
 from vmm.console import OUTPUT_GRACE_SECONDS
 from vmm.exit_status import INTERRUPTED
 
@@ -108,23 +107,11 @@ def test_the_terminal_is_restored_when_the_reader_exits(guest, accel):
         os.close(terminal)
 
 
-def _full_pipe() -> tuple[int, int, int]:
-    """A pipe already full of what the guest 'printed before': (read end, write end, bytes in it)."""
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    earlier = 0
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            earlier += os.write(write_end, bytes(4096))
-    os.set_blocking(write_end, True)
-    return read_end, write_end, earlier
-
-
 def test_a_reader_that_pauses_still_gets_the_last_line_and_the_guests_status(guest, accel):
     # `pyvmm boot --flat hello.bin | less`, the user still on the first screen: hello.S prints one
     # line and exits with 42. The line waits for the reader, as `cat big | less`'s output does,
     # past the grace a stop the host asks for would give it (OUTPUT_GRACE_SECONDS).
-    read_end, write_end, earlier = _full_pipe()
+    read_end, write_end, earlier = full_pipe()
     try:
         process = pyvmm_boot(guest("hello"), accel, stdout=write_end, stderr=subprocess.PIPE)
     finally:
@@ -144,7 +131,7 @@ def test_a_reader_that_pauses_still_gets_the_last_line_and_the_guests_status(gue
 
 def test_an_interrupt_ends_the_wait_for_a_reader_that_never_reads(guest, accel):
     # `pyvmm boot --flat hello.bin | sleep 1000`, then Ctrl-C: waiting for that reader ends at once.
-    read_end, write_end, _ = _full_pipe()
+    read_end, write_end, _ = full_pipe()
     try:
         process = pyvmm_boot(guest("hello"), accel, stdout=write_end, stderr=subprocess.PIPE)
         os.close(write_end)

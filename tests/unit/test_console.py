@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.helpers import full_pipe
 from vmm.console import (
     HELP_TEXT,
     OUTPUT_BATCH,
@@ -505,14 +506,8 @@ def test_a_reader_that_pauses_still_gets_the_guests_last_words():
     # guest prints its last line and powers off. As for `cat big | less`, the line must wait for
     # the reader (the README: the output is held back "as a pipe holds back any writer"), not be
     # dropped a second after the stop (Machine.shutdown drains when the guest ended itself).
-    read_fd, write_fd = os.pipe()
+    read_fd, write_fd, earlier = full_pipe()
     null = os.open(os.devnull, os.O_RDONLY)
-    os.set_blocking(write_fd, False)
-    earlier = 0
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            earlier += os.write(write_fd, bytes(4096))  # what the guest printed before
-    os.set_blocking(write_fd, True)
     console = Console(lambda: None, input_fd=null, output_fd=write_fd, raw=False)
     console.start(lambda data: len(data))
     reader_may_go = threading.Event()
@@ -543,13 +538,8 @@ def test_a_drain_nobody_reads_ends_when_the_host_gives_up():
     # The guest ended, its last output waits for a reader that never reads (`pyvmm boot ... |
     # sleep 1000`): as `cat big | sleep 1000` would, until the user interrupts (the signal's
     # handler, vmm/session.stop_current, calls discard_output).
-    read_fd, write_fd = os.pipe()
+    read_fd, write_fd, _ = full_pipe()
     null = os.open(os.devnull, os.O_RDONLY)
-    os.set_blocking(write_fd, False)
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            os.write(write_fd, bytes(4096))
-    os.set_blocking(write_fd, True)
     console = Console(lambda: None, input_fd=null, output_fd=write_fd, raw=False)
     console.start(lambda data: len(data))
     try:
