@@ -152,6 +152,9 @@ class Accelerator(ABC):
     """
 
     name: str
+    # Whether virtio-blk's compiled request path (devices/virtio/blk_requests.py) may carry out
+    # this accelerator's guests' disk requests.
+    compiled_blk_requests: bool = True
 
     def can_run_linux(self) -> tuple[bool, str]:
         """Whether a Linux kernel can boot on this accelerator on this host, and if not, why."""

@@ -134,12 +134,8 @@ def plug_devices(machine: Machine, irqchip: bool) -> Board:
         # Imported here, as the kernel loaders below: a machine loads only what it uses (start-up time).
         from vmm.virtio_setup import plug_virtio_devices
 
-        # virtio-blk's compiled request path serves the software CPU, which it was made for.
-        # On the nested KVM, where the I/O thread runs it, the Linux virtio test lost its
-        # virtio-console output with it (README, "virtio-blk"), never without: KVM keeps
-        # the Python path until that is understood.
         machine.virtio = plug_virtio_devices(board, vm, machine.config.virtio, irqchip=irqchip,
-                                             compiled_blk=machine.accel_name == "tcg")
+                                             compiled_blk=machine.accel.compiled_blk_requests)
     return board
 
 

@@ -46,7 +46,7 @@ class MemoryRegion:
 
     def host_address(self) -> int:
         """Where the region's first byte is in this process, for an accelerator to map."""
-        return ctypes.addressof(ctypes.c_char.from_buffer(self.mapping)) + self.start
+        return _address_of(self.mapping) + self.start
 
     def window(self, offset: int, length: int) -> memoryview:
         return self.host[offset : offset + length]
@@ -63,11 +63,15 @@ class MemoryRegion:
             pass  # a view is still exported (e.g. to an accelerator); the GC frees it
 
 
+def _address_of(mapping: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+
+
 def _huge_page_aligned(length: int) -> tuple[mmap.mmap, int]:
     """`length` bytes of anonymous memory on a HUGE_PAGE boundary, backed by huge pages where
     the host allows: (a mapping HUGE_PAGE longer, where in it they start)."""
     mapping = mmap.mmap(-1, length + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
-    start = -ctypes.addressof(ctypes.c_char.from_buffer(mapping)) % HUGE_PAGE
+    start = -_address_of(mapping) % HUGE_PAGE
     ask_for_huge_pages(mapping, start, length)
     return mapping, start
 
