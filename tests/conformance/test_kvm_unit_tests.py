@@ -1,7 +1,7 @@
 """kvm-unit-tests that pass on pyvmm, as a regression set (part of `make test`).
 
 The lists hold the tests that passed on pyvmm, on each accelerator, in the
-last full side-by-side run (`make kvm-unit-tests`, figures in the README),
+last full side-by-side run (`make kvm-unit-tests`, figures in docs/kvm-unit-tests.md),
 short enough for CI; each must keep passing. The suite is built once from
 the shared tarball into ~/.cache/pyvmm-kut (about a minute on two cores).
 """
