@@ -19,7 +19,7 @@ from vmm.config import DEFAULT_CMDLINE
 
 # Inside the nested tier's L1 (tests/nested) these tests ask less of the platform: QEMU's
 # emulated SVM now and then triple-faults a 2-vCPU L2 printing through interrupts, QEMU's
-# own L2 as well as pyvmm's (README, "Linux on a real KVM"). There the boot log stays in
+# own L2 as well as pyvmm's (docs/testing.md, "Linux on a real KVM"). There the boot log stays in
 # dmesg (`quiet`: each console byte is two exits, and the log was three quarters of a
 # boot test's), and the guest prints 300 lines in one go instead of 3,000.
 IN_L1 = bool(os.environ.get("PYVMM_IN_L1"))

@@ -8,7 +8,7 @@ L1 printed nothing for half an hour, not even the line it prints every three
 minutes (the run that failed CI on 2026-12-05); with one L1 vCPU, L1 never got
 control back from an L2 spinning on an IPI. That, and one L1 stuck on a
 runqueue lock nobody held, failed about one CI-subset run in four.
-Under QEMU 10.0 every run passed (see README, "Linux on a real KVM").
+Under QEMU 10.0 every run passed (see docs/testing.md, "Linux on a real KVM").
 
 apt fetches the two packages with a state of its own in the cache (a sources
 list naming only bookworm-backports), so the machine's apt configuration is

@@ -9,7 +9,7 @@ console three times, about three boot tests' worth of exits. Every boot
 prints one line, ok or how it failed (with the end of its console); an L1
 that hangs is seen as in the tier: five silent minutes, then QEMU's
 monitor shows where its vCPUs are. Not a test: it measures QEMU's emulated
-SVM, which the tier's README section quotes.
+SVM, which docs/testing.md quotes.
 """
 
 from __future__ import annotations
