@@ -5,7 +5,7 @@ A guest that prints on the serial port makes about 19 port accesses a line
 disabling the THRE interrupt, reading IIR, LSR and MSR). On the software CPU
 each went from Unicorn's IN/OUT hook through ctypes into Python, the bus and
 devices/uart.py, about 1.8 us of CPU an access more than the engine's own
-share (README, Benchmarks). So,
+share (docs/benchmarks.md, "Console output"). So,
 where `make install` or `pip install` could compile uart_ports.c (it needs a
 C compiler and Python's headers), the engine's IN and OUT hooks are that
 file's functions (vmm/tcg/io_dispatch.py installs them), and Python's

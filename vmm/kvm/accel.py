@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 class KvmAccelerator(Accelerator):
     # The compiled virtio-blk path was made for the software CPU. On the nested KVM, where the
-    # I/O thread runs it, the Linux virtio test lost its virtio-console output with it (README,
-    # "virtio-blk"), never without: KVM keeps the Python path until that is understood.
+    # I/O thread runs it, the Linux virtio test lost its virtio-console output with it
+    # (docs/benchmarks.md, "The compiled request path"), never without: KVM keeps the Python
+    # path until that is understood.
     compiled_blk_requests = False
 
     def __init__(self, path: str = "/dev/kvm") -> None:

@@ -61,7 +61,7 @@ The first lines up to the `ret` are the path of nearly every block, with no
 taken branch before the return. Searching the table first and finishing with
 the jump back into the library (four taken branches) made short blocks
 costly: a four-instruction kernel loop took 0.96 s of CPU per GiB cleared
-instead of 0.78, a shell loop 0.27 s instead of 0.19 (README, Benchmarks).
+instead of 0.78, a shell loop 0.27 s instead of 0.19 (docs/benchmarks.md).
 The original's fast path it repeats is two loads and a comparison:
 `uc->cpu` at 0x1b8, the CPU's `icount_decr.u32` at 0x8a40
 (`cpu_loop_exit_requested`), offsets of the known build, whose bytes the
