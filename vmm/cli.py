@@ -21,7 +21,7 @@ from vmm.config import DEFAULT_CMDLINE, MachineConfig, parse_memory_size
 from vmm.cpu_features import CPU_VENDORS, parse_feature_edits
 from vmm.errors import PyvmmError, report
 from vmm.gdb.options import gdb_options, gdb_spec
-from vmm.host_output import reserve_standard_fds
+from vmm.host_output import reserve_standard_fds, use_standard_streams
 from vmm.virtio_options import DiskSpec, VirtioSpecs, parse_console, parse_disk, parse_fs, parse_net
 
 
@@ -225,7 +225,10 @@ def check() -> None:
     sys.exit(0 if ok else exit_status.ERROR)
 
 
-
 def main() -> None:
     reserve_standard_fds()
-    cli(prog_name="pyvmm")
+    use_standard_streams()
+    try:
+        cli(prog_name="pyvmm")
+    except PyvmmError as err:  # what a command printed had nowhere to go (`pyvmm check | head -1`)
+        fail(str(err), err.exit_status)

@@ -15,15 +15,29 @@ terminal hung up (EIO), the output is closed for good: `closed(why)` is
 called once and everything after is dropped. Python ignores SIGPIPE, so
 EPIPE arrives here as an error rather than killing pyvmm. Any other error
 (ENOSPC on a full disk, ...) is the caller's to handle.
+
+Everything else pyvmm prints, a command's own output (`pyvmm check`, `pyvmm
+img info`, click's --help) and its one-line messages, goes through sys.stdout
+and sys.stderr, which `use_standard_streams` replaces at start with streams
+that write each piece at once (there is no buffer to fail later, at exit). A
+stdout that is gone raises `OutputClosed`, which ends the command with status
+141 and one line, as `pyvmm boot ... | head` ends; another write error raises a
+PyvmmError (status 1). A stderr that is gone swallows what is written to it:
+a message that cannot be shown must not replace the status it explains.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import select
+import sys
 import threading
 from collections.abc import Callable
+
+from vmm import exit_status
+from vmm.errors import PyvmmError
 
 # How often a write waiting for room looks whether it should give up.
 OUTPUT_RECHECK_SECONDS = 0.2
@@ -71,7 +85,7 @@ class HostOutput:
     def _close(self, err: OSError) -> None:
         if not self.is_closed:
             self.is_closed = True
-            self._closed(f"{self.name} was closed ({os.strerror(err.errno)})")
+            self._closed(closed_reason(self.name, err))
 
     def _ready(self) -> bool:
         """Whether the fd has room, waiting up to OUTPUT_RECHECK_SECONDS."""
@@ -80,6 +94,68 @@ class HostOutput:
             poller = self._polls.poller = select.poll()
             poller.register(self.fd, select.POLLOUT)
         return bool(poller.poll(OUTPUT_RECHECK_SECONDS * 1000))
+
+
+def closed_reason(name: str, err: OSError) -> str:
+    """e.g. "stdout was closed (Broken pipe)": the first half of the line a closed output ends with."""
+    return f"{name} was closed ({os.strerror(err.errno)})"
+
+
+class OutputClosed(PyvmmError):
+    """A command's stdout is gone (its reader exited, or it was closed): status 141, like the guest's output."""
+
+    exit_status = exit_status.OUTPUT_CLOSED
+
+
+class _FdWriter(io.RawIOBase):
+    """Writes go whole to `fd` at once; an error goes to `failed(err)`, which raises or drops the data."""
+
+    def __init__(self, fd: int, failed: Callable[[OSError], None]) -> None:
+        super().__init__()
+        self._fd = fd
+        self._failed = failed
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self._fd)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as err:
+            self._failed(err)
+        return len(data)
+
+
+def _stdout_failed(err: OSError) -> None:
+    if err.errno in CLOSED_ERRORS:
+        raise OutputClosed(closed_reason("stdout", err)) from None
+    raise PyvmmError(f"cannot write to stdout: {os.strerror(err.errno)}") from None
+
+
+def _stderr_failed(err: OSError) -> None:
+    """Nothing: a message with nowhere to go is dropped (vmm/errors.py's to_stderr does the same)."""
+
+
+def use_standard_streams() -> None:
+    """sys.stdout and sys.stderr as pyvmm's commands write to them: see the module's docstring.
+
+    Call after `reserve_standard_fds`: a stdout closed at start is then /dev/null opened
+    read-only, whose writes fail with EBADF (status 141), as the guest's output does.
+    """
+    for name, fd, failed, default_errors in (("stdout", 1, _stdout_failed, "strict"),
+                                             ("stderr", 2, _stderr_failed, "backslashreplace")):
+        previous = getattr(sys, name)  # None when the fd was closed at start
+        stream = io.TextIOWrapper(_FdWriter(fd, failed), encoding=getattr(previous, "encoding", None),
+                                  errors=getattr(previous, "errors", None) or default_errors, write_through=True)
+        setattr(sys, name, stream)
 
 
 def reserve_standard_fds() -> None:

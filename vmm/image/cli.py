@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import click
 
 from vmm.errors import PyvmmError, one_line
+from vmm.host_output import OutputClosed
 from vmm.image.convert import compare, convert
 from vmm.image.info import format_info_human, image_info, snapshot_table
 from vmm.image.open import FORMATS, atomic_output, create_image, open_image
@@ -31,7 +32,11 @@ FORMAT_CHOICE = click.Choice(FORMATS)
 
 
 def _fails_with(status: int | None = None) -> Callable:
-    """Turn PyvmmError/OSError into one line on stderr and exit `status` (default: the error's)."""
+    """Turn PyvmmError/OSError into one line on stderr and exit `status` (default: the error's).
+
+    A stdout that is gone ends every command with 141 (vmm/host_output.py), as it ends
+    `pyvmm boot`, even `check` and `compare`, whose error statuses are their own.
+    """
 
     def decorate(command: Callable) -> Callable:
         @functools.wraps(command)
@@ -40,7 +45,8 @@ def _fails_with(status: int | None = None) -> Callable:
                 return command(*args, **kwargs)
             except PyvmmError as err:
                 click.echo(f"pyvmm: {one_line(str(err))}", err=True)
-                sys.exit(status if status is not None else err.exit_status)
+                closed = isinstance(err, OutputClosed)
+                sys.exit(status if status is not None and not closed else err.exit_status)
             except OSError as err:
                 where = f"{err.filename}: " if err.filename else ""
                 click.echo(f"pyvmm: {one_line(f'{where}{err.strerror or err}')}", err=True)
@@ -57,8 +63,7 @@ def _fails_with(status: int | None = None) -> Callable:
 @contextlib.contextmanager
 def _progress(length: int, label: str, quiet: bool) -> Iterator[Callable[[int], None] | None]:
     """A progress bar on a terminal, nothing otherwise."""
-    # sys.stdout is None when pyvmm started with stdout closed (`>&-`).
-    if quiet or sys.stdout is None or not sys.stdout.isatty() or length <= 0:
+    if quiet or not sys.stdout.isatty() or length <= 0:
         yield None
         return
     with click.progressbar(length=length, label=label) as bar:

@@ -1,0 +1,135 @@
+"""Every pyvmm command ends as `pyvmm boot` does when its output has nowhere to go.
+
+`pyvmm check | head -1` or `pyvmm img info X | head -1` after head exited, or
+`... >&-`: status 141 and one line on stderr; stdout on a full disk (/dev/full):
+status 1 (compare's error status, 2, for compare) and one line; never a
+traceback, and never a new image left half written. Each runs the real CLI in
+a child process (tests/guest/test_closed_output.py has `pyvmm boot`'s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import REPO
+from vmm.exit_status import OUTPUT_CLOSED
+
+BROKEN_PIPE = b"pyvmm: stdout was closed (Broken pipe)\n"
+FULL = b"pyvmm: cannot write to stdout: No space left on device\n"
+
+
+def pyvmm(*args, stdout, stderr=subprocess.PIPE, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vmm", *map(str, args)], stdin=subprocess.DEVNULL,
+                          stdout=stdout, stderr=stderr, cwd=REPO, timeout=60, **popen)
+
+
+@contextlib.contextmanager
+def reader_gone() -> Iterator[int]:
+    """The write end of a pipe whose reader has exited (`| head` after head's last line)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        yield write_end
+    finally:
+        os.close(write_end)
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.qcow2"
+    subprocess.run([sys.executable, "-m", "vmm", "img", "create", "-q", "-f", "qcow2", str(path), "64M"],
+                   check=True, cwd=REPO)
+    return path
+
+
+COMMANDS = {
+    "check": ["check"],
+    "img info": ["img", "info", "{image}"],
+    "img info json": ["img", "info", "--output", "json", "{image}"],
+    "img check": ["img", "check", "{image}"],
+    "img compare": ["img", "compare", "{image}", "{image}"],
+    "img resize": ["img", "resize", "{image}", "+1M"],
+    "--help": ["--help"],
+    "--version": ["--version"],
+    "img --help": ["img", "--help"],
+}
+
+
+def command(name: str, image) -> list[str]:
+    return [word.format(image=image) for word in COMMANDS[name]]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_a_command_whose_reader_exited_ends_with_141_and_one_line(image, name):
+    with reader_gone() as stdout:
+        result = pyvmm(*command(name, image), stdout=stdout)
+    assert (result.returncode, result.stderr) == (OUTPUT_CLOSED, BROKEN_PIPE)
+
+
+@pytest.mark.parametrize("name", ["check", "img info", "--help"])
+def test_a_stdout_closed_at_start_ends_it_the_same_way(image, name):
+    # `pyvmm img info X >&-`: click found no stdout and printed nothing, with status 0.
+    result = pyvmm(*command(name, image), stdout=subprocess.DEVNULL, preexec_fn=lambda: os.close(1))
+    assert (result.returncode, result.stderr) == (OUTPUT_CLOSED, b"pyvmm: stdout was closed (Bad file descriptor)\n")
+
+
+@pytest.mark.parametrize("name, status", [("check", 1), ("img info", 1), ("--help", 1), ("img compare", 2)])
+def test_a_full_stdout_is_an_error_of_one_line(image, name, status):
+    # `pyvmm check` and `--help` ended in a traceback.
+    with open("/dev/full", "wb") as full:
+        result = pyvmm(*command(name, image), stdout=full)
+    assert (result.returncode, result.stderr) == (status, FULL)
+
+
+def test_stderr_on_the_same_closed_pipe_ends_it_the_same_way(image):
+    # `pyvmm img info X 2>&1 | head`: the line saying why has nowhere to go either.
+    with reader_gone() as output:
+        result = pyvmm("img", "info", image, stdout=output, stderr=output)
+    assert result.returncode == OUTPUT_CLOSED
+
+
+def test_a_usage_error_keeps_its_status_when_stderr_cannot_be_written():
+    # Click's message about the command line went to a full stderr: a traceback, status 1.
+    with open("/dev/full", "wb") as full:
+        result = pyvmm("boot", "--no-such-option", stdout=subprocess.PIPE, stderr=full)
+    assert (result.returncode, result.stdout) == (2, b"")
+
+
+def test_convert_whose_terminal_went_away_leaves_no_partial_image(tmp_path):
+    # A convert showing its progress bar on a terminal that is closed half way: the
+    # bar's next line fails with EIO, and the half-written image must not stay (it did
+    # not before either; the status was 1 and the line "pyvmm: Input/output error").
+    source = tmp_path / "source.raw"
+    source.write_bytes(os.urandom(32 << 20))  # compressed below: long enough to be caught half way
+    controller, terminal = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vmm", "img", "convert", "-c", "-O", "qcow2", str(source), str(tmp_path / "out")],
+            stdin=subprocess.DEVNULL, stdout=terminal, stderr=subprocess.PIPE, cwd=REPO)
+        seen = b""
+        while b"Converting" not in seen:
+            seen += os.read(controller, 4096)
+        termios.tcflow(terminal, termios.TCOOFF)  # the bar's next line waits (Ctrl-S)...
+        while not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]:
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.01)
+        # ...with the new image half written beside the source.
+    finally:
+        os.close(controller)  # the terminal is gone
+        os.close(terminal)
+    try:
+        assert process.wait(timeout=60) == OUTPUT_CLOSED
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.stderr.read() == b"pyvmm: stdout was closed (Input/output error)\n"
+    assert list(tmp_path.iterdir()) == [source]
