@@ -103,6 +103,15 @@ def test_a_usage_error_keeps_its_status_when_stderr_cannot_be_written():
     assert (result.returncode, result.stdout) == (2, b"")
 
 
+def test_create_whose_reader_exited_leaves_no_image(tmp_path):
+    # The "Formatting ..." line came after the image was in place: status 1 and a new image.
+    target = tmp_path / "new.qcow2"
+    with reader_gone() as stdout:
+        result = pyvmm("img", "create", "-f", "qcow2", target, "64M", stdout=stdout)
+    assert (result.returncode, result.stderr) == (OUTPUT_CLOSED, BROKEN_PIPE)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_convert_whose_terminal_went_away_leaves_no_partial_image(tmp_path):
     # A convert showing its progress bar on a terminal that is closed half way: the
     # bar's next line fails with EIO, and the half-written image must not stay (it did

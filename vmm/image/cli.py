@@ -93,10 +93,11 @@ def create(fmt, backing, backing_fmt, options, quiet, filename, size) -> None:
     with atomic_output(filename) as tmp:
         nbytes = create_image(tmp, fmt, nbytes, backing_file=backing, backing_format=backing_fmt,
                               options=opts, target=filename)
-    if not quiet:
-        extra = f" {opts.describe()}" if opts else ""
-        back = f" backing_file={backing}" if backing else ""
-        click.echo(f"Formatting '{filename}', fmt={fmt}{extra} size={nbytes}{back}")
+        # Printed before the image takes its name: a command that fails here leaves no image.
+        if not quiet:
+            extra = f" {opts.describe()}" if opts else ""
+            back = f" backing_file={backing}" if backing else ""
+            click.echo(f"Formatting '{filename}', fmt={fmt}{extra} size={nbytes}{back}")
 
 
 @img.command()
