@@ -10,15 +10,16 @@ build says so in one line. A module records a checksum of what it was built
 from (its C source and the declarations Python sees), and its Python side
 uses it only while that still matches the files beside it.
 
-Nothing here imports more than cffi: setup.py loads the build modules before
-pyvmm's dependencies are installed.
+Nothing here imports more than cffi and vmm/errors.py (the standard library
+only): setup.py loads the build modules before pyvmm's dependencies are installed.
 """
 
 from __future__ import annotations
 
-import sys
 import zlib
 from pathlib import Path
+
+from vmm.errors import report
 
 
 def source_digest(source: Path, declarations: str) -> int | None:
@@ -54,8 +55,9 @@ def build(ffi, source: Path, what: str, fallback: str) -> bool:
     try:
         built = Path(ffi.compile(tmpdir=str(tmpdir), verbose=False))
     except (VerificationError, OSError) as err:  # no compiler, no headers, no room
-        print(f"pyvmm: {what} was not built ({err}); pyvmm will use {fallback} "
-              "(apt-get install gcc python3-dev, then make install)", file=sys.stderr)
+        # report(): a stderr that is gone (`make install 2>&1 | head`) must not turn this notice into a traceback.
+        report(f"{what} was not built ({err}); pyvmm will use {fallback} "
+               "(apt-get install gcc python3-dev, then make install)")
         return False
     # cffi leaves the module under tmpdir in its package's directories: put it beside the source.
     built.replace(source.with_name(built.name))
