@@ -69,5 +69,10 @@ def build() -> list[str]:
     return written
 
 if __name__ == "__main__":
-    sys.stdout = sys.stderr  # cffi says what it generates on stdout
+    from vmm.host_output import use_standard_streams
+
+    # cffi says what it generates on stdout; to stderr with it, which drops what it cannot write
+    # (`make install 2>&1 | head` after head exited) instead of failing the install.
+    use_standard_streams()
+    sys.stdout = sys.stderr
     build()

@@ -1,4 +1,5 @@
-"""Building an optional C module on a host that cannot (vmm/compiled_module.py): one notice, never a traceback."""
+"""make install's steps with their output gone: building an optional C module on a host that cannot
+(vmm/compiled_module.py) and prebuilding cffi's declarations (vmm/cffi_prebuilt.py) never end in a traceback."""
 
 from __future__ import annotations
 
@@ -31,3 +32,15 @@ def test_a_stderr_that_cannot_take_the_notice_does_not_fail_the_build(where):
         finally:
             os.close(write_end)
     assert (result.returncode, result.stdout) == (0, b"")
+
+
+def test_prebuilding_the_declarations_with_output_gone_does_not_fail_the_install():
+    # `make install 2>&1 | head`: cffi's "generating ..." line raised BrokenPipeError, status 1.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "vmm.cffi_prebuilt"], stdin=subprocess.DEVNULL,
+                                stdout=write_end, stderr=write_end, cwd=REPO, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0
