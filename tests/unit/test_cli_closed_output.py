@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import termios
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers import REPO
-from vmm.exit_status import OUTPUT_CLOSED
+from vmm.exit_status import INTERRUPTED, OUTPUT_CLOSED
 
 BROKEN_PIPE = b"pyvmm: stdout was closed (Broken pipe)\n"
 FULL = b"pyvmm: cannot write to stdout: No space left on device\n"
@@ -112,33 +113,56 @@ def test_create_whose_reader_exited_leaves_no_image(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_convert_whose_terminal_went_away_leaves_no_partial_image(tmp_path):
-    # A convert showing its progress bar on a terminal that is closed half way: the
-    # bar's next line fails with EIO, and the half-written image must not stay (it did
-    # not before either; the status was 1 and the line "pyvmm: Input/output error").
+@contextlib.contextmanager
+def convert_held_half_way(tmp_path) -> Iterator[tuple[subprocess.Popen, int, int]]:
+    """`pyvmm img convert` showing its progress bar on a terminal whose output is stopped (Ctrl-S)
+    half way, its new image half written beside the source: (the process, the terminal's controller
+    and the terminal)."""
     source = tmp_path / "source.raw"
     source.write_bytes(os.urandom(32 << 20))  # compressed below: long enough to be caught half way
     controller, terminal = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vmm", "img", "convert", "-c", "-O", "qcow2", str(source), str(tmp_path / "out")],
+        stdin=subprocess.DEVNULL, stdout=terminal, stderr=subprocess.PIPE, cwd=REPO)
     try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "vmm", "img", "convert", "-c", "-O", "qcow2", str(source), str(tmp_path / "out")],
-            stdin=subprocess.DEVNULL, stdout=terminal, stderr=subprocess.PIPE, cwd=REPO)
         seen = b""
-        while b"Converting" not in seen:
+        while b"Converting" not in seen:  # the bar's first line, before the new image
             seen += os.read(controller, 4096)
-        termios.tcflow(terminal, termios.TCOOFF)  # the bar's next line waits (Ctrl-S)...
+        termios.tcflow(terminal, termios.TCOOFF)  # its next line waits...
         while not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]:
             assert process.poll() is None, process.stderr.read()
             time.sleep(0.01)
-        # ...with the new image half written beside the source.
-    finally:
-        os.close(controller)  # the terminal is gone
-        os.close(terminal)
-    try:
-        assert process.wait(timeout=60) == OUTPUT_CLOSED
+        # ...with the new image half written.
+        yield process, controller, terminal
     finally:
         if process.poll() is None:
             process.kill()
-            process.wait()
-    assert process.stderr.read() == b"pyvmm: stdout was closed (Input/output error)\n"
-    assert list(tmp_path.iterdir()) == [source]
+        process.wait()
+        process.stderr.close()
+        os.close(terminal)
+        with contextlib.suppress(OSError):
+            os.close(controller)
+
+
+def test_convert_whose_terminal_went_away_leaves_no_partial_image(tmp_path):
+    # The terminal is closed: the bar's next line fails with EIO, and the half-written image must
+    # not stay (it did not before either; the status was 1 and the line "pyvmm: Input/output error").
+    with convert_held_half_way(tmp_path) as (process, controller, _):
+        os.close(controller)
+        assert process.wait(timeout=60) == OUTPUT_CLOSED
+        assert process.stderr.read() == b"pyvmm: stdout was closed (Input/output error)\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["source.raw"]
+
+
+@pytest.mark.parametrize("sig, line", [(signal.SIGHUP, b"pyvmm: stopped by SIGHUP\n"),
+                                       (signal.SIGTERM, b"pyvmm: stopped by SIGTERM\n"),
+                                       (signal.SIGINT, b"pyvmm: interrupted\n")])
+def test_convert_stopped_by_a_signal_leaves_no_partial_image(tmp_path, sig, line):
+    # Closing the terminal that runs it sends SIGHUP: pyvmm died of it (and of SIGTERM) and left
+    # the hidden, half-written .out.*.tmp beside the source. Ctrl-C already removed it.
+    with convert_held_half_way(tmp_path) as (process, _, terminal):
+        process.send_signal(sig)
+        termios.tcflow(terminal, termios.TCOON)  # the bar's last line, on the way out
+        assert process.wait(timeout=60) == INTERRUPTED
+        assert process.stderr.read() == line
+    assert [p.name for p in tmp_path.iterdir()] == ["source.raw"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterator
 
@@ -51,13 +52,38 @@ def _fails_with(status: int | None = None) -> Callable:
                 where = f"{err.filename}: " if err.filename else ""
                 click.echo(f"pyvmm: {one_line(f'{where}{err.strerror or err}')}", err=True)
                 sys.exit(status if status is not None else 1)
-            except KeyboardInterrupt:
-                click.echo("pyvmm: interrupted", err=True)
+            except KeyboardInterrupt as err:  # Ctrl-C, or _Stopped
+                click.echo(f"pyvmm: {str(err) or 'interrupted'}", err=True)
                 sys.exit(130)
 
         return run
 
     return decorate
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the command is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP (the terminal running the command was closed) end the block as Ctrl-C does,
+    so that a new image half written is removed (atomic_output), not left beside its name.
+
+    Only around new images: a command changing an image in place (resize, check -r) is
+    better killed, which its metadata's write order survives, than stopped between two
+    updates of its cached metadata that closing the image would then write.
+    """
+
+    def stop(signum, _frame):
+        raise _Stopped(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -90,7 +116,7 @@ def create(fmt, backing, backing_fmt, options, quiet, filename, size) -> None:
     if options and fmt != "qcow2":
         raise PyvmmError("-o options are only supported for qcow2")
     nbytes = parse_size(size, "image size") if size is not None else None
-    with atomic_output(filename) as tmp:
+    with _stopped_by_signals(), atomic_output(filename) as tmp:
         nbytes = create_image(tmp, fmt, nbytes, backing_file=backing, backing_format=backing_fmt,
                               options=opts, target=filename)
         # Printed before the image takes its name: a command that fails here leaves no image.
@@ -195,7 +221,7 @@ def convert_command(src_fmt, dst_fmt, compress, options, show_progress, quiet, s
         raise PyvmmError("unknown compression type")
     with open_image(source, src_fmt, backing=True) as src:
         size = src.size
-    with _progress(size, "Converting", quiet) as update:
+    with _stopped_by_signals(), _progress(size, "Converting", quiet) as update:
         convert(source, src_fmt, output, dst_fmt, compress=compress, options=opts, progress=update)
 
 
