@@ -3,8 +3,9 @@
 `pyvmm check | head -1` or `pyvmm img info X | head -1` after head exited, or
 `... >&-`: status 141 and one line on stderr; stdout on a full disk (/dev/full):
 status 1 (compare's error status, 2, for compare) and one line; never a
-traceback, and never a new image left half written. Each runs the real CLI in
-a child process (tests/guest/test_closed_output.py has `pyvmm boot`'s).
+traceback, and never a new image left half written, nor by a convert that
+SIGHUP (its terminal closed) or SIGTERM stops. Each runs the real CLI in a
+child process (tests/guest/test_closed_output.py has `pyvmm boot`'s).
 """
 
 from __future__ import annotations
