@@ -1,4 +1,4 @@
-"""Decompress a bzImage payload (the compressed ELF vmlinux) on the host.
+"""Decompress a bzImage payload (the compressed ELF vmlinux) on the host, in chunks.
 
 The kernel's build compresses vmlinux with one of several tools and appends
 the uncompressed size as a little-endian u32 (for gzip, the format's own
@@ -6,26 +6,31 @@ ISIZE field sits in the same place). Each format is recognised by the magic
 bytes the kernel's own lib/decompress.c looks for. The trailer bounds the
 output, so a corrupt or hostile payload cannot make pyvmm allocate more than
 it announced, and the announced size is checked against a caller's limit.
+
+The output comes as chunks of at most 8 MiB, in order, which the ELF loader
+(boot/vmlinux.py) copies straight to the segments' places in guest RAM: no
+buffer holds the whole vmlinux (51 MiB for Debian's kernel). Such a buffer
+cost a second memory's worth of page faults and a copy, which under the
+nested tier's emulated CPU was 0.3-1 s of every boot.
 """
 
 from __future__ import annotations
 
 import bz2
 import lzma
-import mmap
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import lz4.block
 import zstandard
 
 from vmm.errors import PyvmmError
-from vmm.host_memory import ask_for_huge_pages
 from vmm.layout import MiB
 
 SIZE_TRAILER = 4
+CHUNK_SIZE = 8 * MiB  # the most any decoder produces at a time
 
 # Legacy LZ4 frame ("lz4 -l"), which the kernel uses: the magic, then blocks of
 # (u32 compressed length, data), each decompressing to at most 8 MiB.
@@ -41,39 +46,50 @@ class CorruptPayload(PyvmmError):
     """The payload claims a known format but does not decompress."""
 
 
-# Each decoder returns at most `size` + 1 bytes (or raises), so that a caller can
-# tell output past its limit from output that fits.
-def gunzip(data: memoryview, size: int) -> bytes:
-    return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(data, size + 1)
+# Each decoder yields the output in chunks of at most CHUNK_SIZE bytes, so that
+# the caller can stop one chunk past the announced size.
+def gunzip(data: memoryview) -> Iterator[bytes]:
+    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    pending: bytes | memoryview = data
+    while not decompressor.eof:
+        chunk = decompressor.decompress(pending, CHUNK_SIZE)
+        pending = decompressor.unconsumed_tail
+        if not chunk:
+            return  # the input ended before the stream did: the caller sees the size fall short
+        yield chunk
 
 
-def _bzip2(data: memoryview, size: int) -> bytes:
-    return bz2.BZ2Decompressor().decompress(data, max_length=size + 1)
+def _drain(decompressor: bz2.BZ2Decompressor | lzma.LZMADecompressor, data: memoryview) -> Iterator[bytes]:
+    """bz2's and lzma's decompressors: the same calls, `max_length` bounding each."""
+    chunk = decompressor.decompress(data, max_length=CHUNK_SIZE)
+    while chunk:
+        yield chunk
+        if decompressor.eof or decompressor.needs_input:
+            return
+        chunk = decompressor.decompress(b"", max_length=CHUNK_SIZE)
 
 
-def _lzma_alone(data: memoryview, size: int) -> bytes:
-    return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(data, max_length=size + 1)
+def _bzip2(data: memoryview) -> Iterator[bytes]:
+    return _drain(bz2.BZ2Decompressor(), data)
 
 
-def unxz(data: memoryview, size: int) -> bytes:
+def _lzma_alone(data: memoryview) -> Iterator[bytes]:
+    return _drain(lzma.LZMADecompressor(format=lzma.FORMAT_ALONE), data)
+
+
+def unxz(data: memoryview) -> Iterator[bytes]:
     # The kernel's xz carries a BCJ x86 filter in front of LZMA2; liblzma reads
     # the filter chain from the stream header and undoes both.
-    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data, max_length=size + 1)
+    return _drain(lzma.LZMADecompressor(format=lzma.FORMAT_XZ), data)
 
 
-def unzstd(data: memoryview, size: int) -> bytes:
-    return zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+def unzstd(data: memoryview) -> Iterator[bytes]:
+    return zstandard.ZstdDecompressor().read_to_iter(data, write_size=CHUNK_SIZE)
 
 
-def _lz4_legacy(data: memoryview, size: int) -> memoryview:
+def _lz4_legacy(data: memoryview) -> Iterator[bytes]:
     blocks = data[4:-SIZE_TRAILER]  # skip the magic; the size trailer is not a block
-    # The whole kernel in one buffer made for it, in huge pages where the host has them:
-    # grown block by block in 4 KiB pages it took twice its size in page faults (27,000 for
-    # Debian's 51 MiB vmlinux), which cost a second or more of a boot under the nested
-    # tier's emulated CPU.
-    out = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    ask_for_huge_pages(out)
-    filled = position = 0
+    position = 0
     while position < len(blocks):
         if position + 4 > len(blocks):
             raise CorruptPayload("truncated lz4 block header")
@@ -83,25 +99,21 @@ def _lz4_legacy(data: memoryview, size: int) -> memoryview:
             continue
         if length == 0 or position + length > len(blocks):
             raise CorruptPayload(f"lz4 block of {length} bytes at {position - 4:#x} is truncated")
-        room = min(LZ4_LEGACY_BLOCK_SIZE, size - filled)
-        if room <= 0:
-            raise CorruptPayload("lz4 data continues past the announced size")
-        block = lz4.block.decompress(blocks[position : position + length], uncompressed_size=room)
-        out[filled : filled + len(block)] = block
-        filled += len(block)
+        yield lz4.block.decompress(blocks[position : position + length], uncompressed_size=LZ4_LEGACY_BLOCK_SIZE)
         position += length
-    return memoryview(out)[:filled]  # (unmapped when the last view of it goes)
 
 
-def _uncompressed(data: memoryview, size: int) -> bytes:
-    return bytes(data[:-SIZE_TRAILER])
+def _uncompressed(data: memoryview) -> Iterator[memoryview]:
+    data = data[:-SIZE_TRAILER]
+    for start in range(0, len(data), CHUNK_SIZE):
+        yield data[start : start + CHUNK_SIZE]
 
 
 @dataclass(frozen=True)
 class PayloadFormat:
     name: str
     magic: bytes
-    decoder: Callable[[memoryview, int], bytes | memoryview] | None  # None: known but not decodable here
+    decoder: Callable[[memoryview], Iterator[bytes | memoryview]] | None  # None: known but not decodable here
 
 
 FORMATS = (
@@ -140,8 +152,10 @@ def uncompressed_size(payload: bytes | memoryview) -> int:
     return struct.unpack_from("<I", payload, len(payload) - SIZE_TRAILER)[0]
 
 
-def decompress_payload(payload: bytes | memoryview, limit: int) -> bytes | memoryview:
-    """Decompress a bzImage payload to the vmlinux ELF image, refusing more than `limit` bytes."""
+def decompressed_chunks(payload: bytes | memoryview, limit: int) -> Iterator[bytes | memoryview]:
+    """The vmlinux ELF image a bzImage payload holds, in order, in chunks of at most 8 MiB;
+    refuses more than `limit` bytes, and raises CorruptPayload (once the chunks before it
+    are out) where the data is bad or ends off the size the kernel announced."""
     payload = memoryview(payload)
     fmt = detect_format(payload)
     if fmt is None:
@@ -152,11 +166,20 @@ def decompress_payload(payload: bytes | memoryview, limit: int) -> bytes | memor
     if size > limit:
         raise CorruptPayload(f"the kernel decompresses to {size / MiB:.0f} MiB, more than the "
                              f"{limit / MiB:.0f} MiB it can occupy in guest memory")
+    return _checked(fmt.name, fmt.decoder(payload), size)
+
+
+def _checked(name: str, chunks: Iterator[bytes | memoryview], size: int) -> Iterator[bytes | memoryview]:
+    produced = 0
     try:
-        out = fmt.decoder(payload, size)
+        for chunk in chunks:
+            produced += len(chunk)
+            if produced > size:
+                raise CorruptPayload(f"corrupt {name} kernel payload: it continues past the "
+                                     f"{size} bytes the kernel announced")
+            yield chunk
     except LIBRARY_ERRORS as err:
-        raise CorruptPayload(f"corrupt {fmt.name} kernel payload: {err}") from None
-    if len(out) != size:
-        raise CorruptPayload(f"corrupt {fmt.name} kernel payload: decompressed to {len(out)} bytes, "
+        raise CorruptPayload(f"corrupt {name} kernel payload: {err}") from None
+    if produced != size:
+        raise CorruptPayload(f"corrupt {name} kernel payload: decompressed to {produced} bytes, "
                              f"the kernel announced {size}")
-    return out

@@ -73,10 +73,16 @@ class ElfExecutable:
     segments: tuple[Segment, ...]
 
 
-def read_executable(data: bytes | memoryview, elf_class: int, machine: int, machine_name: str) -> ElfExecutable:
+def read_executable(data: bytes | memoryview, elf_class: int, machine: int, machine_name: str,
+                    file_size: int | None = None) -> ElfExecutable:
     """The loadable segments and physical entry point of a little-endian executable of
-    `elf_class` built for `machine`; ElfError on anything else or anything malformed."""
+    `elf_class` built for `machine`; ElfError on anything else or anything malformed.
+
+    `data` is the file, or its first bytes when `file_size` says how long the whole is
+    (a file that is still being decompressed): the headers must lie in those bytes."""
     layout = _LAYOUTS[elf_class]
+    if file_size is None:
+        file_size = len(data)
     if len(data) < layout.header_size or not is_elf(data):
         raise ElfError("no ELF header")
     if data[4] != elf_class or data[5] != ELFDATA2LSB:
@@ -91,6 +97,8 @@ def read_executable(data: bytes | memoryview, elf_class: int, machine: int, mach
     if e_phentsize != layout.phdr.size or not 0 < e_phnum <= MAX_PROGRAM_HEADERS:
         raise ElfError(f"bad program header table ({e_phnum} entries of {e_phentsize} bytes)")
     if e_phoff + e_phnum * layout.phdr.size > len(data):
+        if len(data) < file_size:
+            raise ElfError(f"program header table lies past the file's first {len(data)} bytes")
         raise ElfError("program header table lies beyond the end of the file (truncated?)")
     segments = []
     for index in range(e_phnum):
@@ -100,7 +108,7 @@ def read_executable(data: bytes | memoryview, elf_class: int, machine: int, mach
             continue
         if p_filesz > p_memsz:
             raise ElfError(f"segment {index} has more file bytes than memory bytes")
-        if p_offset + p_filesz > len(data):
+        if p_offset + p_filesz > file_size:
             raise ElfError(f"segment {index} lies beyond the end of the file (truncated?)")
         if p_paddr + p_memsz > MAX_PHYSICAL_ADDRESS:
             raise ElfError(f"segment {index} has an impossible physical address {p_paddr:#x}")

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from boot import bootparam as bp
 from boot.bzimage import BzImage, parse_bzimage
-from boot.decompress import can_decompress, decompress_payload
+from boot.decompress import can_decompress, decompressed_chunks, uncompressed_size
 from boot.e820 import build_e820
 from boot.elf import is_elf
 from boot.initrd import place_initrd
 from boot.pagetables import enter_long_mode
-from boot.vmlinux import Vmlinux, load_vmlinux, parse_vmlinux
+from boot.vmlinux import Vmlinux, load_vmlinux, parse_streamed_vmlinux, parse_vmlinux
 from boot.zeropage import BootParamsInput, build_boot_params
 from vmm.cpu_state import CpuState
 from vmm.errors import PyvmmError
@@ -85,10 +86,10 @@ def _check_fits(memory: GuestMemory, start: int, end: int) -> None:
                          f"give it more --memory")
 
 
-def _load_elf(memory: GuestMemory, vmlinux: Vmlinux, header: bytes, initrd_addr_max: int,
-              cmdline_size: int, path: str) -> LoadedKernel:
+def _load_elf(memory: GuestMemory, vmlinux: Vmlinux, chunks: Iterable[bytes | memoryview], header: bytes,
+              initrd_addr_max: int, cmdline_size: int, path: str) -> LoadedKernel:
     _check_fits(memory, vmlinux.start, vmlinux.end)
-    load_vmlinux(memory, vmlinux)
+    load_vmlinux(memory, vmlinux, chunks)
     return LoadedKernel(vmlinux.entry, vmlinux.start, vmlinux.end, header, initrd_addr_max,
                         cmdline_size, None, path)
 
@@ -106,14 +107,15 @@ def load_kernel(memory: GuestMemory, data: bytes, source: str, direct: bool = Tr
     """Put the kernel in guest memory, choosing the way in; return where and how to enter it."""
     if is_elf(data):
         header = synthetic_setup_header()
-        return _load_elf(memory, parse_vmlinux(data, source), header, bp.DEFAULT_INITRD_ADDR_MAX,
+        return _load_elf(memory, parse_vmlinux(data, source), [data], header, bp.DEFAULT_INITRD_ADDR_MAX,
                          bp.X86_COMMAND_LINE_SIZE - 1, "direct")
     image = parse_bzimage(data, source)
     if direct and can_decompress(image.payload):
         # The vmlinux never needs more room than the decompressor would have had.
-        vmlinux_data = decompress_payload(image.payload, limit=min(memory.size, 1 << 32))
-        vmlinux = parse_vmlinux(vmlinux_data, f"{source} (decompressed payload)")
-        return _load_elf(memory, vmlinux, image.setup_header, image.initrd_addr_max,
+        chunks = decompressed_chunks(image.payload, limit=min(memory.size, 1 << 32))
+        vmlinux, chunks = parse_streamed_vmlinux(chunks, uncompressed_size(image.payload),
+                                                 f"{source} (decompressed payload)")
+        return _load_elf(memory, vmlinux, chunks, image.setup_header, image.initrd_addr_max,
                          image.cmdline_size, "direct")
     if direct:
         log.info("%s: payload compression not supported on the host; "

@@ -292,7 +292,7 @@ def load_multiboot(memory: GuestMemory, kernel_path: Path, cmdline: str,
             modules.append(Module(path.read_bytes(), str(path)))
         except OSError as err:
             raise PyvmmError(f"cannot read module {path}: {err.strerror}") from None
-    load_vmlinux(memory, Vmlinux(data, entry, tuple(segments)))
+    load_vmlinux(memory, Vmlinux(entry, tuple(segments)), [data])
     kernel_end = max(seg.end for seg in segments)
     ranges = _place_modules(memory, modules, kernel_end)
     for module, (start, _end) in zip(modules, ranges, strict=True):

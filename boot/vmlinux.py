@@ -6,12 +6,16 @@ each loadable segment goes to `p_paddr`, the bytes past `p_filesz` up to
 kernel links its entry (`phys_startup_64`) as a physical address; an entry
 given as a virtual address is translated through the segment that holds it.
 The decompressed payload of a bzImage is such an ELF with the relocation
-table appended; the appended bytes are simply never loaded.
+table appended; the appended bytes are simply never loaded. It arrives in
+chunks (boot/decompress.py), and each chunk's bytes go straight to their
+segments, so the loader reads the headers from the stream's first bytes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 
 from boot.bzimage import NotALinuxKernel
 from boot.elf import ELFCLASS64, EM_X86_64, ElfError, Segment, read_executable
@@ -19,10 +23,13 @@ from vmm.errors import PyvmmError
 from vmm.layout import MiB
 from vmm.memory import GuestMemory
 
+# Where a streamed vmlinux's ELF and program headers must lie (a kernel's are in its
+# first 400 bytes).
+STREAM_HEADER_BYTES = 64 * 1024
+
 
 @dataclass(frozen=True)
 class Vmlinux:
-    data: bytes | memoryview
     entry: int  # physical address of startup_64
     segments: tuple[Segment, ...]
 
@@ -35,17 +42,34 @@ class Vmlinux:
         return max(s.end for s in self.segments)
 
 
-def parse_vmlinux(data: bytes | memoryview, source: str = "kernel") -> Vmlinux:
-    """Validate an x86-64 ELF executable (boot/elf.py); raise NotALinuxKernel on anything wrong."""
+def parse_vmlinux(data: bytes | memoryview, source: str = "kernel", file_size: int | None = None) -> Vmlinux:
+    """Validate an x86-64 ELF executable (boot/elf.py); raise NotALinuxKernel on anything wrong.
+
+    `data` may be the file's first bytes only, with `file_size` its whole length."""
     try:
-        executable = read_executable(data, ELFCLASS64, EM_X86_64, "x86-64")
+        executable = read_executable(data, ELFCLASS64, EM_X86_64, "x86-64", file_size)
     except ElfError as err:
         raise NotALinuxKernel(source, f"ELF: {err}") from None
-    return Vmlinux(data=data, entry=executable.entry, segments=executable.segments)
+    return Vmlinux(entry=executable.entry, segments=executable.segments)
 
 
-def load_vmlinux(memory: GuestMemory, vmlinux: Vmlinux) -> None:
-    """Copy every PT_LOAD segment to guest RAM at its physical address."""
+def parse_streamed_vmlinux(chunks: Iterator[bytes | memoryview], file_size: int,
+                           source: str) -> tuple[Vmlinux, Iterator[bytes | memoryview]]:
+    """The headers of a vmlinux that arrives in chunks, read from its first bytes, and
+    the chunks again from the start, for `load_vmlinux`."""
+    taken: list[bytes | memoryview] = []
+    head = bytearray()
+    for chunk in chunks:
+        taken.append(chunk)
+        head += chunk[: STREAM_HEADER_BYTES - len(head)]
+        if len(head) == STREAM_HEADER_BYTES:
+            break
+    return parse_vmlinux(head, source, file_size), chain(taken, chunks)
+
+
+def load_vmlinux(memory: GuestMemory, vmlinux: Vmlinux, chunks: Iterable[bytes | memoryview]) -> None:
+    """Copy every PT_LOAD segment to guest RAM at its physical address from the file's
+    bytes, which arrive in `chunks` in order; zero the rest of each segment."""
     for seg in vmlinux.segments:
         if not memory.contains(seg.physical_address, seg.memory_size):
             raise PyvmmError(
@@ -53,8 +77,17 @@ def load_vmlinux(memory: GuestMemory, vmlinux: Vmlinux) -> None:
                 f"(a segment at {seg.physical_address:#x}), but the guest has "
                 f"{memory.size / MiB:.0f} MiB; give it more --memory"
             )
-    view = memoryview(vmlinux.data)
+    chunk_start = 0
+    for chunk in chunks:
+        chunk_end = chunk_start + len(chunk)
+        view = memoryview(chunk)
+        for seg in vmlinux.segments:
+            start = max(chunk_start, seg.file_offset)
+            end = min(chunk_end, seg.file_offset + seg.file_size)
+            if start < end:
+                memory.write(seg.physical_address + start - seg.file_offset,
+                             view[start - chunk_start : end - chunk_start])
+        chunk_start = chunk_end
     for seg in vmlinux.segments:
-        memory.write(seg.physical_address, view[seg.file_offset : seg.file_offset + seg.file_size])
         if seg.memory_size > seg.file_size:
             memory.fill(seg.physical_address + seg.file_size, seg.memory_size - seg.file_size)

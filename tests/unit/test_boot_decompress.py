@@ -7,10 +7,11 @@ import pytest
 
 from boot.bzimage import parse_bzimage
 from boot.decompress import (
+    CHUNK_SIZE,
     CorruptPayload,
     UnsupportedPayload,
     can_decompress,
-    decompress_payload,
+    decompressed_chunks,
     detect_format,
 )
 from boot.vmlinux import parse_vmlinux
@@ -20,6 +21,12 @@ from vmm.errors import PyvmmError
 # Compressible but not trivial, like a kernel image.
 DATA = b"\x7fELF" + (bytes(range(256)) * 64 + os.urandom(4096)) * 15
 FORMATS = ["gzip", "bzip2", "lzma", "xz", "lz4", "zstd", "uncompressed"]
+
+
+def decompress_payload(payload, limit):
+    chunks = list(decompressed_chunks(payload, limit))
+    assert all(len(chunk) <= CHUNK_SIZE for chunk in chunks)
+    return b"".join(chunks)
 
 
 @pytest.fixture(scope="module", params=FORMATS)
@@ -98,10 +105,13 @@ def test_too_short_payload():
         decompress_payload(b"\x1f\x8b\x08", 1 << 20)
 
 
-def test_lz4_several_blocks():
-    data = (bytes(range(256)) + os.urandom(64)) * 30_000  # over 8 MiB: two blocks
-    payload = compress_like_kernel(data, "lz4")
-    assert decompress_payload(payload, len(data)) == data
+@pytest.mark.parametrize("name", FORMATS)
+def test_output_over_a_chunk_comes_in_chunks(name):
+    data = b"\x7fELF" + (bytes(range(256)) + os.urandom(64)) * 30_000  # over 8 MiB: lz4's two blocks
+    chunks = list(decompressed_chunks(compress_like_kernel(data, name), len(data)))
+    assert len(chunks) >= 2
+    assert all(len(chunk) <= CHUNK_SIZE for chunk in chunks)
+    assert b"".join(chunks) == data
 
 
 def test_lz4_concatenated_streams():

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from boot.bzimage import NotALinuxKernel
 from boot.elf import is_elf
-from boot.vmlinux import load_vmlinux, parse_vmlinux
+from boot.vmlinux import STREAM_HEADER_BYTES, load_vmlinux, parse_streamed_vmlinux, parse_vmlinux
 from tests.assets import make_vmlinux
 from tests.fuzzing import fuzz_settings
 from vmm.errors import PyvmmError
@@ -33,11 +33,54 @@ def test_loads_segments_at_physical_addresses_and_zeroes_bss(memory):
     vmlinux = parse_vmlinux(elf)
     assert vmlinux.entry == 0x100_0000
     assert (vmlinux.start, vmlinux.end) == (0x100_0000, 0x120_0000 + len(data) + 0x1000)
-    load_vmlinux(memory, vmlinux)
+    load_vmlinux(memory, vmlinux, [elf])
     assert memory.read(0x100_0000, len(text)) == text
     assert memory.read(0x120_0000, len(data)) == data
     assert memory.read(0x120_0000 + len(data), 0x1000) == bytes(0x1000)
     assert memory.read_u8(0x120_0000 + len(data) + 0x1000) == 0xCC  # nothing past memsz
+
+
+STREAMED = make_vmlinux([(0x100_0000, bytes(range(256)) * 300, 0x20_0000), (0x130_0000, b"DATA" * 5000, 0x8000)],
+                        entry=0x100_0000, virtual_offset=KERNEL_VIRTUAL_OFFSET) + b"relocations" * 10
+
+
+def chunked(data, sizes):
+    """`data` cut into pieces of the given sizes in turn (the last piece takes the rest)."""
+    pieces, position = [], 0
+    for size in sizes:
+        pieces.append(data[position : position + size])
+        position += size
+    return [piece for piece in pieces if piece] + [data[position:]]
+
+
+@fuzz_settings(100)
+@given(st.lists(st.integers(1, 40_000), max_size=12))
+def test_a_vmlinux_in_chunks_loads_as_the_whole_file_does(sizes):
+    """However a decompressor cuts the file (headers split, segments split, a chunk
+    holding the end of one segment and the start of the next), guest RAM ends the same."""
+    whole, streamed = GuestMemory(32 * MiB), GuestMemory(32 * MiB)
+    try:
+        load_vmlinux(whole, parse_vmlinux(STREAMED), [STREAMED])
+        vmlinux, chunks = parse_streamed_vmlinux(iter(chunked(STREAMED, sizes)), len(STREAMED), "test")
+        assert vmlinux == parse_vmlinux(STREAMED)
+        load_vmlinux(streamed, vmlinux, chunks)
+        assert streamed.read(0x100_0000, 0x40_0000) == whole.read(0x100_0000, 0x40_0000)
+        assert whole.read(0x130_0000, 4) == b"DATA"
+    finally:
+        whole.close()
+        streamed.close()
+
+
+def test_streamed_headers_must_lie_in_the_first_bytes():
+    elf = bytearray(STREAMED)
+    struct.pack_into("<Q", elf, 32, STREAM_HEADER_BYTES)  # e_phoff: the table moved out of reach
+    with pytest.raises(NotALinuxKernel, match=f"past the file's first {STREAM_HEADER_BYTES} bytes"):
+        parse_streamed_vmlinux(iter([bytes(elf)]), len(elf) + STREAM_HEADER_BYTES, "test")
+
+
+def test_a_streamed_segment_past_the_announced_size_is_refused():
+    with pytest.raises(NotALinuxKernel, match="beyond the end of the file"):
+        parse_streamed_vmlinux(iter([STREAMED[:1000]]), 1000, "test")
 
 
 def test_virtual_entry_is_translated_to_physical():
@@ -55,7 +98,7 @@ def test_trailing_bytes_are_ignored():
 def test_kernel_beyond_guest_memory_is_a_clear_error(memory):
     elf = make_vmlinux([(0x300_0000, b"\x90" * 16, 0x200_0000)], entry=0x300_0000)
     with pytest.raises(PyvmmError, match="more --memory"):
-        load_vmlinux(memory, parse_vmlinux(elf))
+        load_vmlinux(memory, parse_vmlinux(elf), [elf])
 
 
 def elf_with(offset: int, fmt: str, value) -> bytes:
