@@ -20,6 +20,7 @@ from tests.unit.fuse_client import FuseClient
 from vmm.errors import PyvmmError
 from vmm.fuse import protocol as p
 from vmm.fuse.request import BytesRequest, Deferred
+from vmm.run import modules
 from vmm.run.init_program import InitProgram, Mount
 from vmm.run.initramfs import hidden_working_directory
 from vmm.run.modules import guest_modules, kernel_release
@@ -90,6 +91,17 @@ def test_a_module_that_does_not_decompress_to_elf_is_one_error(tmp_path, content
     (tree / "kernel/drivers/virtiofs.ko.zst").write_bytes(contents)
     with pytest.raises(PyvmmError, match=r"^--modules .*: virtiofs\.ko\.zst (does not decompress|is not a kernel module)"):
         guest_modules(tree)
+
+
+@pytest.mark.parametrize("suffix", [".ko.gz", ".ko.xz", ".ko.zst"])
+def test_a_module_that_inflates_past_the_limit_is_refused(tmp_path, monkeypatch, suffix):
+    """A corrupt or hostile module cannot make pyvmm inflate it without bound."""
+    monkeypatch.setattr(modules, "MAX_MODULE_SIZE", 1 << 20)
+    compress = {".ko.gz": gzip.compress, ".ko.xz": lzma.compress, ".ko.zst": zstandard.ZstdCompressor().compress}
+    bomb = compress[suffix](b"\x7fELF" + bytes(3 << 20))
+    with pytest.raises(PyvmmError, match="decompresses to more than 1 MiB"):
+        modules.decompress_module(f"virtiofs{suffix}", bomb)
+    assert modules.decompress_module(f"virtiofs{suffix}", compress[suffix](b"\x7fELF small")) == b"\x7fELF small"
 
 
 def test_built_in_modules_are_not_loaded(tmp_path):

@@ -76,12 +76,16 @@ def decompress_module(name: str, data: bytes) -> bytes:
     """A module file's ELF image; `name` is the file's name, which says how it is compressed."""
     for suffix, decompress in MODULE_DECOMPRESSORS.items():
         if name.endswith(suffix):
+            chunks, size = [], 0
             try:
-                data = decompress(memoryview(data), MAX_MODULE_SIZE)
+                for chunk in decompress(memoryview(data)):  # chunks of at most 8 MiB
+                    size += len(chunk)
+                    if size > MAX_MODULE_SIZE:
+                        raise PyvmmError(f"{name} decompresses to more than {MAX_MODULE_SIZE // MiB} MiB")
+                    chunks.append(chunk)
             except LIBRARY_ERRORS as err:
                 raise PyvmmError(f"{name} does not decompress: {err}") from None
-            if len(data) > MAX_MODULE_SIZE:
-                raise PyvmmError(f"{name} decompresses to more than {MAX_MODULE_SIZE // MiB} MiB")
+            data = b"".join(chunks)
             break
     else:
         if not name.endswith(".ko"):
