@@ -114,17 +114,26 @@ def test_create_whose_reader_exited_leaves_no_image(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def signals_as(ignored: tuple[signal.Signals, ...] = ()) -> None:
+    """In the child: SIGHUP, SIGTERM and SIGINT at their defaults, whatever the test runner inherited
+    (`nohup`, or `&` in a script, ignores some), but for those `ignored`."""
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
+
+
 @contextlib.contextmanager
-def convert_held_half_way(tmp_path) -> Iterator[tuple[subprocess.Popen, int, int]]:
+def convert_held_half_way(tmp_path, ignored: tuple[signal.Signals, ...] = ()
+                          ) -> Iterator[tuple[subprocess.Popen, int, int]]:
     """`pyvmm img convert` showing its progress bar on a terminal whose output is stopped (Ctrl-S)
     half way, its new image half written beside the source: (the process, the terminal's controller
-    and the terminal)."""
+    and the terminal). It starts with the signals `ignored` ignored."""
     source = tmp_path / "source.raw"
     source.write_bytes(os.urandom(32 << 20))  # compressed below: long enough to be caught half way
     controller, terminal = os.openpty()
     process = subprocess.Popen(
         [sys.executable, "-m", "vmm", "img", "convert", "-c", "-O", "qcow2", str(source), str(tmp_path / "out")],
-        stdin=subprocess.DEVNULL, stdout=terminal, stderr=subprocess.PIPE, cwd=REPO)
+        stdin=subprocess.DEVNULL, stdout=terminal, stderr=subprocess.PIPE, cwd=REPO,
+        preexec_fn=lambda: signals_as(ignored))
     try:
         seen = b""
         while b"Converting" not in seen:  # the bar's first line, before the new image
@@ -167,3 +176,15 @@ def test_convert_stopped_by_a_signal_leaves_no_partial_image(tmp_path, sig, line
         assert process.wait(timeout=60) == INTERRUPTED
         assert process.stderr.read() == line
     assert [p.name for p in tmp_path.iterdir()] == ["source.raw"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=lambda sig: sig.name)
+def test_a_signal_ignored_at_start_stays_ignored(tmp_path, sig):
+    # `nohup pyvmm img convert ...`: the terminal closing must not stop it. pyvmm's handler
+    # replaced nohup's SIG_IGN, and the convert ended with status 130 and no image.
+    with convert_held_half_way(tmp_path, ignored=(sig,)) as (process, _, terminal):
+        process.send_signal(sig)
+        termios.tcflow(terminal, termios.TCOON)
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+        assert process.stderr.read() == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source.raw"]

@@ -69,6 +69,7 @@ class _Stopped(KeyboardInterrupt):
 def _stopped_by_signals() -> Iterator[None]:
     """SIGTERM and SIGHUP (the terminal running the command was closed) end the block as Ctrl-C does,
     so that a new image half written is removed (atomic_output), not left beside its name.
+    A signal ignored when pyvmm started (`nohup pyvmm img convert ...`) stays ignored.
 
     Only around new images: a command changing an image in place (resize, check -r) is
     better killed, which its metadata's write order survives, than stopped between two
@@ -78,7 +79,8 @@ def _stopped_by_signals() -> Iterator[None]:
     def stop(signum, _frame):
         raise _Stopped(f"stopped by {signal.Signals(signum).name}")
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(sig) != signal.SIG_IGN}
     try:
         yield
     finally:
