@@ -9,9 +9,13 @@ it announced, and the announced size is checked against a caller's limit.
 
 The output comes as chunks of at most 8 MiB, in order, which the ELF loader
 (boot/vmlinux.py) copies straight to the segments' places in guest RAM: no
-buffer holds the whole vmlinux (51 MiB for Debian's kernel). Such a buffer
-cost a second memory's worth of page faults and a copy, which under the
-nested tier's emulated CPU was 0.3-1 s of every boot.
+buffer of pyvmm's holds the whole vmlinux (51 MiB for Debian's LZ4 kernel).
+Such a buffer cost a second memory's worth of page faults and a copy, which
+under the nested tier's emulated CPU was 0.3-1 s of every boot. The xz,
+lzma and zstd decoders keep their own window of past output, as large as
+the stream's header asks (the kernel's build asks 32 MiB of xz, and of zstd
+-22 128 MiB, so there zstd's window holds the whole image); zstandard refuses
+a window over 128 MiB.
 """
 
 from __future__ import annotations
