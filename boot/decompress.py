@@ -36,6 +36,10 @@ from vmm.layout import MiB
 SIZE_TRAILER = 4
 CHUNK_SIZE = 8 * MiB  # the most any decoder produces at a time
 
+# The most memory liblzma may take for a stream's dictionary: the kernel's build asks
+# for 64 MiB (lzma -9) or 32 MiB (xz); a header asking for 4 GiB is refused, not obeyed.
+LZMA_MEMORY_LIMIT = 256 * MiB
+
 # Legacy LZ4 frame ("lz4 -l"), which the kernel uses: the magic, then blocks of
 # (u32 compressed length, data), each decompressing to at most 8 MiB.
 LZ4_LEGACY_MAGIC = 0x184C2102
@@ -59,18 +63,20 @@ def gunzip(data: memoryview) -> Iterator[bytes]:
         chunk = decompressor.decompress(pending, CHUNK_SIZE)
         pending = decompressor.unconsumed_tail
         if not chunk:
-            return  # the input ended before the stream did: the caller sees the size fall short
+            raise EOFError("the data ends before its end-of-stream marker")
         yield chunk
 
 
 def _drain(decompressor: bz2.BZ2Decompressor | lzma.LZMADecompressor, data: memoryview) -> Iterator[bytes]:
     """bz2's and lzma's decompressors: the same calls, `max_length` bounding each."""
     chunk = decompressor.decompress(data, max_length=CHUNK_SIZE)
-    while chunk:
+    while not decompressor.eof:
+        if not chunk and decompressor.needs_input:
+            raise EOFError("the data ends before its end-of-stream marker")
         yield chunk
-        if decompressor.eof or decompressor.needs_input:
-            return
         chunk = decompressor.decompress(b"", max_length=CHUNK_SIZE)
+    if chunk:
+        yield chunk
 
 
 def _bzip2(data: memoryview) -> Iterator[bytes]:
@@ -78,17 +84,25 @@ def _bzip2(data: memoryview) -> Iterator[bytes]:
 
 
 def _lzma_alone(data: memoryview) -> Iterator[bytes]:
-    return _drain(lzma.LZMADecompressor(format=lzma.FORMAT_ALONE), data)
+    return _drain(lzma.LZMADecompressor(format=lzma.FORMAT_ALONE, memlimit=LZMA_MEMORY_LIMIT), data)
 
 
 def unxz(data: memoryview) -> Iterator[bytes]:
     # The kernel's xz carries a BCJ x86 filter in front of LZMA2; liblzma reads
     # the filter chain from the stream header and undoes both.
-    return _drain(lzma.LZMADecompressor(format=lzma.FORMAT_XZ), data)
+    return _drain(lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=LZMA_MEMORY_LIMIT), data)
 
 
 def unzstd(data: memoryview) -> Iterator[bytes]:
-    return zstandard.ZstdDecompressor().read_to_iter(data, write_size=CHUNK_SIZE)
+    # read_to_iter ends quietly where the data does; the frame's own size (zstd writes it
+    # unless told not to) tells a truncated one.
+    announced = zstandard.get_frame_parameters(data).content_size
+    produced = 0
+    for chunk in zstandard.ZstdDecompressor().read_to_iter(data, write_size=CHUNK_SIZE):
+        produced += len(chunk)
+        yield chunk
+    if announced != zstandard.CONTENTSIZE_UNKNOWN and produced != announced:
+        raise EOFError("the data ends before its end-of-stream marker")
 
 
 def _lz4_legacy(data: memoryview) -> Iterator[bytes]:

@@ -13,6 +13,7 @@ declarations in-line, as cffi's plain ABI mode does.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -53,9 +54,17 @@ def write(declarations: str, prebuilt: str, path: str) -> None:
     builder = FFI()
     builder.cdef(declarations)
     builder.set_source(prebuilt, None)  # None: ABI mode, a Python module, no compiler
-    builder.emit_python_code(path)
-    with open(path, "a") as f:
-        f.write(f"DECLARATIONS_DIGEST = {digest(declarations)!r}\n")
+    # Written beside it and renamed into place: a pyvmm starting meanwhile imports the old
+    # module or the new one, never half of one (a SyntaxError `load` would not catch).
+    partial = f"{path}.{os.getpid()}.tmp"
+    try:
+        builder.emit_python_code(partial)
+        with open(partial, "a") as f:
+            f.write(f"DECLARATIONS_DIGEST = {digest(declarations)!r}\n")
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
 
 
 def build() -> list[str]:

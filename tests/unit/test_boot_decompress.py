@@ -85,6 +85,14 @@ def test_size_trailer_smaller_than_the_data_is_caught(name):
         decompress_payload(lying, limit=1 << 31)
 
 
+def test_an_lzma_header_asking_for_a_huge_dictionary_is_refused():
+    """The header's dictionary size is the user's file speaking: 4 GiB is refused, not allocated."""
+    header = b"\x5d" + struct.pack("<I", 0xFFFF_0000) + struct.pack("<q", -1)
+    payload = header + bytes(64) + struct.pack("<I", 1 << 20)
+    with pytest.raises(CorruptPayload, match="corrupt lzma kernel payload: .*[Mm]emory"):
+        decompress_payload(payload, 1 << 30)
+
+
 def test_lzo_is_recognised_but_not_decodable():
     payload = b"\x89LZO\x00\r\n\x1a\n" + bytes(100)
     assert detect_format(payload).name == "lzo"

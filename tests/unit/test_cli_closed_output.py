@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -135,12 +136,17 @@ def convert_held_half_way(tmp_path, ignored: tuple[signal.Signals, ...] = ()
         stdin=subprocess.DEVNULL, stdout=terminal, stderr=subprocess.PIPE, cwd=REPO,
         preexec_fn=lambda: signals_as(ignored))
     try:
+        # Each wait has a deadline, so that a convert that ends too soon fails the test
+        # instead of hanging it.
+        deadline = time.monotonic() + 60
         seen = b""
         while b"Converting" not in seen:  # the bar's first line, before the new image
+            assert select.select([controller], [], [], max(deadline - time.monotonic(), 0))[0], seen
             seen += os.read(controller, 4096)
         termios.tcflow(terminal, termios.TCOOFF)  # its next line waits...
         while not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]:
             assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "no half-written image in 60 s"
             time.sleep(0.01)
         # ...with the new image half written.
         yield process, controller, terminal

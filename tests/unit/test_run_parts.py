@@ -104,6 +104,15 @@ def test_a_module_that_inflates_past_the_limit_is_refused(tmp_path, monkeypatch,
     assert modules.decompress_module(f"virtiofs{suffix}", compress[suffix](b"\x7fELF small")) == b"\x7fELF small"
 
 
+@pytest.mark.parametrize("suffix", [".ko.gz", ".ko.xz", ".ko.zst"])
+def test_a_truncated_module_is_refused(suffix):
+    """A module has no size trailer: the stream's own end must be there, or it is cut short."""
+    compress = {".ko.gz": gzip.compress, ".ko.xz": lzma.compress, ".ko.zst": zstandard.ZstdCompressor().compress}
+    whole = compress[suffix](b"\x7fELF" + os.urandom(1 << 16))
+    with pytest.raises(PyvmmError, match=f"virtiofs{suffix} does not decompress"):
+        modules.decompress_module(f"virtiofs{suffix}", whole[: len(whole) * 3 // 4])
+
+
 def test_built_in_modules_are_not_loaded(tmp_path):
     tree = module_tree(tmp_path, {"virtio_mmio": "", "virtiofs": "fuse"}, builtin=("fuse",))
     assert [name for name, _ in guest_modules(tree)] == ["virtio_mmio", "virtiofs"]

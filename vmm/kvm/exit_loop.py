@@ -74,7 +74,7 @@ class CompiledExitLoop:
             return False
         if status == lib.LOOP_DEVICE_RAISED:
             raised, _raised.exception = _raised.exception, None
-            raise raised
+            raise raised or RuntimeError("a device call failed without an exception")
         raise KvmError(ioctls.KVM_RUN, self._error[0])
 
     def io_counts(self) -> dict[str, int]:
@@ -94,7 +94,13 @@ def _keep_raised(exception_type, exception, traceback) -> None:
     _raised.exception = exception
 
 
-_raised = threading.local()  # per vCPU thread, as each runs its own loop
+class _Raised(threading.local):
+    """What a device call raised, per vCPU thread (each runs its own loop)."""
+
+    exception: BaseException | None = None
+
+
+_raised = _Raised()
 
 if lib is not None:
     _loop_of = ffi.from_handle  # looked up once: `ffi.from_handle` makes a method object each time
