@@ -153,12 +153,17 @@ def boot_disks(disk: Path | None, disk_format: str | None, cdrom: Path | None) -
 
 
 class _stop_on_signals:
-    """Turn SIGINT/SIGTERM/SIGHUP into an orderly stop: the machine shuts down, then pyvmm exits 130."""
+    """Turn SIGINT/SIGTERM/SIGHUP into an orderly stop: the machine shuts down, then pyvmm exits 130.
+
+    A signal ignored when pyvmm started stays ignored: under `nohup` the guest outlives the
+    terminal, and a shell's background job (`pyvmm boot ... &` in a script) is not stopped by
+    the Ctrl-C meant for its foreground."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __enter__(self):
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS
+                          if signal.getsignal(sig) != signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc):

@@ -34,6 +34,28 @@ def test_signal_stops_a_spinning_guest(guest, accel, signum):
     assert stderr.strip() == f"pyvmm: stopped by {signal.Signals(signum).name}".encode()
 
 
+@pytest.mark.parametrize("ignored", [signal.SIGHUP, signal.SIGINT])
+def test_a_signal_ignored_at_start_stays_ignored(guest, accel, ignored):
+    """`nohup pyvmm boot ...` outlives its terminal (SIGHUP), and a script's background job
+    outlives the Ctrl-C meant for its foreground (SIGINT): only SIGTERM stops the guest here."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vmm", "boot", "--flat", str(guest("spin")), "--accel", accel],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=REPO,
+        preexec_fn=lambda: signal.signal(ignored, signal.SIG_IGN),
+    )
+    try:
+        assert process.stdout.readline() == b"spinning\n"
+        os.kill(process.pid, ignored)
+        os.kill(process.pid, signal.SIGTERM)
+        status = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert status == 130
+    assert process.stderr.read().strip() == b"pyvmm: stopped by SIGTERM"  # not by the ignored signal
+
+
 def test_signal_stops_a_guest_blocked_on_console_output_nobody_reads(guest, accel):
     process = subprocess.Popen(
         [sys.executable, "-m", "vmm", "boot", "--flat", str(guest("flood")), "--accel", accel],
