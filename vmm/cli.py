@@ -21,6 +21,7 @@ from vmm.cpu_features import CPU_VENDORS, parse_feature_edits
 from vmm.errors import PyvmmError, report
 from vmm.gdb.options import gdb_options, gdb_spec
 from vmm.host_output import reserve_standard_fds, use_standard_streams
+from vmm.host_signals import handling
 from vmm.virtio_options import DiskSpec, VirtioSpecs, parse_console, parse_disk, parse_fs, parse_net
 
 
@@ -152,30 +153,15 @@ def boot_disks(disk: Path | None, disk_format: str | None, cdrom: Path | None) -
     return specs
 
 
-class _stop_on_signals:
-    """Turn SIGINT/SIGTERM/SIGHUP into an orderly stop: the machine shuts down, then pyvmm exits 130.
+def _stop_on_signals():
+    """SIGINT/SIGTERM/SIGHUP become an orderly stop: the machine shuts down, then pyvmm exits 130."""
+    return handling((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), _stop_machine)
 
-    A signal ignored when pyvmm started stays ignored: under `nohup` the guest outlives the
-    terminal, and a shell's background job (`pyvmm boot ... &` in a script) is not stopped by
-    the Ctrl-C meant for its foreground."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+def _stop_machine(signum, frame):
+    from vmm.session import stop_current
 
-    def __enter__(self):
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS
-                          if signal.getsignal(sig) != signal.SIG_IGN}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    @staticmethod
-    def _handle(signum, frame):
-        from vmm.session import stop_current
-
-        stop_current(exit_status.INTERRUPTED, f"stopped by {signal.Signals(signum).name}")
+    stop_current(exit_status.INTERRUPTED, f"stopped by {signal.Signals(signum).name}")
 
 
 @cli.command(context_settings={"allow_interspersed_args": False})

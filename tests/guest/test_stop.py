@@ -15,21 +15,29 @@ import pytest
 from tests.helpers import REPO, run_pyvmm
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_stops_a_spinning_guest(guest, accel, signum):
+def signal_a_spinning_guest(guest, accel: str, *signals: signal.Signals, ignored=None) -> tuple[int, bytes]:
+    """Boot the spinning guest (with `ignored` ignored from the start), send it `signals` in turn once
+    it spins, and return pyvmm's status and stderr."""
     process = subprocess.Popen(
         [sys.executable, "-m", "vmm", "boot", "--flat", str(guest("spin")), "--accel", accel],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=REPO,
+        preexec_fn=None if ignored is None else lambda: signal.signal(ignored, signal.SIG_IGN),
     )
     try:
         assert process.stdout.readline() == b"spinning\n"
-        os.kill(process.pid, signum)
+        for signum in signals:
+            os.kill(process.pid, signum)
         status = process.wait(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    stderr = process.stderr.read()
+    return status, process.stderr.read()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_a_spinning_guest(guest, accel, signum):
+    status, stderr = signal_a_spinning_guest(guest, accel, signum)
     assert status == 130
     assert stderr.strip() == f"pyvmm: stopped by {signal.Signals(signum).name}".encode()
 
@@ -38,22 +46,9 @@ def test_signal_stops_a_spinning_guest(guest, accel, signum):
 def test_a_signal_ignored_at_start_stays_ignored(guest, accel, ignored):
     """`nohup pyvmm boot ...` outlives its terminal (SIGHUP), and a script's background job
     outlives the Ctrl-C meant for its foreground (SIGINT): only SIGTERM stops the guest here."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vmm", "boot", "--flat", str(guest("spin")), "--accel", accel],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=REPO,
-        preexec_fn=lambda: signal.signal(ignored, signal.SIG_IGN),
-    )
-    try:
-        assert process.stdout.readline() == b"spinning\n"
-        os.kill(process.pid, ignored)
-        os.kill(process.pid, signal.SIGTERM)
-        status = process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    status, stderr = signal_a_spinning_guest(guest, accel, ignored, signal.SIGTERM, ignored=ignored)
     assert status == 130
-    assert process.stderr.read().strip() == b"pyvmm: stopped by SIGTERM"  # not by the ignored signal
+    assert stderr.strip() == b"pyvmm: stopped by SIGTERM"  # not by the ignored signal
 
 
 def test_signal_stops_a_guest_blocked_on_console_output_nobody_reads(guest, accel):

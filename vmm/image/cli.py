@@ -21,6 +21,7 @@ import click
 
 from vmm.errors import PyvmmError, one_line
 from vmm.host_output import OutputClosed
+from vmm.host_signals import handling
 from vmm.image.convert import compare, convert
 from vmm.image.info import format_info_human, image_info, snapshot_table
 from vmm.image.open import FORMATS, atomic_output, create_image, open_image
@@ -69,7 +70,7 @@ class _Stopped(KeyboardInterrupt):
 def _stopped_by_signals() -> Iterator[None]:
     """SIGTERM and SIGHUP (the terminal running the command was closed) end the block as Ctrl-C does,
     so that a new image half written is removed (atomic_output), not left beside its name.
-    A signal ignored when pyvmm started (`nohup pyvmm img convert ...`) stays ignored.
+    A signal ignored when pyvmm started (`nohup pyvmm img convert ...`) stays ignored (handling()).
 
     Only around new images: a command changing an image in place (resize, check -r) is
     better killed, which its metadata's write order survives, than stopped between two
@@ -79,13 +80,8 @@ def _stopped_by_signals() -> Iterator[None]:
     def stop(signum, _frame):
         raise _Stopped(f"stopped by {signal.Signals(signum).name}")
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)
-                if signal.getsignal(sig) != signal.SIG_IGN}
-    try:
+    with handling((signal.SIGTERM, signal.SIGHUP), stop):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
