@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,20 @@ def full_pipe() -> tuple[int, int, int]:
             earlier += os.write(write_fd, bytes(4096))
     os.set_blocking(write_fd, True)
     return read_fd, write_fd, earlier
+
+
+def read_until(fd: int, marker: bytes, timeout: float = 30.0) -> bytes:
+    """Read `fd` (a terminal's controller, a pipe) until what was read holds `marker`; all of it."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out waiting for {marker!r}; got {seen!r}")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:
+                break
+    return seen

@@ -21,7 +21,8 @@ EXIT_STATUS = 0x2A
 CODE_SIZE = 0x17  # the message follows the code
 
 
-def hello_image() -> bytes:
+def hello_image(status: int = EXIT_STATUS) -> bytes:
+    """The image; `status`: what it writes to the debug-exit port (tests choose others)."""
     code = b"".join([
         b"\x8c\xc8",                                        # mov ax, cs
         b"\x8e\xd8",                                        # mov ds, ax
@@ -32,7 +33,7 @@ def hello_image() -> bytes:
         b"\x74\x03",                                        # jz done
         b"\xee",                                            # out dx, al
         b"\xeb\xf8",                                        # jmp next
-        b"\xb0" + bytes([EXIT_STATUS]),                     # done: mov al, 0x2a
+        b"\xb0" + bytes([status]),                          # done: mov al, 0x2a (the default status)
         b"\xe6" + bytes([DEBUG_EXIT_PORT]),                 # out 0xf4, al
         b"\xf4",                                            # hlt
     ])

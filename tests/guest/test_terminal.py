@@ -5,32 +5,14 @@ from __future__ import annotations
 
 import os
 import pty
-import select
 import signal
 import subprocess
 import sys
 import termios
-import time
 
 import pytest
 
-from tests.helpers import REPO, die_with_test_runner
-
-
-def read_until(fd: int, marker: bytes, timeout: float = 30.0) -> bytes:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while marker not in seen:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"timed out waiting for {marker!r}; got {seen!r}")
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if ready:
-            try:
-                seen += os.read(fd, 4096)
-            except OSError:
-                break
-    return seen
+from tests.helpers import REPO, die_with_test_runner, read_until
 
 
 @pytest.fixture
