@@ -159,9 +159,9 @@ def _stop_on_signals():
 
 
 def _stop_machine(signum, frame):
-    from vmm.session import stop_current
+    from vmm.session import host_stops_current
 
-    stop_current(exit_status.INTERRUPTED, f"stopped by {signal.Signals(signum).name}")
+    host_stops_current(exit_status.INTERRUPTED, f"stopped by {signal.Signals(signum).name}")
 
 
 @cli.command(context_settings={"allow_interspersed_args": False})

@@ -2,7 +2,8 @@
 
 A guest that writes `v` to the debug-exit port makes pyvmm exit with `v`
 itself, so these values can also come from such a guest; CI guests that need
-to tell them apart should write values above 16.
+to tell them apart should write values above 16. pyvmm never tells a host stop
+by its value: the stop request says who asked (vmm/lifecycle.py).
 """
 
 POWEROFF = 0  # the guest powered off (ACPI S5, debug-exit 0, HLT with nothing to wake it)

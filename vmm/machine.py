@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 # How long shutdown waits for a kicked vCPU thread before giving up on it.
 VCPU_JOIN_TIMEOUT = 5.0
-# Stops the host asked for, rather than the guest.
-HOST_STOPS = (exit_status.TIMED_OUT, exit_status.INTERRUPTED)
 
 
 class Machine:
@@ -91,7 +89,7 @@ class Machine:
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 self.stop.request_stop(exit_status.TIMED_OUT, f"the guest was still running after --timeout "
-                                                              f"{timeout:g} s; stopped it")
+                                                              f"{timeout:g} s; stopped it", by_host=True)
                 return
             for thread in self.threads:
                 thread.request_look(watch.look)
@@ -102,10 +100,10 @@ class Machine:
 
     def shutdown(self) -> None:
         """Stop every vCPU thread and release host resources; safe to call more than once."""
-        self.stop.request_stop(exit_status.INTERRUPTED, "stopped")
+        self.stop.request_stop(exit_status.INTERRUPTED, "stopped", by_host=True)
         # A guest that ended itself (power-off, its exit status, a reset) keeps its last output
         # until a slow reader takes it; a stop the host asked for does not wait for a reader.
-        drain = self.stop.status not in HOST_STOPS
+        drain = not self.stop.by_host
         deadline = time.monotonic() + VCPU_JOIN_TIMEOUT
         for thread in self.threads:
             thread.join(min(OUTPUT_GRACE_SECONDS, max(0.0, deadline - time.monotonic())))
@@ -125,7 +123,7 @@ class Machine:
             self.gdb = None
         if any(thread.is_alive() for thread in self.threads):
             return  # a stuck thread may still use the VM and memory; the process exit frees them
-        if self.stop.status == exit_status.TIMED_OUT:
+        if self.stop.by_host and self.stop.status == exit_status.TIMED_OUT:  # not a guest's own 124
             for vcpu in self.vcpus:  # a guest that ran out of time: was it stuck somewhere?
                 self.stuck_watch.look(vcpu)
         if self.vm is not None:

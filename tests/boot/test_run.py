@@ -8,13 +8,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import termios
 from pathlib import Path
 
 import pytest
 
 from tests.boot.session import converse_on_a_terminal
 from tests.guest.gdb_driver import DebuggedVm
-from tests.helpers import REPO, die_with_test_runner
+from tests.helpers import REPO, die_with_test_runner, read_until
+from vmm.console import OUTPUT_GRACE_SECONDS
 
 pytestmark = pytest.mark.slow
 
@@ -90,6 +92,22 @@ def test_timeout_stops_the_guest_with_124(run):
     result = run("--timeout", "20", "--", "sleep", "1000")
     assert result.returncode == 124
     assert result.stderr.startswith(b"pyvmm: the guest was still running after --timeout 20 s")
+
+
+# As root in the guest: `outb 130, 0xf4`, the debug-exit port, through ioperm and a page of code.
+_DEBUG_EXIT_130 = """import ctypes, mmap
+assert ctypes.CDLL(None).ioperm(0xF4, 1, 1) == 0
+page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+page.write(b"\\xb0\\x82\\xe6\\xf4\\xc3")  # mov al, 130; out 0xf4, al; ret
+ctypes.CFUNCTYPE(None)(ctypes.addressof(ctypes.c_char.from_buffer(page)))()
+"""
+
+
+def test_a_guest_that_ends_itself_with_130_is_not_taken_for_an_interrupt(run):
+    # The machine stops with 130 without the command's status: the guest's doing, not Ctrl-C's.
+    result = run("--", sys.executable, "-c", _DEBUG_EXIT_130)
+    assert result.returncode == 125
+    assert result.stderr == b"pyvmm: the guest could not run the command: it stopped without a status\n"
 
 
 def test_a_large_file_written_through_rw_is_identical_on_the_host(run, tmp_path):
@@ -188,6 +206,38 @@ def test_without_a_command_a_shell_runs_on_the_terminal(linux_assets, linux_modu
         env={"PYTHONPATH": str(REPO), "SHELL": "/bin/sh"})
     assert status == 3, output
     assert b"\r\n42\r\n/dev/hvc0\r\n" in output, output
+
+
+def test_a_shell_exiting_with_130_itself_leaves_its_last_line_for_a_stopped_terminal(pyvmm_run):
+    # A shell whose last command was interrupted (Ctrl-C in the guest) ends with 130 at `exit`;
+    # here its last line is written while the user has stopped the terminal's output (Ctrl-S).
+    # 130 is then the guest's own status, not a host stop: the line waits for the terminal, as a
+    # host shell's would. (Not echoed, so that the line is the only output in flight: a guest
+    # writing more waits for the terminal anyway.)
+    command, env = pyvmm_run()
+    controller, terminal = os.openpty()
+    process = subprocess.Popen(command, stdin=terminal, stdout=terminal, stderr=subprocess.PIPE, cwd=REPO,
+                               env={**env, "SHELL": "/bin/sh"}, start_new_session=True,
+                               preexec_fn=die_with_test_runner)
+    try:
+        read_until(controller, b"# ", timeout=300)
+        os.write(controller, b"stty -echo\r")
+        read_until(controller, b"# ")
+        termios.tcflow(terminal, termios.TCOOFF)
+        os.write(controller, b"printf 'the last line\\n'; exit 130\r")
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(timeout=OUTPUT_GRACE_SECONDS + 2)  # it waits for the terminal...
+        termios.tcflow(terminal, termios.TCOON)  # ...which takes the line at last
+        assert read_until(controller, b"\n") == b"the last line\r\n"
+        assert process.wait(timeout=60) == 130
+        assert process.stderr.read() == b""
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+        os.close(controller)
+        os.close(terminal)
 
 
 def test_paused_for_gdb_then_continued_runs_the_command(linux_assets, linux_module_tree):

@@ -16,9 +16,10 @@ import termios
 
 import pytest
 
+from tests.guest.hello_image import hello_image
 from tests.helpers import REPO, full_pipe
 from vmm.console import OUTPUT_GRACE_SECONDS
-from vmm.exit_status import INTERRUPTED
+from vmm.exit_status import INTERRUPTED, TIMED_OUT
 
 CLOSED = 141
 
@@ -107,13 +108,17 @@ def test_the_terminal_is_restored_when_the_reader_exits(guest, accel):
         os.close(terminal)
 
 
-def test_a_reader_that_pauses_still_gets_the_last_line_and_the_guests_status(guest, accel):
+@pytest.mark.parametrize("status", [42, TIMED_OUT, INTERRUPTED])
+def test_a_reader_that_pauses_still_gets_the_last_line_and_the_guests_status(tmp_path, accel, status):
     # `pyvmm boot --flat hello.bin | less`, the user still on the first screen: hello.S prints one
     # line and exits with 42. The line waits for the reader, as `cat big | less`'s output does,
-    # past the grace a stop the host asks for would give it (OUTPUT_GRACE_SECONDS).
+    # past the grace a stop the host asks for would give it (OUTPUT_GRACE_SECONDS). So it does
+    # when the guest itself chooses the status of a host stop (124 for --timeout, 130 for Ctrl-C).
+    image = tmp_path / "hello.bin"
+    image.write_bytes(hello_image(status))
     read_end, write_end, earlier = full_pipe()
     try:
-        process = pyvmm_boot(guest("hello"), accel, stdout=write_end, stderr=subprocess.PIPE)
+        process = pyvmm_boot(image, accel, stdout=write_end, stderr=subprocess.PIPE)
     finally:
         os.close(write_end)
     try:
@@ -121,8 +126,9 @@ def test_a_reader_that_pauses_still_gets_the_last_line_and_the_guests_status(gue
             process.wait(timeout=OUTPUT_GRACE_SECONDS + 2)  # it waits for the reader...
         with os.fdopen(read_end, "rb") as reader:
             output = reader.read()  # ...which reads at last
-        assert finish(process) == 42
+        assert finish(process) == status
         assert output[earlier:] == b"Hello from real mode\n"
+        assert process.stderr.read() == b""
     finally:
         if process.poll() is None:
             process.kill()

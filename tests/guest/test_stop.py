@@ -95,6 +95,15 @@ def test_a_guest_that_ends_in_time_keeps_its_own_status(guest, accel):
     assert result.returncode == 42
 
 
+def test_a_guest_exiting_with_124_itself_is_not_looked_at_as_timed_out(tmp_path, accel):
+    # Its last `out` is followed by zero bytes, where a guest stopped by --timeout would be
+    # reported stuck ("executing an all-zero page"); this one ended itself, with 124.
+    image = tmp_path / "exit124.bin"
+    image.write_bytes(b"\xb0\x7c" + b"\xe6\xf4")  # mov al, 124; out 0xf4, al
+    result = run_pyvmm("boot", "--flat", str(image), "--accel", accel, timeout=60)
+    assert (result.returncode, result.stderr) == (124, b"")
+
+
 def test_a_vcpu_spinning_at_the_reset_vector_is_reported_once(guest, accel):
     # The guest needs microseconds to get there; whatever the timing, the
     # stuck vCPU is reported by the time --timeout stops it, and only once.

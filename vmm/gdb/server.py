@@ -180,7 +180,8 @@ class GdbServer:
                     continue
                 reply = ERROR_ARGUMENT if event.oversized else self._handle(session, event.payload)
                 if session.killed:
-                    debugger.stop_controller.request_stop(exit_status.INTERRUPTED, "killed by the debugger")
+                    debugger.stop_controller.request_stop(exit_status.INTERRUPTED, "killed by the debugger",
+                                                          by_host=True)
                     return "done"
                 if reply is None:
                     running = True

@@ -48,7 +48,7 @@ from vmm.run.initramfs import (
 )
 from vmm.run.modules import default_kernel, guest_modules, kernel_release
 from vmm.run.stdio_share import StdioShare
-from vmm.session import current_machine, run_machine_quietly, stop_current
+from vmm.session import current_machine, host_stops_current, run_machine_quietly, stop_current
 from vmm.virtio_options import FsSpec, VirtioSpecs
 
 CANNOT_RUN = 125
@@ -211,10 +211,10 @@ def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[st
 
     def on_status(status: int) -> None:
         reported.append(status)
-        stop_current(status, "")
+        stop_current(status, "", by_host=False)  # the command's own, even 124 or 130
 
     def output_closed(why: str) -> None:
-        stop_current(exit_status.OUTPUT_CLOSED, f"{why}; stopped the guest")
+        host_stops_current(exit_status.OUTPUT_CLOSED, f"{why}; stopped the guest")
 
     def stopping() -> bool:
         machine = current_machine()
@@ -237,21 +237,21 @@ def _boot(options: RunOptions, kernel: Path, initrd: Path, shares: list[tuple[st
     try:
         if terminal:
             # The terminal, raw (Ctrl-A x quits), for hvc0 and the serial port alike.
-            console = Console(quit=lambda: stop_current(exit_status.INTERRUPTED, "stopped by Ctrl-A x"),
-                              notice_fd=log_fd, output_failed=stop_current)
+            console = Console(quit=lambda: host_stops_current(exit_status.INTERRUPTED, "stopped by Ctrl-A x"),
+                              notice_fd=log_fd, output_failed=host_stops_current)
         else:
             console = Console(quit=lambda: None, input_fd=null_fd, output_fd=log_fd, raw=False, notice_fd=log_fd)
         with _logging_to(log_fd):
-            status, reason = run_machine_quietly(config, console)
+            stop = run_machine_quietly(config, console)
     finally:
         os.close(null_fd)
         if log_fd != 2:
             os.close(log_fd)
     if reported:
         return reported[0]
-    if status in (exit_status.TIMED_OUT, exit_status.INTERRUPTED, exit_status.OUTPUT_CLOSED):
-        report(reason)
-        return status
+    if stop.by_host:  # --timeout, a signal, an output that is gone
+        report(stop.reason)
+        return stop.status
     why = _last_init_message(log_path) if not options.verbose else ""
-    report(f"the guest could not run the command: {why or reason or 'it stopped without a status'}")
+    report(f"the guest could not run the command: {why or stop.reason or 'it stopped without a status'}")
     return CANNOT_RUN
