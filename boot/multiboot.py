@@ -272,12 +272,16 @@ def load_multiboot(memory: GuestMemory, kernel_path: Path, cmdline: str,
     """Load a multiboot kernel; return the boot vCPU's state, or None if the file has no multiboot header."""
     source = str(kernel_path)
     try:
-        data = kernel_path.read_bytes()
+        # The header lies in the first 8 KiB: a Linux kernel, the usual case, is not read whole
+        # here only to be read again by its own loader.
+        with kernel_path.open("rb") as kernel:
+            header = find_header(kernel.read(HEADER_SEARCH_LIMIT + ADDRESS_FIELDS_SIZE), source)
+            if header is None:
+                return None
+            kernel.seek(0)
+            data = kernel.read()
     except OSError as err:
         raise PyvmmError(f"cannot read kernel {kernel_path}: {err.strerror}") from None
-    header = find_header(data, source)
-    if header is None:
-        return None
     try:
         if header.flags & FLAG_ADDRESS_FIELDS:
             segments, entry = _segments_from_address_fields(header, data)
