@@ -27,9 +27,10 @@ FUZZ_EXAMPLES ?= 5000
 .PHONY: install exit-loop blk-requests uart-ports deps deps-runtime demo demo-linux test test-fast test-kvm test-kvm-ci lint bench bench-kvm \
         fuzz test-assets kvm-unit-tests kvm-unit-tests-nested clean
 
-# The KVM structures' C declarations are parsed once here, not at every start
-# (vmm/cffi_prebuilt.py); without this step pyvmm parses them at import.
-CFFI_PREBUILT := vmm/kvm/_uapi_prebuilt.py
+# The C declarations pyvmm hands cffi (the KVM structures, liblz4's decoder) are parsed
+# once here, not at every start (vmm/cffi_prebuilt.py); without this step pyvmm parses
+# them when it first needs them.
+CFFI_PREBUILT := vmm/kvm/_uapi_prebuilt.py boot/_lz4_prebuilt.py
 
 install: deps-runtime $(VENV)/.installed $(CFFI_PREBUILT) exit-loop blk-requests uart-ports
 
@@ -39,7 +40,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-$(CFFI_PREBUILT): vmm/kvm/uapi.py vmm/cffi_prebuilt.py $(VENV)/.installed
+$(CFFI_PREBUILT): vmm/kvm/uapi.py boot/lz4_legacy.py vmm/cffi_prebuilt.py $(VENV)/.installed
 	$(PY) -m vmm.cffi_prebuilt
 
 # The compiled KVM exit loop (vmm/kvm/exit_loop.py): pip builds it, this builds it

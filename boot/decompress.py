@@ -10,6 +10,8 @@ it announced, and the announced size is checked against a caller's limit.
 The output comes as chunks of at most 8 MiB, in order, which the ELF loader
 (boot/vmlinux.py) copies straight to the segments' places in guest RAM: no
 buffer of pyvmm's holds the whole vmlinux (51 MiB for Debian's LZ4 kernel).
+A chunk lives only until the next is asked for (the LZ4 decoder writes every
+block into the same buffer, boot/lz4_legacy.py): keep one longer as a copy.
 Such a buffer cost a second memory's worth of page faults and a copy, which
 under the nested tier's emulated CPU was 0.3-1 s of every boot. The xz,
 lzma and zstd decoders keep their own window of past output, as large as
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import lz4.block
 import zstandard
 
+from boot import lz4_legacy
 from vmm.errors import PyvmmError
 from vmm.layout import MiB
 
@@ -39,11 +42,6 @@ CHUNK_SIZE = 8 * MiB  # the most any decoder produces at a time
 # The most memory liblzma may take for a stream's dictionary: the kernel's build asks
 # for 64 MiB (lzma -9) or 32 MiB (xz); a header asking for 4 GiB is refused, not obeyed.
 LZMA_MEMORY_LIMIT = 256 * MiB
-
-# Legacy LZ4 frame ("lz4 -l"), which the kernel uses: the magic, then blocks of
-# (u32 compressed length, data), each decompressing to at most 8 MiB.
-LZ4_LEGACY_MAGIC = 0x184C2102
-LZ4_LEGACY_BLOCK_SIZE = 8 * MiB
 
 
 class UnsupportedPayload(PyvmmError):
@@ -105,20 +103,8 @@ def unzstd(data: memoryview) -> Iterator[bytes]:
         raise EOFError("the data ends before its end-of-stream marker")
 
 
-def _lz4_legacy(data: memoryview) -> Iterator[bytes]:
-    blocks = data[4:-SIZE_TRAILER]  # skip the magic; the size trailer is not a block
-    position = 0
-    while position < len(blocks):
-        if position + 4 > len(blocks):
-            raise CorruptPayload("truncated lz4 block header")
-        (length,) = struct.unpack_from("<I", blocks, position)
-        position += 4
-        if length == LZ4_LEGACY_MAGIC:  # concatenated streams restart with the magic
-            continue
-        if length == 0 or position + length > len(blocks):
-            raise CorruptPayload(f"lz4 block of {length} bytes at {position - 4:#x} is truncated")
-        yield lz4.block.decompress(blocks[position : position + length], uncompressed_size=LZ4_LEGACY_BLOCK_SIZE)
-        position += length
+def _lz4(data: memoryview) -> Iterator[bytes | memoryview]:
+    return lz4_legacy.decode(data[:-SIZE_TRAILER])  # the size trailer is not a block
 
 
 def _uncompressed(data: memoryview) -> Iterator[memoryview]:
@@ -141,7 +127,7 @@ FORMATS = (
     PayloadFormat("lzma", b"\x5d\x00\x00", _lzma_alone),
     PayloadFormat("xz", b"\xfd7zXZ\x00", unxz),
     PayloadFormat("lzo", b"\x89LZO", None),  # no well-kept Python LZO library
-    PayloadFormat("lz4", struct.pack("<I", LZ4_LEGACY_MAGIC), _lz4_legacy),
+    PayloadFormat("lz4", struct.pack("<I", lz4_legacy.MAGIC), _lz4),
     PayloadFormat("zstd", b"\x28\xb5\x2f\xfd", unzstd),
     PayloadFormat("uncompressed", b"\x7fELF", _uncompressed),
 )
@@ -171,8 +157,8 @@ def uncompressed_size(payload: bytes | memoryview) -> int:
 
 
 def decompressed_chunks(payload: bytes | memoryview, limit: int) -> Iterator[bytes | memoryview]:
-    """The vmlinux ELF image a bzImage payload holds, in order, in chunks of at most 8 MiB;
-    refuses more than `limit` bytes, and raises CorruptPayload (once the chunks before it
+    """The vmlinux ELF image a bzImage payload holds, in order, in chunks of at most 8 MiB
+    (each valid until the next is asked for); refuses more than `limit` bytes, and raises CorruptPayload (once the chunks before it
     are out) where the data is bad or ends off the size the kernel announced."""
     payload = memoryview(payload)
     fmt = detect_format(payload)

@@ -60,10 +60,11 @@ def parse_streamed_vmlinux(chunks: Iterator[bytes | memoryview], file_size: int,
     taken: list[bytes | memoryview] = []
     head = bytearray()
     for chunk in chunks:
-        taken.append(chunk)
         head += chunk[: STREAM_HEADER_BYTES - len(head)]
         if len(head) == STREAM_HEADER_BYTES:
+            taken.append(chunk)
             break
+        taken.append(bytes(chunk))  # kept past the next chunk, which may reuse its buffer
     return parse_vmlinux(head, source, file_size), chain(taken, chunks)
 
 

@@ -20,7 +20,7 @@ import sys
 import zlib
 
 # The modules whose `DECLARATIONS` are prebuilt, and where their parsed form goes.
-MODULES = {"vmm.kvm.uapi": "vmm.kvm._uapi_prebuilt"}
+MODULES = {"vmm.kvm.uapi": "vmm.kvm._uapi_prebuilt", "boot.lz4_legacy": "boot._lz4_prebuilt"}
 
 # Set (to anything) to ignore prebuilt modules: how the in-line path is tested.
 INLINE_ENV = "PYVMM_CFFI_INLINE"

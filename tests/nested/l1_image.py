@@ -206,6 +206,19 @@ def libraries(programs: list[Path]) -> set[str]:
     return found
 
 
+def loaded_by_name() -> set[str]:
+    """The libraries pyvmm opens by name as it runs, which `ldd` cannot see: liblz4
+    (boot/lz4_legacy.py), where this host has it, by the name pyvmm opens."""
+    from boot import lz4_legacy
+
+    decoder = lz4_legacy.liblz4_decoder()  # holds the library open while its path is read
+    if decoder is None:
+        return set()
+    with open("/proc/self/maps") as maps:
+        loaded = {line.split()[-1] for line in maps if os.path.basename(line.split()[-1]).startswith("liblz4.so")}
+    return {os.path.join(os.path.dirname(path), lz4_legacy.LIBLZ4) for path in loaded}
+
+
 # -- the L1 kernel -------------------------------------------------------------------------
 
 
@@ -281,7 +294,7 @@ def base_tree(kernel: L1Kernel, assets: LinuxAssets) -> Tree:
     for path in HOST_FILES:
         if os.path.exists(path):
             tree.host_file(path)
-    for library in sorted(libraries(tree.elf_files())):
+    for library in sorted(libraries(tree.elf_files()) | loaded_by_name()):
         tree.host_file(library)
 
     for module in kernel.modules:

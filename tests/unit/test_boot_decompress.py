@@ -5,6 +5,7 @@ import struct
 
 import pytest
 
+from boot import lz4_legacy
 from boot.bzimage import parse_bzimage
 from boot.decompress import (
     CHUNK_SIZE,
@@ -24,7 +25,7 @@ FORMATS = ["gzip", "bzip2", "lzma", "xz", "lz4", "zstd", "uncompressed"]
 
 
 def decompress_payload(payload, limit):
-    chunks = list(decompressed_chunks(payload, limit))
+    chunks = [bytes(chunk) for chunk in decompressed_chunks(payload, limit)]  # each lives until the next
     assert all(len(chunk) <= CHUNK_SIZE for chunk in chunks)
     return b"".join(chunks)
 
@@ -116,10 +117,54 @@ def test_too_short_payload():
 @pytest.mark.parametrize("name", FORMATS)
 def test_output_over_a_chunk_comes_in_chunks(name):
     data = b"\x7fELF" + (bytes(range(256)) + os.urandom(64)) * 30_000  # over 8 MiB: lz4's two blocks
-    chunks = list(decompressed_chunks(compress_like_kernel(data, name), len(data)))
+    chunks = [bytes(chunk) for chunk in decompressed_chunks(compress_like_kernel(data, name), len(data))]
     assert len(chunks) >= 2
     assert all(len(chunk) <= CHUNK_SIZE for chunk in chunks)
     assert b"".join(chunks) == data
+
+
+LZ4_DECODERS = ["liblz4", "python-lz4"]
+TWO_BLOCKS = b"\x7fELF" + (bytes(range(256)) + os.urandom(64)) * 30_000  # over lz4's 8 MiB block
+
+
+@pytest.fixture(params=LZ4_DECODERS)
+def lz4_decoder(request, monkeypatch):
+    """Each of the two LZ4 decoders in turn: liblz4's, which every Debian system has, and
+    python-lz4's, used where liblz4.so.1 cannot be loaded."""
+    if request.param == "python-lz4":
+        monkeypatch.setattr(lz4_legacy, "liblz4_decoder", lambda: None)
+    else:
+        assert lz4_legacy.liblz4_decoder() is not None, f"{lz4_legacy.LIBLZ4} did not load"
+    return request.param
+
+
+def test_each_lz4_decoder_round_trips_several_blocks(lz4_decoder):
+    assert decompress_payload(compress_like_kernel(TWO_BLOCKS, "lz4"), len(TWO_BLOCKS)) == TWO_BLOCKS
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.7])
+def test_each_lz4_decoder_refuses_a_truncated_block_in_one_line(lz4_decoder, cut):
+    payload = compress_like_kernel(TWO_BLOCKS, "lz4")
+    truncated = payload[: int(len(payload) * cut)] + payload[-4:]  # the size trailer kept
+    with pytest.raises(CorruptPayload, match="^corrupt lz4 kernel payload: [^\n]*truncated$"):
+        decompress_payload(truncated, limit=1 << 31)
+
+
+def test_each_lz4_decoder_refuses_a_block_that_is_not_lz4_in_one_line(lz4_decoder):
+    # A token of 0xff asks for more literal bytes than the block holds.
+    payload = struct.pack("<II", lz4_legacy.MAGIC, 64) + b"\xff" * 64 + struct.pack("<I", 1 << 20)
+    with pytest.raises(CorruptPayload, match="^corrupt lz4 kernel payload: [^\n]*$"):
+        decompress_payload(payload, limit=1 << 31)
+
+
+def test_liblz4_decodes_every_block_into_one_buffer():
+    """What the chunks' lifetime rule is for: no fresh 8 MiB for each block."""
+    chunks = decompressed_chunks(compress_like_kernel(TWO_BLOCKS, "lz4"), len(TWO_BLOCKS))
+    first = next(chunks)
+    first_bytes = bytes(first)
+    second = next(chunks)
+    assert first.obj is second.obj
+    assert first_bytes + bytes(second) == TWO_BLOCKS
 
 
 def test_lz4_concatenated_streams():
