@@ -116,12 +116,18 @@ class Qcow2Refcounts:
         return start
 
     def _alloc_cluster(self) -> int:
-        """A cluster with refcount 1, as a byte offset.
+        """A cluster with refcount 1, as a byte offset."""
+        return self._allocate()[0]
+
+    def _allocate(self) -> tuple[int, bool]:
+        """A cluster with refcount 1, as a byte offset, and whether it is fresh: claimed past the
+        end of the file, never written, so every byte of it reads as zero.
 
         Preference: clusters freed in this session, then free clusters inside
         the file as it was opened (freed by earlier sessions; their freeing is
         on disk, so nothing on disk maps them), then the end of the file.
         """
+        fresh = False
         while self._reusable:
             index = self._reusable.pop()
             if self.refcount(index) == 0:
@@ -129,9 +135,9 @@ class Qcow2Refcounts:
         else:
             index = self._find_free_in_file()
             if index is None:
-                index = self._claim_fresh(1)
+                index, fresh = self._claim_fresh(1), True
         self._set_refcount(index, 1)
-        return index << self.cluster_bits
+        return index << self.cluster_bits, fresh
 
     def _find_free_in_file(self) -> int | None:
         """The next cluster with refcount 0 below the file's size at open time (scanned once)."""

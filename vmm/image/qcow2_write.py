@@ -111,20 +111,36 @@ class Qcow2Writer:
             host = self._data_offset(entry)
             self._check_data_cluster(host)
             return host + in_cluster, chunk
-        if len(chunk) == self.cluster_size:
-            payload = chunk
-        else:  # copy-on-write: the rest of the cluster keeps what it read before
-            payload = bytearray(self._cluster_content(vcluster, entry))
-            payload[in_cluster : in_cluster + len(chunk)] = chunk
-        host = entry & OFFSET_MASK
+        host, fresh = entry & OFFSET_MASK, False
         if kind == ZERO and host and entry & OFLAG_COPIED:
             self._check_data_cluster(self._data_offset(entry))  # preallocated zero cluster: reuse it
         else:
-            host = self._alloc_cluster()
+            host, fresh = self._allocate()
             self._release(entry)
         table[index] = host | OFLAG_COPIED
         self._l2_dirty.add(l2_offset)
+        if len(chunk) == self.cluster_size:
+            return host, chunk
+        if fresh and self._reads_as_zeros(entry):
+            # The rest of a fresh cluster reads as zeros already: write only the new bytes (a
+            # 4 KiB write into an empty cluster writes 4 KiB, not 64), and give the file the
+            # cluster's whole length, as a hole, so that all of it can be read back.
+            self._extend_file(host + self.cluster_size)
+            return host + in_cluster, chunk
+        # Copy-on-write: the rest of the cluster keeps what it read before.
+        payload = bytearray(self._cluster_content(vcluster, entry))
+        payload[in_cluster : in_cluster + len(chunk)] = chunk
         return host, payload
+
+    def _reads_as_zeros(self, entry: int) -> bool:
+        """Whether the guest reads zeros where this L2 entry maps (its data cluster aside)."""
+        kind = cluster_kind(entry)
+        return kind == ZERO or (kind == UNALLOCATED and self.backing is None)
+
+    def _extend_file(self, end: int) -> None:
+        if self._file_size < end:
+            os.ftruncate(self._fd, end)
+            self._file_size = end
 
     def _check_data_cluster(self, host: int) -> None:
         if self._is_metadata_cluster(host >> self.cluster_bits):
