@@ -2,7 +2,8 @@
 
 What the Multiboot Specification 0.6.96 asks of a boot loader, and QEMU's
 `-kernel` does: a kernel is recognised by a header (magic 0x1BADB002, flags,
-checksum making the three sum to zero) 32-bit aligned in its first 8 KiB. It
+checksum making the three sum to zero) 32-bit aligned in its first 8 KiB
+(boot/multiboot_header.py finds it). It
 is loaded by its ELF program headers, or, when header flag 16 is set, by the
 header's own address fields (load_addr, load_end_addr, bss_end_addr,
 entry_addr, with header_addr placing the file). It is entered in 32-bit
@@ -30,6 +31,7 @@ from pathlib import Path
 from boot.bios_state import install_bios_state
 from boot.e820 import E820_RAM, build_e820
 from boot.elf import ELF_MAGIC, ELFCLASS32, EM_386, Segment, read_executable
+from boot.multiboot_header import FLAG_ADDRESS_FIELDS, MultibootError, MultibootHeader, read_header
 from boot.pagetables import encode_descriptor
 from boot.vmlinux import Vmlinux, load_vmlinux
 from vmm.cpu_state import CR0_ET, CR0_PE, RFLAGS_RESERVED, CpuState
@@ -48,19 +50,7 @@ from vmm.layout import (
 )
 from vmm.memory import GuestMemory
 
-HEADER_MAGIC = 0x1BADB002
 BOOTLOADER_MAGIC = 0x2BADB002  # in EAX at the kernel's entry
-HEADER_SEARCH_LIMIT = 8 * KiB
-HEADER_SIZE = 12  # magic, flags, checksum; the address fields follow when flag 16 is set
-ADDRESS_FIELDS_SIZE = 20
-
-# Header flags. The low 16 bits are requirements: a loader that does not know
-# one must refuse the kernel.
-FLAG_PAGE_ALIGN_MODULES = 1 << 0  # pyvmm always page-aligns them
-FLAG_MEMORY_INFO = 1 << 1  # always given
-FLAG_VIDEO_MODE = 1 << 2  # a request for a graphics mode; pyvmm has no display, so text it stays
-FLAG_ADDRESS_FIELDS = 1 << 16
-KNOWN_REQUIRED_FLAGS = FLAG_PAGE_ALIGN_MODULES | FLAG_MEMORY_INFO | FLAG_VIDEO_MODE
 
 # Information structure flags: which fields are valid.
 INFO_MEMORY = 1 << 0
@@ -82,49 +72,10 @@ ENTRY_GDT_SIZE = 4 * 8
 PAGE_SIZE = 4096
 
 
-class MultibootError(PyvmmError):
-    """A multiboot kernel pyvmm refuses; the message says why in one line."""
-
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"multiboot kernel {source}: {reason}")
-
-
-@dataclass(frozen=True)
-class MultibootHeader:
-    offset: int  # in the file
-    flags: int
-    header_addr: int = 0
-    load_addr: int = 0
-    load_end_addr: int = 0
-    bss_end_addr: int = 0
-    entry_addr: int = 0
-
-
 @dataclass(frozen=True)
 class Module:
     data: bytes
     name: str  # its command line, as QEMU gives it: the file it came from
-
-
-def find_header(data: bytes, source: str) -> MultibootHeader | None:
-    """The multiboot header of `data`, None if it has no magic; MultibootError if it is malformed."""
-    limit = min(len(data), HEADER_SEARCH_LIMIT) - HEADER_SIZE
-    for offset in range(0, limit + 1, 4):
-        magic, flags, checksum = struct.unpack_from("<III", data, offset)
-        if magic != HEADER_MAGIC:
-            continue
-        if (magic + flags + checksum) & 0xFFFF_FFFF:
-            raise MultibootError(source, f"bad header checksum {checksum:#x} at offset {offset:#x} "
-                             f"(magic + flags + checksum must be 0 mod 2^32)")
-        unknown = flags & 0xFFFF & ~KNOWN_REQUIRED_FLAGS
-        if unknown:
-            raise MultibootError(source, f"header requires features pyvmm does not know (flags {unknown:#x})")
-        if not flags & FLAG_ADDRESS_FIELDS:
-            return MultibootHeader(offset, flags)
-        if offset + HEADER_SIZE + ADDRESS_FIELDS_SIZE > len(data):
-            raise MultibootError(source, "header address fields lie beyond the end of the file")
-        return MultibootHeader(offset, flags, *struct.unpack_from("<5I", data, offset + HEADER_SIZE))
-    return None
 
 
 def _segments_from_address_fields(header: MultibootHeader, data: bytes) -> tuple[list[Segment], int]:
@@ -271,15 +222,11 @@ def load_multiboot(memory: GuestMemory, kernel_path: Path, cmdline: str,
                    module_paths: list[Path]) -> CpuState | None:
     """Load a multiboot kernel; return the boot vCPU's state, or None if the file has no multiboot header."""
     source = str(kernel_path)
+    header = read_header(kernel_path)  # from the first 8 KiB: a kernel without one is not read whole
+    if header is None:
+        return None
     try:
-        # The header lies in the first 8 KiB: a Linux kernel, the usual case, is not read whole
-        # here only to be read again by its own loader.
-        with kernel_path.open("rb") as kernel:
-            header = find_header(kernel.read(HEADER_SEARCH_LIMIT + ADDRESS_FIELDS_SIZE), source)
-            if header is None:
-                return None
-            kernel.seek(0)
-            data = kernel.read()
+        data = kernel_path.read_bytes()
     except OSError as err:
         raise PyvmmError(f"cannot read kernel {kernel_path}: {err.strerror}") from None
     try:

@@ -22,7 +22,6 @@ Register on the PIO bus at 0x70 with size 2.
 
 from __future__ import annotations
 
-import calendar
 import threading
 import time
 from collections.abc import Callable
@@ -185,6 +184,8 @@ class CmosRtc:
 
     def _set_guest_time(self, fields: dict[int, int]) -> None:
         """Move the offset so the clock reads `fields` now; ignore impossible dates."""
+        import calendar  # here: a guest seldom sets the clock, and every start would pay for it
+
         year = fields[CENTURY] * 100 + fields[YEAR]
         month, day = fields[MONTH], fields[DAY_OF_MONTH]
         hour, minute, second = fields[HOURS], fields[MINUTES], fields[SECONDS]

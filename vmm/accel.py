@@ -14,14 +14,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vmm.bus import Bus, IrqLine
 from vmm.cpu_features import FeatureEdit
 from vmm.cpu_state import CpuState
 from vmm.errors import PyvmmError
 from vmm.exits import Exit
-from vmm.guest_debug import DebugSupport, GuestDebug
 from vmm.memory import GuestMemory
+
+if TYPE_CHECKING:  # only the gdb stub's requests use them (vmm/gdb/)
+    from vmm.guest_debug import DebugSupport, GuestDebug
 
 
 @dataclass

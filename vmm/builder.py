@@ -178,14 +178,16 @@ def _load_kernel(machine: Machine, board: Board) -> CpuState:
     """A multiboot kernel (by its header), else Linux; either way with the ACPI tables."""
     from boot.acpi import build_acpi_tables
     from boot.linux import load_linux
-    from boot.multiboot import load_multiboot
+    from boot.multiboot_header import read_header
 
     config = machine.config
     rsdp = build_acpi_tables(machine.memory, config.cpus, board.acpi)
-    modules = [config.initrd] if config.initrd is not None else []
-    state = load_multiboot(machine.memory, config.kernel, config.cmdline or "", modules)
-    if state is not None:
-        return state
+    if read_header(config.kernel) is not None:
+        # The loader and the BIOS state it sets up, imported for multiboot kernels only.
+        from boot.multiboot import load_multiboot
+
+        modules = [config.initrd] if config.initrd is not None else []
+        return load_multiboot(machine.memory, config.kernel, config.cmdline or "", modules)
     params = add_reboot_params(kernel_cmdline(machine))
     machine.resets.warm_reset_means_panic = params.warm_reset_means_panic
     return load_linux(machine.memory, config.kernel, config.initrd, params.cmdline, rsdp,

@@ -7,7 +7,8 @@ import struct
 import pytest
 
 from boot.elf import ELFCLASS32, ELFCLASS64, EM_386, EM_X86_64, ElfError, read_executable
-from boot.multiboot import HEADER_MAGIC, MultibootError, load_multiboot
+from boot.multiboot import load_multiboot
+from boot.multiboot_header import HEADER_MAGIC, MultibootError
 from tests.assets import make_vmlinux
 from vmm.layout import MiB
 from vmm.memory import GuestMemory

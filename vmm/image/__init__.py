@@ -29,16 +29,6 @@ compression), open (probing, backing chains, atomic creation), convert
 (convert, compare), info, sizes, cli.
 """
 
-from vmm.image.base import (
-    BlockDevice,
-    CorruptImageError,
-    Extent,
-    ImageError,
-    ImageRangeError,
-    ReadOnlyImageError,
-    UnsupportedImageError,
-)
-
 __all__ = [
     "BlockDevice",
     "CorruptImageError",
@@ -53,10 +43,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Opening and creating images pulls in qcow2 and the rest of the library:
-    # imported on first use, so that `pyvmm boot` without a disk never loads it.
+    # Each name is imported on first use, from base or (opening and creating
+    # images: qcow2 and the rest of the library) open, so that `pyvmm boot`
+    # without a disk loads none of it: it reads --memory with vmm.image.sizes.
     if name in ("create_image", "open_image"):
-        from vmm.image import open as image_open
-
-        return getattr(image_open, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from vmm.image import open as module
+    elif name in __all__:
+        from vmm.image import base as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(module, name)
