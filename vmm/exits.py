@@ -3,15 +3,19 @@
 Every accelerator turns its own stop reasons into these. Port and MMIO
 accesses carry their data as bytes in guest (little-endian) order; for a
 read, the loop answers with `Vcpu.complete_read(data)` before re-entering.
+
+Each is a NamedTuple, a record cheaper to define at start-up than a
+dataclass (issue #18). Tell them apart by type (`type(exit) is IoOut`, or
+`match`), never by truth or `==` alone: the exits without fields are empty,
+so false, and two exits of different types with equal fields compare equal.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(slots=True)
-class IoOut:
+class IoOut(NamedTuple):
     """`out`/`outs`: `count` items of `size` bytes each (count > 1 for `rep outs`)."""
 
     port: int
@@ -20,8 +24,7 @@ class IoOut:
     data: bytes
 
 
-@dataclass(slots=True)
-class IoIn:
+class IoIn(NamedTuple):
     """`in`/`ins`: the loop supplies `size * count` bytes."""
 
     port: int
@@ -29,44 +32,37 @@ class IoIn:
     count: int
 
 
-@dataclass(slots=True)
-class MmioWrite:
+class MmioWrite(NamedTuple):
     address: int
     data: bytes
 
 
-@dataclass(slots=True)
-class MmioRead:
+class MmioRead(NamedTuple):
     """The loop supplies `size` bytes."""
 
     address: int
     size: int
 
 
-@dataclass(slots=True)
-class Hlt:
+class Hlt(NamedTuple):
     """The guest halted and the accelerator has no interrupt source to wake it."""
 
 
-@dataclass(slots=True)
-class Shutdown:
+class Shutdown(NamedTuple):
     """The guest triple-faulted."""
 
 
-@dataclass(slots=True)
-class SystemEvent:
+class SystemEvent(NamedTuple):
     """The guest asked the platform to power off or reset (for example through PSCI-like hypercalls)."""
 
     kind: str  # "shutdown", "reset" or "crash"
 
 
-@dataclass(slots=True)
-class Interrupted:
+class Interrupted(NamedTuple):
     """The vCPU was kicked out of the guest by another thread; nothing happened in the guest."""
 
 
-@dataclass(slots=True)
-class EntryFailure:
+class EntryFailure(NamedTuple):
     """The accelerator refused to enter the guest: the vCPU state is invalid."""
 
     reason: int
@@ -76,8 +72,7 @@ class EntryFailure:
 SUBERROR_EMULATION = 1  # KVM_INTERNAL_ERROR_EMULATION: "could not emulate"
 
 
-@dataclass(slots=True)
-class EmulationFailure:
+class EmulationFailure(NamedTuple):
     """The accelerator could not execute a guest instruction."""
 
     suberror: int  # KVM's internal-error suberror; the software CPU reports SUBERROR_EMULATION
@@ -86,8 +81,7 @@ class EmulationFailure:
     detail: str = ""
 
 
-@dataclass(slots=True)
-class DebugTrap:
+class DebugTrap(NamedTuple):
     """The vCPU stopped for the debugger (vmm/guest_debug.py): after a single step ("step"), at
     an instruction breakpoint ("break"), at an int3 the debugger placed ("int3"), or after an
     access to a watched address ("write", "read", "access"; `address` is the watched one)."""
@@ -96,8 +90,7 @@ class DebugTrap:
     address: int = 0
 
 
-@dataclass(slots=True)
-class UnknownExit:
+class UnknownExit(NamedTuple):
     reason: int
 
 
