@@ -6,7 +6,7 @@ builds. Names follow Linux's /proc/cpuinfo flags.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vmm.errors import PyvmmError
 
@@ -48,8 +48,7 @@ def feature_bit(name: str) -> int:
     return 1 << FEATURES[name][3]
 
 
-@dataclass(frozen=True)
-class FeatureEdit:
+class FeatureEdit(NamedTuple):
     name: str
     enable: bool
 

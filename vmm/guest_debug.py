@@ -10,34 +10,31 @@ exit (vmm/exits.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # DebugPoint kinds: an instruction breakpoint, or a watchpoint on writes, reads or both.
 BREAK, WRITE, READ, ACCESS = "break", "write", "read", "access"
 
 
-@dataclass(frozen=True)
-class DebugPoint:
+class DebugPoint(NamedTuple):
     kind: str
     address: int  # guest-virtual
     length: int = 1
 
 
-@dataclass(frozen=True)
-class GuestDebug:
+class GuestDebug(NamedTuple):
     step: bool = False  # stop after one instruction
     points: tuple[DebugPoint, ...] = ()
     # Addresses where the debugger wrote int3 into guest code (KVM): a #BP
     # there is the debugger's; any other #BP goes back to the guest.
-    int3_at: frozenset[int] = field(default_factory=frozenset)
+    int3_at: frozenset[int] = frozenset()
 
     @property
     def active(self) -> bool:
         return self.step or bool(self.points) or bool(self.int3_at)
 
 
-@dataclass(frozen=True)
-class DebugSupport:
+class DebugSupport(NamedTuple):
     # How many DebugPoints can be set at once (the debug registers); None: no limit.
     slots: int | None
     watch_kinds: frozenset[str]

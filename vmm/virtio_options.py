@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from devices.virtio.constants import BLK_ID_BYTES, FS_TAG_BYTES
 from vmm.errors import PyvmmError
@@ -23,8 +24,7 @@ _TRUE = {"on", "yes", "true", "1"}
 _FALSE = {"off", "no", "false", "0"}
 
 
-@dataclass(frozen=True)
-class DiskSpec:
+class DiskSpec(NamedTuple):
     path: str
     format: str | None = None  # None: probe (a qcow2 header, else raw)
     readonly: bool = False
@@ -34,16 +34,14 @@ class DiskSpec:
     bootindex: int | None = None
 
 
-@dataclass(frozen=True)
-class NetSpec:
+class NetSpec(NamedTuple):
     tap: str | None = None
     socket_mode: str | None = None  # "listen" or "connect"
     socket_path: str | None = None
     mac: bytes | None = None  # None: random, 52:54:00:xx:xx:xx
 
 
-@dataclass(frozen=True)
-class FsSpec:
+class FsSpec(NamedTuple):
     path: str
     tag: str
     readonly: bool = False

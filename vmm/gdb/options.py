@@ -10,7 +10,7 @@ into a `GdbSpec` (None when no debugger was asked for).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import click
 
@@ -20,8 +20,7 @@ DEFAULT_HOST = "127.0.0.1"  # loopback: a debugger can read and write all guest 
 DEFAULT_PORT = 1234
 
 
-@dataclass(frozen=True)
-class GdbAddress:
+class GdbAddress(NamedTuple):
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     path: str | None = None  # a unix socket instead
@@ -33,8 +32,7 @@ class GdbAddress:
         return f"tcp:{host}:{self.port}"
 
 
-@dataclass(frozen=True)
-class GdbSpec:
+class GdbSpec(NamedTuple):
     address: GdbAddress
     paused: bool = False
 
