@@ -14,7 +14,7 @@ there is none.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vmm.layout import EBDA_START, HIGH_MEMORY_START, IOAPIC_BASE, MMIO_HOLE_END
 from vmm.memory import GuestMemory
@@ -27,8 +27,7 @@ PLATFORM_RESERVED_START = IOAPIC_BASE
 PLATFORM_RESERVED_END = MMIO_HOLE_END
 
 
-@dataclass(frozen=True)
-class E820Entry:
+class E820Entry(NamedTuple):
     address: int
     size: int
     type: int

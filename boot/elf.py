@@ -13,7 +13,7 @@ line saying what; the loaders put their own prefix on it.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS32 = 1
@@ -31,8 +31,7 @@ class ElfError(ValueError):
     """The file is not the ELF executable the loader needs; the message says why."""
 
 
-@dataclass(frozen=True)
-class _Layout:
+class _Layout(NamedTuple):
     """Where an ELF class keeps the fields pyvmm reads."""
 
     bits: int
@@ -54,8 +53,7 @@ def is_elf(data: bytes | memoryview) -> bool:
     return bytes(data[:4]) == ELF_MAGIC
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     file_offset: int
     physical_address: int
     virtual_address: int
@@ -67,8 +65,7 @@ class Segment:
         return self.physical_address + self.memory_size
 
 
-@dataclass(frozen=True)
-class ElfExecutable:
+class ElfExecutable(NamedTuple):
     entry: int  # a physical address (see physical_entry)
     segments: tuple[Segment, ...]
 

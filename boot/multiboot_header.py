@@ -9,8 +9,8 @@ loader and the BIOS state it sets up, imported (start-up time).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from vmm.errors import PyvmmError
 from vmm.layout import KiB
@@ -36,8 +36,7 @@ class MultibootError(PyvmmError):
         super().__init__(f"multiboot kernel {source}: {reason}")
 
 
-@dataclass(frozen=True)
-class MultibootHeader:
+class MultibootHeader(NamedTuple):
     offset: int  # in the file
     flags: int
     header_addr: int = 0

@@ -21,7 +21,7 @@ after which the kernel hands everything to init.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from boot.kernel_params import insert_kernel_params, split_init_args
 
@@ -29,8 +29,7 @@ BIOS_RESET_FLAG_ADDRESS = 0x472  # in the BIOS data area
 WARM_RESET_FLAG = 0x1234
 
 
-@dataclass(frozen=True)
-class RebootParams:
+class RebootParams(NamedTuple):
     cmdline: str
     # A warm reset (0x1234 at 0x472) means the kernel panicked.
     warm_reset_means_panic: bool

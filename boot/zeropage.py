@@ -10,15 +10,14 @@ the ext_* fields of boot_params.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from boot import bootparam as bp
 from boot.e820 import E820Entry
 from vmm.errors import PyvmmError
 
 
-@dataclass(frozen=True)
-class BootParamsInput:
+class BootParamsInput(NamedTuple):
     setup_header: bytes  # the kernel's header from 0x1f1, as found in the image
     e820: list[E820Entry]
     cmdline_address: int

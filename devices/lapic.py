@@ -31,8 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from devices.log_once import LogOnce
 from vmm.layout import LAPIC_BASE
@@ -134,8 +133,7 @@ _PLAIN_REGISTERS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class ApicMessage:
+class ApicMessage(NamedTuple):
     """An interrupt message on the APIC bus, from an ICR write or an I/O APIC pin."""
 
     vector: int

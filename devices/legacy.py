@@ -32,8 +32,7 @@ because each one is meaningful only next to its reason for being quiet.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from devices.board import Board
 from vmm.bus import BusDevice
@@ -59,8 +58,7 @@ class SilentDevice:
         pass
 
 
-@dataclass(frozen=True)
-class QuietRange:
+class QuietRange(NamedTuple):
     base: int
     size: int
     name: str

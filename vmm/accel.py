@@ -12,9 +12,8 @@ Ownership follows creation: an `Accelerator` creates `VirtualMachine`s, a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 from vmm.bus import Bus, IrqLine
 from vmm.cpu_features import FeatureEdit
@@ -27,16 +26,14 @@ if TYPE_CHECKING:  # only the gdb stub's requests use them (vmm/gdb/)
     from vmm.guest_debug import DebugSupport, GuestDebug
 
 
-@dataclass
-class MachineIo:
+class MachineIo(NamedTuple):
     """The buses a VM's vCPUs dispatch to."""
 
     pio: Bus
     mmio: Bus
 
 
-@dataclass
-class PlatformOptions:
+class PlatformOptions(NamedTuple):
     """What the machine builder asks of the accelerator's platform."""
 
     cpus: int = 1
@@ -45,7 +42,7 @@ class PlatformOptions:
     # interrupt the guest: enough for the simplest flat guests.
     irqchip: bool = False
     # The user's CPUID edits (--cpu-features).
-    cpu_features: list[FeatureEdit] = field(default_factory=list)
+    cpu_features: Sequence[FeatureEdit] = ()
     # The software CPU's vendor (--cpu-vendor), one of CPU_VENDORS; None: its default.
     cpu_vendor: str | None = None
 

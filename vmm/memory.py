@@ -14,6 +14,7 @@ import mmap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from vmm.errors import GuestMemoryError, PyvmmError
 from vmm.host_memory import ask_for_huge_pages
@@ -83,8 +84,7 @@ def ram_layout(size: int) -> list[tuple[int, int]]:
     return [(0, MMIO_HOLE_START), (HIGH_RAM_START, size - MMIO_HOLE_START)]
 
 
-@dataclass(frozen=True)
-class NativeWriteListener:
+class NativeWriteListener(NamedTuple):
     """GuestMemory's device-write listener as a C function, for devices written in C:
     `void function(void *context, uint64_t start, uint64_t end)`, told each written range
     as [start, end) in the listener's own numbering of RAM, in which the first byte of
