@@ -11,7 +11,7 @@ truncated or corrupt file raises `NotALinuxKernel`, one line, never IndexError.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from boot import bootparam as bp
 from vmm.errors import PyvmmError
@@ -34,8 +34,7 @@ def _version_text(version: int) -> str:
     return f"{version >> 8}.{version & 0xFF:02d}"
 
 
-@dataclass(frozen=True)
-class BzImage:
+class BzImage(NamedTuple):
     """What the loader needs from a bzImage, already validated."""
 
     data: bytes  # the whole file

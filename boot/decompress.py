@@ -27,7 +27,7 @@ import lzma
 import struct
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import lz4.block
 import zstandard
@@ -113,8 +113,7 @@ def _uncompressed(data: memoryview) -> Iterator[memoryview]:
         yield data[start : start + CHUNK_SIZE]
 
 
-@dataclass(frozen=True)
-class PayloadFormat:
+class PayloadFormat(NamedTuple):
     name: str
     magic: bytes
     decoder: Callable[[memoryview], Iterator[bytes | memoryview]] | None  # None: known but not decodable here

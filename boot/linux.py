@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from boot import bootparam as bp
 from boot.bzimage import BzImage, parse_bzimage
@@ -40,8 +40,7 @@ log = logging.getLogger(__name__)
 VMLINUX_KERNEL_ALIGNMENT = 0x100_0000
 
 
-@dataclass(frozen=True)
-class LoadedKernel:
+class LoadedKernel(NamedTuple):
     entry: int
     start: int  # the kernel's runtime area, which the initrd must avoid
     end: int

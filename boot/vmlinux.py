@@ -14,8 +14,8 @@ segments, so the loader reads the headers from the stream's first bytes.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from itertools import chain
+from typing import NamedTuple
 
 from boot.bzimage import NotALinuxKernel
 from boot.elf import ELFCLASS64, EM_X86_64, ElfError, Segment, read_executable
@@ -28,8 +28,7 @@ from vmm.memory import GuestMemory
 STREAM_HEADER_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True)
-class Vmlinux:
+class Vmlinux(NamedTuple):
     entry: int  # physical address of startup_64
     segments: tuple[Segment, ...]
 
