@@ -22,21 +22,23 @@ import os
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from devices.board import Board
 from devices.virtio import mmio
-from devices.virtio.blk import VirtioBlock
-from devices.virtio.console import VirtioConsole
-from devices.virtio.fs import VirtioFs
 from devices.virtio.io_loop import IoLoop
 from devices.virtio.irqfd_line import IrqfdLine
-from devices.virtio.net import VirtioNet
-from devices.virtio.net_backends import NetBackend, SocketBackend, TapBackend
-from devices.virtio.rng import VirtioRng
 from vmm.bus import IrqLine, NullIrqLine
 from vmm.errors import PyvmmError
-from vmm.fuse.server import FuseServer
 from vmm.virtio_options import DiskSpec, FsSpec, NetSpec, VirtioSpecs
+
+# Each device type is imported where a device of that type is made: a machine
+# loads only the types it has (`pyvmm run`, for one, has no disk and no NIC).
+if TYPE_CHECKING:
+    from devices.virtio.blk import VirtioBlock
+    from devices.virtio.console import VirtioConsole
+    from devices.virtio.fs import VirtioFs
+    from devices.virtio.net import VirtioNet
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +89,19 @@ class VirtioDevices:
         return lines
 
 
-def _open_net_backend(spec: NetSpec) -> NetBackend:
+def _open_net(spec: NetSpec, loop: IoLoop) -> VirtioNet:
+    from devices.virtio.net import VirtioNet
+    from devices.virtio.net_backends import SocketBackend, TapBackend
+
     if spec.tap is not None:
-        return TapBackend(spec.tap)
-    return SocketBackend(spec.socket_mode, spec.socket_path)
+        backend = TapBackend(spec.tap)
+    else:
+        backend = SocketBackend(spec.socket_mode, spec.socket_path)
+    return VirtioNet(backend, spec.mac, loop)
 
 
 def _open_disk(spec: DiskSpec, compiled_requests: bool) -> VirtioBlock:
+    from devices.virtio.blk import VirtioBlock
     from vmm.image.open import open_image
 
     if not os.path.exists(spec.path):
@@ -106,6 +114,9 @@ def _open_disk(spec: DiskSpec, compiled_requests: bool) -> VirtioBlock:
 
 
 def _open_fs(spec: FsSpec) -> VirtioFs:
+    from devices.virtio.fs import VirtioFs
+    from vmm.fuse.server import FuseServer
+
     if not os.path.isdir(spec.path):
         raise PyvmmError(f"--fs {spec.path}: no such directory")
     try:
@@ -134,11 +145,15 @@ def plug_virtio_devices(board: Board, vm, specs: VirtioSpecs, *, irqchip: bool,
         for n, disk in enumerate(specs.disks):
             devices.append((f"virtio-blk{n}", _open_disk(disk, compiled_blk)))
         for n, net in enumerate(specs.nets):
-            devices.append((f"virtio-net{n}", VirtioNet(_open_net_backend(net), net.mac, loop)))
+            devices.append((f"virtio-net{n}", _open_net(net, loop)))
         if specs.console:
+            from devices.virtio.console import VirtioConsole
+
             result.console = VirtioConsole(board.console_write, loop, board.console_room_available)
             devices.append(("virtio-console", result.console))
         if specs.rng:
+            from devices.virtio.rng import VirtioRng
+
             devices.append(("virtio-rng", VirtioRng()))
         if specs.filesystems:
             raise_open_file_limit()

@@ -15,6 +15,7 @@ import pytest
 
 from tests.boot.session import converse_on_a_terminal
 from tests.guest.gdb_driver import DebuggedVm
+from tests.guest.test_start_imports import imported_modules
 from tests.helpers import REPO, die_with_test_runner, read_until
 from vmm.console import OUTPUT_GRACE_SECONDS
 
@@ -288,3 +289,14 @@ def test_a_command_printing_forever_is_stopped_when_the_reader_of_its_output_exi
             process.wait()
     assert status == 141
     assert process.stderr.read() == b"pyvmm: stdout was closed (Broken pipe); stopped the guest\n"
+
+
+def test_only_the_device_types_it_uses_are_imported(pyvmm_run):
+    # Start-up time (issue #18): virtio-fs, but not virtio-blk, its disk images, or virtio-net.
+    command, env = pyvmm_run("--", "true")
+    result = subprocess.run(command, capture_output=True, cwd=REPO, timeout=600, stdin=subprocess.DEVNULL,
+                            env={**env, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+    modules = imported_modules(result.stderr)
+    assert "devices.virtio.fs" in modules
+    assert sorted(modules & {"devices.virtio.blk", "vmm.image.base", "devices.virtio.net", "devices.virtio.net_backends"}) == []
