@@ -26,6 +26,10 @@ from vmm.layout import MiB
 
 MAGIC = 0x184C2102
 BLOCK_SIZE = 8 * MiB  # the most one block decompresses to
+# The most a block of BLOCK_SIZE bytes compresses to (lz4.h's LZ4_COMPRESSBOUND): the kernel's
+# own decoder (lib/decompress_unlz4.c) refuses a longer block, and so does this one, before
+# its length reaches a decoder that takes it as a C int (over 2 GiB it would not fit).
+MAX_BLOCK_LENGTH = BLOCK_SIZE + BLOCK_SIZE // 255 + 16
 
 LIBLZ4 = "liblz4.so.1"
 DECLARATIONS = """
@@ -44,6 +48,9 @@ def blocks(data: memoryview) -> Iterator[memoryview]:
         position += 4
         if length == MAGIC:  # concatenated streams restart with the magic
             continue
+        if length > MAX_BLOCK_LENGTH:
+            raise ValueError(f"lz4 block of {length} bytes at {position - 4:#x} is longer than "
+                             f"{BLOCK_SIZE} bytes compress to")
         if length == 0 or position + length > len(data):
             raise ValueError(f"lz4 block of {length} bytes at {position - 4:#x} is truncated")
         yield data[position : position + length]

@@ -1,5 +1,6 @@
 """Host-side decompression of bzImage payloads, in every format the kernel build produces."""
 
+import mmap
 import os
 import struct
 
@@ -155,6 +156,33 @@ def test_each_lz4_decoder_refuses_a_block_that_is_not_lz4_in_one_line(lz4_decode
     payload = struct.pack("<II", lz4_legacy.MAGIC, 64) + b"\xff" * 64 + struct.pack("<I", 1 << 20)
     with pytest.raises(CorruptPayload, match="^corrupt lz4 kernel payload: [^\n]*$"):
         decompress_payload(payload, limit=1 << 31)
+
+
+def test_each_lz4_decoder_refuses_a_block_longer_than_any_8_mib_compresses_to(lz4_decoder, tmp_path):
+    # A hostile bzImage of over 2 GiB (sparse here, mapped as the loader's memoryview would be)
+    # whose one block claims all of it: both decoders take the length as a C int, and over
+    # 2 GiB it does not fit (OverflowError, a traceback). The kernel refuses any block over
+    # LZ4_COMPRESSBOUND(8 MiB); so does pyvmm, before decoding.
+    length = (1 << 31) + 16
+    path = tmp_path / "payload"
+    with path.open("wb") as f:
+        f.write(struct.pack("<II", lz4_legacy.MAGIC, length))
+        f.truncate(8 + length)
+        f.seek(8 + length)
+        f.write(struct.pack("<I", 1 << 20))
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as payload:
+        with pytest.raises(CorruptPayload, match="^corrupt lz4 kernel payload: lz4 block of 2147483664 bytes "
+                                                 "at 0x4 is longer than 8388608 bytes compress to$"):
+            decompress_payload(memoryview(payload), limit=1 << 31)
+
+
+def test_an_lz4_block_as_long_as_8_mib_can_compress_to_is_decoded(lz4_decoder):
+    # Incompressible data: each 8 MiB block comes out longer than it went in, up to the bound.
+    data = b"\x7fELF" + os.urandom(lz4_legacy.BLOCK_SIZE + 100)
+    payload = compress_like_kernel(data, "lz4")
+    (first,) = struct.unpack_from("<I", payload, 4)
+    assert lz4_legacy.BLOCK_SIZE < first <= lz4_legacy.MAX_BLOCK_LENGTH
+    assert decompress_payload(payload, len(data)) == data
 
 
 def test_liblz4_decodes_every_block_into_one_buffer():
