@@ -19,8 +19,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator
 
-import lz4.block
-
 from vmm import cffi_prebuilt
 from vmm.layout import MiB
 
@@ -65,6 +63,8 @@ def decode(data: memoryview) -> Iterator[bytes | memoryview]:
 
 
 def python_lz4_decoder() -> Callable[[memoryview], bytes]:
+    import lz4.block
+
     return lambda block: lz4.block.decompress(block, uncompressed_size=BLOCK_SIZE)
 
 

@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from boot.decompress import LIBRARY_ERRORS, gunzip, unxz, unzstd
+from boot.decompress import data_errors, gunzip, unxz, unzstd
 from vmm.errors import PyvmmError
 from vmm.layout import MiB
 
@@ -83,7 +83,7 @@ def decompress_module(name: str, data: bytes) -> bytes:
                     if size > MAX_MODULE_SIZE:
                         raise PyvmmError(f"{name} decompresses to more than {MAX_MODULE_SIZE // MiB} MiB")
                     chunks.append(chunk)
-            except LIBRARY_ERRORS as err:
+            except data_errors() as err:
                 raise PyvmmError(f"{name} does not decompress: {err}") from None
             data = b"".join(chunks)
             break
