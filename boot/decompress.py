@@ -143,7 +143,6 @@ FORMATS = (
 )
 
 
-
 def data_errors() -> tuple[type[Exception], ...]:
     """What the decoders raise for data that does not decode: their libraries' errors (of
     those imported: a library not imported raised nothing), and EOFError and ValueError."""
@@ -176,8 +175,9 @@ def uncompressed_size(payload: bytes | memoryview) -> int:
 
 def decompressed_chunks(payload: bytes | memoryview, limit: int) -> Iterator[bytes | memoryview]:
     """The vmlinux ELF image a bzImage payload holds, in order, in chunks of at most 8 MiB
-    (each valid until the next is asked for); refuses more than `limit` bytes, and raises CorruptPayload (once the chunks before it
-    are out) where the data is bad or ends off the size the kernel announced."""
+    (each valid until the next is asked for); refuses more than `limit` bytes, and raises
+    CorruptPayload (once the chunks before it are out) where the data is bad or ends off the
+    size the kernel announced."""
     payload = memoryview(payload)
     fmt = detect_format(payload)
     if fmt is None:

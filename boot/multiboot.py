@@ -31,7 +31,7 @@ from pathlib import Path
 from boot.bios_state import install_bios_state
 from boot.e820 import E820_RAM, build_e820
 from boot.elf import ELF_MAGIC, ELFCLASS32, EM_386, Segment, read_executable
-from boot.multiboot_header import FLAG_ADDRESS_FIELDS, MultibootError, MultibootHeader, read_header
+from boot.multiboot_header import FLAG_ADDRESS_FIELDS, MultibootError, MultibootHeader
 from boot.pagetables import encode_descriptor
 from boot.vmlinux import Vmlinux, load_vmlinux
 from vmm.cpu_state import CR0_ET, CR0_PE, RFLAGS_RESERVED, CpuState
@@ -218,13 +218,10 @@ def protected_mode_entry(memory: GuestMemory, entry: int) -> CpuState:
     )
 
 
-def load_multiboot(memory: GuestMemory, kernel_path: Path, cmdline: str,
-                   module_paths: list[Path]) -> CpuState | None:
-    """Load a multiboot kernel; return the boot vCPU's state, or None if the file has no multiboot header."""
+def load_multiboot(memory: GuestMemory, kernel_path: Path, header: MultibootHeader, cmdline: str,
+                   module_paths: list[Path]) -> CpuState:
+    """Load a multiboot kernel, whose `header` read_header() found; return the boot vCPU's state."""
     source = str(kernel_path)
-    header = read_header(kernel_path)  # from the first 8 KiB: a kernel without one is not read whole
-    if header is None:
-        return None
     try:
         data = kernel_path.read_bytes()
     except OSError as err:

@@ -182,12 +182,13 @@ def _load_kernel(machine: Machine, board: Board) -> CpuState:
 
     config = machine.config
     rsdp = build_acpi_tables(machine.memory, config.cpus, board.acpi)
-    if read_header(config.kernel) is not None:
+    header = read_header(config.kernel)  # from the first 8 KiB: a Linux kernel is not read whole here
+    if header is not None:
         # The loader and the BIOS state it sets up, imported for multiboot kernels only.
         from boot.multiboot import load_multiboot
 
         modules = [config.initrd] if config.initrd is not None else []
-        return load_multiboot(machine.memory, config.kernel, config.cmdline or "", modules)
+        return load_multiboot(machine.memory, config.kernel, header, config.cmdline or "", modules)
     params = add_reboot_params(kernel_cmdline(machine))
     machine.resets.warm_reset_means_panic = params.warm_reset_means_panic
     return load_linux(machine.memory, config.kernel, config.initrd, params.cmdline, rsdp,

@@ -8,7 +8,7 @@ import pytest
 
 from boot.elf import ELFCLASS32, ELFCLASS64, EM_386, EM_X86_64, ElfError, read_executable
 from boot.multiboot import load_multiboot
-from boot.multiboot_header import HEADER_MAGIC, MultibootError
+from boot.multiboot_header import HEADER_MAGIC, MultibootError, read_header
 from tests.assets import make_vmlinux
 from vmm.layout import MiB
 from vmm.memory import GuestMemory
@@ -70,7 +70,7 @@ def test_a_multiboot_kernel_whose_program_headers_lie_outside_the_file_is_refuse
     memory = GuestMemory(16 * MiB)
     try:
         with pytest.raises(MultibootError) as refused:
-            load_multiboot(memory, kernel, "", [])
+            load_multiboot(memory, kernel, read_header(kernel), "", [])
     finally:
         memory.close()
     assert str(refused.value) == (f"multiboot kernel {kernel}: "

@@ -121,7 +121,7 @@ class Qcow2Writer:
         self._l2_dirty.add(l2_offset)
         if len(chunk) == self.cluster_size:
             return host, chunk
-        if fresh and self._reads_as_zeros(entry):
+        if fresh and self._reads_as_zeros(kind):
             # The rest of a fresh cluster reads as zeros already: write only the new bytes (a
             # 4 KiB write into an empty cluster writes 4 KiB, not 64), and give the file the
             # cluster's whole length, as a hole, so that all of it can be read back.
@@ -132,9 +132,8 @@ class Qcow2Writer:
         payload[in_cluster : in_cluster + len(chunk)] = chunk
         return host, payload
 
-    def _reads_as_zeros(self, entry: int) -> bool:
-        """Whether the guest reads zeros where this L2 entry maps (its data cluster aside)."""
-        kind = cluster_kind(entry)
+    def _reads_as_zeros(self, kind: int) -> bool:
+        """Whether the guest reads zeros where an L2 entry of this kind maps (its data cluster aside)."""
         return kind == ZERO or (kind == UNALLOCATED and self.backing is None)
 
     def _extend_file(self, end: int) -> None:
